@@ -1,0 +1,43 @@
+"""The durable spool: message bodies on disk, envelopes and state in SQLite.
+
+Everything that touches SQLite goes through this package.
+"""
+
+from outboundd.spool.core import Spool, domain_of, lease_owner_id, new_queue_id
+from outboundd.spool.errors import (
+    SchemaTooNewError,
+    SpoolError,
+    SpoolFullError,
+    SpoolWriteError,
+    UnknownMessageError,
+)
+from outboundd.spool.types import (
+    AttemptRecord,
+    Claim,
+    ClaimedRecipient,
+    NewMessage,
+    NewRecipient,
+    Outcome,
+    RecordResult,
+    Status,
+)
+
+__all__ = [
+    "AttemptRecord",
+    "Claim",
+    "ClaimedRecipient",
+    "NewMessage",
+    "NewRecipient",
+    "Outcome",
+    "RecordResult",
+    "SchemaTooNewError",
+    "Spool",
+    "SpoolError",
+    "SpoolFullError",
+    "SpoolWriteError",
+    "Status",
+    "UnknownMessageError",
+    "domain_of",
+    "lease_owner_id",
+    "new_queue_id",
+]

@@ -1,0 +1,128 @@
+"""Message bodies on disk: written durably, found again, removed when done.
+
+Layout: ``QUEUE_DIR/bodies/XX/QUEUE_ID`` where ``XX`` is the last two hex
+digits of the queue ID (256 fan-out directories, created once at open so a
+new body never needs a directory fsync of ``bodies/`` itself).  A body is
+first written to ``XX/.tmp-QUEUE_ID``, fsynced, then renamed into place; the
+directory is fsynced before the rows that point at it are committed.  These
+functions block: call them through ``asyncio.to_thread``.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from outboundd.spool.errors import SpoolFullError, SpoolWriteError
+
+TMP_PREFIX = ".tmp-"
+FANOUT = [f"{i:02x}" for i in range(256)]
+
+
+def bodies_root(queue_dir: Path) -> Path:
+    return queue_dir / "bodies"
+
+
+def relative_body_path(queue_id: str) -> str:
+    """Where a queue ID's body lives, relative to the queue directory."""
+    return f"bodies/{queue_id[-2:].lower()}/{queue_id}"
+
+
+def prepare_tree(queue_dir: Path) -> None:
+    """Create the queue directory and all fan-out directories, durably."""
+    root = bodies_root(queue_dir)
+    created = False
+    for path in (queue_dir, root):
+        if not path.is_dir():
+            path.mkdir(mode=0o750, parents=True, exist_ok=True)
+            created = True
+    for name in FANOUT:
+        sub = root / name
+        if not sub.is_dir():
+            sub.mkdir(mode=0o750, exist_ok=True)
+            created = True
+    if created:
+        fsync_directory(root)
+        fsync_directory(queue_dir)
+
+
+def write_body(path: Path, body: bytes) -> None:
+    """Write ``body`` to ``path`` via temp file + fsync + rename.
+
+    The caller fsyncs ``path.parent`` (batched across messages) before it
+    commits rows that refer to the body.  On any failure nothing is left
+    behind and :class:`SpoolWriteError` (or :class:`SpoolFullError`) says why.
+    """
+    tmp = path.with_name(TMP_PREFIX + path.name)
+    if path.exists():
+        raise SpoolWriteError(f"queue ID {path.name} is already in use")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
+        try:
+            view = memoryview(body)
+            while view:
+                written = os.write(fd, view)
+                view = view[written:]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, path)
+    except OSError as exc:
+        _unlink_quietly(tmp)
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise SpoolFullError(f"queue disk is full writing {path.name}") from exc
+        raise SpoolWriteError(f"cannot write message body {path.name}: {exc.strerror}") from exc
+
+
+def fsync_directory(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_directories(paths: Iterable[Path]) -> None:
+    for path in set(paths):
+        fsync_directory(path)
+
+
+def remove_bodies(paths: Iterable[Path]) -> None:
+    for path in paths:
+        _unlink_quietly(path)
+
+
+def _unlink_quietly(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+@dataclass(frozen=True, slots=True)
+class BodyFile:
+    path: Path
+    is_temp: bool
+
+    @property
+    def queue_id(self) -> str:
+        name = self.path.name
+        return name[len(TMP_PREFIX) :] if self.is_temp else name
+
+
+def scan(queue_dir: Path) -> Iterator[BodyFile]:
+    """Every file under ``bodies/`` (temp files flagged)."""
+    root = bodies_root(queue_dir)
+    if not root.is_dir():
+        return
+    with os.scandir(root) as subdirs:
+        for sub in subdirs:
+            if not sub.is_dir(follow_symlinks=False):
+                continue
+            with os.scandir(sub.path) as entries:
+                for entry in entries:
+                    if entry.is_file(follow_symlinks=False):
+                        yield BodyFile(Path(entry.path), entry.name.startswith(TMP_PREFIX))

@@ -1,0 +1,778 @@
+"""The spool: SQLite (aiosqlite, WAL) for envelopes and state, files for bodies.
+
+One :class:`Spool` owns one SQLite connection, and one writer task owns that
+connection.  Every database operation is a job handed to the writer, which
+runs whatever jobs are waiting as ONE transaction and ONE commit: this is
+group commit.  Accepts that arrive while a commit is in progress share the
+next one, so a burst of N accepts costs far fewer than N WAL fsyncs, while
+each ``accept()`` still returns only after its own rows are committed.
+
+Durability order for ``accept()`` (DESIGN.md rule 1): the body file is
+written, fsynced and renamed into place (in a worker thread, in parallel with
+other accepts); the writer fsyncs the body directories of its batch once,
+then commits the rows with ``synchronous=FULL``; only then does ``accept()``
+return the queue ID.  A failure anywhere removes the body and raises
+:class:`SpoolWriteError`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import secrets
+import socket
+import sqlite3
+import time
+from collections import defaultdict
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import aiosqlite
+
+from outboundd.spool import bodies
+from outboundd.spool.errors import (
+    SpoolClosedError,
+    SpoolError,
+    SpoolFullError,
+    SpoolWriteError,
+)
+from outboundd.spool.migrations import discover, migrate
+from outboundd.spool.sql import q
+from outboundd.spool.types import (
+    AttemptRecord,
+    Claim,
+    ClaimedRecipient,
+    NewMessage,
+    Outcome,
+    RecordResult,
+    RecoveryReport,
+    SpoolCounters,
+    Status,
+)
+
+T = TypeVar("T")
+
+DB_NAME = "outbound.db"
+#: Most jobs one transaction takes; bounds commit latency under load.
+MAX_BATCH = 512
+#: How long another process may hold the write lock before we give up.
+BUSY_TIMEOUT_MS = 10_000
+
+DbOp = Callable[[aiosqlite.Connection], Awaitable[Any]]
+
+
+def lease_owner_id() -> str:
+    """A lease owner name that says which host and process holds a lease."""
+    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+
+
+def new_queue_id(now: float | None = None) -> str:
+    """A unique, time-ordered queue ID of ``[0-9A-F.]``.
+
+    Milliseconds since the epoch (11 hex digits) then 40 random bits; the last
+    two hex digits pick the body's fan-out directory, so they are random.
+    """
+    ms = int((time.time() if now is None else now) * 1000)
+    return f"{ms:011X}.{secrets.token_hex(5).upper()}"
+
+
+def domain_of(address: str) -> str:
+    """The routing domain of an address, lower-cased (``[IP]`` literals kept)."""
+    return address.rpartition("@")[2].lower()
+
+
+@dataclass(eq=False)
+class _Job:
+    future: asyncio.Future[Any]
+    write: bool
+
+
+@dataclass(eq=False)
+class _AcceptJob(_Job):
+    message_row: dict[str, Any]
+    recipient_rows: list[dict[str, Any]]
+    body_path: Path
+
+
+@dataclass(eq=False)
+class _OpJob(_Job):
+    op: DbOp
+
+
+@dataclass
+class _Counters:
+    accepts: int = 0
+    accept_commits: int = 0
+    records: int = 0
+    commits: int = 0
+
+
+@dataclass
+class _Stop:
+    done: asyncio.Future[None] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+
+
+class Spool:
+    """The durable queue.  Create with :meth:`open`; always :meth:`close`."""
+
+    def __init__(self, queue_dir: Path, conn: aiosqlite.Connection) -> None:
+        self.queue_dir = queue_dir
+        self.db_path = queue_dir / DB_NAME
+        self._conn = conn
+        self._queue: asyncio.Queue[_Job | _Stop] = asyncio.Queue()
+        self._counters = _Counters()
+        self._writer: asyncio.Task[None] | None = None
+        self._closed = False
+        #: Set whenever new work may be due (an accept, a flush); the scheduler
+        #: waits on it instead of polling.
+        self.new_work = asyncio.Event()
+        self.recovery: RecoveryReport | None = None
+
+    # ------------------------------------------------------------------ life
+
+    @classmethod
+    async def open(cls, queue_dir: Path, *, recover: bool = True) -> Spool:
+        """Open (creating if needed) the spool in ``queue_dir``: migrate, then recover."""
+        queue_dir = await asyncio.to_thread(queue_dir.resolve)
+        try:
+            await asyncio.to_thread(bodies.prepare_tree, queue_dir)
+        except OSError as exc:
+            raise SpoolError(f"cannot create queue directory {queue_dir}: {exc.strerror}") from exc
+        try:
+            conn = await aiosqlite.connect(
+                queue_dir / DB_NAME, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000
+            )
+        except sqlite3.Error as exc:
+            raise SpoolError(f"cannot open {queue_dir / DB_NAME}: {exc}") from exc
+        try:
+            for pragma in (
+                "PRAGMA journal_mode = WAL",
+                "PRAGMA synchronous = FULL",
+                f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}",
+                "PRAGMA foreign_keys = ON",
+                "PRAGMA journal_size_limit = 67108864",
+            ):
+                await conn.execute(pragma)
+            await migrate(conn, discover())
+        except BaseException:
+            await conn.close()
+            raise
+        spool = cls(queue_dir, conn)
+        spool._writer = asyncio.create_task(spool._write_loop(), name="spool-writer")
+        if recover:
+            spool.recovery = await spool.recover()
+        return spool
+
+    async def close(self) -> None:
+        """Finish queued jobs, checkpoint the WAL, close the connection."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._writer is not None and not self._writer.done():
+            stop = _Stop()
+            await self._queue.put(stop)
+            await stop.done
+            await self._writer
+        with contextlib.suppress(sqlite3.Error):
+            await self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        await self._conn.close()
+
+    async def __aenter__(self) -> Spool:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    @property
+    def counters(self) -> SpoolCounters:
+        c = self._counters
+        return SpoolCounters(accepts=c.accepts, accept_commits=c.accept_commits, records=c.records)
+
+    @staticmethod
+    def new_queue_id() -> str:
+        return new_queue_id()
+
+    def body_path(self, queue_id: str) -> Path:
+        return self.queue_dir / bodies.relative_body_path(queue_id)
+
+    # ---------------------------------------------------------------- writer
+
+    async def _submit(self, job: _Job) -> Any:
+        if self._closed:
+            raise SpoolClosedError("the spool is closed")
+        await self._queue.put(job)
+        # shield: a caller that goes away (client hung up) must not cancel a
+        # transaction other callers share.
+        return await asyncio.shield(job.future)
+
+    async def run(self, op: DbOp, *, write: bool = True) -> Any:
+        """Run ``op(conn)`` inside the writer's next transaction; return its result."""
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        return await self._submit(_OpJob(fut, write, op))
+
+    async def _write_loop(self) -> None:
+        while True:
+            item = await self._queue.get()
+            if isinstance(item, _Stop):
+                item.done.set_result(None)
+                return
+            batch: list[_Job] = [item]
+            stop: _Stop | None = None
+            while len(batch) < MAX_BATCH:
+                try:
+                    nxt = self._queue.get_nowait()
+                except asyncio.QueueEmpty:
+                    break
+                if isinstance(nxt, _Stop):
+                    stop = nxt
+                    break
+                batch.append(nxt)
+            await self._run_batch(batch, isolate=True)
+            if stop is not None:
+                stop.done.set_result(None)
+                return
+
+    async def _run_batch(self, batch: list[_Job], *, isolate: bool) -> None:
+        accepts = [j for j in batch if isinstance(j, _AcceptJob)]
+        if accepts:
+            try:
+                await asyncio.to_thread(
+                    bodies.fsync_directories, (j.body_path.parent for j in accepts)
+                )
+            except OSError as exc:
+                err = SpoolWriteError(f"cannot fsync the body directory: {exc.strerror}")
+                for unsynced in accepts:
+                    _fail(unsynced, err)
+                batch = [j for j in batch if not isinstance(j, _AcceptJob)]
+                accepts = []
+                if not batch:
+                    return
+        conn = self._conn
+        results: list[Any] = []
+        in_tx = any(j.write for j in batch)
+        try:
+            if in_tx:
+                await conn.execute("BEGIN IMMEDIATE")
+            if accepts:
+                await conn.executemany(q("insert_message"), [j.message_row for j in accepts])
+                await conn.executemany(
+                    q("insert_recipient"), [row for j in accepts for row in j.recipient_rows]
+                )
+            for op_job in batch:
+                if isinstance(op_job, _OpJob):
+                    results.append(await op_job.op(conn))
+            if in_tx:
+                await conn.execute("COMMIT")
+        except Exception as exc:
+            if conn.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    await conn.execute("ROLLBACK")
+            if isolate and len(batch) > 1:
+                # One bad job must not sink the others: retry each alone.
+                for single in batch:
+                    await self._run_batch([single], isolate=False)
+                return
+            for failed in batch:
+                _fail(failed, _map_db_error(exc, failed))
+            return
+        self._counters.commits += 1
+        if accepts:
+            self._counters.accepts += len(accepts)
+            self._counters.accept_commits += 1
+        ops = iter(results)
+        for done in batch:
+            _resolve(done, next(ops) if isinstance(done, _OpJob) else None)
+
+    # ---------------------------------------------------------------- accept
+
+    async def accept(self, message: NewMessage, *, queue_id: str | None = None) -> str:
+        """Store ``message`` durably and return its queue ID.
+
+        Returns only once the body is fsynced and renamed, its directory
+        fsynced and the rows committed.  Raises :class:`SpoolWriteError`
+        (nothing kept) otherwise.
+        """
+        if not message.recipients:
+            raise ValueError("a message needs at least one recipient")
+        if message.ret not in (None, "FULL", "HDRS"):
+            raise ValueError(f"RET must be FULL or HDRS, not {message.ret!r}")
+        qid = queue_id or new_queue_id()
+        path = self.body_path(qid)
+        now = time.time()
+        message_row = {
+            "queue_id": qid,
+            "mail_from": message.mail_from,
+            "body_file": bodies.relative_body_path(qid),
+            "size": len(message.body),
+            "received_at": now,
+            "auth_user": message.auth_user,
+            "client_ip": message.client_ip,
+            "env_id": message.env_id,
+            "ret": message.ret,
+            "smtputf8": int(message.smtputf8),
+            "body_8bit": int(message.body_8bit),
+            "notes": json.dumps(dict(message.notes), default=str, separators=(",", ":")),
+            "dsn_of": message.dsn_of,
+        }
+        recipient_rows = [
+            {
+                "queue_id": qid,
+                "recipient": rcpt.address,
+                "domain": domain_of(rcpt.address),
+                "notify": rcpt.notify,
+                "orcpt": rcpt.orcpt,
+                "next_attempt_at": now,
+            }
+            for rcpt in message.recipients
+        ]
+        await asyncio.to_thread(bodies.write_body, path, message.body)
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        job = _AcceptJob(fut, True, message_row, recipient_rows, path)
+        try:
+            await self._submit(job)
+        except asyncio.CancelledError:
+            raise  # the job still commits (or fails and cleans up) on its own
+        except BaseException:
+            await asyncio.to_thread(bodies.remove_bodies, [path])
+            raise
+        if message.dsn_of is not None and message.dsn_recipients:
+            await self.link_dsn(message.dsn_of, message.dsn_recipients, qid)
+        self.new_work.set()
+        return qid
+
+    async def link_dsn(self, original: str, recipients: Iterable[str], dsn_queue_id: str) -> None:
+        rows = [
+            {"queue_id": original, "recipient": r, "dsn_queue_id": dsn_queue_id} for r in recipients
+        ]
+
+        async def op(conn: aiosqlite.Connection) -> None:
+            await conn.executemany(q("link_dsn"), rows)
+
+        await self.run(op)
+
+    # ----------------------------------------------------------------- claim
+
+    async def claim(
+        self,
+        owner: str,
+        *,
+        limit: int,
+        lease_seconds: float,
+        now: float | None = None,
+        always_split: bool = False,
+        exclude_domains: Sequence[str] = (),
+    ) -> list[Claim]:
+        """Lease up to ``limit`` due groups for ``owner``.
+
+        A group is every due recipient of one (queue_id, domain), or one
+        recipient with ``always_split``.  Leased recipients are ``sending``
+        until :meth:`record` or :meth:`release`, or until the lease expires.
+        """
+        if limit <= 0:
+            return []
+        at = time.time() if now is None else now
+        expires = at + lease_seconds
+        params = {
+            "owner": owner,
+            "expires": expires,
+            "now": at,
+            "limit": limit,
+            "exclude": json.dumps(list(exclude_domains)),
+        }
+
+        async def op(conn: aiosqlite.Connection) -> tuple[list[Any], list[Any]]:
+            rows = list(
+                await conn.execute_fetchall(
+                    q("claim_split" if always_split else "claim_groups"), params
+                )
+            )
+            if not rows:
+                return [], []
+            ids = json.dumps(sorted({r[1] for r in rows}))
+            msgs = list(await conn.execute_fetchall(q("messages_by_ids"), {"ids": ids}))
+            return rows, msgs
+
+        rows, msgs = await self.run(op)
+        messages = {m[0]: m for m in msgs}
+        groups: dict[tuple[str, str] | int, list[Any]] = defaultdict(list)
+        for row in rows:
+            key: tuple[str, str] | int = row[0] if always_split else (row[1], row[2])
+            groups[key].append(row)
+        claims: list[Claim] = []
+        for group in groups.values():
+            group.sort(key=lambda r: r[0])
+            m = messages[group[0][1]]
+            claims.append(
+                Claim(
+                    queue_id=m[0],
+                    domain=group[0][2],
+                    mail_from=m[1],
+                    body_path=self.queue_dir / m[2],
+                    size=m[3],
+                    received_at=m[4],
+                    auth_user=m[5],
+                    env_id=m[6],
+                    ret=m[7],
+                    smtputf8=bool(m[8]),
+                    body_8bit=bool(m[9]),
+                    notes=json.loads(m[10]),
+                    dsn_of=m[11],
+                    recipients=tuple(
+                        ClaimedRecipient(
+                            id=r[0],
+                            address=r[3],
+                            notify=r[4],
+                            orcpt=r[5],
+                            attempts=r[6],
+                            failures=r[7],
+                            previous_status=Status(r[8]),
+                            last_code=r[9],
+                            last_status=r[10],
+                            last_response=r[11],
+                            last_mx=r[12],
+                        )
+                        for r in group
+                    ),
+                    lease_owner=owner,
+                    lease_expires_at=expires,
+                )
+            )
+        claims.sort(key=lambda c: (c.received_at, c.queue_id, c.domain))
+        return claims
+
+    # ---------------------------------------------------------------- record
+
+    async def record(
+        self,
+        owner: str,
+        claim: Claim,
+        records: Sequence[AttemptRecord],
+        *,
+        now: float | None = None,
+    ) -> RecordResult:
+        """Write attempt rows and the new state of each recipient, atomically.
+
+        The state of a recipient changes only while ``owner`` still holds its
+        lease; otherwise (an operator deleted it, the lease expired and another
+        worker took it) the attempt row is still written — it happened — and
+        the recipient is reported in ``lease_lost``.  Bodies of messages whose
+        every recipient is now final are deleted after the commit.
+        """
+        at = time.time() if now is None else now
+        attempt_numbers = {r.id: r.attempts + 1 for r in claim.recipients}
+        for rec in records:
+            if rec.recipient_id not in attempt_numbers:
+                raise ValueError(f"recipient {rec.recipient_id} is not part of this claim")
+            if rec.outcome is Outcome.DEFERRED and rec.next_attempt_at is None:
+                raise ValueError("a deferred outcome needs next_attempt_at")
+        ids = json.dumps([r.recipient_id for r in records])
+        attempt_rows = [_attempt_row(rec, attempt_numbers[rec.recipient_id]) for rec in records]
+
+        async def op(conn: aiosqlite.Connection) -> tuple[set[int], list[Any]]:
+            held = {
+                row[0]
+                for row in await conn.execute_fetchall(
+                    q("leased_by_owner"), {"ids": ids, "owner": owner}
+                )
+            }
+            await conn.executemany(q("insert_attempt"), attempt_rows)
+            await conn.executemany(
+                q("update_after_attempt"),
+                [_update_row(rec, owner) for rec in records if rec.recipient_id in held],
+            )
+            finished = list(
+                await conn.execute_fetchall(
+                    q("finish_messages"), {"ids": json.dumps([claim.queue_id]), "now": at}
+                )
+            )
+            return held, finished
+
+        held, finished = await self.run(op)
+        self._counters.records += 1
+        if finished:
+            await asyncio.to_thread(
+                bodies.remove_bodies, [self.queue_dir / row[1] for row in finished]
+            )
+        ordered = [r.recipient_id for r in records]
+        return RecordResult(
+            updated=tuple(i for i in ordered if i in held),
+            lease_lost=tuple(i for i in ordered if i not in held),
+            finished_messages=tuple(row[0] for row in finished),
+        )
+
+    async def release(
+        self, owner: str, recipient_ids: Iterable[int], *, next_attempt_at: float | None = None
+    ) -> int:
+        """Give leases back without an attempt; optionally postpone them."""
+        params = {
+            "ids": json.dumps(list(recipient_ids)),
+            "owner": owner,
+            "next_attempt_at": next_attempt_at,
+        }
+
+        async def op(conn: aiosqlite.Connection) -> int:
+            cursor = await conn.execute(q("release"), params)
+            return cursor.rowcount
+
+        count: int = await self.run(op)
+        if next_attempt_at is None:
+            self.new_work.set()
+        return count
+
+    async def release_owner(self, owner: str) -> int:
+        """Give back every lease ``owner`` holds (shutdown)."""
+
+        async def op(conn: aiosqlite.Connection) -> int:
+            cursor = await conn.execute(q("release_owner"), {"owner": owner})
+            return cursor.rowcount
+
+        count: int = await self.run(op)
+        return count
+
+    async def renew_leases(self, owner: str, until: float) -> int:
+        async def op(conn: aiosqlite.Connection) -> int:
+            cursor = await conn.execute(q("renew_leases"), {"owner": owner, "expires": until})
+            return cursor.rowcount
+
+        count: int = await self.run(op)
+        return count
+
+    async def next_due_at(self) -> float | None:
+        """The earliest ``next_attempt_at`` among waiting recipients, if any."""
+
+        async def op(conn: aiosqlite.Connection) -> float | None:
+            rows = list(await conn.execute_fetchall(q("next_due")))
+            value = rows[0][0] if rows else None
+            return None if value is None else float(value)
+
+        result: float | None = await self.run(op, write=False)
+        return result
+
+    # -------------------------------------------------------------- control
+
+    async def set_control(self, key: str, value: str) -> None:
+        async def op(conn: aiosqlite.Connection) -> None:
+            await conn.execute(q("control_set"), {"key": key, "value": value})
+
+        await self.run(op)
+
+    async def get_control(self, key: str) -> str | None:
+        async def op(conn: aiosqlite.Connection) -> str | None:
+            rows = list(await conn.execute_fetchall(q("control_get"), {"key": key}))
+            return str(rows[0][0]) if rows else None
+
+        result: str | None = await self.run(op, write=False)
+        return result
+
+    async def set_paused(self, paused: bool) -> None:
+        await self.set_control("paused", "1" if paused else "0")
+        if not paused:
+            self.new_work.set()
+
+    async def is_paused(self) -> bool:
+        return await self.get_control("paused") == "1"
+
+    # ------------------------------------------------------------- recovery
+
+    async def recover(self, now: float | None = None) -> RecoveryReport:
+        """Start-up recovery; safe while other processes use the spool.
+
+        - leases that expired, or whose owner is a dead process on this host,
+          become due again;
+        - temp body files, bodies without rows and bodies of finished
+          messages are removed;
+        - unfinished messages whose body file is gone are marked ``dropped``
+          with a reason, never left to crash the scheduler.
+        """
+        at = time.time() if now is None else now
+        host = socket.gethostname()
+
+        async def leases(conn: aiosqlite.Connection) -> int:
+            released = (await conn.execute(q("release_expired"), {"now": at})).rowcount
+            for (owner,) in await conn.execute_fetchall(q("lease_owners")):
+                if _owner_is_dead_local(owner, host):
+                    cursor = await conn.execute(
+                        q("release_owner_crashed"), {"owner": owner, "now": at}
+                    )
+                    released += cursor.rowcount
+            return released
+
+        released: int = await self.run(leases)
+
+        async def unfinished(conn: aiosqlite.Connection) -> list[Any]:
+            return list(await conn.execute_fetchall(q("unfinished_messages")))
+
+        live = {row[0]: row[1] for row in await self.run(unfinished, write=False)}
+        files = await asyncio.to_thread(lambda: list(bodies.scan(self.queue_dir)))
+        temps = [f.path for f in files if f.is_temp]
+        strays = [f for f in files if not f.is_temp and f.queue_id not in live]
+        # A body file whose name is a live message's, but written before the
+        # rename (a temp), is not the live body: only complete files count.
+        present = {f.queue_id for f in files if not f.is_temp}
+        missing = sorted(qid for qid in live if qid not in present)
+        stray_ids = json.dumps([f.queue_id for f in strays])
+
+        async def finished_strays(conn: aiosqlite.Connection) -> set[str]:
+            rows = await conn.execute_fetchall(q("finished_body_names"), {"ids": stray_ids})
+            return {row[0] for row in rows}
+
+        finished_ids = await self.run(finished_strays, write=False) if strays else set()
+        await asyncio.to_thread(bodies.remove_bodies, temps + [f.path for f in strays])
+        for qid in missing:
+            await self.finalize_message(
+                qid,
+                Status.DROPPED,
+                reason="message body file missing from the spool; cannot deliver",
+                now=at,
+            )
+        if released:
+            self.new_work.set()
+        return RecoveryReport(
+            leases_released=released,
+            temp_files_removed=len(temps),
+            orphan_bodies_removed=sum(1 for f in strays if f.queue_id not in finished_ids),
+            finished_bodies_removed=sum(1 for f in strays if f.queue_id in finished_ids),
+            missing_bodies=tuple(missing),
+        )
+
+    async def finalize_message(
+        self,
+        queue_id: str,
+        status: Status,
+        *,
+        reason: str,
+        status_code: str | None = None,
+        response: str | None = None,
+        now: float | None = None,
+    ) -> list[dict[str, Any]]:
+        """Put every unfinished recipient of ``queue_id`` into a final state.
+
+        Used for operator ``delete`` (dropped) and ``bounce`` (bounced) and
+        for a lost body.  Returns the recipients it changed; the message is
+        marked finished and its body removed when nothing is left.
+        """
+        if not status.is_final:
+            raise ValueError(f"{status} is not a final status")
+        at = time.time() if now is None else now
+        params = {
+            "status": status.value,
+            "now": at,
+            "reason": reason,
+            "status_code": status_code,
+            "response": response,
+            "queue_id": queue_id,
+        }
+
+        async def op(conn: aiosqlite.Connection) -> tuple[list[Any], list[Any]]:
+            changed = list(await conn.execute_fetchall(q("drop_message_recipients"), params))
+            finished = list(
+                await conn.execute_fetchall(
+                    q("finish_messages"), {"ids": json.dumps([queue_id]), "now": at}
+                )
+            )
+            return changed, finished
+
+        changed, finished = await self.run(op)
+        if finished:
+            await asyncio.to_thread(
+                bodies.remove_bodies, [self.queue_dir / row[1] for row in finished]
+            )
+        keys = (
+            "id",
+            "recipient",
+            "notify",
+            "orcpt",
+            "attempts",
+            "last_code",
+            "last_status",
+            "last_response",
+            "last_mx",
+        )
+        return [dict(zip(keys, row, strict=True)) for row in changed]
+
+
+def _owner_is_dead_local(owner: str, host: str) -> bool:
+    owner_host, _, rest = owner.partition(":")
+    pid_text = rest.partition(":")[0]
+    if owner_host != host or not pid_text.isdigit():
+        return False
+    pid = int(pid_text)
+    if pid == os.getpid():
+        return False  # our own, still alive
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def _attempt_row(rec: AttemptRecord, attempt: int) -> dict[str, Any]:
+    return {
+        "recipient_id": rec.recipient_id,
+        "attempt": attempt,
+        "started_at": rec.started_at,
+        "finished_at": rec.finished_at,
+        "mx_host": rec.mx_host,
+        "mx_ip": rec.mx_ip,
+        "port": rec.port,
+        "tls": rec.tls,
+        "auth": rec.auth,
+        "code": rec.code,
+        "status": rec.status,
+        "response": rec.response,
+        "outcome": rec.outcome.value,
+        "reason": rec.reason,
+    }
+
+
+def _update_row(rec: AttemptRecord, owner: str) -> dict[str, Any]:
+    final = rec.outcome is not Outcome.DEFERRED
+    return {
+        "id": rec.recipient_id,
+        "owner": owner,
+        "status": rec.outcome.status.value,
+        "failure": int(rec.outcome is Outcome.DEFERRED and rec.count_failure),
+        "next_attempt_at": rec.finished_at if final else rec.next_attempt_at,
+        "finished_at": rec.finished_at,
+        "code": rec.code,
+        "status_code": rec.status,
+        "response": rec.response,
+        "mx_host": rec.mx_host,
+        "final_at": rec.finished_at if final else None,
+        "reason": rec.reason,
+        "dsn_queue_id": rec.dsn_queue_id,
+    }
+
+
+def _resolve(job: _Job, value: Any) -> None:
+    if not job.future.done():
+        job.future.set_result(value)
+
+
+def _fail(job: _Job, exc: BaseException) -> None:
+    if not job.future.done():
+        job.future.set_exception(exc)
+
+
+def _map_db_error(exc: BaseException, job: _Job) -> BaseException:
+    """sqlite3 errors become spool errors a caller can act on."""
+    if isinstance(exc, SpoolError):
+        return exc
+    text = str(exc)
+    if isinstance(exc, sqlite3.Error):
+        if "full" in text.lower():
+            return SpoolFullError(f"queue database is full: {text}")
+        if isinstance(job, _AcceptJob):
+            return SpoolWriteError(f"queue database error: {text}")
+        return SpoolError(f"queue database error: {text}")
+    if isinstance(job, _AcceptJob):
+        return SpoolWriteError(f"cannot queue message: {type(exc).__name__}: {text}")
+    return exc

@@ -1,0 +1,207 @@
+-- Every statement the spool runs, by name.  Python never assembles SQL text;
+-- it picks a statement here and binds parameters.  Each block starts with
+-- "-- name: NAME" and runs to the next block.
+
+-- name: insert_message
+INSERT INTO messages (queue_id, mail_from, body_file, size, received_at, auth_user, client_ip,
+                      env_id, ret, smtputf8, body_8bit, notes, dsn_of)
+VALUES (:queue_id, :mail_from, :body_file, :size, :received_at, :auth_user, :client_ip,
+        :env_id, :ret, :smtputf8, :body_8bit, :notes, :dsn_of)
+
+-- name: insert_recipient
+INSERT INTO recipients (queue_id, recipient, domain, notify, orcpt, status, next_attempt_at)
+VALUES (:queue_id, :recipient, :domain, :notify, :orcpt, 'queued', :next_attempt_at)
+
+-- name: link_dsn
+-- A DSN was queued for these recipients of the original message.
+UPDATE recipients SET dsn_queue_id = :dsn_queue_id
+ WHERE queue_id = :queue_id AND recipient = :recipient AND dsn_queue_id IS NULL
+
+-- name: claim_groups
+-- Lease every due recipient of the earliest-due (queue_id, domain) groups.
+UPDATE recipients
+   SET held_status = status, status = 'sending',
+       lease_owner = :owner, lease_expires_at = :expires
+ WHERE status IN ('queued', 'deferred') AND next_attempt_at <= :now
+   AND (queue_id, domain) IN (
+        SELECT DISTINCT queue_id, domain FROM recipients
+         WHERE status IN ('queued', 'deferred') AND next_attempt_at <= :now
+           AND domain NOT IN (SELECT value FROM json_each(:exclude))
+         ORDER BY next_attempt_at
+         LIMIT :limit)
+RETURNING id, queue_id, domain, recipient, notify, orcpt, attempts, failures, held_status,
+          last_code, last_status, last_response, last_mx
+
+-- name: claim_split
+-- always_split: every recipient is its own group.
+UPDATE recipients
+   SET held_status = status, status = 'sending',
+       lease_owner = :owner, lease_expires_at = :expires
+ WHERE id IN (
+        SELECT id FROM recipients
+         WHERE status IN ('queued', 'deferred') AND next_attempt_at <= :now
+           AND domain NOT IN (SELECT value FROM json_each(:exclude))
+         ORDER BY next_attempt_at
+         LIMIT :limit)
+RETURNING id, queue_id, domain, recipient, notify, orcpt, attempts, failures, held_status,
+          last_code, last_status, last_response, last_mx
+
+-- name: messages_by_ids
+SELECT queue_id, mail_from, body_file, size, received_at, auth_user, env_id, ret, smtputf8,
+       body_8bit, notes, dsn_of
+  FROM messages WHERE queue_id IN (SELECT value FROM json_each(:ids))
+
+-- name: leased_by_owner
+-- Which of these recipients does this owner still hold?  (record() guard)
+SELECT id FROM recipients
+ WHERE id IN (SELECT value FROM json_each(:ids))
+   AND status = 'sending' AND lease_owner = :owner
+
+-- name: insert_attempt
+INSERT INTO attempt_log (recipient_id, attempt, started_at, finished_at, mx_host, mx_ip, port,
+                         tls, auth, code, status, response, outcome, reason)
+VALUES (:recipient_id, :attempt, :started_at, :finished_at, :mx_host, :mx_ip, :port,
+        :tls, :auth, :code, :status, :response, :outcome, :reason)
+
+-- name: update_after_attempt
+UPDATE recipients
+   SET status = :status, attempts = attempts + 1, failures = failures + :failure,
+       next_attempt_at = :next_attempt_at, last_attempt_at = :finished_at,
+       last_code = :code, last_status = :status_code, last_response = :response,
+       last_mx = :mx_host, finished_at = :final_at, final_reason = :reason,
+       dsn_queue_id = coalesce(:dsn_queue_id, dsn_queue_id),
+       held_status = NULL, lease_owner = NULL, lease_expires_at = NULL
+ WHERE id = :id AND status = 'sending' AND lease_owner = :owner
+
+-- name: finish_messages
+-- Messages among these whose every recipient is final: mark them finished.
+UPDATE messages SET finished_at = :now
+ WHERE queue_id IN (SELECT value FROM json_each(:ids)) AND finished_at IS NULL
+   AND NOT EXISTS (SELECT 1 FROM recipients r
+                    WHERE r.queue_id = messages.queue_id
+                      AND r.status IN ('queued', 'sending', 'deferred'))
+RETURNING queue_id, body_file
+
+-- name: release
+-- Give a lease back without an attempt (send_email delay, shutdown).
+UPDATE recipients
+   SET status = held_status, held_status = NULL, lease_owner = NULL, lease_expires_at = NULL,
+       next_attempt_at = coalesce(:next_attempt_at, next_attempt_at)
+ WHERE id IN (SELECT value FROM json_each(:ids)) AND status = 'sending' AND lease_owner = :owner
+
+-- name: release_owner
+UPDATE recipients
+   SET status = held_status, held_status = NULL, lease_owner = NULL, lease_expires_at = NULL
+ WHERE status = 'sending' AND lease_owner = :owner
+
+-- name: renew_leases
+UPDATE recipients SET lease_expires_at = :expires
+ WHERE status = 'sending' AND lease_owner = :owner
+
+-- name: release_expired
+UPDATE recipients
+   SET status = held_status, held_status = NULL, lease_owner = NULL, lease_expires_at = NULL,
+       next_attempt_at = min(next_attempt_at, :now)
+ WHERE status = 'sending' AND lease_expires_at < :now
+
+-- name: lease_owners
+SELECT DISTINCT lease_owner FROM recipients WHERE status = 'sending'
+
+-- name: release_owner_crashed
+UPDATE recipients
+   SET status = held_status, held_status = NULL, lease_owner = NULL, lease_expires_at = NULL,
+       next_attempt_at = min(next_attempt_at, :now)
+ WHERE status = 'sending' AND lease_owner = :owner
+
+-- name: next_due
+SELECT min(next_attempt_at) FROM recipients WHERE status IN ('queued', 'deferred')
+
+-- name: unfinished_messages
+SELECT queue_id, body_file FROM messages WHERE finished_at IS NULL
+
+-- name: finished_body_names
+SELECT queue_id FROM messages
+ WHERE queue_id IN (SELECT value FROM json_each(:ids)) AND finished_at IS NOT NULL
+
+-- name: drop_message_recipients
+-- Final state for every unfinished recipient of one message (body lost, operator).
+UPDATE recipients
+   SET status = :status, finished_at = :now, final_reason = :reason,
+       last_status = coalesce(:status_code, last_status),
+       last_response = coalesce(:response, last_response),
+       held_status = NULL, lease_owner = NULL, lease_expires_at = NULL
+ WHERE queue_id = :queue_id AND status IN ('queued', 'sending', 'deferred')
+RETURNING id, recipient, notify, orcpt, attempts, last_code, last_status, last_response, last_mx
+
+-- name: control_get
+SELECT value FROM control WHERE key = :key
+
+-- name: control_set
+INSERT INTO control (key, value) VALUES (:key, :value)
+    ON CONFLICT (key) DO UPDATE SET value = excluded.value
+
+-- name: flush_all
+UPDATE recipients SET next_attempt_at = :now
+ WHERE status IN ('queued', 'deferred') AND next_attempt_at > :now
+
+-- name: flush_domain
+UPDATE recipients SET next_attempt_at = :now
+ WHERE status IN ('queued', 'deferred') AND next_attempt_at > :now AND domain = :domain
+
+-- name: flush_message
+UPDATE recipients SET next_attempt_at = :now
+ WHERE status IN ('queued', 'deferred') AND next_attempt_at > :now AND queue_id = :queue_id
+   AND (:domain IS NULL OR domain = :domain)
+
+-- name: message_exists
+SELECT 1 FROM messages WHERE queue_id = :queue_id
+
+-- name: list_recipients
+SELECT r.queue_id, m.mail_from, r.recipient, r.domain, r.status, r.attempts,
+       r.next_attempt_at, r.last_code, r.last_status, r.last_response, r.last_mx,
+       m.received_at, r.finished_at, m.size
+  FROM recipients r JOIN messages m ON m.queue_id = r.queue_id
+ WHERE (:status IS NULL OR r.status = :status)
+   AND (:all_states OR r.status IN ('queued', 'sending', 'deferred'))
+   AND (:domain IS NULL OR r.domain = :domain)
+   AND (:sender IS NULL OR m.mail_from = :sender)
+   AND (:received_before IS NULL OR m.received_at < :received_before)
+ ORDER BY m.received_at, r.queue_id, r.id
+ LIMIT :limit
+
+-- name: show_message
+SELECT queue_id, mail_from, body_file, size, received_at, auth_user, client_ip, env_id, ret,
+       smtputf8, body_8bit, notes, dsn_of, finished_at
+  FROM messages WHERE queue_id = :queue_id
+
+-- name: show_recipients
+SELECT id, recipient, domain, notify, orcpt, status, attempts, failures, next_attempt_at,
+       last_attempt_at, last_code, last_status, last_response, last_mx, lease_owner,
+       lease_expires_at, finished_at, final_reason, dsn_queue_id
+  FROM recipients WHERE queue_id = :queue_id ORDER BY id
+
+-- name: show_attempts
+SELECT a.recipient_id, a.attempt, a.started_at, a.finished_at, a.mx_host, a.mx_ip, a.port,
+       a.tls, a.auth, a.code, a.status, a.response, a.outcome, a.reason
+  FROM attempt_log a JOIN recipients r ON r.id = a.recipient_id
+ WHERE r.queue_id = :queue_id ORDER BY a.recipient_id, a.attempt
+
+-- name: stats_by_status
+SELECT status, count(*) FROM recipients
+ WHERE status IN ('queued', 'sending', 'deferred')
+ GROUP BY status
+
+-- name: stats_top_domains
+SELECT domain, count(*) AS n FROM recipients
+ WHERE status IN ('queued', 'sending', 'deferred')
+ GROUP BY domain ORDER BY n DESC, domain LIMIT :limit
+
+-- name: stats_oldest_deferred
+SELECT min(m.received_at) FROM recipients r JOIN messages m ON m.queue_id = r.queue_id
+ WHERE r.status = 'deferred'
+
+-- name: stats_recent_outcomes
+SELECT outcome, count(*) FROM attempt_log WHERE finished_at >= :since GROUP BY outcome
+
+-- name: stats_queue_bytes
+SELECT coalesce(sum(size), 0), count(*) FROM messages WHERE finished_at IS NULL

@@ -1,0 +1,167 @@
+"""Values that cross the spool's boundary.
+
+Everything the rest of outboundd hands to the spool or gets back from it is a
+frozen dataclass defined here, so callers never see SQL rows or cursors.
+Times are POSIX seconds (``float``) inside the program; the SQL views show
+them as ISO-8601 UTC text.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+
+class Status(StrEnum):
+    """State of one recipient.  The last three are final."""
+
+    QUEUED = "queued"
+    SENDING = "sending"
+    DEFERRED = "deferred"
+    DELIVERED = "delivered"
+    BOUNCED = "bounced"
+    DROPPED = "dropped"
+
+    @property
+    def is_final(self) -> bool:
+        return self in FINAL_STATUSES
+
+
+FINAL_STATUSES = frozenset({Status.DELIVERED, Status.BOUNCED, Status.DROPPED})
+
+
+class Outcome(StrEnum):
+    """What one attempt did to one recipient."""
+
+    DELIVERED = "delivered"
+    DEFERRED = "deferred"
+    BOUNCED = "bounced"
+    DROPPED = "dropped"
+
+    @property
+    def status(self) -> Status:
+        return Status(self.value)
+
+
+@dataclass(frozen=True, slots=True)
+class NewRecipient:
+    """A recipient as accepted at RCPT, with its RFC 3461 parameters."""
+
+    address: str
+    notify: str | None = None  # "NEVER" or a comma list of SUCCESS, FAILURE, DELAY
+    orcpt: str | None = None  # "rfc822;addr" as given (decoded xtext)
+
+
+@dataclass(frozen=True, slots=True)
+class NewMessage:
+    """A message to queue.  ``body`` is the message exactly as it will be sent:
+    CRLF line ends, not dot-stuffed."""
+
+    mail_from: str  # "" for the null sender
+    recipients: Sequence[NewRecipient]
+    body: bytes
+    auth_user: str | None = None
+    client_ip: str | None = None
+    env_id: str | None = None  # RFC 3461 ENVID (decoded xtext)
+    ret: str | None = None  # "FULL" or "HDRS"
+    smtputf8: bool = False
+    body_8bit: bool = False
+    notes: Mapping[str, Any] = field(default_factory=dict)
+    dsn_of: str | None = None  # queue ID of the message this DSN reports on
+    dsn_recipients: Sequence[str] = ()  # the original recipients this DSN reports on
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimedRecipient:
+    id: int
+    address: str
+    notify: str | None
+    orcpt: str | None
+    attempts: int  # attempts made before this one
+    failures: int  # temporary failures counted towards temp_fail_intervals
+    previous_status: Status  # queued or deferred, before the claim
+    last_code: int | None = None
+    last_status: str | None = None
+    last_response: str | None = None
+    last_mx: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """A leased (queue_id, domain) group: the unit of one delivery session."""
+
+    queue_id: str
+    domain: str
+    mail_from: str
+    body_path: Path
+    size: int
+    received_at: float
+    auth_user: str | None
+    env_id: str | None
+    ret: str | None
+    smtputf8: bool
+    body_8bit: bool
+    notes: Mapping[str, Any]
+    dsn_of: str | None
+    recipients: tuple[ClaimedRecipient, ...]
+    lease_owner: str
+    lease_expires_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptRecord:
+    """The result of one attempt for one recipient, written by ``record()``.
+
+    ``next_attempt_at`` is required for ``DEFERRED``.  ``count_failure`` is
+    false when the recipient was deferred without a real failure (it then
+    keeps its failure count).  ``reason`` explains final states that did not
+    come from a remote reply (a plugin's or an operator's decision).
+    ``dsn_queue_id`` links a bounced recipient to the DSN that reports it.
+    """
+
+    recipient_id: int
+    outcome: Outcome
+    started_at: float
+    finished_at: float
+    mx_host: str | None = None
+    mx_ip: str | None = None
+    port: int | None = None
+    tls: str | None = None  # TLS version, e.g. "TLSv1.3"; None = plaintext
+    auth: str | None = None  # the AUTH user, if we authenticated
+    code: int | None = None
+    status: str | None = None  # enhanced status code, e.g. "5.1.1"
+    response: str | None = None
+    next_attempt_at: float | None = None
+    count_failure: bool = True
+    reason: str | None = None
+    dsn_queue_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RecordResult:
+    """Which recipients' state was written, and which had lost their lease."""
+
+    updated: tuple[int, ...]
+    lease_lost: tuple[int, ...]
+    finished_messages: tuple[str, ...]  # queue IDs whose every recipient is now final
+
+
+@dataclass(frozen=True, slots=True)
+class RecoveryReport:
+    leases_released: int
+    temp_files_removed: int
+    orphan_bodies_removed: int
+    finished_bodies_removed: int
+    missing_bodies: tuple[str, ...]  # queue IDs whose body file was gone
+
+
+@dataclass(frozen=True, slots=True)
+class SpoolCounters:
+    """Monotonic counters, for tests and ``stats``: how much group commit saved."""
+
+    accepts: int = 0
+    accept_commits: int = 0
+    records: int = 0

@@ -1,0 +1,500 @@
+"""The spool against a real SQLite file in a temporary directory."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import sqlite3
+import time
+from pathlib import Path
+
+import pytest
+
+from outboundd.spool import (
+    AttemptRecord,
+    NewMessage,
+    NewRecipient,
+    Outcome,
+    SchemaTooNewError,
+    Spool,
+    SpoolWriteError,
+    Status,
+    UnknownMessageError,
+    admin,
+    bodies,
+    lease_owner_id,
+)
+from outboundd.spool.migrations import discover
+
+BODY = b"From: a@example.test\r\nSubject: hi\r\n\r\nHello\r\n.dot line\r\n"
+
+DELIVERIES_COLUMNS = [
+    "queue_id", "mail_from", "recipient", "domain", "status", "attempts", "next_attempt_at",
+    "last_code", "last_status", "last_response", "last_mx", "received_at", "finished_at", "size",
+]  # fmt: skip
+ATTEMPTS_COLUMNS = [
+    "queue_id", "recipient", "attempt", "started_at", "finished_at", "mx_host", "mx_ip", "port",
+    "tls", "auth", "code", "status", "response", "outcome", "duration_ms",
+]  # fmt: skip
+ISO = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
+
+
+def message(*rcpts: str, sender: str = "a@example.test", body: bytes = BODY) -> NewMessage:
+    return NewMessage(sender, [NewRecipient(r) for r in rcpts], body)
+
+
+@pytest.fixture
+async def spool(tmp_path: Path):  # type: ignore[no-untyped-def]
+    s = await Spool.open(tmp_path / "queue")
+    yield s
+    await s.close()
+
+
+def db(spool: Spool) -> sqlite3.Connection:
+    return sqlite3.connect(spool.db_path)
+
+
+# --------------------------------------------------------------- migrations
+
+
+async def test_migrations_applied_once_and_recorded(tmp_path: Path) -> None:
+    s = await Spool.open(tmp_path / "q")
+    await s.close()
+    s = await Spool.open(tmp_path / "q")  # idempotent reopen
+    await s.close()
+    con = sqlite3.connect(tmp_path / "q" / "outbound.db")
+    newest = discover()[-1].version
+    assert con.execute("PRAGMA user_version").fetchone()[0] == newest
+    rows = con.execute("SELECT version FROM schema_migrations ORDER BY version").fetchall()
+    assert [r[0] for r in rows] == list(range(1, newest + 1))
+    assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+async def test_refuses_newer_schema(tmp_path: Path) -> None:
+    s = await Spool.open(tmp_path / "q")
+    await s.close()
+    con = sqlite3.connect(tmp_path / "q" / "outbound.db")
+    con.execute("PRAGMA user_version = 999")
+    con.commit()
+    con.close()
+    with pytest.raises(SchemaTooNewError, match="999"):
+        await Spool.open(tmp_path / "q")
+
+
+async def test_views_have_documented_columns(spool: Spool) -> None:
+    con = db(spool)
+    cols = [r[1] for r in con.execute("PRAGMA table_info(deliveries)")]
+    assert cols == DELIVERIES_COLUMNS
+    cols = [r[1] for r in con.execute("PRAGMA table_info(attempts)")]
+    assert cols == ATTEMPTS_COLUMNS
+
+
+# ------------------------------------------------------------------ accept
+
+
+async def test_accept_stores_body_and_rows(spool: Spool) -> None:
+    qid = await spool.accept(message("b@Example.ORG", "c@other.test"))
+    assert re.fullmatch(r"[A-Za-z0-9._-]+", qid)
+    assert spool.body_path(qid).read_bytes() == BODY
+    con = db(spool)
+    rows = con.execute(
+        "SELECT recipient, domain, status, attempts, received_at, next_attempt_at, size "
+        "FROM deliveries WHERE queue_id = ? ORDER BY recipient",
+        (qid,),
+    ).fetchall()
+    assert [(r[0], r[1], r[2], r[3]) for r in rows] == [
+        ("b@Example.ORG", "example.org", "queued", 0),
+        ("c@other.test", "other.test", "queued", 0),
+    ]
+    assert ISO.match(rows[0][4]) and ISO.match(rows[0][5])
+    assert rows[0][6] == len(BODY)
+    # no temp files left behind
+    assert [f for f in bodies.scan(spool.queue_dir) if f.is_temp] == []
+
+
+async def test_accept_keeps_dsn_parameters(spool: Spool) -> None:
+    msg = NewMessage(
+        "a@example.test",
+        [NewRecipient("b@example.org", notify="SUCCESS,FAILURE", orcpt="rfc822;b@example.org")],
+        BODY,
+        env_id="ENV-1",
+        ret="HDRS",
+        auth_user="alice",
+        notes={"k": [1, 2]},
+    )
+    qid = await spool.accept(msg)
+    detail = await admin.show_message(spool, qid)
+    assert (detail.env_id, detail.ret, detail.auth_user, detail.notes) == (
+        "ENV-1", "HDRS", "alice", {"k": [1, 2]},
+    )  # fmt: skip
+    assert detail.recipients[0].notify == "SUCCESS,FAILURE"
+    assert detail.recipients[0].orcpt == "rfc822;b@example.org"
+
+
+async def test_accept_rejects_bad_input(spool: Spool) -> None:
+    with pytest.raises(ValueError, match="recipient"):
+        await spool.accept(NewMessage("a@x.test", [], BODY))
+    with pytest.raises(ValueError, match="RET"):
+        await spool.accept(NewMessage("a@x.test", [NewRecipient("b@y.test")], BODY, ret="ALL"))
+
+
+async def test_group_commit_shares_transactions(spool: Spool) -> None:
+    before = spool.counters
+    qids = await asyncio.gather(*(spool.accept(message(f"r{i}@example.org")) for i in range(1000)))
+    after = spool.counters
+    assert len(set(qids)) == 1000
+    accepts = after.accepts - before.accepts
+    commits = after.accept_commits - before.accept_commits
+    assert accepts == 1000
+    # Counted, not timed: 1000 concurrent accepts must share commits.
+    assert commits <= 100, f"{commits} commits for 1000 accepts"
+    count = db(spool).execute("SELECT count(*) FROM messages").fetchone()[0]
+    assert count == 1000
+
+
+async def test_failed_insert_removes_body_and_spares_the_batch(spool: Spool) -> None:
+    con = db(spool)
+    con.execute(
+        "CREATE TRIGGER refuse BEFORE INSERT ON messages WHEN NEW.mail_from = 'bad@x.test' "
+        "BEGIN SELECT RAISE(ABORT, 'refused by test'); END"
+    )
+    con.commit()
+    good = [spool.accept(message("r@example.org")) for _ in range(20)]
+    bad = spool.accept(message("r@example.org", sender="bad@x.test"))
+    results = await asyncio.gather(*good, bad, return_exceptions=True)
+    assert all(isinstance(r, str) for r in results[:20])
+    assert isinstance(results[20], SpoolWriteError)
+    names = {f.queue_id for f in bodies.scan(spool.queue_dir)}
+    assert names == set(results[:20])
+
+
+async def test_queue_id_collision_is_refused(spool: Spool) -> None:
+    qid = await spool.accept(message("r@example.org"))
+    with pytest.raises(SpoolWriteError, match="already in use"):
+        await spool.accept(message("r@example.org", body=b"other\r\n"), queue_id=qid)
+    assert spool.body_path(qid).read_bytes() == BODY
+
+
+# ------------------------------------------------------------------- claim
+
+
+async def test_claim_groups_by_message_and_domain(spool: Spool) -> None:
+    qid = await spool.accept(message("a@one.test", "b@one.test", "c@two.test"))
+    owner = lease_owner_id()
+    claims = await spool.claim(owner, limit=10, lease_seconds=60)
+    groups = sorted((c.domain, [r.address for r in c.recipients]) for c in claims)
+    assert groups == [("one.test", ["a@one.test", "b@one.test"]), ("two.test", ["c@two.test"])]
+    assert all(c.queue_id == qid and c.body_path == spool.body_path(qid) for c in claims)
+    assert await spool.claim(owner, limit=10, lease_seconds=60) == []  # all leased
+    statuses = {r[0] for r in db(spool).execute("SELECT status FROM deliveries")}
+    assert statuses == {"sending"}
+
+
+async def test_claim_always_split(spool: Spool) -> None:
+    await spool.accept(message("a@one.test", "b@one.test"))
+    claims = await spool.claim(lease_owner_id(), limit=10, lease_seconds=60, always_split=True)
+    assert sorted(len(c.recipients) for c in claims) == [1, 1]
+
+
+async def test_claim_respects_limit_due_time_and_exclusions(spool: Spool) -> None:
+    for i in range(5):
+        await spool.accept(message(f"x{i}@busy.test"))
+    await spool.accept(message("y@free.test"))
+    owner = lease_owner_id()
+    claims = await spool.claim(owner, limit=10, lease_seconds=60, exclude_domains=["busy.test"])
+    assert [c.domain for c in claims] == ["free.test"]
+    claims = await spool.claim(owner, limit=2, lease_seconds=60)
+    assert len(claims) == 2
+    # nothing is due in the past
+    assert await spool.claim(owner, limit=10, lease_seconds=60, now=time.time() - 3600) == []
+
+
+async def test_two_claimers_never_share_a_group(tmp_path: Path) -> None:
+    first = await Spool.open(tmp_path / "q")
+    second = await Spool.open(tmp_path / "q")
+    try:
+        await asyncio.gather(*(first.accept(message(f"r{i}@d{i % 7}.test")) for i in range(300)))
+        a, b = lease_owner_id(), lease_owner_id()
+
+        async def drain(s: Spool, owner: str) -> list[int]:
+            got: list[int] = []
+            for _ in range(200):
+                claims = await s.claim(owner, limit=5, lease_seconds=60)
+                if not claims:
+                    break
+                got.extend(r.id for c in claims for r in c.recipients)
+            return got
+
+        ids_a, ids_b = await asyncio.gather(drain(first, a), drain(second, b))
+        assert not set(ids_a) & set(ids_b)
+        assert len(ids_a) + len(ids_b) == 300
+        assert ids_a and ids_b
+    finally:
+        await first.close()
+        await second.close()
+
+
+# ------------------------------------------------------------------ record
+
+
+async def test_record_outcomes_and_accounting(spool: Spool) -> None:
+    qid = await spool.accept(message("ok@d.test", "later@d.test", "no@d.test"))
+    owner = lease_owner_id()
+    [claim] = await spool.claim(owner, limit=1, lease_seconds=60)
+    ok_id, later_id, no_id = (r.id for r in claim.recipients)
+    t = time.time()
+    common = {"started_at": t, "finished_at": t + 0.25, "mx_host": "mx.d.test", "port": 25}
+    result = await spool.record(
+        owner,
+        claim,
+        [
+            AttemptRecord(ok_id, Outcome.DELIVERED, code=250, status="2.0.0", response="ok",
+                          tls="TLSv1.3", mx_ip="127.0.0.2", **common),  # type: ignore[arg-type]
+            AttemptRecord(later_id, Outcome.DEFERRED, code=451, status="4.7.1",
+                          response="greylisted", next_attempt_at=t + 64, **common),  # type: ignore[arg-type]
+            AttemptRecord(no_id, Outcome.BOUNCED, code=550, status="5.1.1",
+                          response="user unknown", **common),  # type: ignore[arg-type]
+        ],
+    )  # fmt: skip
+    assert result.updated == (ok_id, later_id, no_id) and result.lease_lost == ()
+    assert result.finished_messages == ()  # one recipient still deferred
+    con = db(spool)
+    rows = {
+        r[0]: r[1:]
+        for r in con.execute(
+            "SELECT recipient, status, attempts, last_code, last_status, last_response, "
+            "finished_at IS NOT NULL, next_attempt_at FROM deliveries"
+        )
+    }
+    assert rows["ok@d.test"][:6] == ("delivered", 1, 250, "2.0.0", "ok", 1)
+    assert rows["later@d.test"][:6] == ("deferred", 1, 451, "4.7.1", "greylisted", 0)
+    assert rows["no@d.test"][:6] == ("bounced", 1, 550, "5.1.1", "user unknown", 1)
+    assert rows["ok@d.test"][6] is None  # final: no next attempt
+    attempts = con.execute(
+        "SELECT recipient, attempt, outcome, duration_ms, tls, mx_ip FROM attempts "
+        "ORDER BY recipient"
+    ).fetchall()
+    assert attempts == [
+        ("later@d.test", 1, "deferred", 250, None, None),
+        ("no@d.test", 1, "bounced", 250, None, None),
+        ("ok@d.test", 1, "delivered", 250, "TLSv1.3", "127.0.0.2"),
+    ]
+    failures = con.execute("SELECT failures FROM recipients WHERE recipient='later@d.test'")
+    assert failures.fetchone()[0] == 1
+    # the deferred one comes back when due, with its counts
+    assert await spool.claim(owner, limit=5, lease_seconds=60) == []
+    [again] = await spool.claim(owner, limit=5, lease_seconds=60, now=t + 65)
+    assert [(r.address, r.attempts, r.failures, r.previous_status) for r in again.recipients] == [
+        ("later@d.test", 1, 1, Status.DEFERRED)
+    ]
+    t2 = t + 66
+    result = await spool.record(
+        owner, again, [AttemptRecord(later_id, Outcome.DELIVERED, t2, t2 + 1, code=250)]
+    )
+    assert result.finished_messages == (qid,)
+    assert not spool.body_path(qid).exists()
+    attempt_numbers = con.execute(
+        "SELECT attempt FROM attempts WHERE recipient='later@d.test' ORDER BY attempt"
+    ).fetchall()
+    assert attempt_numbers == [(1,), (2,)]
+
+
+async def test_record_without_lease_changes_nothing(spool: Spool) -> None:
+    qid = await spool.accept(message("a@d.test"))
+    owner = lease_owner_id()
+    [claim] = await spool.claim(owner, limit=1, lease_seconds=60)
+    await spool.finalize_message(qid, Status.DROPPED, reason="deleted by operator")
+    t = time.time()
+    rid = claim.recipients[0].id
+    result = await spool.record(owner, claim, [AttemptRecord(rid, Outcome.DELIVERED, t, t)])
+    assert result.lease_lost == (rid,) and result.updated == ()
+    row = db(spool).execute("SELECT status, final_reason FROM recipients").fetchone()
+    assert row == ("dropped", "deleted by operator")
+    # the attempt happened, so it is recorded
+    assert db(spool).execute("SELECT count(*) FROM attempt_log").fetchone()[0] == 1
+
+
+async def test_record_validates_its_input(spool: Spool) -> None:
+    await spool.accept(message("a@d.test"))
+    owner = lease_owner_id()
+    [claim] = await spool.claim(owner, limit=1, lease_seconds=60)
+    t = time.time()
+    with pytest.raises(ValueError, match="not part of this claim"):
+        await spool.record(owner, claim, [AttemptRecord(9999, Outcome.DELIVERED, t, t)])
+    with pytest.raises(ValueError, match="next_attempt_at"):
+        rid = claim.recipients[0].id
+        await spool.record(owner, claim, [AttemptRecord(rid, Outcome.DEFERRED, t, t)])
+
+
+async def test_release_and_renew(spool: Spool) -> None:
+    await spool.accept(message("a@d.test"))
+    owner = lease_owner_id()
+    [claim] = await spool.claim(owner, limit=1, lease_seconds=60)
+    assert await spool.renew_leases(owner, time.time() + 600) == 1
+    later = time.time() + 300
+    assert await spool.release(owner, [claim.recipients[0].id], next_attempt_at=later) == 1
+    row = db(spool).execute("SELECT status, next_attempt_at, attempts FROM recipients").fetchone()
+    assert row[0] == "queued" and abs(row[1] - later) < 1e-6 and row[2] == 0
+    assert await spool.next_due_at() == pytest.approx(later)
+
+
+# ---------------------------------------------------------------- recovery
+
+
+async def test_recovery_releases_expired_leases(tmp_path: Path) -> None:
+    s = await Spool.open(tmp_path / "q")
+    await s.accept(message("a@d.test"))
+    await s.claim("otherhost:1:abcd", limit=1, lease_seconds=1)
+    await s.close()
+    s = await Spool.open(tmp_path / "q")  # lease not yet expired: kept
+    assert s.recovery is not None and s.recovery.leases_released == 0
+    report = await s.recover(now=time.time() + 5)
+    assert report.leases_released == 1
+    claims = await s.claim(lease_owner_id(), limit=1, lease_seconds=60, now=time.time() + 5)
+    assert len(claims) == 1
+    await s.close()
+
+
+async def test_recovery_releases_leases_of_dead_local_process(tmp_path: Path) -> None:
+    import socket
+
+    proc = await asyncio.create_subprocess_exec("true")
+    await proc.wait()
+    owner = f"{socket.gethostname()}:{proc.pid}:dead"
+    s = await Spool.open(tmp_path / "q")
+    await s.accept(message("a@d.test"))
+    await s.claim(owner, limit=1, lease_seconds=3600)
+    report = await s.recover()
+    assert report.leases_released == 1
+    await s.close()
+
+
+async def test_recovery_cleans_files_and_marks_missing_bodies(tmp_path: Path) -> None:
+    s = await Spool.open(tmp_path / "q")
+    keep = await s.accept(message("a@d.test"))
+    lost = await s.accept(message("b@d.test"))
+    await s.close()
+    root = tmp_path / "q" / "bodies"
+    (root / "00" / ".tmp-ABC").write_bytes(b"half")
+    (root / "01" / "ORPHAN01").write_bytes(b"no row")
+    (tmp_path / "q" / bodies.relative_body_path(lost)).unlink()
+    s = await Spool.open(tmp_path / "q")
+    report = s.recovery
+    assert report is not None
+    assert (report.temp_files_removed, report.orphan_bodies_removed) == (1, 1)
+    assert report.missing_bodies == (lost,)
+    assert {f.queue_id for f in bodies.scan(s.queue_dir)} == {keep}
+    row = (
+        db(s)
+        .execute("SELECT status, final_reason FROM recipients WHERE queue_id = ?", (lost,))
+        .fetchone()
+    )
+    assert row[0] == "dropped" and "body file missing" in row[1]
+    await s.close()
+
+
+CRASH_SCRIPT = """
+import asyncio, sys
+from pathlib import Path
+from outboundd.spool import Spool, NewMessage, NewRecipient
+
+async def main():
+    spool = await Spool.open(Path(sys.argv[1]))
+    async def one(i):
+        qid = await spool.accept(NewMessage("a@x.test", [NewRecipient(f"r{i}@y.test")],
+                                            b"Subject: %d\\r\\n\\r\\nbody\\r\\n" % i))
+        sys.stdout.write(qid + "\\n")
+        sys.stdout.flush()
+    i = 0
+    while True:
+        await asyncio.gather(*(one(i + k) for k in range(8)))
+        i += 8
+
+asyncio.run(main())
+"""
+
+
+async def test_sigkill_loses_no_accepted_message(tmp_path: Path) -> None:
+    import os
+    import signal
+    import sys
+
+    queue = tmp_path / "q"
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", CRASH_SCRIPT, str(queue), stdout=asyncio.subprocess.PIPE
+    )
+    assert proc.stdout is not None
+    accepted: list[str] = []
+    try:
+        async with asyncio.timeout(30):
+            while len(accepted) < 300:
+                line = await proc.stdout.readline()
+                if not line:
+                    break
+                accepted.append(line.decode().strip())
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        await proc.wait()
+    assert len(accepted) >= 300
+    s = await Spool.open(queue)
+    try:
+        con = db(s)
+        rows = {r[0] for r in con.execute("SELECT queue_id FROM messages")}
+        assert set(accepted) <= rows
+        for qid in accepted:
+            assert s.body_path(qid).is_file()
+        # after recovery every body file has its row, and every row its body
+        files = {f.queue_id for f in bodies.scan(s.queue_dir)}
+        assert not any(f.is_temp for f in bodies.scan(s.queue_dir))
+        unfinished = {
+            r[0] for r in con.execute("SELECT queue_id FROM messages WHERE finished_at IS NULL")
+        }
+        assert files == unfinished
+    finally:
+        await s.close()
+
+
+# ------------------------------------------------------------------- admin
+
+
+async def test_admin_list_flush_stats_show(spool: Spool) -> None:
+    q1 = await spool.accept(message("a@one.test", "b@two.test"))
+    await spool.accept(message("c@two.test", sender="other@example.test"))
+    owner = lease_owner_id()
+    claims = await spool.claim(owner, limit=10, lease_seconds=60)
+    t = time.time()
+    later = t + 3600
+    for c in claims:
+        await spool.record(
+            owner,
+            c,
+            [
+                AttemptRecord(r.id, Outcome.DEFERRED, t, t, code=451, next_attempt_at=later)
+                for r in c.recipients
+            ],
+        )
+    entries = await admin.list_queue(spool)
+    assert len(entries) == 3 and all(e.status == "deferred" for e in entries)
+    assert [e.recipient for e in await admin.list_queue(spool, domain="TWO.test")] == [
+        "b@two.test", "c@two.test",
+    ]  # fmt: skip
+    assert len(await admin.list_queue(spool, sender="other@example.test")) == 1
+    assert await admin.list_queue(spool, older_than=3600) == []
+    assert len(await admin.list_queue(spool, limit=1)) == 1
+    assert await admin.list_queue(spool, status="delivered") == []
+    st = await admin.stats(spool)
+    assert st.by_status["deferred"] == 3 and st.top_domains[0] == ("two.test", 2)
+    assert st.last_hour["deferred"] == 3 and st.queued_messages == 2
+    assert st.oldest_deferred_received_at is not None
+    assert await admin.flush(spool, domain="one.test") == 1
+    assert await admin.flush(spool, [q1]) == 1  # b@two.test; a@one.test already due
+    assert await admin.flush(spool) == 1
+    with pytest.raises(UnknownMessageError):
+        await admin.flush(spool, ["NOPE"])
+    with pytest.raises(UnknownMessageError):
+        await admin.show_message(spool, "NOPE")
+    detail = await admin.show_message(spool, q1)
+    assert [len(r.history) for r in detail.recipients] == [1, 1]
+    assert not await spool.is_paused()
+    await spool.set_paused(True)
+    assert await spool.is_paused() and (await admin.stats(spool)).paused
