@@ -14,3 +14,7 @@ from tests.certs import TestPKI, make_pki
 @pytest.fixture
 def pki(tmp_path: Path) -> TestPKI:
     return make_pki(tmp_path / "pki")
+
+
+# The loopback DNS server (tests/dnsserver.py) as a fixture for every test module.
+from tests.dnsserver import dns_server  # noqa: E402, F401
