@@ -1,0 +1,205 @@
+"""What a remote server's reply means: parsing, classification, status codes.
+
+Everything here is a pure function over frozen values, so the decisions the
+delivery session makes about a reply (is it final? which enhanced status code
+does the record carry? what does an exhausted retry report?) are tested
+without sockets.
+
+Conventions callers may rely on:
+
+* A :class:`Reply` always has an enhanced status code (RFC 3463) when its
+  code is 2xx, 4xx or 5xx: the server's own when it gave one whose class
+  matches the reply code, otherwise the neutral default ``X.0.0`` of the
+  reply's class.  Any other code (a malformed reply, a 354 where a final
+  reply was due) is a protocol error, handled as temporary, with ``4.5.0``.
+* Replies produced locally (connection failures, size and SMTPUTF8 checks)
+  use the same shape, with the specific status RFC 3463 defines for the
+  case: ``4.4.1`` no answer from host, ``4.4.2`` bad connection, ``4.7.10``
+  encryption needed, ``5.3.4`` message too big, ``5.6.7`` non-ASCII
+  addresses not permitted, ``4.3.0`` local error.
+* ``text`` is one line: multi-line replies are joined with single spaces,
+  control characters are replaced, and the length is capped, because the
+  text ends up in log lines, SQL rows and DSNs.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from enum import StrEnum
+
+from outboundd.spool.types import Outcome
+
+__all__ = [
+    "MAX_TEXT_LENGTH",
+    "Reply",
+    "ReplyClass",
+    "Stage",
+    "classify",
+    "default_status",
+    "outcome_of",
+    "parse_reply",
+    "to_permanent",
+    "to_transient",
+]
+
+#: Longest reply text kept; a hostile server cannot fill our rows or logs.
+MAX_TEXT_LENGTH = 2000
+
+_STATUS_RE = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})(?=\s|$)")
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]+")
+
+
+class Stage(StrEnum):
+    """Where in the session a reply (or a failure) happened."""
+
+    CONNECT = "connect"
+    GREETING = "greeting"
+    EHLO = "ehlo"
+    STARTTLS = "starttls"
+    AUTH = "auth"
+    MAIL = "mail"
+    RCPT = "rcpt"
+    DATA = "data"
+    DATA_END = "data_end"
+    #: Our side failed (body file unreadable, internal error): not the remote's fault.
+    LOCAL = "local"
+
+
+class ReplyClass(StrEnum):
+    """The three things a reply code can mean to a sender."""
+
+    POSITIVE = "positive"
+    TEMPORARY = "temporary"
+    PERMANENT = "permanent"
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """One SMTP reply: the code, its enhanced status code and the text."""
+
+    code: int
+    status: str | None
+    text: str
+
+    def __str__(self) -> str:
+        parts = [str(self.code)]
+        if self.status:
+            parts.append(self.status)
+        if self.text:
+            parts.append(self.text)
+        return " ".join(parts)
+
+    @property
+    def reply_class(self) -> ReplyClass:
+        return classify(self.code)
+
+
+def classify(code: int) -> ReplyClass:
+    """2xx positive, 5xx permanent; 4xx and anything else temporary.
+
+    A code outside 2xx/4xx/5xx where a final reply is due is a protocol
+    error; retrying later is the only answer that cannot lose mail.
+    """
+    if 200 <= code <= 299:
+        return ReplyClass.POSITIVE
+    if 500 <= code <= 599:
+        return ReplyClass.PERMANENT
+    return ReplyClass.TEMPORARY
+
+
+def outcome_of(reply: Reply) -> Outcome:
+    """The recipient outcome of a *final* reply (to MAIL, RCPT refusals, DATA, the dot)."""
+    cls = classify(reply.code)
+    if cls is ReplyClass.POSITIVE:
+        return Outcome.DELIVERED
+    if cls is ReplyClass.PERMANENT:
+        return Outcome.BOUNCED
+    return Outcome.DEFERRED
+
+
+def default_status(code: int) -> str:
+    """RFC 3463's neutral status for a reply code: ``X.0.0``, or ``4.5.0``
+    ("other protocol status", temporary) for codes that are not 2xx/4xx/5xx."""
+    first = code // 100
+    if first in (2, 4, 5) and 200 <= code <= 599:
+        return f"{first}.0.0"
+    return "4.5.0"
+
+
+def _clean(text: str) -> str:
+    text = _CONTROL_RE.sub(" ", text).strip()
+    text = " ".join(text.split())
+    if len(text) > MAX_TEXT_LENGTH:
+        text = text[: MAX_TEXT_LENGTH - 1] + "\u2026"
+    return text
+
+
+def parse_reply(code: int, message: str, *, status: str | None = None) -> Reply:
+    """Build a :class:`Reply` from a code and the (possibly multi-line) text.
+
+    An enhanced status code at the start of the text (``5.7.26 ...``;
+    multi-digit parts are kept) is taken out of the text when its class
+    matches the reply code (RFC 3463 §2: they must agree); one that does not
+    match is left in the text and the default is used instead.  The same
+    status repeated at the start of continuation lines is removed too.
+    ``status`` overrides the default for replies we make up ourselves.
+    """
+    lines = [line.strip() for line in message.replace("\r", "").split("\n")]
+    found: str | None = None
+    if lines:
+        match = _STATUS_RE.match(lines[0])
+        if match and 200 <= code <= 599 and int(match.group(1)) == code // 100:
+            found = match.group(0)
+    if found is not None:
+        stripped = []
+        for line in lines:
+            if line == found:
+                continue
+            if line.startswith(found + " ") or line.startswith(found + "\t"):
+                line = line[len(found) :].strip()
+            stripped.append(line)
+        lines = stripped
+    text = _clean(" ".join(line for line in lines if line))
+    return Reply(code, found or status or default_status(code), text)
+
+
+# Permanent codes whose meaning matches the temporary one (RFC 5321 §4.2.3);
+# every other temporary code becomes the generic 554 "transaction failed".
+_PERMANENT_CODE = {450: 550, 452: 552, 455: 555}
+
+
+def to_permanent(reply: Reply, reason: str | None = None) -> Reply:
+    """The reply to report when a temporary failure becomes final.
+
+    Used when retries are exhausted: the status class turns to 5
+    (``4.4.1`` → ``5.4.1``; none → ``5.0.0``) and the code to its permanent
+    counterpart (450 → 550, 452 → 552, 455 → 555, any other → 554: 451 →
+    551 would claim "user not local", which the remote never said).  The
+    original reply is kept verbatim in the text, after ``reason`` when
+    given, so the DSN still shows what the remote actually answered.  A
+    reply that is already permanent is returned unchanged.
+    """
+    if classify(reply.code) is ReplyClass.PERMANENT:
+        return reply
+    code = _PERMANENT_CODE.get(reply.code, 554)
+    status = "5" + reply.status[1:] if reply.status and reply.status[0] == "4" else "5.0.0"
+    text = f"last reply: {reply}"
+    if reason:
+        text = f"{reason}; {text}"
+    return Reply(code, status, _clean(text))
+
+
+def to_transient(reply: Reply, context: str) -> Reply:
+    """The reply to record when a non-temporary answer must only defer.
+
+    Used for answers that make us leave a host rather than fail the mail
+    (a 554 greeting, a refused AUTH): the remote's reply becomes
+    ``451 4.x.y <context>: <original reply>``.  A 4xx reply keeps its code
+    and status and only gains the context.
+    """
+    text = _clean(f"{context}: {reply}")
+    if classify(reply.code) is ReplyClass.TEMPORARY and 400 <= reply.code <= 499:
+        return Reply(reply.code, reply.status, text)
+    status = "4" + reply.status[1:] if reply.status and reply.status[0] in "25" else "4.0.0"
+    return Reply(451, status, text)

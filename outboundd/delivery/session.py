@@ -1,0 +1,1351 @@
+"""One delivery attempt: a message's recipients over SMTP or LMTP to an MX.
+
+:func:`deliver_job` takes a :class:`DeliveryJob`, an ordered list of targets (MX
+addresses, best first) and :class:`SessionSettings`, and returns a
+:class:`SessionResult` that says, for every recipient, whether it was
+delivered, deferred or bounced, with the reply that decided it.  It never
+raises for anything the network, the remote server or the body file does;
+only cancellation propagates.
+
+How the outcome is decided (issue 4, items 3 and 4):
+
+* Connection-level failures — refused, reset or timed-out connections, a
+  greeting other than 220, a 421 at any point, TLS that is required but
+  fails — move on to the next target address.  When every target failed,
+  the recipients still pending are deferred with the last failure's reply.
+* RCPT 250/251/252 accepts a recipient; 4xx defers it and 5xx bounces it,
+  for that recipient only.  DATA is sent only when someone was accepted.
+  A refusal of MAIL, DATA or the final dot applies only to recipients that
+  are still pending — never to those already settled at RCPT.
+* Over LMTP the final dot gets one reply per accepted recipient, in RCPT
+  order, each deciding its own recipient.
+* No reply after the final dot (a timeout or a dropped connection) defers
+  the pending recipients *without* trying the next target: the remote may
+  have taken the message, and trying again at once would be the duplicate
+  Haraka is known for.  The retry schedule tries again later.
+* A message larger than the remote's advertised SIZE bounces ``5.3.4``;
+  one that needs SMTPUTF8 to a server without it bounces ``5.6.7``.  An
+  8-bit body to a server without 8BITMIME is sent as it is (converting to
+  7 bit, RFC 6152 §3, is out of scope; most such servers take it anyway).
+* DSN parameters (RET, ENVID, NOTIFY, ORCPT; RFC 3461, xtext-encoded) are
+  passed on only when the remote offers DSN; ``dsn_passed_on`` records it
+  so the caller can send "relayed" notices itself when it was not.
+
+Timeouts are per command (RFC 5321 §4.5.3.2), never one idle timeout for
+the whole session.  The connection is a :class:`Connection` that can run
+several transactions, so a pool can reuse it (``transact`` then ``reset``).
+
+aiosmtplib is used for the connection, the greeting, EHLO/HELO, STARTTLS,
+AUTH and every command through ``execute_command`` (so 251/252 and other
+codes reach us unfiltered).  The DATA phase is ours: aiosmtplib's
+``data()`` needs the whole body in memory, uses one timeout for DATA and
+the dot, and cannot read LMTP's several replies.  While the body is
+streamed, the transport's protocol is swapped (``set_protocol``) for a
+small reader that honours flow control and parses every reply in the
+buffer, then swapped back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import functools
+import ipaddress
+import os
+import re
+import socket
+import ssl
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import BinaryIO, Protocol
+
+from aiosmtplib import (
+    SMTP,
+    SMTPAuthenticationError,
+    SMTPException,
+    SMTPResponse,
+    SMTPResponseException,
+    SMTPServerDisconnected,
+)
+
+from outboundd.delivery.errors import TransientFailure
+from outboundd.delivery.replies import (
+    Reply,
+    ReplyClass,
+    Stage,
+    classify,
+    outcome_of,
+    parse_reply,
+    to_transient,
+)
+from outboundd.hooks import MX
+from outboundd.spool.types import Claim, Outcome
+
+__all__ = [
+    "BODY_CHUNK_SIZE",
+    "Connection",
+    "ConnectionInfo",
+    "DeliveryJob",
+    "EnvelopePlan",
+    "JobRecipient",
+    "RecipientResult",
+    "SessionResult",
+    "SessionSettings",
+    "Target",
+    "TargetError",
+    "Transaction",
+    "client_tls_context",
+    "deliver_job",
+    "dot_stuff",
+    "host_listed",
+    "plan_envelope",
+    "xtext",
+]
+
+#: Bytes of body read from disk and written per step; bounds memory per session.
+BODY_CHUNK_SIZE = 256 * 1024
+
+# A reply longer than this (all lines) is hostile or broken; aiosmtplib uses
+# the same bounds for the replies it reads.
+_MAX_LINE = 8192
+_MAX_REPLY = _MAX_LINE * 4
+
+
+# --------------------------------------------------------------------------
+# Inputs
+
+
+class Target(Protocol):
+    """One address to try: ``outboundd.delivery.mx.MXTarget`` has this shape.
+
+    ``address`` is an IP literal, ``hostname`` the MX name (used for SNI,
+    ``force_tls_hosts``/``no_tls_hosts`` and in texts), ``mx`` the
+    :class:`~outboundd.hooks.MX` it came from (bind, HELO, AUTH, LMTP).
+    """
+
+    @property
+    def mx(self) -> MX: ...
+
+    @property
+    def address(self) -> str: ...
+
+    @property
+    def port(self) -> int: ...
+
+    @property
+    def hostname(self) -> str: ...
+
+
+@dataclass(frozen=True, slots=True)
+class JobRecipient:
+    """A recipient to deliver, with its RFC 3461 parameters (decoded)."""
+
+    id: int
+    address: str
+    notify: str | None = None
+    orcpt: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryJob:
+    """What one attempt delivers.  The body file is CRLF and not dot-stuffed."""
+
+    mail_from: str
+    recipients: tuple[JobRecipient, ...]
+    body_path: Path
+    size: int
+    env_id: str | None = None
+    ret: str | None = None
+    smtputf8: bool = False
+    body_8bit: bool = False
+
+    @classmethod
+    def from_claim(cls, claim: Claim) -> DeliveryJob:
+        return cls(
+            mail_from=claim.mail_from,
+            recipients=tuple(
+                JobRecipient(r.id, r.address, r.notify, r.orcpt) for r in claim.recipients
+            ),
+            body_path=claim.body_path,
+            size=claim.size,
+            env_id=claim.env_id,
+            ret=claim.ret,
+            smtputf8=claim.smtputf8,
+            body_8bit=claim.body_8bit,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class SessionSettings:
+    """Timeouts (seconds) and TLS policy for outbound sessions.
+
+    ``helo`` is this host's name (``config/me``), used unless the MX names
+    its own ``bind_helo``.  Timeout defaults follow RFC 5321 §4.5.3.2.
+    ``command_timeout`` covers EHLO, HELO, LHLO, STARTTLS (and its
+    handshake), AUTH and RSET; ``data_timeout`` the DATA command and each
+    block of body written.  TLS options are ``tls.ini [outbound]``'s
+    (``tls_verify`` is ``reject_unauthorized``); ``tls_context`` overrides
+    them with a ready context.  ``force_tls_hosts``/``no_tls_hosts``
+    entries match the MX host name (case-insensitive), its IP address, or a
+    CIDR network containing it.
+    """
+
+    helo: str
+    connect_timeout: float = 30.0
+    greeting_timeout: float = 300.0
+    command_timeout: float = 300.0
+    mail_timeout: float = 300.0
+    rcpt_timeout: float = 300.0
+    data_timeout: float = 120.0
+    data_end_timeout: float = 600.0
+    quit_timeout: float = 5.0
+    enable_tls: bool = True
+    tls_min_version: str | None = None
+    tls_ciphers: str | None = None
+    tls_verify: bool = False
+    tls_cafile: Path | None = None
+    tls_context: ssl.SSLContext | None = None
+    force_tls: bool = False
+    force_tls_hosts: tuple[str, ...] = ()
+    no_tls_hosts: tuple[str, ...] = ()
+
+    def ssl_context(self) -> ssl.SSLContext:
+        """The client context for STARTTLS (built once per distinct options)."""
+        if self.tls_context is not None:
+            return self.tls_context
+        return _cached_tls_context(
+            self.tls_min_version, self.tls_ciphers, self.tls_verify, self.tls_cafile
+        )
+
+
+def _tls_version(name: str) -> ssl.TLSVersion:
+    try:
+        return ssl.TLSVersion[name.strip().replace(".", "_")]
+    except KeyError:
+        raise ValueError(
+            f"unknown TLS version {name!r} (use TLSv1, TLSv1.1, TLSv1.2 or TLSv1.3)"
+        ) from None
+
+
+def client_tls_context(
+    *,
+    min_version: str | None = None,
+    ciphers: str | None = None,
+    reject_unauthorized: bool = False,
+    cafile: Path | None = None,
+) -> ssl.SSLContext:
+    """The client context for STARTTLS, from ``tls.ini [outbound]`` options.
+
+    MX certificates are usually self-signed or name another host, so by
+    default (as in Haraka) they are not verified: opportunistic TLS still
+    protects against passive listeners.  ``reject_unauthorized`` verifies
+    the chain (system CAs, or ``cafile``) and the MX host name.  Raises
+    ``ValueError`` / ``ssl.SSLError`` for a bad version or cipher string.
+    """
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    if reject_unauthorized:
+        ctx.check_hostname = True
+        ctx.verify_mode = ssl.CERT_REQUIRED
+        if cafile is not None:
+            ctx.load_verify_locations(cafile=str(cafile))
+        else:
+            ctx.load_default_certs()
+    else:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    if min_version:
+        ctx.minimum_version = _tls_version(min_version)
+    if ciphers:
+        ctx.set_ciphers(ciphers)
+    return ctx
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_tls_context(
+    min_version: str | None, ciphers: str | None, verify: bool, cafile: Path | None
+) -> ssl.SSLContext:
+    # Building a context (and loading CAs) costs far more than a handshake's
+    # setup; sessions with the same options share one.
+    return client_tls_context(
+        min_version=min_version, ciphers=ciphers, reject_unauthorized=verify, cafile=cafile
+    )
+
+
+def host_listed(hostname: str, ip: str, entries: Sequence[str]) -> bool:
+    """True when ``entries`` names the host, its IP, or a network containing the IP."""
+    name = hostname.rstrip(".").lower()
+    try:
+        addr = ipaddress.ip_address(ip)
+    except ValueError:
+        addr = None
+    for raw in entries:
+        entry = raw.strip().rstrip(".").lower()
+        if not entry:
+            continue
+        if entry in (name, ip.lower()):
+            return True
+        if addr is not None and "/" in entry:
+            try:
+                if addr in ipaddress.ip_network(entry, strict=False):
+                    return True
+            except ValueError:
+                continue
+    return False
+
+
+# --------------------------------------------------------------------------
+# Results
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionInfo:
+    """Facts about one connection, as the ``attempts`` rows record them.
+
+    ``tls`` is the negotiated version (``"TLSv1.3"``) or ``None`` for
+    plaintext; ``tls_error`` says why TLS was not used although it was
+    tried (handshake failure, STARTTLS refused).  ``dsn`` is true when the
+    remote offered DSN, i.e. our DSN parameters were passed on.
+    """
+
+    host: str
+    ip: str
+    port: int
+    tls: str | None = None
+    auth_user: str | None = None
+    lmtp: bool = False
+    dsn: bool = False
+    tls_error: str | None = None
+
+    @classmethod
+    def for_target(cls, target: Target) -> ConnectionInfo:
+        return cls(target.hostname, target.address, target.port, lmtp=target.mx.using_lmtp)
+
+    @property
+    def peer(self) -> str:
+        return _peer_text(self.host, self.ip, self.port)
+
+
+@dataclass(frozen=True, slots=True)
+class RecipientResult:
+    """How one recipient ended this attempt and the reply that decided it.
+
+    ``connection`` is the connection it was settled on (for a recipient
+    deferred because every target failed: the last target tried), or
+    ``None`` when no target was tried at all.
+    """
+
+    outcome: Outcome
+    reply: Reply
+    stage: Stage
+    connection: ConnectionInfo | None = None
+
+    @property
+    def dsn_passed_on(self) -> bool:
+        return self.connection is not None and self.connection.dsn
+
+
+@dataclass(frozen=True, slots=True)
+class TargetError:
+    """A target that failed during the attempt (for logs)."""
+
+    host: str
+    ip: str
+    port: int
+    stage: Stage
+    reply: Reply
+
+    def __str__(self) -> str:
+        return f"{_peer_text(self.host, self.ip, self.port)} at {self.stage}: {self.reply}"
+
+
+@dataclass(frozen=True, slots=True)
+class SessionResult:
+    """Every recipient's outcome plus what happened on the way.
+
+    ``recipients`` has exactly one entry per recipient of the job, in job
+    order.  ``connection`` describes the last target connected to or tried
+    (``None`` only when there was no target); the flat properties
+    (``mx_host`` …) read from it.  Times are POSIX seconds from the
+    injected clock.
+    """
+
+    recipients: Mapping[int, RecipientResult]
+    connection: ConnectionInfo | None
+    errors: tuple[TargetError, ...]
+    started_at: float
+    finished_at: float
+
+    @property
+    def duration(self) -> float:
+        return self.finished_at - self.started_at
+
+    @property
+    def mx_host(self) -> str | None:
+        return self.connection.host if self.connection else None
+
+    @property
+    def mx_ip(self) -> str | None:
+        return self.connection.ip if self.connection else None
+
+    @property
+    def port(self) -> int | None:
+        return self.connection.port if self.connection else None
+
+    @property
+    def tls(self) -> str | None:
+        return self.connection.tls if self.connection else None
+
+    @property
+    def auth_user(self) -> str | None:
+        return self.connection.auth_user if self.connection else None
+
+    @property
+    def lmtp(self) -> bool:
+        return self.connection.lmtp if self.connection else False
+
+    @property
+    def dsn_passed_on(self) -> bool:
+        return self.connection is not None and self.connection.dsn
+
+    def ids(self, outcome: Outcome) -> tuple[int, ...]:
+        """Recipient ids with the given outcome, in job order."""
+        return tuple(rid for rid, res in self.recipients.items() if res.outcome is outcome)
+
+
+@dataclass(frozen=True, slots=True)
+class Transaction:
+    """What :meth:`Connection.transact` did.
+
+    ``settled`` recipients have their outcome; ``unsettled`` ones were cut
+    short by ``failure`` (never ``None`` when something is unsettled) and
+    may be tried elsewhere when ``failure.retry_elsewhere``.
+    """
+
+    settled: Mapping[int, RecipientResult]
+    unsettled: tuple[JobRecipient, ...]
+    failure: TransientFailure | None
+
+
+# --------------------------------------------------------------------------
+# Pure helpers: encodings and the envelope plan
+
+
+def xtext(value: str) -> str:
+    """RFC 3461 §4 xtext: printable ASCII except ``+`` and ``=``, the rest ``+HH``.
+
+    Non-ASCII text is encoded as its UTF-8 bytes.
+    """
+    out: list[str] = []
+    for byte in value.encode("utf-8"):
+        if 33 <= byte <= 126 and byte not in (0x2B, 0x3D):
+            out.append(chr(byte))
+        else:
+            out.append(f"+{byte:02X}")
+    return "".join(out)
+
+
+def dot_stuff(chunk: bytes, at_line_start: bool) -> tuple[bytes, bool]:
+    """Dot-stuff one chunk of body (RFC 5321 §4.5.2), across chunk boundaries.
+
+    ``at_line_start`` says whether the previous chunk ended a line (true for
+    the first chunk).  Returns the bytes to send and the flag for the next
+    chunk.  A line starts after every LF, so a stray bare LF is treated as a
+    line end too — the safe reading, since some servers take it as one.
+    """
+    out = chunk.replace(b"\n.", b"\n..")
+    if at_line_start and chunk.startswith(b"."):
+        out = b"." + out
+    return out, chunk.endswith(b"\n") if chunk else at_line_start
+
+
+_BAD_ADDRESS = re.compile(r"[\x00-\x1f\x7f<>]")
+_NOTIFY_WORDS = frozenset({"SUCCESS", "FAILURE", "DELAY"})
+_ADDR_TYPE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]*$")
+
+
+def _is_ascii(text: str) -> bool:
+    return text.isascii()
+
+
+def _notify_param(notify: str | None) -> str | None:
+    if not notify:
+        return None
+    words = [w.strip().upper() for w in notify.split(",") if w.strip()]
+    if words == ["NEVER"] or (words and set(words) <= _NOTIFY_WORDS):
+        return "NOTIFY=" + ",".join(dict.fromkeys(words))
+    return None
+
+
+def _orcpt_param(orcpt: str | None) -> str | None:
+    if not orcpt:
+        return None
+    addr_type, sep, address = orcpt.partition(";")
+    if not sep or not _ADDR_TYPE.match(addr_type.strip()):
+        addr_type, address = "rfc822", orcpt
+    if not address.strip():
+        return None
+    return f"ORCPT={addr_type.strip()};{xtext(address.strip())}"
+
+
+@dataclass(frozen=True, slots=True)
+class EnvelopePlan:
+    """What to send for a job, given the server's extensions.
+
+    ``refusal`` (when set) applies to every recipient and nothing is sent;
+    ``refused`` lists recipients that must not be sent (they bounce);
+    ``utf8`` means addresses go out as UTF-8 with the SMTPUTF8 parameter.
+    """
+
+    refusal: Reply | None
+    refused: Mapping[int, Reply]
+    mail_params: tuple[str, ...]
+    rcpt_params: Mapping[int, tuple[str, ...]]
+    utf8: bool
+    dsn: bool
+
+
+def _size_limit(value: str) -> int:
+    word = value.split()[0] if value.split() else ""
+    return int(word) if word.isdigit() else 0
+
+
+def plan_envelope(
+    job: DeliveryJob,
+    recipients: Sequence[JobRecipient],
+    extensions: Mapping[str, str],
+    *,
+    peer: str,
+) -> EnvelopePlan:
+    """Decide the MAIL/RCPT parameters and what cannot be sent at all.
+
+    ``extensions`` maps lower-case EHLO keywords to their parameters (as
+    aiosmtplib parses them).  ``peer`` names the host in refusal texts.
+    """
+    ext = {k.lower(): v for k, v in extensions.items()}
+    refused: dict[int, Reply] = {}
+
+    def refuse_all(reply: Reply) -> EnvelopePlan:
+        return EnvelopePlan(reply, {}, (), {}, False, False)
+
+    if _BAD_ADDRESS.search(job.mail_from):
+        return refuse_all(
+            Reply(553, "5.1.7", f"sender address {job.mail_from!r} cannot be sent over SMTP")
+        )
+    offers_utf8 = "smtputf8" in ext
+    if (job.smtputf8 or not _is_ascii(job.mail_from)) and not offers_utf8:
+        return refuse_all(
+            Reply(
+                553,
+                "5.6.7",
+                f"the message needs SMTPUTF8 (internationalized addresses or headers) "
+                f"and {peer} does not offer it",
+            )
+        )
+    sendable: list[JobRecipient] = []
+    for r in recipients:
+        if not r.address or _BAD_ADDRESS.search(r.address):
+            refused[r.id] = Reply(
+                553, "5.1.3", f"recipient address {r.address!r} cannot be sent over SMTP"
+            )
+        elif not _is_ascii(r.address) and not offers_utf8:
+            refused[r.id] = Reply(
+                553,
+                "5.6.7",
+                f"non-ASCII recipient address {r.address} and {peer} does not offer SMTPUTF8",
+            )
+        else:
+            sendable.append(r)
+
+    params: list[str] = []
+    if "size" in ext:
+        limit = _size_limit(ext["size"])
+        if limit and job.size > limit:
+            return refuse_all(
+                Reply(
+                    552,
+                    "5.3.4",
+                    f"message size {job.size} bytes exceeds the {limit}-byte limit of {peer}",
+                )
+            )
+        params.append(f"SIZE={job.size}")
+    utf8 = offers_utf8 and (
+        job.smtputf8
+        or not _is_ascii(job.mail_from)
+        or any(not _is_ascii(r.address) for r in sendable)
+    )
+    if "8bitmime" in ext and (job.body_8bit or utf8):
+        params.append("BODY=8BITMIME")
+    if utf8:
+        params.append("SMTPUTF8")
+    dsn = "dsn" in ext
+    rcpt_params: dict[int, tuple[str, ...]] = {}
+    if dsn:
+        if job.ret and job.ret.strip().upper() in ("FULL", "HDRS"):
+            params.append("RET=" + job.ret.strip().upper())
+        if job.env_id:
+            params.append("ENVID=" + xtext(job.env_id))
+        for r in sendable:
+            rcpt_params[r.id] = tuple(
+                p for p in (_notify_param(r.notify), _orcpt_param(r.orcpt)) if p is not None
+            )
+    return EnvelopePlan(None, refused, tuple(params), rcpt_params, utf8, dsn)
+
+
+# --------------------------------------------------------------------------
+# Mapping failures at the boundary
+
+
+def _peer_text(host: str, ip: str, port: int) -> str:
+    literal = f"[{ip}]" if ":" not in ip else f"[IPv6:{ip}]"
+    if host and host.rstrip(".").lower() != ip.lower():
+        return f"{host} {literal}:{port}"
+    return f"{literal}:{port}"
+
+
+_Failure = (SMTPException, OSError, TimeoutError, EOFError)
+
+
+def _map_failure(exc: BaseException, stage: Stage, peer: str, timeout: float) -> TransientFailure:
+    """Turn an aiosmtplib / ssl / socket exception into our category."""
+    if isinstance(exc, TimeoutError):
+        if stage is Stage.CONNECT:
+            text = f"connection to {peer} timed out after {timeout:g}s"
+        else:
+            text = f"{peer} did not answer within {timeout:g}s at {stage}"
+        status = "4.4.1" if stage in (Stage.CONNECT, Stage.GREETING) else "4.4.2"
+        return TransientFailure(Reply(421, status, text), stage)
+    if isinstance(exc, SMTPResponseException) and not isinstance(exc, SMTPServerDisconnected):
+        if exc.code < 0:
+            return TransientFailure(
+                Reply(421, "4.5.0", f"malformed reply from {peer} at {stage}: {exc.message}"),
+                stage,
+            )
+        reply = parse_reply(exc.code, exc.message)
+        return TransientFailure(to_transient(reply, f"{peer} answered at {stage}"), stage)
+    detail = str(exc) or type(exc).__name__
+    if isinstance(exc, OSError) and exc.errno and not isinstance(exc, ssl.SSLError):
+        detail = os.strerror(exc.errno)  # "Connection refused", not asyncio's wording
+    if isinstance(exc, ssl.SSLError):
+        return TransientFailure(
+            Reply(421, "4.7.0", f"TLS error with {peer} at {stage}: {detail}"), stage
+        )
+    if stage is Stage.CONNECT:
+        return TransientFailure(
+            Reply(421, "4.4.1", f"connection to {peer} failed: {detail}"), stage
+        )
+    return TransientFailure(
+        Reply(421, "4.4.2", f"connection to {peer} lost at {stage}: {detail}"), stage
+    )
+
+
+class _TlsFailed(Exception):
+    """The STARTTLS handshake failed; the connection is gone."""
+
+
+# --------------------------------------------------------------------------
+# The DATA phase reader
+
+
+def _take_response(buffer: bytearray) -> SMTPResponse | None:
+    """Remove and return the first complete reply in ``buffer``, if any."""
+    offset = 0
+    code = -1
+    lines: list[bytes] = []
+    while True:
+        end = buffer.find(b"\n", offset)
+        if end == -1:
+            if len(buffer) - offset > _MAX_LINE:
+                raise SMTPResponseException(-1, "reply line too long")
+            return None
+        line = bytes(buffer[offset : end + 1])
+        if len(line) > _MAX_LINE:
+            raise SMTPResponseException(-1, "reply line too long")
+        head = line[:3]
+        if not head.isdigit() or line[3:4] not in (b"-", b" ", b"\r", b"\n"):
+            text = line.decode("utf-8", "replace").strip()
+            raise SMTPResponseException(-1, f"malformed reply line: {text!r}")
+        code = int(head)
+        lines.append(line[4:].strip(b" \t\r\n"))
+        offset = end + 1
+        if line[3:4] != b"-":
+            del buffer[:offset]
+            return SMTPResponse(code, b"\n".join(lines).decode("utf-8", "surrogateescape"))
+
+
+class _DataPhase(asyncio.Protocol):
+    """Stands in for aiosmtplib's protocol while the body and dot are sent.
+
+    It implements write flow control (so a large body waits for the
+    socket instead of filling memory) and keeps every reply that arrives,
+    however the bytes are split — LMTP servers often send all their
+    per-recipient replies in one segment.  Connection loss is passed on to
+    the original protocol so aiosmtplib's client state stays right.
+    """
+
+    def __init__(self, original: asyncio.BaseProtocol) -> None:
+        self._original = original
+        self._loop = asyncio.get_running_loop()
+        self._buffer = bytearray()
+        self._responses: collections.deque[SMTPResponse] = collections.deque()
+        self._error: SMTPException | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self._drain_waiter: asyncio.Future[None] | None = None
+        self._paused = False
+
+    def _wake(self) -> None:
+        for fut in (self._waiter, self._drain_waiter):
+            if fut is not None and not fut.done():
+                fut.set_result(None)
+
+    def _fail(self, error: SMTPException) -> None:
+        if self._error is None:
+            self._error = error
+        self._wake()
+
+    def data_received(self, data: bytes) -> None:
+        if self._error is not None:
+            return
+        self._buffer.extend(data)
+        try:
+            while (response := _take_response(self._buffer)) is not None:
+                self._responses.append(response)
+        except SMTPResponseException as exc:
+            self._fail(exc)
+            return
+        if len(self._buffer) > _MAX_REPLY:
+            self._fail(SMTPResponseException(-1, "reply too long"))
+            return
+        self._wake()
+
+    def eof_received(self) -> bool:
+        self._fail(SMTPServerDisconnected("connection closed by the server"))
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        error = SMTPServerDisconnected(f"connection lost: {exc}" if exc else "connection lost")
+        error.__cause__ = exc
+        self._fail(error)
+        self._original.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self._paused = True
+
+    def resume_writing(self) -> None:
+        self._paused = False
+        self._wake()
+
+    async def drain(self, seconds: float) -> None:
+        async with asyncio.timeout(seconds):
+            while self._paused and self._error is None:
+                self._drain_waiter = self._loop.create_future()
+                try:
+                    await self._drain_waiter
+                finally:
+                    self._drain_waiter = None
+        if self._error is not None:
+            raise self._error
+
+    async def read_response(self, seconds: float) -> SMTPResponse:
+        async with asyncio.timeout(seconds):
+            while not self._responses:
+                if self._error is not None:
+                    raise self._error
+                self._waiter = self._loop.create_future()
+                try:
+                    await self._waiter
+                finally:
+                    self._waiter = None
+        return self._responses.popleft()
+
+
+# --------------------------------------------------------------------------
+# The connection
+
+
+def _encode_address(address: str, utf8: bool) -> bytes:
+    return f"<{address}>".encode("utf-8" if utf8 else "ascii")
+
+
+class Connection:
+    """An open, greeted (and, when possible, encrypted and authenticated)
+    SMTP/LMTP connection to one target.
+
+    Made by :meth:`open`; run :meth:`transact` for each message (it sends
+    RSET first when the previous transaction left the server mid-envelope),
+    then :meth:`close`.  :attr:`usable` says whether another transaction
+    may be tried, which is what a connection pool needs.
+    """
+
+    def __init__(self, target: Target, settings: SessionSettings, client: SMTP) -> None:
+        self.target = target
+        self.settings = settings
+        self._client = client
+        self.info = ConnectionInfo.for_target(target)
+        self._needs_rset = False
+        self._broken = False
+        # The TCP transport under any TLS layer: closing a TLS transport only
+        # starts a close_notify exchange, which may never finish (a peer that
+        # has gone, a loop that is shutting down) and would leak the socket.
+        self._raw_transport = client.transport
+
+    # -- opening ------------------------------------------------------------
+
+    @classmethod
+    async def open(cls, target: Target, settings: SessionSettings) -> Connection:
+        """Connect, greet, STARTTLS and AUTH as policy says.
+
+        Raises :class:`TransientFailure` (``retry_elsewhere`` true) when
+        this target cannot be used.  A failed TLS handshake is retried once
+        on the same host in plaintext unless TLS is required for it.
+        """
+        required = settings.force_tls or host_listed(
+            target.hostname, target.address, settings.force_tls_hosts
+        )
+        wanted = required or (
+            settings.enable_tls
+            and not host_listed(target.hostname, target.address, settings.no_tls_hosts)
+        )
+        try:
+            return await cls._open(target, settings, try_tls=wanted, require_tls=required)
+        except _TlsFailed as exc:
+            peer = ConnectionInfo.for_target(target).peer
+            if required:
+                raise TransientFailure(
+                    Reply(
+                        451,
+                        "4.7.10",
+                        f"TLS handshake with {peer} failed and TLS is required for it: {exc}",
+                    ),
+                    Stage.STARTTLS,
+                ) from exc
+            conn = await cls._open(target, settings, try_tls=False, require_tls=False)
+            conn.info = replace(conn.info, tls_error=f"TLS handshake failed: {exc}")
+            return conn
+
+    @classmethod
+    async def _open(
+        cls, target: Target, settings: SessionSettings, *, try_tls: bool, require_tls: bool
+    ) -> Connection:
+        info = ConnectionInfo.for_target(target)
+        helo = (target.mx.bind_helo or settings.helo).strip()
+        if not helo or any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in helo):
+            raise TransientFailure(
+                Reply(451, "4.3.5", f"HELO name {helo!r} is not a valid host name"), Stage.LOCAL
+            )
+        sock = await _connect_socket(target, settings, info.peer)
+        client = SMTP(local_hostname=helo, timeout=settings.command_timeout, start_tls=False)
+        try:
+            await client.connect(sock=sock, timeout=settings.greeting_timeout)
+        except _Failure as exc:
+            client.close()
+            sock.close()
+            raise _map_failure(exc, Stage.GREETING, info.peer, settings.greeting_timeout) from exc
+        except BaseException:
+            client.close()
+            sock.close()
+            raise
+        conn = cls(target, settings, client)
+        try:
+            await conn._setup(helo, try_tls=try_tls, require_tls=require_tls)
+        except BaseException:
+            conn.abort()
+            raise
+        return conn
+
+    async def _setup(self, helo: str, *, try_tls: bool, require_tls: bool) -> None:
+        settings = self.settings
+        await self._hello(helo)
+        client = self._client
+        if try_tls and client.supports_extension("starttls"):
+            try:
+                # SNI is the MX name; for an IP-literal MX the ssl module
+                # sends no SNI (RFC 6066 §3 forbids literals) by itself.
+                await client.starttls(
+                    server_hostname=self.target.hostname,
+                    tls_context=settings.ssl_context(),
+                    timeout=settings.command_timeout,
+                )
+            except SMTPResponseException as exc:
+                reply = parse_reply(exc.code, exc.message)
+                if exc.code < 0 or exc.code == 421 or require_tls:
+                    self.abort()
+                    raise TransientFailure(
+                        Reply(
+                            451,
+                            "4.7.10" if require_tls else "4.4.2",
+                            f"{self.info.peer} refused STARTTLS: {reply}",
+                        ),
+                        Stage.STARTTLS,
+                    ) from exc
+                # A refused STARTTLS leaves a usable plaintext session (RFC 3207 §4).
+                self.info = replace(self.info, tls_error=f"STARTTLS refused: {reply}")
+            except _Failure as exc:
+                self.abort()
+                raise _TlsFailed(str(exc) or type(exc).__name__) from exc
+            else:
+                # RFC 3207 §4.2: forget what the plaintext EHLO said.
+                await self._hello(helo)
+        elif require_tls:
+            await self.close()
+            raise TransientFailure(
+                Reply(
+                    451,
+                    "4.7.10",
+                    f"TLS is required for {self.info.peer} but it does not offer STARTTLS",
+                ),
+                Stage.STARTTLS,
+            )
+        self.info = replace(
+            self.info,
+            tls=self._tls_version(),
+            dsn=client.supports_extension("dsn"),
+        )
+        await self._authenticate()
+
+    async def _hello(self, helo: str) -> None:
+        client = self._client
+        name = helo.encode("ascii", "replace")
+        timeout = self.settings.command_timeout
+        if self.target.mx.using_lmtp:
+            response = await self._execute(Stage.EHLO, b"LHLO", name, seconds=timeout)
+            if response.code != 250:
+                await self._give_up(response, Stage.EHLO, "refused LHLO")
+            client.last_ehlo_response = response
+            return
+        response = await self._execute(Stage.EHLO, b"EHLO", name, seconds=timeout)
+        if response.code == 250:
+            client.last_ehlo_response = response
+            return
+        if classify(response.code) is not ReplyClass.PERMANENT:
+            await self._give_up(response, Stage.EHLO, "refused EHLO")
+        # RFC 5321 §4.1.1.1: a server that does not know EHLO gets HELO.
+        response = await self._execute(Stage.EHLO, b"HELO", name, seconds=timeout)
+        if response.code != 250:
+            await self._give_up(response, Stage.EHLO, "refused HELO")
+        client.last_helo_response = response
+
+    async def _authenticate(self) -> None:
+        mx = self.target.mx
+        if mx.auth_user is None:
+            return
+        user, password = mx.auth_user, mx.auth_pass or ""
+        peer = self.info.peer
+        if self.info.tls is None and not mx.auth_without_tls:
+            await self.close()
+            raise TransientFailure(
+                Reply(
+                    451,
+                    "4.7.10",
+                    f"not sending AUTH credentials for {user} to {peer} without TLS "
+                    "(the MX allows it only with auth_without_tls)",
+                ),
+                Stage.AUTH,
+            )
+        offered = [m.lower() for m in self._client.server_auth_methods]
+        wanted = [mx.auth_type.lower()] if mx.auth_type else ["plain", "login"]
+        mechanism = next((m for m in wanted if m in offered and m in ("plain", "login")), None)
+        if mechanism is None:
+            await self.close()
+            raise TransientFailure(
+                Reply(
+                    451,
+                    "4.7.0",
+                    f"cannot authenticate as {user} at {peer}: it offers AUTH "
+                    f"{' '.join(offered).upper() or '(nothing)'}, we use "
+                    f"{' or '.join(wanted).upper()}",
+                ),
+                Stage.AUTH,
+            )
+        timeout = self.settings.command_timeout
+        try:
+            if mechanism == "plain":
+                await self._client.auth_plain(user, password, timeout=timeout)
+            else:
+                await self._client.auth_login(user, password, timeout=timeout)
+        except SMTPAuthenticationError as exc:
+            reply = parse_reply(exc.code, exc.message)
+            if exc.code == 421 or not self._client.is_connected:
+                self.abort()
+            else:
+                await self.close()
+            # A refused login is our configuration's problem: defer (and
+            # let an operator fix it) rather than bounce the mail.
+            raise TransientFailure(
+                to_transient(reply, f"authentication as {user} failed at {peer}"), Stage.AUTH
+            ) from exc
+        except _Failure as exc:
+            self.abort()
+            raise _map_failure(exc, Stage.AUTH, peer, timeout) from exc
+        self.info = replace(self.info, auth_user=user)
+
+    def _tls_version(self) -> str | None:
+        transport = self._client.transport
+        if transport is None:
+            return None
+        ssl_object = transport.get_extra_info("ssl_object")
+        if ssl_object is None:
+            return None
+        version = ssl_object.version()
+        return str(version) if version else None
+
+    # -- commands -----------------------------------------------------------
+
+    async def _execute(self, stage: Stage, *args: bytes, seconds: float) -> SMTPResponse:
+        """Send one command; transport trouble and 421 become failures."""
+        try:
+            response = await self._client.execute_command(*args, timeout=seconds)
+        except _Failure as exc:
+            self.abort()
+            raise _map_failure(exc, stage, self.info.peer, seconds) from exc
+        if response.code == 421:
+            self.abort()
+            reply = parse_reply(response.code, response.message)
+            raise TransientFailure(
+                to_transient(reply, f"{self.info.peer} closed the session at {stage}"), stage
+            )
+        return response
+
+    async def _give_up(self, response: SMTPResponse, stage: Stage, what: str) -> None:
+        reply = parse_reply(response.code, response.message)
+        await self.close()
+        raise TransientFailure(to_transient(reply, f"{self.info.peer} {what}"), stage)
+
+    @property
+    def usable(self) -> bool:
+        """True while another transaction may be run on this connection."""
+        return not self._broken and self._client.is_connected
+
+    async def reset(self) -> None:
+        """RSET: leave the server ready for a new transaction (for reuse)."""
+        response = await self._execute(Stage.MAIL, b"RSET", seconds=self.settings.command_timeout)
+        if response.code != 250:
+            self.abort()
+            reply = parse_reply(response.code, response.message)
+            raise TransientFailure(
+                to_transient(reply, f"{self.info.peer} refused RSET"), Stage.MAIL
+            )
+        self._needs_rset = False
+
+    def abort(self) -> None:
+        """Drop the connection at once (after a failure, or after QUIT)."""
+        self._broken = True
+        self._client.close()
+        raw = self._raw_transport
+        if raw is not None and not raw.is_closing():
+            if isinstance(raw, asyncio.Transport):
+                raw.abort()
+            else:
+                raw.close()
+
+    async def close(self) -> None:
+        """QUIT politely (bounded by ``quit_timeout``) and close."""
+        if self.usable:
+            try:
+                await self._client.quit(timeout=self.settings.quit_timeout)
+            except _Failure:
+                pass
+        self.abort()
+
+    # -- the transaction ----------------------------------------------------
+
+    async def transact(
+        self, job: DeliveryJob, recipients: Sequence[JobRecipient] | None = None
+    ) -> Transaction:
+        """Run one mail transaction for ``recipients`` (default: all of the job's).
+
+        Never raises for remote or network trouble: the result says what was
+        settled and, if the transaction was cut short, why.
+        """
+        rcpts = tuple(job.recipients if recipients is None else recipients)
+        settled: dict[int, RecipientResult] = {}
+
+        def settle(r: JobRecipient, outcome: Outcome, reply: Reply, stage: Stage) -> None:
+            settled[r.id] = RecipientResult(outcome, reply, stage, self.info)
+
+        try:
+            if not self.usable:
+                raise TransientFailure(
+                    Reply(421, "4.4.2", f"connection to {self.info.peer} is closed"), Stage.MAIL
+                )
+            if self._needs_rset:
+                await self.reset()
+            await self._transact(job, rcpts, settle)
+        except TransientFailure as failure:
+            unsettled = tuple(r for r in rcpts if r.id not in settled)
+            return Transaction(settled, unsettled, failure)
+        return Transaction(settled, (), None)
+
+    async def _transact(
+        self,
+        job: DeliveryJob,
+        rcpts: tuple[JobRecipient, ...],
+        settle: Callable[[JobRecipient, Outcome, Reply, Stage], None],
+    ) -> None:
+        settings = self.settings
+        plan = plan_envelope(job, rcpts, self._client.esmtp_extensions, peer=self.info.peer)
+        if plan.refusal is not None:
+            for r in rcpts:
+                settle(r, Outcome.BOUNCED, plan.refusal, Stage.MAIL)
+            return
+        for r in rcpts:
+            if r.id in plan.refused:
+                settle(r, Outcome.BOUNCED, plan.refused[r.id], Stage.RCPT)
+        candidates = [r for r in rcpts if r.id not in plan.refused]
+        if not candidates:
+            return
+        body = await _open_body(job.body_path)
+        try:
+            self._needs_rset = True
+            response = await self._execute(
+                Stage.MAIL,
+                b"MAIL",
+                b"FROM:" + _encode_address(job.mail_from, plan.utf8),
+                *(p.encode("ascii") for p in plan.mail_params),
+                seconds=settings.mail_timeout,
+            )
+            if response.code // 100 != 2:
+                reply = parse_reply(response.code, response.message)
+                for r in candidates:
+                    settle(r, outcome_of(reply), reply, Stage.MAIL)
+                return
+
+            accepted: list[JobRecipient] = []
+            for r in candidates:
+                response = await self._execute(
+                    Stage.RCPT,
+                    b"RCPT",
+                    b"TO:" + _encode_address(r.address, plan.utf8),
+                    *(p.encode("ascii") for p in plan.rcpt_params.get(r.id, ())),
+                    seconds=settings.rcpt_timeout,
+                )
+                if response.code // 100 == 2:  # 250, 251 and 252 all accept
+                    accepted.append(r)
+                else:
+                    reply = parse_reply(response.code, response.message)
+                    settle(r, outcome_of(reply), reply, Stage.RCPT)
+            if not accepted:
+                return
+
+            response = await self._execute(Stage.DATA, b"DATA", seconds=settings.data_timeout)
+            if response.code != 354:
+                reply = parse_reply(response.code, response.message)
+                # A 2xx here is a protocol error, and like any non-5xx it defers.
+                outcome = Outcome.BOUNCED if response.code // 100 == 5 else Outcome.DEFERRED
+                for r in accepted:
+                    settle(r, outcome, reply, Stage.DATA)
+                return
+
+            expected = len(accepted) if self.target.mx.using_lmtp else 1
+            replies: list[Reply] = []
+            try:
+                await self._send_body(body, expected, replies)
+            finally:
+                if self.target.mx.using_lmtp:
+                    for r, reply in zip(accepted, replies, strict=False):
+                        settle(r, outcome_of(reply), reply, Stage.DATA_END)
+                elif replies:
+                    for r in accepted:
+                        settle(r, outcome_of(replies[0]), replies[0], Stage.DATA_END)
+            self._needs_rset = False
+            if any(reply.code == 421 for reply in replies):
+                self.abort()
+        finally:
+            body.close()
+
+    async def _send_body(self, body: BinaryIO, expected: int, replies: list[Reply]) -> None:
+        """Stream the body dot-stuffed, send the dot, collect ``expected`` replies."""
+        settings = self.settings
+        transport = self._client.transport
+        if not isinstance(transport, asyncio.WriteTransport) or transport.is_closing():
+            self.abort()
+            raise TransientFailure(
+                Reply(421, "4.4.2", f"connection to {self.info.peer} lost at data"), Stage.DATA
+            )
+        original = transport.get_protocol()
+        phase = _DataPhase(original)
+        transport.set_protocol(phase)
+        dot_sent = False
+        timeout = settings.data_timeout
+        try:
+            at_line_start = True
+            tail = b"\r\n"
+            while True:
+                try:
+                    chunk = await asyncio.to_thread(body.read, BODY_CHUNK_SIZE)
+                except OSError as exc:
+                    self.abort()
+                    raise TransientFailure(
+                        Reply(451, "4.3.0", f"cannot read the message body: {exc}"),
+                        Stage.LOCAL,
+                        retry_elsewhere=False,
+                    ) from exc
+                if not chunk:
+                    break
+                data, at_line_start = dot_stuff(chunk, at_line_start)
+                tail = (tail + chunk)[-2:]
+                transport.write(data)
+                await phase.drain(timeout)
+            transport.write(b".\r\n" if tail == b"\r\n" else b"\r\n.\r\n")
+            dot_sent = True
+            timeout = settings.data_end_timeout
+            for _ in range(expected):
+                response = await phase.read_response(timeout)
+                replies.append(parse_reply(response.code, response.message))
+                if response.code == 421 and expected == 1:
+                    # The server refused the message and is closing: it did
+                    # not take it, so the next MX may be tried.
+                    self.abort()
+                    raise TransientFailure(
+                        to_transient(
+                            replies.pop(), f"{self.info.peer} closed the session at data_end"
+                        ),
+                        Stage.DATA_END,
+                    )
+        except _Failure as exc:
+            self.abort()
+            stage = Stage.DATA_END if dot_sent else Stage.DATA
+            failure = _map_failure(exc, stage, self.info.peer, timeout)
+            # Without a reply to the dot the remote may hold the message:
+            # another MX now could deliver it twice.  Defer instead.
+            failure.retry_elsewhere = not dot_sent
+            raise failure from exc
+        finally:
+            if not transport.is_closing():
+                transport.set_protocol(original)
+
+
+async def _connect_socket(target: Target, settings: SessionSettings, peer: str) -> socket.socket:
+    """A connected non-blocking socket, bound to ``mx.bind`` when given.
+
+    Connecting ourselves keeps ``connect_timeout`` (TCP connect) apart from
+    ``greeting_timeout`` (the banner), which aiosmtplib would lump together.
+    """
+    try:
+        ip = ipaddress.ip_address(target.address)
+    except ValueError:
+        raise TransientFailure(
+            Reply(451, "4.4.0", f"{target.address!r} is not an IP address ({peer})"),
+            Stage.CONNECT,
+        ) from None
+    family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setblocking(False)
+        if target.mx.bind:
+            sock.bind((target.mx.bind, 0))
+        async with asyncio.timeout(settings.connect_timeout):
+            await asyncio.get_running_loop().sock_connect(sock, (str(ip), target.port))
+    except _Failure as exc:
+        sock.close()
+        failure = _map_failure(exc, Stage.CONNECT, peer, settings.connect_timeout)
+        if target.mx.bind and isinstance(exc, OSError) and not isinstance(exc, TimeoutError):
+            failure = TransientFailure(
+                replace(failure.reply, text=f"{failure.reply.text} (bound to {target.mx.bind})"),
+                Stage.CONNECT,
+            )
+        raise failure from exc
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+async def _open_body(path: Path) -> BinaryIO:
+    try:
+        return await asyncio.to_thread(_open_binary, path)
+    except OSError as exc:
+        raise TransientFailure(
+            Reply(451, "4.3.0", f"cannot open the message body {path}: {exc.strerror or exc}"),
+            Stage.LOCAL,
+            retry_elsewhere=False,
+        ) from exc
+
+
+def _open_binary(path: Path) -> BinaryIO:
+    return path.open("rb")
+
+
+# --------------------------------------------------------------------------
+# One attempt over a list of targets
+
+
+@dataclass(frozen=True, slots=True)
+class _Last:
+    failure: TransientFailure
+    info: ConnectionInfo
+
+
+async def deliver_job(
+    job: DeliveryJob,
+    targets: Sequence[Target],
+    settings: SessionSettings,
+    *,
+    clock: Callable[[], float] = time.time,
+) -> SessionResult:
+    """Deliver ``job`` to the first target that takes it; see the module doc.
+
+    Every recipient of the job gets exactly one :class:`RecipientResult`.
+    Only cancellation propagates (the open connection is dropped first).
+    """
+    started = clock()
+    results: dict[int, RecipientResult] = {}
+    pending: tuple[JobRecipient, ...] = tuple(job.recipients)
+    errors: list[TargetError] = []
+    last: _Last | None = None
+    connection: ConnectionInfo | None = None
+    for target in targets:
+        if not pending:
+            break
+        info = ConnectionInfo.for_target(target)
+        conn: Connection | None = None
+        try:
+            conn = await Connection.open(target, settings)
+            info = conn.info
+            tx = await conn.transact(job, pending)
+            await conn.close()
+        except TransientFailure as failure:
+            tx = Transaction({}, pending, failure)
+        except asyncio.CancelledError:
+            if conn is not None:
+                conn.abort()
+            raise
+        except Exception as exc:  # a bug here must defer, never lose, the recipients
+            if conn is not None:
+                conn.abort()
+            tx = Transaction(
+                {},
+                pending,
+                TransientFailure(
+                    Reply(
+                        451,
+                        "4.3.0",
+                        f"internal error delivering to {info.peer}: {type(exc).__name__}: {exc}",
+                    ),
+                    Stage.LOCAL,
+                    retry_elsewhere=False,
+                ),
+            )
+        if conn is not None:
+            info = conn.info
+        connection = info
+        results.update(tx.settled)
+        pending = tx.unsettled
+        if tx.failure is not None:
+            errors.append(
+                TargetError(info.host, info.ip, info.port, tx.failure.stage, tx.failure.reply)
+            )
+            last = _Last(tx.failure, info)
+            if not tx.failure.retry_elsewhere:
+                break
+    for r in pending:
+        if last is None:
+            reply = Reply(451, "4.4.4", "no mail exchanger address to try")
+            results[r.id] = RecipientResult(Outcome.DEFERRED, reply, Stage.CONNECT, None)
+        else:
+            results[r.id] = RecipientResult(
+                Outcome.DEFERRED, last.failure.reply, last.failure.stage, last.info
+            )
+    ordered = {r.id: results[r.id] for r in job.recipients if r.id in results}
+    return SessionResult(ordered, connection, tuple(errors), started, clock())
