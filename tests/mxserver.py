@@ -507,6 +507,23 @@ class MXServer:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
+    def drop_connections(self) -> None:
+        """Close every open client connection now, as a server's idle timeout does."""
+        loop = self._loop
+        if loop is None or not loop.is_running():
+            return
+
+        def drop() -> None:
+            for proto in list(self._protocols):
+                if proto.transport is not None:
+                    proto.transport.abort()
+                if proto._original_transport is not None:
+                    proto._original_transport.abort()
+
+        done = threading.Event()
+        loop.call_soon_threadsafe(lambda: (drop(), done.set()))
+        done.wait(_STARTUP_TIMEOUT)
+
     def start(self) -> MXServer:
         if self._thread is not None:
             return self

@@ -59,7 +59,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import TYPE_CHECKING, BinaryIO, Protocol
 
 from aiosmtplib import (
     SMTP,
@@ -82,6 +82,9 @@ from outboundd.delivery.replies import (
 )
 from outboundd.hooks import MX
 from outboundd.spool.types import Claim, Outcome
+
+if TYPE_CHECKING:
+    from outboundd.delivery.pool import ConnectionPool
 
 __all__ = [
     "BODY_CHUNK_SIZE",
@@ -1277,14 +1280,26 @@ class _Last:
     info: ConnectionInfo
 
 
+async def _open(
+    target: Target, settings: SessionSettings, pool: ConnectionPool | None
+) -> Connection:
+    if pool is not None:
+        return await pool.open(target, settings)
+    return await Connection.open(target, settings)
+
+
 async def deliver_job(
     job: DeliveryJob,
     targets: Sequence[Target],
     settings: SessionSettings,
     *,
     clock: Callable[[], float] = time.time,
+    pool: ConnectionPool | None = None,
 ) -> SessionResult:
     """Deliver ``job`` to the first target that takes it; see the module doc.
+
+    With a ``pool``, an idle connection to the target is reused and a
+    connection that ended cleanly is kept for the next message.
 
     Every recipient of the job gets exactly one :class:`RecipientResult`.
     Only cancellation propagates (the open connection is dropped first).
@@ -1301,10 +1316,23 @@ async def deliver_job(
         info = ConnectionInfo.for_target(target)
         conn: Connection | None = None
         try:
-            conn = await Connection.open(target, settings)
+            conn = pool.take(target, settings) if pool is not None else None
+            reused = conn is not None
+            if conn is None:
+                conn = await _open(target, settings, pool)
             info = conn.info
             tx = await conn.transact(job, pending)
-            await conn.close()
+            if reused and tx.failure is not None and not tx.settled:
+                # The server closed the idle connection we kept: that says
+                # nothing about this message.  Try once more on a fresh one.
+                conn.abort()
+                conn = await _open(target, settings, pool)
+                info = conn.info
+                tx = await conn.transact(job, pending)
+            if pool is not None:
+                await pool.give_back(conn, settings)
+            else:
+                await conn.close()
         except TransientFailure as failure:
             tx = Transaction({}, pending, failure)
         except asyncio.CancelledError:

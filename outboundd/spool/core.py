@@ -436,6 +436,7 @@ class Spool:
                             last_status=r[10],
                             last_response=r[11],
                             last_mx=r[12],
+                            delay_notified=bool(r[13]),
                         )
                         for r in group
                     ),
@@ -749,6 +750,7 @@ def _update_row(rec: AttemptRecord, owner: str) -> dict[str, Any]:
         "final_at": rec.finished_at if final else None,
         "reason": rec.reason,
         "dsn_queue_id": rec.dsn_queue_id,
+        "delay_notified": int(rec.delay_notified),
     }
 
 

@@ -30,7 +30,7 @@ UPDATE recipients
          ORDER BY next_attempt_at
          LIMIT :limit)
 RETURNING id, queue_id, domain, recipient, notify, orcpt, attempts, failures, held_status,
-          last_code, last_status, last_response, last_mx
+          last_code, last_status, last_response, last_mx, delay_notified
 
 -- name: claim_split
 -- always_split: every recipient is its own group.
@@ -44,7 +44,7 @@ UPDATE recipients
          ORDER BY next_attempt_at
          LIMIT :limit)
 RETURNING id, queue_id, domain, recipient, notify, orcpt, attempts, failures, held_status,
-          last_code, last_status, last_response, last_mx
+          last_code, last_status, last_response, last_mx, delay_notified
 
 -- name: messages_by_ids
 SELECT queue_id, mail_from, body_file, size, received_at, auth_user, env_id, ret, smtputf8,
@@ -70,6 +70,7 @@ UPDATE recipients
        last_code = :code, last_status = :status_code, last_response = :response,
        last_mx = :mx_host, finished_at = :final_at, final_reason = :reason,
        dsn_queue_id = coalesce(:dsn_queue_id, dsn_queue_id),
+       delay_notified = max(delay_notified, :delay_notified),
        held_status = NULL, lease_owner = NULL, lease_expires_at = NULL
  WHERE id = :id AND status = 'sending' AND lease_owner = :owner
 

@@ -87,6 +87,7 @@ class ClaimedRecipient:
     last_status: str | None = None
     last_response: str | None = None
     last_mx: str | None = None
+    delay_notified: bool = False  # a delay DSN was already sent for it
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,6 +139,7 @@ class AttemptRecord:
     count_failure: bool = True
     reason: str | None = None
     dsn_queue_id: str | None = None
+    delay_notified: bool = False  # a delay DSN was queued for it in this attempt
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,720 @@
+"""Delivering one claim: hooks, routing, the SMTP session, retries, DSNs, the record.
+
+For one leased (queue_id, domain) group this module
+
+1. runs ``send_email`` (a plugin may postpone the delivery without a failure);
+2. finds the targets: a ``get_mx`` plugin's answer or DNS;
+3. runs one SMTP/LMTP session over the targets;
+4. turns each recipient's result into its next state — delivered, deferred
+   until the next retry time, or bounced (also when the retry schedule is
+   exhausted) — consulting the ``deferred`` and ``bounce`` hooks;
+5. queues one DSN for the recipients that bounced, while the body exists;
+6. writes every attempt row and state change in one ``record()``;
+7. runs the ``delivered`` hook and logs one NOTICE line per outcome.
+
+The per-recipient decisions are plain functions over values
+(:func:`decide`), tested without sockets.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+from outboundd import dsn, log
+from outboundd.config import Config, OutboundConfig
+from outboundd.delivery import retry
+from outboundd.delivery.hmail import HMail
+from outboundd.delivery.mx import MXResolutionError, MXResolver, MXTarget, normalize_mx_result
+from outboundd.delivery.notices import (
+    DOUBLE_BOUNCE_NOTE,
+    NoticeRecipient,
+    NoticeSettings,
+    OriginalMessage,
+    queue_failure_notice,
+    queue_notice,
+)
+from outboundd.delivery.pool import ConnectionPool
+from outboundd.delivery.replies import Reply, Stage, to_permanent
+from outboundd.delivery.session import (
+    ConnectionInfo,
+    DeliveryJob,
+    JobRecipient,
+    SessionResult,
+    SessionSettings,
+    deliver_job,
+)
+from outboundd.hooks import HookFailure, HookRunner, ResultCode
+from outboundd.spool import AttemptRecord, Claim, ClaimedRecipient, Outcome, Spool, SpoolError
+
+LOG = log.get_logger("delivery")
+
+#: When a plugin fails (raises, times out), its recipients wait this long.
+PLUGIN_FAILURE_RETRY = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class Connection:
+    """Facts about the session, for the record, the log and the hooks."""
+
+    mx_host: str | None = None
+    mx_ip: str | None = None
+    port: int | None = None
+    tls: str | None = None
+    auth: str | None = None
+    lmtp: bool = False
+    dsn_passed_on: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """What one attempt concluded for one recipient, before retry policy."""
+
+    outcome: Outcome  # DELIVERED, DEFERRED (temporary) or BOUNCED (permanent)
+    reply: Reply
+    stage: str
+    count_failure: bool = True
+    reason: str | None = None
+    conn: Connection | None = None  # where it was settled; None = no connection made
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """The recipient's new state after retry policy."""
+
+    outcome: Outcome
+    reply: Reply
+    next_attempt_at: float | None
+    count_failure: bool
+    reason: str | None
+    conn: Connection | None = None
+
+
+def decide(
+    recipient: ClaimedRecipient,
+    verdict: Verdict,
+    intervals: Sequence[float],
+    *,
+    received_at: float,
+    now: float,
+) -> Decision:
+    """Apply the retry schedule to one recipient's verdict (pure).
+
+    A temporary failure that counts is the recipient's ``failures + 1``-th;
+    when the schedule has no interval for it the recipient bounces with the
+    last reply turned permanent and a reason that says we gave up.
+    """
+    conn = verdict.conn
+    if verdict.outcome is not Outcome.DEFERRED:
+        return Decision(verdict.outcome, verdict.reply, None, False, verdict.reason, conn)
+    if not verdict.count_failure:
+        delay = retry.retry_delay(recipient.failures + 1, intervals) or PLUGIN_FAILURE_RETRY
+        return Decision(Outcome.DEFERRED, verdict.reply, now + delay, False, verdict.reason, conn)
+    failures = recipient.failures + 1
+    when = retry.next_attempt_at(failures, intervals, now)
+    if when is None:
+        reason = dsn.reason_for_exhaustion(
+            recipient.attempts + 1, received_at, str(verdict.reply), now
+        )
+        return Decision(Outcome.BOUNCED, to_permanent(verdict.reply), None, True, reason, conn)
+    return Decision(Outcome.DEFERRED, verdict.reply, when, True, verdict.reason, conn)
+
+
+def all_recipients(claim: Claim, verdict: Verdict) -> dict[int, Verdict]:
+    return {r.id: verdict for r in claim.recipients}
+
+
+def local_reply(code: int, status: str, text: str) -> Reply:
+    return Reply(code, status, text)
+
+
+class DeliveryEngine:
+    """Delivers claims.  One instance per process; safe for concurrent claims."""
+
+    def __init__(
+        self,
+        config: Config,
+        settings: Callable[[], OutboundConfig],
+        spool: Spool,
+        hooks: HookRunner,
+        *,
+        owner: str,
+        resolver: MXResolver | None = None,
+    ) -> None:
+        self.config = config
+        self.settings = settings
+        self.spool = spool
+        self.hooks = hooks
+        self.owner = owner
+        outbound = settings()
+        self.resolver = resolver or MXResolver(
+            [(ns.host, ns.port) for ns in outbound.nameservers] or None,
+            mx_port=outbound.mx_port,
+            inet_prefer=outbound.inet_prefer,
+            local_mx_ok=outbound.local_mx_ok,
+        )
+        self.pool = ConnectionPool(
+            idle_timeout=outbound.pool_idle_timeout,
+            max_idle_per_host=outbound.pool_max_per_host,
+        )
+        self.notice_settings = NoticeSettings(
+            me=config.me,
+            templates=dsn.DsnTemplates(
+                text=config.bounce.text, html=config.bounce.html, image=config.bounce.image
+            ),
+            bounce_max_original_size=outbound.bounce_max_original_size,
+            double_bounce_recipient=outbound.double_bounce_recipient,
+        )
+
+    async def close(self) -> None:
+        """Close the idle connections kept for reuse (QUIT)."""
+        await self.pool.close()
+
+    # ------------------------------------------------------------------ main
+
+    async def deliver(self, claim: Claim) -> None:
+        outbound = self.settings()
+        started = time.time()
+        hmail = HMail(
+            queue_id=claim.queue_id,
+            domain=claim.domain,
+            mail_from=claim.mail_from,
+            rcpt_to=[r.address for r in claim.recipients],
+            num_failures=max(r.failures for r in claim.recipients),
+            notes=dict(claim.notes),
+            path=claim.body_path,
+            size=claim.size,
+            received_at=claim.received_at,
+        )
+        verdicts: dict[int, Verdict] | None = None
+        postponed = await self._send_email_hook(claim, hmail)
+        if postponed is True:
+            return
+        if postponed is not None:
+            verdicts = postponed
+        if verdicts is None:
+            routed = await self._targets(claim, hmail, outbound)
+            if isinstance(routed, dict):
+                verdicts = routed
+            else:
+                verdicts = await self._session(claim, routed, outbound)
+        await self._conclude(claim, hmail, verdicts, outbound, started)
+
+    # ----------------------------------------------------------------- hooks
+
+    async def _send_email_hook(
+        self, claim: Claim, hmail: HMail
+    ) -> bool | dict[int, Verdict] | None:
+        """True = postponed (leases released); verdicts = decided; None = go on."""
+        if not self.hooks.has("send_email"):
+            return None
+        try:
+            outcome = await self.hooks.run("send_email", hmail)
+        except HookFailure as exc:
+            LOG.error(
+                "send_email hook failed", qid=claim.queue_id, plugin=exc.plugin, error=exc.reason
+            )
+            return all_recipients(claim, _plugin_failure(exc))
+        result = outcome.result
+        if result is None:
+            return None
+        if result.code is ResultCode.DELAY:
+            seconds = result.delay_seconds or 0.0
+            await self.spool.release(
+                self.owner, [r.id for r in claim.recipients], next_attempt_at=time.time() + seconds
+            )
+            LOG.info(
+                "delivery postponed by plugin",
+                qid=claim.queue_id,
+                plugin=outcome.plugin,
+                delay=seconds,
+            )
+            return True
+        text = result.message or f"by plugin {outcome.plugin}"
+        if result.code is ResultCode.OK:
+            reply = local_reply(250, "2.0.0", f"handled by plugin {outcome.plugin}")
+            return all_recipients(claim, Verdict(Outcome.DELIVERED, reply, "plugin"))
+        if result.code is ResultCode.DENY:
+            reply = local_reply(550, "5.0.0", f"refused by plugin {outcome.plugin}: {text}")
+            return all_recipients(claim, Verdict(Outcome.BOUNCED, reply, "plugin"))
+        reply = local_reply(451, "4.0.0", f"deferred by plugin {outcome.plugin}: {text}")
+        return all_recipients(claim, Verdict(Outcome.DEFERRED, reply, "plugin"))
+
+    async def _targets(
+        self, claim: Claim, hmail: HMail, outbound: OutboundConfig
+    ) -> list[MXTarget] | dict[int, Verdict]:
+        try:
+            if self.hooks.has("get_mx"):
+                outcome = await self.hooks.run("get_mx", hmail, claim.domain)
+                result = outcome.result
+                if result is not None:
+                    if result.code is ResultCode.OK:
+                        mxs = normalize_mx_result(result.value, default_port=outbound.mx_port)
+                        return await self.resolver.resolve_mxs(mxs, claim.domain)
+                    if result.code is ResultCode.DENY:
+                        reply = local_reply(
+                            550,
+                            "5.1.2",
+                            f"no route to {claim.domain}: {result.message or 'denied'} "
+                            f"(plugin {outcome.plugin})",
+                        )
+                        return all_recipients(claim, Verdict(Outcome.BOUNCED, reply, "get_mx"))
+                    reply = local_reply(
+                        451,
+                        "4.1.2",
+                        f"no route to {claim.domain} yet: {result.message or 'deferred'} "
+                        f"(plugin {outcome.plugin})",
+                    )
+                    return all_recipients(claim, Verdict(Outcome.DEFERRED, reply, "get_mx"))
+            return await self.resolver.resolve(claim.domain)
+        except HookFailure as exc:
+            LOG.error("get_mx hook failed", qid=claim.queue_id, plugin=exc.plugin, error=exc.reason)
+            return all_recipients(claim, _plugin_failure(exc))
+        except ValueError as exc:  # a plugin's MX value we cannot use
+            LOG.error("get_mx hook returned an unusable MX", qid=claim.queue_id, error=str(exc))
+            reply = local_reply(451, "4.3.5", f"get_mx plugin returned an unusable MX: {exc}")
+            verdict = Verdict(Outcome.DEFERRED, reply, "get_mx", count_failure=False)
+            return all_recipients(claim, verdict)
+        except MXResolutionError as exc:
+            reply = local_reply(exc.code, exc.status, exc.message)
+            outcome_kind = Outcome.BOUNCED if exc.permanent else Outcome.DEFERRED
+            return all_recipients(claim, Verdict(outcome_kind, reply, "dns"))
+
+    async def _session(
+        self, claim: Claim, targets: list[MXTarget], outbound: OutboundConfig
+    ) -> dict[int, Verdict]:
+        job = DeliveryJob(
+            mail_from=claim.mail_from,
+            recipients=tuple(
+                JobRecipient(r.id, r.address, r.notify, r.orcpt) for r in claim.recipients
+            ),
+            body_path=claim.body_path,
+            size=claim.size,
+            env_id=claim.env_id,
+            ret=claim.ret,
+            smtputf8=claim.smtputf8,
+            body_8bit=claim.body_8bit,
+        )
+        result: SessionResult = await deliver_job(
+            job, targets, self._session_settings(outbound), pool=self.pool
+        )
+        return {
+            rid: Verdict(rr.outcome, rr.reply, str(rr.stage), conn=_connection(rr.connection))
+            for rid, rr in result.recipients.items()
+        }
+
+    def _session_settings(self, outbound: OutboundConfig) -> SessionSettings:
+        tls = self.config.tls.outbound
+        return SessionSettings(
+            helo=self.config.me,
+            connect_timeout=outbound.connect_timeout,
+            greeting_timeout=outbound.greeting_timeout,
+            mail_timeout=outbound.mail_timeout,
+            rcpt_timeout=outbound.rcpt_timeout,
+            data_timeout=outbound.data_timeout,
+            data_end_timeout=outbound.data_end_timeout,
+            enable_tls=outbound.enable_tls,
+            tls_min_version=tls.min_version,
+            tls_ciphers=tls.ciphers,
+            tls_verify=tls.reject_unauthorized,
+            force_tls=tls.force_tls,
+            force_tls_hosts=tuple(tls.force_tls_hosts),
+            no_tls_hosts=tuple(tls.no_tls_hosts),
+        )
+
+    # -------------------------------------------------------------- conclude
+
+    async def _conclude(
+        self,
+        claim: Claim,
+        hmail: HMail,
+        verdicts: dict[int, Verdict],
+        outbound: OutboundConfig,
+        started: float,
+    ) -> None:
+        now = time.time()
+        by_id = {r.id: r for r in claim.recipients}
+        missing = [r.id for r in claim.recipients if r.id not in verdicts]
+        for rid in missing:  # the session must answer for everyone; never lose one
+            verdicts[rid] = Verdict(
+                Outcome.DEFERRED,
+                local_reply(451, "4.3.0", "no result for this recipient"),
+                Stage.LOCAL,
+                count_failure=False,
+            )
+        decisions = {
+            rid: decide(
+                by_id[rid], v, outbound.temp_fail_intervals, received_at=claim.received_at, now=now
+            )
+            for rid, v in verdicts.items()
+        }
+        decisions = await self._deferred_hook(claim, hmail, decisions)
+        dsn_ids, decisions = await self._bounces(claim, hmail, decisions, now)
+        delay_noticed = await self._delay_notice(claim, decisions, outbound, now)
+        await self._success_notice(claim, decisions, now)
+
+        records = [
+            AttemptRecord(
+                recipient_id=rid,
+                outcome=d.outcome,
+                started_at=started,
+                finished_at=now,
+                mx_host=d.conn.mx_host if d.conn else None,
+                mx_ip=d.conn.mx_ip if d.conn else None,
+                port=d.conn.port if d.conn else None,
+                tls=d.conn.tls if d.conn else None,
+                auth=d.conn.auth if d.conn else None,
+                code=d.reply.code,
+                status=d.reply.status,
+                response=d.reply.text,
+                next_attempt_at=d.next_attempt_at,
+                count_failure=d.count_failure,
+                reason=d.reason,
+                dsn_queue_id=dsn_ids.get(rid),
+                delay_notified=rid in delay_noticed,
+            )
+            for rid, d in decisions.items()
+        ]
+        result = await self.spool.record(self.owner, claim, records, now=now)
+        for rid in result.lease_lost:
+            LOG.warn(
+                "lost the lease before recording; state left to its new owner",
+                qid=claim.queue_id,
+                rcpt=by_id[rid].address,
+            )
+        for rid, d in decisions.items():
+            self._log_outcome(claim, by_id[rid], d, now)
+        delivered = [
+            by_id[rid].address for rid, d in decisions.items() if d.outcome is Outcome.DELIVERED
+        ]
+        if delivered and self.hooks.has("delivered"):
+            hmail.rcpt_to = delivered
+            info = self._delivered_info(claim, decisions, delivered, now)
+            try:
+                await self.hooks.run("delivered", hmail, info)
+            except HookFailure as exc:
+                LOG.error(
+                    "delivered hook failed", qid=claim.queue_id, plugin=exc.plugin, error=exc.reason
+                )
+
+    async def _deferred_hook(
+        self, claim: Claim, hmail: HMail, decisions: dict[int, Decision]
+    ) -> dict[int, Decision]:
+        deferred = [rid for rid, d in decisions.items() if d.outcome is Outcome.DEFERRED]
+        if not deferred or not self.hooks.has("deferred"):
+            return decisions
+        by_id = {r.id: r for r in claim.recipients}
+        first = decisions[deferred[0]]
+        now = time.time()
+        hmail.rcpt_to = [by_id[rid].address for rid in deferred]
+        info: dict[str, Any] = {
+            "delay": (first.next_attempt_at or now) - now,
+            "err": str(first.reply),
+        }
+        try:
+            outcome = await self.hooks.run("deferred", hmail, info)
+        except HookFailure as exc:
+            LOG.error(
+                "deferred hook failed; keeping the retry schedule",
+                qid=claim.queue_id,
+                plugin=exc.plugin,
+                error=exc.reason,
+            )
+            return decisions
+        result = outcome.result
+        if result is None:
+            return decisions
+        updated = dict(decisions)
+        if result.code is ResultCode.OK:
+            for rid in deferred:
+                updated[rid] = replace(
+                    decisions[rid],
+                    outcome=Outcome.DROPPED,
+                    next_attempt_at=None,
+                    reason=f"dropped by plugin {outcome.plugin} in the deferred hook",
+                )
+        elif result.code is ResultCode.DENYSOFT and result.delay_seconds is not None:
+            for rid in deferred:
+                updated[rid] = replace(
+                    decisions[rid],
+                    next_attempt_at=now + result.delay_seconds,
+                    reason=f"retry delay set by plugin {outcome.plugin}",
+                )
+        return updated
+
+    async def _bounces(
+        self,
+        claim: Claim,
+        hmail: HMail,
+        decisions: dict[int, Decision],
+        now: float,
+    ) -> tuple[dict[int, str], dict[int, Decision]]:
+        bounced = [rid for rid, d in decisions.items() if d.outcome is Outcome.BOUNCED]
+        if not bounced:
+            return {}, decisions
+        by_id = {r.id: r for r in claim.recipients}
+        first = decisions[bounced[0]]
+        if self.hooks.has("bounce"):
+            hmail.rcpt_to = [by_id[rid].address for rid in bounced]
+            try:
+                outcome = await self.hooks.run("bounce", hmail, str(first.reply))
+            except HookFailure as exc:
+                LOG.error(
+                    "bounce hook failed; sending the DSN anyway",
+                    qid=claim.queue_id,
+                    plugin=exc.plugin,
+                    error=exc.reason,
+                )
+            else:
+                if outcome.result is not None and outcome.result.code is ResultCode.OK:
+                    updated = dict(decisions)
+                    for rid in bounced:
+                        updated[rid] = replace(
+                            decisions[rid],
+                            reason=f"DSN suppressed by plugin {outcome.plugin}",
+                        )
+                    return {}, updated
+        failed = [
+            NoticeRecipient(
+                report=dsn.DsnRecipient(
+                    address=by_id[rid].address,
+                    action="failed",
+                    status=decisions[rid].reply.status or "5.0.0",
+                    original_recipient=by_id[rid].orcpt,
+                    remote_mta=_remote(decisions[rid]),
+                    diagnostic_code=decisions[rid].reply.code if _remote(decisions[rid]) else None,
+                    diagnostic_text=decisions[rid].reply.text if _remote(decisions[rid]) else None,
+                    last_attempt_at=now,
+                ),
+                notify=by_id[rid].notify,
+            )
+            for rid in bounced
+        ]
+        reason = first.reason or str(first.reply)
+        try:
+            notice = await queue_failure_notice(
+                self.spool, self.notice_settings, _original(claim), failed, reason=reason, now=now
+            )
+        except SpoolError as exc:
+            # The DSN could not be queued: keep the recipients unfinished so
+            # the failure (and its notice) is not lost; try again soon.
+            LOG.error(
+                "cannot queue the DSN; recipients stay deferred", qid=claim.queue_id, error=str(exc)
+            )
+            updated = dict(decisions)
+            for rid in bounced:
+                updated[rid] = replace(
+                    decisions[rid],
+                    outcome=Outcome.DEFERRED,
+                    next_attempt_at=now + 60,
+                    count_failure=False,
+                    reason=f"DSN not queued: {exc}",
+                )
+            return {}, updated
+        updated = dict(decisions)
+        reported = set(notice.reported)
+        ids: dict[int, str] = {}
+        for rid in bounced:
+            address = by_id[rid].address
+            if notice.dsn_queue_id is not None and address in reported:
+                ids[rid] = notice.dsn_queue_id
+                note = f"DSN {notice.dsn_queue_id}" + (
+                    " (double bounce)" if notice.double_bounce else ""
+                )
+            else:
+                note = notice.reason
+            prefix = decisions[rid].reason
+            updated[rid] = replace(decisions[rid], reason=f"{prefix}; {note}" if prefix else note)
+        if notice.dsn_queue_id:
+            LOG.info("DSN queued", qid=claim.queue_id, dsn=notice.dsn_queue_id, recipients=len(ids))
+        return ids, updated
+
+    async def _delay_notice(
+        self, claim: Claim, decisions: dict[int, Decision], outbound: OutboundConfig, now: float
+    ) -> set[int]:
+        """One delay DSN for recipients still deferred after ``delay_warning_time``.
+
+        Sent at most once per recipient; returns the recipients it covered.
+        A delay notice that cannot be queued is only logged: the recipients
+        stay deferred and the notice is tried again at their next attempt.
+        """
+        warn_after = outbound.delay_warning_time
+        if warn_after <= 0 or now - claim.received_at < warn_after:
+            return set()
+        by_id = {r.id: r for r in claim.recipients}
+        due = [
+            rid
+            for rid, d in decisions.items()
+            if d.outcome is Outcome.DEFERRED
+            and not by_id[rid].delay_notified
+            and dsn.should_send_dsn(claim.mail_from, by_id[rid].notify, "delay")
+        ]
+        if not due:
+            return set()
+        intervals = outbound.temp_fail_intervals
+        notices = [
+            NoticeRecipient(
+                report=dsn.DsnRecipient(
+                    address=by_id[rid].address,
+                    action="delayed",
+                    status=decisions[rid].reply.status or "4.0.0",
+                    original_recipient=by_id[rid].orcpt,
+                    remote_mta=_remote(decisions[rid]),
+                    diagnostic_code=decisions[rid].reply.code if _remote(decisions[rid]) else None,
+                    diagnostic_text=decisions[rid].reply.text if _remote(decisions[rid]) else None,
+                    last_attempt_at=now,
+                    will_retry_until=now + sum(intervals[by_id[rid].failures :]),
+                ),
+                notify=by_id[rid].notify,
+            )
+            for rid in due
+        ]
+        reason = str(decisions[due[0]].reply)
+        try:
+            notice = await queue_notice(
+                self.spool,
+                self.notice_settings,
+                _original(claim),
+                notices,
+                event="delay",
+                reason=reason,
+                now=now,
+            )
+        except SpoolError as exc:
+            LOG.error("cannot queue the delay notice", qid=claim.queue_id, error=str(exc))
+            return set()
+        if notice.dsn_queue_id:
+            LOG.info("delay notice queued", qid=claim.queue_id, dsn=notice.dsn_queue_id)
+        reported = set(notice.reported)
+        return {rid for rid in due if by_id[rid].address in reported}
+
+    async def _success_notice(
+        self, claim: Claim, decisions: dict[int, Decision], now: float
+    ) -> None:
+        """A success DSN for NOTIFY=SUCCESS recipients, unless the next hop took
+        the DSN request over (RFC 3461 §5.2: it then reports success itself)."""
+        by_id = {r.id: r for r in claim.recipients}
+        notices: list[NoticeRecipient] = []
+        for rid, d in decisions.items():
+            if d.outcome is not Outcome.DELIVERED:
+                continue
+            if not dsn.should_send_dsn(claim.mail_from, by_id[rid].notify, "success"):
+                continue
+            conn = d.conn or Connection()
+            action = dsn.success_action(conn.dsn_passed_on, final_delivery=conn.lmtp)
+            if action is None:
+                continue
+            notices.append(
+                NoticeRecipient(
+                    report=dsn.DsnRecipient(
+                        address=by_id[rid].address,
+                        action=action,
+                        status=d.reply.status or "2.0.0",
+                        original_recipient=by_id[rid].orcpt,
+                        remote_mta=conn.mx_host,
+                        diagnostic_code=d.reply.code if conn.mx_host else None,
+                        diagnostic_text=d.reply.text if conn.mx_host else None,
+                        last_attempt_at=now,
+                    ),
+                    notify=by_id[rid].notify,
+                )
+            )
+        if not notices:
+            return
+        try:
+            notice = await queue_notice(
+                self.spool,
+                self.notice_settings,
+                _original(claim),
+                notices,
+                event="success",
+                reason=str(next(iter(decisions.values())).reply),
+                now=now,
+            )
+        except SpoolError as exc:
+            LOG.error("cannot queue the success notice", qid=claim.queue_id, error=str(exc))
+            return
+        if notice.dsn_queue_id:
+            LOG.info("success notice queued", qid=claim.queue_id, dsn=notice.dsn_queue_id)
+
+    # ------------------------------------------------------------------- log
+
+    def _log_outcome(self, claim: Claim, rcpt: ClaimedRecipient, d: Decision, now: float) -> None:
+        if not LOG.enabled(log.Level.NOTICE):
+            return
+        conn = d.conn or Connection()
+        LOG.notice(
+            d.outcome.value,
+            qid=claim.queue_id,
+            rcpt=rcpt.address,
+            domain=claim.domain,
+            host=conn.mx_host,
+            ip=conn.mx_ip,
+            code=d.reply.code,
+            response=str(d.reply),
+            delay=round(now - claim.received_at, 3),
+            attempt=rcpt.attempts + 1,
+            tls=conn.tls,
+            next_attempt=(round(d.next_attempt_at - now) if d.next_attempt_at else None),
+            reason=d.reason,
+        )
+
+    def _delivered_info(
+        self,
+        claim: Claim,
+        decisions: dict[int, Decision],
+        delivered: list[str],
+        now: float,
+    ) -> dict[str, Any]:
+        first = next(d for d in decisions.values() if d.outcome is Outcome.DELIVERED)
+        reply = first.reply
+        conn = first.conn or Connection()
+        return {
+            "host": conn.mx_host,
+            "ip": conn.mx_ip,
+            "port": conn.port,
+            "response": str(reply),
+            "delay": now - claim.received_at,
+            "mode": "LMTP" if conn.lmtp else "SMTP",
+            "ok_recips": delivered,
+            "secured": conn.tls is not None,
+            "authenticated": conn.auth is not None,
+        }
+
+
+def _original(claim: Claim) -> OriginalMessage:
+    return OriginalMessage(
+        queue_id=claim.queue_id,
+        mail_from=claim.mail_from,
+        body_path=claim.body_path,
+        received_at=claim.received_at,
+        env_id=claim.env_id,
+        ret=claim.ret,
+        is_double_bounce_notice=bool(claim.notes.get(DOUBLE_BOUNCE_NOTE)),
+    )
+
+
+def _remote(decision: Decision) -> str | None:
+    """The remote host whose reply decided, if a remote decided."""
+    return decision.conn.mx_host if decision.conn is not None else None
+
+
+def _connection(info: ConnectionInfo | None) -> Connection | None:
+    if info is None:
+        return None
+    return Connection(
+        mx_host=info.host,
+        mx_ip=info.ip,
+        port=info.port,
+        tls=info.tls,
+        auth=info.auth_user,
+        lmtp=info.lmtp,
+        dsn_passed_on=info.dsn,
+    )
+
+
+def _plugin_failure(exc: HookFailure) -> Verdict:
+    reply = local_reply(451, "4.3.0", f"plugin {exc.plugin} failed in {exc.hook}: {exc.reason}")
+    return Verdict(Outcome.DEFERRED, reply, "plugin", count_failure=False, reason=str(exc))

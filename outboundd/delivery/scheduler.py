@@ -1,0 +1,195 @@
+"""The scheduler: claims due work from the spool and runs deliveries.
+
+It runs at most ``concurrency_max`` deliveries at once and at most
+``domain_concurrency_max`` to one domain, so one slow destination cannot take
+every slot.  It does not poll for new mail: ``Spool.accept`` sets
+``spool.new_work`` and the scheduler claims at once.  It does wake at least
+every ``poll_interval`` seconds, which is how it notices work made due by
+another process (``outboundctl flush``, a separate submission process) and
+a change of ``disabled`` or ``outboundctl pause``.
+
+Leases are renewed while a delivery runs, so a lease only expires when its
+holder died; then another scheduler (or this one after a restart) retries it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from typing import Protocol
+
+from outboundd.spool import Claim, Spool
+
+
+class SchedulerSettings(Protocol):
+    """The part of ``OutboundConfig`` the scheduler reads (re-read every loop)."""
+
+    @property
+    def disabled(self) -> bool: ...
+    @property
+    def concurrency_max(self) -> int: ...
+    @property
+    def domain_concurrency_max(self) -> int: ...
+    @property
+    def always_split(self) -> bool: ...
+    @property
+    def lease_seconds(self) -> float: ...
+
+
+class Reporter(Protocol):
+    def error(self, message: str, **fields: object) -> None: ...
+    def info(self, message: str, **fields: object) -> None: ...
+
+
+DeliverFunction = Callable[[Claim], Awaitable[None]]
+
+#: How long a failed delivery task's recipients wait before they are retried.
+CRASH_RETRY_SECONDS = 60.0
+
+
+class Scheduler:
+    def __init__(
+        self,
+        spool: Spool,
+        settings: Callable[[], SchedulerSettings],
+        deliver: DeliverFunction,
+        *,
+        owner: str,
+        log: Reporter,
+        poll_interval: float = 0.5,
+    ) -> None:
+        self.spool = spool
+        self.settings = settings
+        self.deliver = deliver
+        self.owner = owner
+        self.log = log
+        self.poll_interval = poll_interval
+        self._active: set[asyncio.Task[None]] = set()
+        self._per_domain: Counter[str] = Counter()
+        self._stopping = False
+        self._paused_cache: tuple[float, bool] = (0.0, False)
+        self.started = 0
+
+    @property
+    def active(self) -> int:
+        return len(self._active)
+
+    async def run(self) -> None:
+        """Claim and start deliveries until :meth:`stop` is called."""
+        renewer = asyncio.create_task(self._renew_leases(), name="lease-renewer")
+        try:
+            while not self._stopping:
+                await self._step()
+        finally:
+            renewer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await renewer
+
+    async def _step(self) -> None:
+        settings = self.settings()
+        if settings.disabled or await self._paused():
+            await self._wait(self.poll_interval)
+            return
+        free = settings.concurrency_max - len(self._active)
+        if free <= 0:
+            await self._wait(self.poll_interval)
+            return
+        cap = settings.domain_concurrency_max
+        exclude = sorted(d for d, n in self._per_domain.items() if n >= cap)
+        # Clear before claiming: an accept that lands during the claim sets it
+        # again, so it is never missed.
+        self.spool.new_work.clear()
+        claims = await self.spool.claim(
+            self.owner,
+            limit=free,
+            lease_seconds=settings.lease_seconds,
+            always_split=settings.always_split,
+            exclude_domains=exclude,
+        )
+        excess: list[int] = []
+        for claim in claims:
+            if self._per_domain[claim.domain] >= cap:
+                excess.extend(r.id for r in claim.recipients)
+                continue
+            self._start(claim)
+        if excess:
+            await self.spool.release(self.owner, excess)
+        if claims:
+            return  # more may be due: claim again straight away
+        due = await self.spool.next_due_at()
+        now = time.time()
+        if due is None or due <= now:
+            timeout = self.poll_interval
+        else:
+            timeout = min(due - now, self.poll_interval)
+        await self._wait(timeout)
+
+    def _start(self, claim: Claim) -> None:
+        self._per_domain[claim.domain] += 1
+        self.started += 1
+        task = asyncio.create_task(self._run_one(claim), name=f"deliver-{claim.queue_id}")
+        self._active.add(task)
+
+    async def _run_one(self, claim: Claim) -> None:
+        try:
+            await self.deliver(claim)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            # A bug in delivery must not strand or lose the recipients: give
+            # them back, due again in a minute, and say what happened.
+            self.log.error(
+                "delivery failed unexpectedly; recipients will be retried",
+                qid=claim.queue_id,
+                domain=claim.domain,
+                error=f"{type(exc).__name__}: {exc}",
+            )
+            with contextlib.suppress(Exception):
+                await self.spool.release(
+                    self.owner,
+                    [r.id for r in claim.recipients],
+                    next_attempt_at=time.time() + CRASH_RETRY_SECONDS,
+                )
+        finally:
+            self._active.discard(asyncio.current_task())  # type: ignore[arg-type]
+            self._per_domain[claim.domain] -= 1
+            if self._per_domain[claim.domain] <= 0:
+                del self._per_domain[claim.domain]
+            self.spool.new_work.set()
+
+    async def _wait(self, timeout: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.spool.new_work.wait(), timeout)
+
+    async def _paused(self) -> bool:
+        checked_at, paused = self._paused_cache
+        now = time.monotonic()
+        if now - checked_at >= self.poll_interval:
+            paused = await self.spool.is_paused()
+            self._paused_cache = (now, paused)
+        return paused
+
+    async def _renew_leases(self) -> None:
+        while True:
+            lease = self.settings().lease_seconds
+            await asyncio.sleep(max(lease / 3, 0.05))
+            if self._active:
+                await self.spool.renew_leases(self.owner, time.time() + lease)
+
+    async def stop(self, grace: float) -> None:
+        """Stop claiming, let running deliveries finish for up to ``grace``
+        seconds, cancel the rest, and give back every lease still held."""
+        self._stopping = True
+        self.spool.new_work.set()
+        if self._active:
+            _, pending = await asyncio.wait(set(self._active), timeout=grace)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.gather(*pending, return_exceptions=True)
+        released = await self.spool.release_owner(self.owner)
+        if released:
+            self.log.info("released leases at shutdown", count=released)
