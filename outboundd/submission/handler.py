@@ -1,0 +1,622 @@
+"""The SMTP session: aiosmtpd's protocol with our commands, AUTH and DATA.
+
+We subclass :class:`aiosmtpd.smtp.SMTP` because the behaviour we need is
+not reachable through handler hooks alone:
+
+* MAIL and RCPT take RFC 3461 DSN parameters, which aiosmtpd refuses, and
+  upper-cases (ENVID and ORCPT are case-sensitive): ``smtp_MAIL`` and
+  ``smtp_RCPT`` are ours, built on the pure parsers in :mod:`.policy`.
+* DATA must refuse bare CR/LF (SMTP smuggling), answer size overruns with
+  ``552 5.3.4`` and never buffer more than the limit: ``smtp_DATA`` is ours.
+* AUTH must be offered on loopback even when ``auth_require_tls`` is on,
+  verify passwords off the event loop and throttle failing clients:
+  ``smtp_AUTH`` wraps aiosmtpd's, and ``auth_PLAIN``/``auth_LOGIN`` replace
+  the built-in mechanisms.
+* Every reply carries an enhanced status code: :meth:`push` adds one to the
+  few replies aiosmtpd still writes itself.
+
+The three places that touch aiosmtpd internals (the stream reader, the
+inactivity timer and the envelope factory) are small methods marked as such.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import collections
+import ssl
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import AnyStr, cast
+
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope, Session
+
+from outboundd.config import Config
+from outboundd.log import Logger
+from outboundd.plugins.auth_flat_file import AuthThrottle, UserStore
+from outboundd.submission import policy, prepare, replies
+from outboundd.submission.policy import Address, MailParams, PolicyError, RcptParams, RelayVerdict
+from outboundd.submission.queueing import Queuer
+from outboundd.submission.replies import Reply
+from outboundd.submission.transaction import Transaction
+
+__all__ = ["SubmissionContext", "SubmissionEnvelope", "SubmissionHandler", "SubmissionSMTP"]
+
+#: The banner after our host name: ``220 me outboundd ESMTP``.
+IDENT = "outboundd ESMTP"
+#: Reset the inactivity timer after this many octets of DATA, so a large
+#: message on a slow link is not cut off by ``inactivity_timeout``.
+_DATA_TIMER_STEP = 65536
+#: aiosmtpd's own limit for command lines other than MAIL/RCPT/AUTH.
+_COMMAND_LINE = 512
+
+
+@dataclass(eq=False)
+class SubmissionContext:
+    """Everything the sessions of one daemon share."""
+
+    config: Config
+    queuer: Queuer
+    users: UserStore
+    throttle: AuthThrottle
+    log: Logger
+    starttls_context: ssl.SSLContext | None = None
+    clock: Callable[[], float] = time.time
+    sessions: set[SubmissionSMTP] = field(default_factory=set)
+    closing: bool = False
+    idle: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def auth_enabled(self) -> bool:
+        """AUTH exists at all: the ``auth_flat_file`` plugin is listed (as in Haraka)."""
+        return "auth_flat_file" in self.config.plugins
+
+    def session_started(self, session: SubmissionSMTP) -> None:
+        self.sessions.add(session)
+        self.idle.clear()
+
+    def session_ended(self, session: SubmissionSMTP) -> None:
+        self.sessions.discard(session)
+        if not self.sessions:
+            self.idle.set()
+
+
+class SubmissionEnvelope(Envelope):
+    """aiosmtpd's envelope plus the parsed, typed transaction state.
+
+    ``sender`` is None until MAIL succeeded; the null sender is an
+    :class:`Address` whose ``is_null`` is true (aiosmtpd's own
+    ``mail_from`` cannot tell "no MAIL yet" from ``<>``).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sender: Address | None = None
+        self.mail_params = MailParams()
+        self.recipients: list[Address] = []
+        self.rcpt_params: dict[str, RcptParams] = {}
+        self.recipient_keys: set[str] = set()
+
+
+class SubmissionHandler:
+    """The aiosmtpd handler object: only EHLO needs a hook; the rest lives in the session."""
+
+    async def handle_EHLO(
+        self,
+        server: SubmissionSMTP,
+        session: Session,
+        envelope: Envelope,
+        hostname: str,
+        responses: list[str],
+    ) -> list[str]:
+        session.host_name = hostname
+        return server.ehlo_lines()
+
+
+class SubmissionSMTP(SMTP):
+    """One client connection."""
+
+    def __init__(self, ctx: SubmissionContext, *, implicit_tls: bool = False) -> None:
+        smtp = ctx.config.smtp
+        # aiosmtpd sizes its stream reader from this attribute in __init__;
+        # +1 leaves room for the transparency dot of a maximal line.
+        self.line_length_limit = smtp.max_line_length + 1
+        super().__init__(
+            SubmissionHandler(),
+            data_size_limit=None,  # our smtp_DATA enforces max_message_size
+            enable_SMTPUTF8=True,
+            decode_data=False,
+            hostname=ctx.config.me,
+            ident=IDENT,
+            tls_context=None if implicit_tls else ctx.starttls_context,
+            require_starttls=False,
+            timeout=smtp.inactivity_timeout,
+            auth_required=False,
+            auth_require_tls=False,  # our smtp_AUTH applies the policy (loopback allowed)
+            auth_exclude_mechanism=None if ctx.auth_enabled else ["PLAIN", "LOGIN"],
+            loop=asyncio.get_running_loop(),
+        )
+        self.ctx = ctx
+        self.log = ctx.log
+        # RFC 3461 parameters make MAIL/RCPT longer than 512 octets, and RFC
+        # 4954 allows long AUTH lines; per instance so sessions don't share it.
+        limits: collections.defaultdict[str, int] = collections.defaultdict(lambda: _COMMAND_LINE)
+        for command in ("MAIL", "RCPT", "AUTH"):
+            limits[command] = self.line_length_limit
+        self.command_size_limits = limits
+        self._raw_replies = False
+        self._busy = False
+        self._registered = False
+
+    # ----------------------------------------------------- aiosmtpd internals
+
+    def _create_envelope(self) -> SubmissionEnvelope:
+        # aiosmtpd's envelope factory (called on RSET, HELO/EHLO and after
+        # DATA); overriding it keeps our typed state in step with aiosmtpd's.
+        return SubmissionEnvelope()
+
+    async def _read_data_line(self) -> bytes:
+        # aiosmtpd keeps the connection's StreamReader in ``_reader``; DATA
+        # has to read from it directly, as aiosmtpd's own smtp_DATA does.
+        line: bytes = await self._reader.readuntil(b"\r\n")
+        return line
+
+    async def _drain_overlong(self, consumed: int) -> bytes:
+        chunk: bytes = await self._reader.read(consumed)
+        return chunk
+
+    def _touch_timer(self) -> None:
+        # aiosmtpd's inactivity timer only restarts on commands.
+        self._reset_timeout()
+
+    # ------------------------------------------------------------ session state
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        if not self._registered:  # called again after STARTTLS
+            self._registered = True
+            self.ctx.session_started(self)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        try:
+            super().connection_lost(error)
+        finally:
+            self.ctx.session_ended(self)
+
+    def client_ip(self) -> str | None:
+        peer = self.session.peer if self.session is not None else None
+        if isinstance(peer, tuple) and peer:
+            return str(peer[0])
+        return None
+
+    def tls_version(self) -> str | None:
+        """The TLS version in use (``TLSv1.3``), or None in clear."""
+        if self.transport is None:
+            return None
+        ssl_object = self.transport.get_extra_info("ssl_object")
+        if ssl_object is None:
+            return None
+        version = ssl_object.version()
+        return str(version) if version else "TLS"
+
+    def auth_user(self) -> str | None:
+        session = self.session
+        if session is None or not session.authenticated:
+            return None
+        user = session.auth_data
+        return user if isinstance(user, str) else None
+
+    def auth_allowed_now(self) -> bool:
+        return self.ctx.auth_enabled and policy.auth_allowed(
+            encrypted=self.tls_version() is not None,
+            client_ip=self.client_ip(),
+            require_tls=self.ctx.config.smtp.auth_require_tls,
+        )
+
+    def starttls_offered(self) -> bool:
+        return self.tls_context is not None and self.tls_version() is None
+
+    def envelope_state(self) -> SubmissionEnvelope:
+        envelope = self.envelope
+        assert isinstance(envelope, SubmissionEnvelope)
+        return envelope
+
+    def is_busy(self) -> bool:
+        """True while a message is being received or queued."""
+        return self._busy
+
+    # -------------------------------------------------------------- replies
+
+    async def push(self, status: AnyStr) -> None:
+        if isinstance(status, str) and not self._raw_replies:
+            await super().push(replies.with_enhanced_code(status))
+        else:
+            await super().push(status)
+
+    async def reply(self, reply: Reply) -> None:
+        await self.push(str(reply))
+
+    def ehlo_lines(self) -> list[str]:
+        """Our EHLO answer (replaces aiosmtpd's list entirely)."""
+        smtp = self.ctx.config.smtp
+        keywords = [
+            "PIPELINING",
+            f"SIZE {smtp.max_message_size}" if smtp.max_message_size else "SIZE",
+            "8BITMIME",
+            "SMTPUTF8",
+            "ENHANCEDSTATUSCODES",
+            "DSN",
+        ]
+        if self.starttls_offered():
+            keywords.append("STARTTLS")
+        if self.auth_allowed_now():
+            keywords.append("AUTH PLAIN LOGIN")
+        lines = [f"250-{self.hostname}"]
+        lines += [f"250-{word}" for word in keywords[:-1]]
+        lines.append(f"250 {keywords[-1]}")
+        return lines
+
+    async def smtp_EHLO(self, hostname: str) -> None:
+        # RFC 2034: no enhanced codes in the EHLO/HELO replies.
+        self._raw_replies = True
+        try:
+            await super().smtp_EHLO(hostname)
+        finally:
+            self._raw_replies = False
+
+    async def smtp_HELO(self, hostname: str) -> None:
+        self._raw_replies = True
+        try:
+            await super().smtp_HELO(hostname)
+        finally:
+            self._raw_replies = False
+
+    async def smtp_STARTTLS(self, arg: str) -> None:
+        if self.tls_version() is not None:
+            await self.reply(replies.ALREADY_TLS)
+            return
+        await super().smtp_STARTTLS(arg)
+
+    # ----------------------------------------------------------------- AUTH
+
+    async def smtp_AUTH(self, arg: str) -> None:
+        if not self.ctx.auth_enabled:
+            await self.reply(replies.AUTH_NOT_AVAILABLE)
+            return
+        if await self.check_helo_needed("EHLO"):
+            return
+        if not self.auth_allowed_now():
+            await self.reply(replies.AUTH_NEEDS_TLS)
+            return
+        if self.envelope_state().sender is not None:
+            await self.reply(replies.AUTH_IN_TRANSACTION)
+            return
+        ip = self.client_ip() or "unknown"
+        if self.ctx.throttle.is_blocked(ip):
+            self.log.notice("AUTH refused: client is blocked after repeated failures", client_ip=ip)
+            await self._hang_up(replies.AUTH_BLOCKED)
+            return
+        # RFC 4954: mechanism names are case-insensitive; aiosmtpd compares as sent.
+        mechanism, _, rest = (arg or "").strip().partition(" ")
+        await super().smtp_AUTH(f"{mechanism.upper()} {rest}".strip() if mechanism else arg)
+
+    async def auth_PLAIN(self, _: SMTP, args: list[str]) -> AuthResult:
+        """RFC 4616 PLAIN: ``authzid NUL authcid NUL passwd`` (authzid ignored)."""
+        if len(args) == 1:
+            blob = await self.challenge_auth("")
+            if not isinstance(blob, bytes):
+                return AuthResult(success=False, handled=True)
+        else:
+            try:
+                blob = _b64decode(args[1])
+            except ValueError:
+                await self.reply(Reply(501, "5.5.2", "Cannot decode base64"))
+                return AuthResult(success=False, handled=True)
+        parts = blob.split(b"\x00")
+        if len(parts) != 3:
+            await self.reply(Reply(501, "5.5.2", "Cannot split PLAIN credentials"))
+            return AuthResult(success=False, handled=True)
+        return await self._verify(parts[1], parts[2])
+
+    async def auth_LOGIN(self, _: SMTP, args: list[str]) -> AuthResult:
+        """The LOGIN mechanism: user name and password in two base64 challenges."""
+        if len(args) == 1:
+            login = await self.challenge_auth(self.AuthLoginUsernameChallenge)
+            if not isinstance(login, bytes):
+                return AuthResult(success=False, handled=True)
+        else:
+            try:
+                login = _b64decode(args[1])
+            except ValueError:
+                await self.reply(Reply(501, "5.5.2", "Cannot decode base64"))
+                return AuthResult(success=False, handled=True)
+        password = await self.challenge_auth(self.AuthLoginPasswordChallenge)
+        if not isinstance(password, bytes):
+            return AuthResult(success=False, handled=True)
+        return await self._verify(login, password)
+
+    async def _verify(self, login: bytes, password: bytes) -> AuthResult:
+        """Check the credentials; on failure wait as the throttle says, maybe hang up.
+
+        The password is never logged; the user name is (it is what an
+        operator needs to see who is failing).
+        """
+        ip = self.client_ip() or "unknown"
+        try:
+            user = login.decode("utf-8")
+            secret = password.decode("utf-8")
+        except UnicodeDecodeError:
+            user, secret = "", ""
+        ok = bool(user) and bool(secret) and await self.ctx.users.averify(user, secret)
+        if ok:
+            self.ctx.throttle.record_success(ip)
+            self.log.info("AUTH succeeded", user=user, client_ip=ip, tls=self.tls_version())
+            return AuthResult(success=True, auth_data=user, message=replies.AUTH_OK)
+        verdict = self.ctx.throttle.record_failure(ip)
+        self.log.notice(
+            "AUTH failed",
+            user=replies.clean_text(user, 100),
+            client_ip=ip,
+            failures=verdict.failures,
+            delay=verdict.delay,
+            disconnect=verdict.disconnect,
+        )
+        if verdict.delay > 0:
+            await asyncio.sleep(verdict.delay)
+        if verdict.disconnect:
+            await self._hang_up(replies.AUTH_BLOCKED)
+            return AuthResult(success=False, handled=True)
+        return AuthResult(success=False, handled=False, message=str(replies.AUTH_INVALID))
+
+    async def _hang_up(self, reply: Reply) -> None:
+        await self.reply(reply)
+        if self.transport is not None:
+            self.transport.close()
+
+    # ------------------------------------------------------------ MAIL / RCPT
+
+    async def smtp_MAIL(self, arg: str | None) -> None:
+        if await self.check_helo_needed():
+            return
+        assert self.session is not None
+        envelope = self.envelope_state()
+        if envelope.sender is not None:
+            await self.reply(replies.NESTED_MAIL)
+            return
+        try:
+            sender, params = policy.parse_mail(
+                arg,
+                extended=self.session.extended_smtp,
+                max_size=self.ctx.config.smtp.max_message_size,
+            )
+        except PolicyError as exc:
+            await self.reply(exc.reply)
+            return
+        if self.ctx.config.smtp.constrain_sender and not policy.sender_matches_auth(
+            self.auth_user(), sender
+        ):
+            self.log.notice("sender refused by constrain_sender", user=self.auth_user(),
+                            mail_from=str(sender), client_ip=self.client_ip())  # fmt: skip
+            await self.reply(replies.SENDER_NOT_OWNED)
+            return
+        envelope.sender = sender
+        envelope.mail_params = params
+        envelope.mail_from = str(sender)
+        envelope.smtp_utf8 = params.smtputf8
+        await self.reply(replies.OK_SENDER)
+
+    def _relay_verdict(self) -> RelayVerdict:
+        auth_possible = self.ctx.auth_enabled and (
+            self.auth_allowed_now() or self.starttls_offered()
+        )
+        return policy.relay_verdict(
+            authenticated=self.auth_user() is not None,
+            client_ip=self.client_ip(),
+            relay_acl=self.ctx.config.relay_acl_allow,
+            auth_possible=auth_possible,
+        )
+
+    async def smtp_RCPT(self, arg: str | None) -> None:
+        if await self.check_helo_needed():
+            return
+        assert self.session is not None
+        envelope = self.envelope_state()
+        if envelope.sender is None:
+            await self.reply(replies.NEED_MAIL)
+            return
+        try:
+            recipient, params = policy.parse_rcpt(
+                arg, extended=self.session.extended_smtp, utf8=envelope.mail_params.smtputf8
+            )
+        except PolicyError as exc:
+            await self.reply(exc.reply)
+            return
+        verdict = self._relay_verdict()
+        if verdict is not RelayVerdict.ALLOW:
+            self.log.notice("relaying refused", client_ip=self.client_ip(),
+                            recipient=str(recipient), verdict=str(verdict))  # fmt: skip
+            await self.reply(
+                replies.AUTH_REQUIRED
+                if verdict is RelayVerdict.AUTH_REQUIRED
+                else replies.RELAY_DENIED
+            )
+            return
+        key = recipient.key()
+        if key in envelope.recipient_keys:
+            await self.reply(replies.OK_RECIPIENT.with_text("Recipient OK (duplicate ignored)"))
+            return
+        if len(envelope.recipients) >= self.ctx.config.smtp.max_recipients:
+            await self.reply(replies.TOO_MANY_RECIPIENTS)
+            return
+        envelope.recipients.append(recipient)
+        envelope.recipient_keys.add(key)
+        envelope.rcpt_params[str(recipient)] = params
+        envelope.rcpt_tos.append(str(recipient))
+        await self.reply(replies.OK_RECIPIENT)
+
+    # ----------------------------------------------------------------- DATA
+
+    async def smtp_DATA(self, arg: str) -> None:
+        if await self.check_helo_needed():
+            return
+        envelope = self.envelope_state()
+        if envelope.sender is None:
+            await self.reply(replies.NEED_MAIL)
+            return
+        if not envelope.recipients:
+            await self.reply(replies.NEED_RCPT)
+            return
+        if arg:
+            await self.reply(replies.DATA_SYNTAX)
+            return
+        self._busy = True
+        try:
+            self._raw_replies = True
+            try:
+                await self.push(replies.START_DATA)
+            finally:
+                self._raw_replies = False
+            body, error = await self._receive_data()
+            # The transaction is over whatever happens next (RFC 5321 §4.1.1.4).
+            self.envelope = self._create_envelope()
+            if error is not None:
+                self.log.info("message refused", client_ip=self.client_ip(), reply=str(error))
+                await self.reply(error)
+                return
+            assert body is not None
+            reply = await self._queue(envelope, body)
+            await self.reply(reply)
+        finally:
+            self._busy = False
+        if self.ctx.closing:
+            await self._hang_up(Reply(421, "4.3.2", "Service shutting down, closing connection"))
+
+    async def _receive_data(self) -> tuple[bytes | None, Reply | None]:
+        """Read up to ``<CRLF>.<CRLF>``: the unstuffed message, or the refusal.
+
+        The data is always read to its end, so the session stays in step
+        with a pipelining client.  Past the size limit nothing more is kept.
+        """
+        limit = self.ctx.config.smtp.max_message_size
+        data = bytearray()
+        size = 0
+        next_touch = _DATA_TIMER_STEP
+        too_big = too_long = bare = False
+        at_line_start = True
+        while True:
+            try:
+                line = await self._read_data_line()
+            except asyncio.LimitOverrunError as exc:
+                too_long = True
+                line = await self._drain_overlong(exc.consumed)
+                at_line_start = False
+                size += len(line)
+                continue
+            if at_line_start and line == b".\r\n":
+                break
+            if at_line_start and line.startswith(b"."):
+                line = line[1:]
+            at_line_start = True
+            size += len(line)
+            if size > next_touch:
+                next_touch = size + _DATA_TIMER_STEP
+                self._touch_timer()
+            if too_big or too_long or bare:
+                continue
+            if b"\n" in line[:-2] or b"\r" in line[:-2]:
+                bare = True
+                data.clear()
+                continue
+            if limit and size > limit:
+                too_big = True
+                data.clear()
+                continue
+            data += line
+        if too_big:
+            return None, replies.TOO_BIG.with_text(
+                f"Message size exceeds fixed maximum message size ({limit} octets)"
+            )
+        if too_long:
+            return None, replies.LINE_TOO_LONG.with_text(
+                f"Line too long (more than {self.ctx.config.smtp.max_line_length} octets)"
+            )
+        if bare:
+            return None, replies.BARE_LINE_END
+        return bytes(data), None
+
+    async def _queue(self, envelope: SubmissionEnvelope, body: bytes) -> Reply:
+        assert envelope.sender is not None and self.session is not None
+        queuer = self.ctx.queuer
+        queue_id = queuer.new_queue_id()
+        now = self.ctx.clock()
+        params = envelope.mail_params
+        tls = self.tls_version()
+        user = self.auth_user()
+        body = prepare.add_missing_headers(body, queue_id=queue_id, me=self.hostname, now=now)
+        text = self.ctx.config.outbound.received_header
+        if text is not None:
+            rcpts = envelope.recipients
+            body = (
+                prepare.received_header(
+                    me=self.hostname,
+                    text=text,
+                    queue_id=queue_id,
+                    now=now,
+                    helo=self.session.host_name or "unknown",
+                    client_ip=self.client_ip(),
+                    protocol=prepare.protocol_word(
+                        esmtp=self.session.extended_smtp,
+                        tls=tls is not None,
+                        authenticated=user is not None,
+                        smtputf8=params.smtputf8,
+                    ),
+                    recipient=str(rcpts[0]) if len(rcpts) == 1 else None,
+                )
+                + body
+            )
+        txn = Transaction(
+            queue_id=queue_id,
+            mail_from=str(envelope.sender),
+            rcpt_to=[str(r) for r in envelope.recipients],
+            body=body,
+            rcpt_params=dict(envelope.rcpt_params),
+            auth_user=user,
+            remote_ip=self.client_ip(),
+            helo=self.session.host_name,
+            tls=tls,
+            smtputf8=params.smtputf8,
+            env_id=params.env_id,
+            ret=params.ret,
+        )
+        return await queuer.queue(txn, run_queue_outbound=True)
+
+    def close_if_idle(self, reply: Reply) -> bool:
+        """Shutdown: say 421 and close unless a message is in flight."""
+        if self._busy or self.transport is None:
+            return False
+        transport = self.transport
+        # Duck-typed: uvloop's transports are not asyncio ABC subclasses.
+        if not transport.is_closing() and callable(getattr(transport, "write", None)):
+            cast(asyncio.WriteTransport, transport).write(str(reply).encode("ascii") + b"\r\n")
+        transport.close()
+        return True
+
+
+def _b64decode(text: str) -> bytes:
+    try:
+        return base64.b64decode(text.encode("ascii"), validate=True)
+    except (binascii.Error, UnicodeEncodeError) as exc:
+        raise ValueError("not base64") from exc
+
+
+def make_session_factory(
+    ctx: SubmissionContext, *, implicit_tls: bool
+) -> Callable[[], SubmissionSMTP]:
+    """The protocol factory for ``loop.create_server``."""
+
+    def factory() -> SubmissionSMTP:
+        return SubmissionSMTP(ctx, implicit_tls=implicit_tls)
+
+    return factory

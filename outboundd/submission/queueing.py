@@ -1,0 +1,183 @@
+"""From a finished transaction to a durable spool entry: hooks, then ``accept``.
+
+Shared by the SMTP session and the ``send_email`` API so both follow the
+same rules:
+
+1. ``queue_outbound`` (SMTP only): ``ok()`` — a plugin took the message, it
+   is not spooled; ``deny`` → 550; ``denysoft`` → 451.
+2. ``pre_send_trans_email``: may edit the transaction; ``deny`` → 550,
+   ``denysoft`` → 451; ``ok()`` or ``None`` go on to the spool (this hook
+   prepares, it cannot take a message — that is ``queue_outbound``'s job).
+3. ``spool.accept()``; only when it returned is the answer 250.
+
+A plugin that raises, times out or returns a result the hook does not take
+gives ``451 4.3.0`` and an ERROR log line naming it.  A spool failure gives
+``451 4.3.0``; the spool guarantees nothing of the message remains.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Protocol
+
+from outboundd.hooks import HookFailure, HookRunner, ResultCode
+from outboundd.log import Logger
+from outboundd.spool.errors import SpoolError
+from outboundd.spool.types import NewMessage
+from outboundd.submission import replies
+from outboundd.submission.replies import Reply, clean_text
+from outboundd.submission.transaction import Transaction
+
+__all__ = ["Queuer", "SpoolSink"]
+
+
+class SpoolSink(Protocol):
+    """The two spool operations submission needs (``outboundd.spool.Spool`` has them)."""
+
+    def new_queue_id(self) -> str: ...
+
+    async def accept(self, message: NewMessage, *, queue_id: str | None = None) -> str: ...
+
+
+def queued_reply(queue_id: str) -> Reply:
+    return Reply(250, "2.0.0", f"Ok: queued as {queue_id}")
+
+
+class Queuer:
+    """Runs the hooks and the spool write for one process; tracks writes in flight.
+
+    A client that disconnects while its message is being written does not
+    interrupt the write (the spool either commits it or removes it); the
+    daemon waits for such writes in :meth:`drain` before closing the spool.
+    """
+
+    def __init__(self, spool: SpoolSink, hooks: HookRunner, log: Logger) -> None:
+        self.spool = spool
+        self.hooks = hooks
+        self.log = log
+        self._inflight: set[asyncio.Task[str]] = set()
+
+    def new_queue_id(self) -> str:
+        return self.spool.new_queue_id()
+
+    async def _hook(self, hook: str, txn: Transaction) -> Reply | None:
+        """Run ``hook``; a reply when the chain ended the transaction, else None."""
+        if not self.hooks.has(hook):
+            return None
+        try:
+            outcome = await self.hooks.run(hook, txn)
+        except HookFailure as exc:
+            self.log.error(
+                "plugin failed; message refused temporarily",
+                qid=txn.queue_id,
+                hook=exc.hook,
+                plugin=exc.plugin,
+                error=exc.reason,
+            )
+            return replies.LOCAL_ERROR
+        result = outcome.result
+        if result is None:
+            return None
+        message = clean_text(result.message) if result.message else None
+        if result.code is ResultCode.DENY:
+            reply = replies.PLUGIN_DENY
+            self.log.info("message refused by plugin", qid=txn.queue_id, hook=hook,
+                          plugin=outcome.plugin, reason=message)  # fmt: skip
+            return reply.with_text(message) if message else reply
+        if result.code is ResultCode.DENYSOFT:
+            reply = replies.PLUGIN_DENYSOFT
+            self.log.info("message deferred by plugin", qid=txn.queue_id, hook=hook,
+                          plugin=outcome.plugin, reason=message)  # fmt: skip
+            return reply.with_text(message) if message else reply
+        if result.code is ResultCode.OK:
+            if hook == "queue_outbound":
+                self.log.info("message taken by plugin", qid=txn.queue_id, plugin=outcome.plugin,
+                              recipients=len(txn.rcpt_to), size=txn.size)  # fmt: skip
+                return Reply(250, "2.0.0", f"Ok: accepted as {txn.queue_id}")
+            return None
+        self.log.error(
+            "plugin returned a result this hook does not take; message refused temporarily",
+            qid=txn.queue_id,
+            hook=hook,
+            plugin=outcome.plugin,
+            result=str(result.code),
+        )
+        return replies.LOCAL_ERROR
+
+    def _check(self, txn: Transaction) -> Reply | None:
+        """After the hooks: is the transaction still something we can store?"""
+        if not txn.rcpt_to:
+            self.log.info("no recipients left after plugins", qid=txn.queue_id)
+            return replies.NO_RECIPIENTS_LEFT
+        addresses = [txn.mail_from, *txn.rcpt_to]
+        bad = [
+            a
+            for a in addresses
+            if not isinstance(a, str) or any(ch in a for ch in "\r\n\0<>") or a.isspace()
+        ]
+        if bad or not isinstance(txn.body, bytes | bytearray) or not all(txn.rcpt_to):
+            self.log.error("plugins left an invalid transaction", qid=txn.queue_id)
+            return replies.LOCAL_ERROR
+        if isinstance(txn.body, bytearray):
+            txn.body = bytes(txn.body)
+        return None
+
+    async def queue(self, txn: Transaction, *, run_queue_outbound: bool = True) -> Reply:
+        """Hooks, then the spool; the reply for the client (never raises for bad input)."""
+        if run_queue_outbound:
+            reply = await self._hook("queue_outbound", txn)
+            if reply is not None:
+                return reply
+        reply = await self._hook("pre_send_trans_email", txn)
+        if reply is not None:
+            return reply
+        reply = self._check(txn)
+        if reply is not None:
+            return reply
+        return await self._accept(txn)
+
+    async def _accept(self, txn: Transaction) -> Reply:
+        message = txn.to_new_message()
+        task = asyncio.create_task(self.spool.accept(message, queue_id=txn.queue_id))
+        self._inflight.add(task)
+        task.add_done_callback(self._finished)
+        try:
+            queue_id = await asyncio.shield(task)
+        except asyncio.CancelledError:
+            self.log.notice("client gone while its message was being queued; the write "
+                            "completes and the client will likely send it again",
+                            qid=txn.queue_id)  # fmt: skip
+            raise
+        except (SpoolError, OSError, ValueError) as exc:
+            self.log.error("queue write failed; message refused temporarily",
+                           qid=txn.queue_id, error=f"{type(exc).__name__}: {exc}")  # fmt: skip
+            return replies.LOCAL_ERROR
+        self.log.info(
+            "queued",
+            qid=queue_id,
+            mail_from=txn.mail_from,
+            recipients=len(message.recipients),
+            size=len(message.body),
+            auth_user=txn.auth_user,
+            client_ip=txn.remote_ip,
+            tls=txn.tls,
+        )
+        return queued_reply(queue_id)
+
+    def _finished(self, task: asyncio.Task[str]) -> None:
+        self._inflight.discard(task)
+        if not task.cancelled():
+            # Retrieve the exception: the session, if still there, answered 451
+            # and logged it; a gone session has nobody left to tell.
+            task.exception()
+
+    async def drain(self, timeout: float) -> None:
+        """Wait (at most ``timeout`` s) for spool writes whose client has gone."""
+        if not self._inflight:
+            return
+        pending = list(self._inflight)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(
+                asyncio.gather(*pending, return_exceptions=True), timeout=timeout
+            )

@@ -1,0 +1,184 @@
+"""Listeners: plaintext+STARTTLS on ``smtp.listen``, implicit TLS on ``smtp.listen_tls``.
+
+:func:`start_listeners` binds every configured address (or none: an error
+on any address closes the ones already bound and raises ``OSError``, so
+the daemon never runs half-listening) and returns :class:`Listeners`,
+whose :meth:`Listeners.close` stops accepting and lets sessions finish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import ssl
+from dataclasses import dataclass
+
+from outboundd.config import Config, HostPort
+from outboundd.hooks import HookRunner
+from outboundd.log import Level, Logger, get_logger
+from outboundd.plugins.auth_flat_file import AuthThrottle, UserStore
+from outboundd.submission.handler import SubmissionContext, make_session_factory
+from outboundd.submission.queueing import Queuer, SpoolSink
+from outboundd.submission.replies import Reply
+
+__all__ = ["ListenerError", "Listeners", "server_tls_context", "start_listeners"]
+
+#: Default seconds :meth:`Listeners.close` lets messages in flight finish.
+CLOSE_GRACE = 10.0
+
+_TLS_VERSIONS = {
+    "TLSv1": ssl.TLSVersion.TLSv1,
+    "TLSv1.1": ssl.TLSVersion.TLSv1_1,
+    "TLSv1.2": ssl.TLSVersion.TLSv1_2,
+    "TLSv1.3": ssl.TLSVersion.TLSv1_3,
+}
+
+_SHUTTING_DOWN = Reply(421, "4.3.2", "Service shutting down, closing connection")
+
+
+class ListenerError(OSError):
+    """A listener cannot be set up (missing certificate for ``listen_tls`` ...)."""
+
+
+def server_tls_context(config: Config) -> ssl.SSLContext | None:
+    """The server-side TLS context from ``tls.ini [main]``, or None without a key pair.
+
+    Raises ``ssl.SSLError``/``OSError`` (both ``OSError``) when the files
+    cannot be loaded: a broken certificate is a start-up error, not a
+    silently missing STARTTLS.
+    """
+    tls = config.tls
+    if tls.key is None or tls.cert is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(str(tls.cert), str(tls.key))
+    except (OSError, ValueError) as exc:
+        raise ListenerError(f"cannot load TLS key pair {tls.cert} / {tls.key}: {exc}") from exc
+    if tls.main.min_version:
+        context.minimum_version = _TLS_VERSIONS[tls.main.min_version]
+    if tls.main.ciphers:
+        context.set_ciphers(tls.main.ciphers)
+    return context
+
+
+def _quiet_aiosmtpd(log: Logger) -> None:
+    """aiosmtpd logs every command (and a deprecation warning per AUTH) on its
+    ``mail.log`` logger; show that chatter only when we log at PROTOCOL."""
+    level = logging.DEBUG if log.enabled(Level.PROTOCOL) else logging.ERROR
+    logging.getLogger("mail.log").setLevel(level)
+
+
+@dataclass(eq=False)
+class Listeners:
+    """The running listeners of one daemon."""
+
+    servers: list[tuple[asyncio.Server, bool]]  # (server, implicit TLS)
+    context: SubmissionContext
+
+    def addresses(self) -> list[tuple[str, int, bool]]:
+        """``(host, port, implicit_tls)`` of every bound socket (tests use port 0)."""
+        found: list[tuple[str, int, bool]] = []
+        for server, implicit in self.servers:
+            for sock in server.sockets:
+                name = sock.getsockname()
+                found.append((str(name[0]), int(name[1]), implicit))
+        return found
+
+    async def close(self, grace: float = CLOSE_GRACE) -> None:
+        """Stop accepting, then let sessions end (bounded by ``grace`` seconds).
+
+        Idle sessions are told ``421 4.3.2`` and closed at once; a session
+        receiving or queueing a message finishes that message first.  After
+        ``grace`` the rest are cut off (their messages are not queued, the
+        clients retry).  Spool writes whose client went away are awaited, so
+        the spool can be closed safely afterwards.
+        """
+        ctx = self.context
+        ctx.closing = True
+        for server, _ in self.servers:
+            server.close()
+        for session in list(ctx.sessions):
+            session.close_if_idle(_SHUTTING_DOWN)
+        if ctx.sessions:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(ctx.idle.wait(), grace)
+        for session in list(ctx.sessions):
+            if session.transport is not None:
+                session.transport.close()
+        # Give the transports a loop turn to run connection_lost.
+        for _ in range(3):
+            if not ctx.sessions:
+                break
+            await asyncio.sleep(0)
+        for server, _ in self.servers:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(server.wait_closed(), 1.0)
+        await ctx.queuer.drain(grace)
+
+
+async def start_listeners(
+    config: Config,
+    spool: SpoolSink,
+    hooks: HookRunner,
+    logger: Logger | None = None,
+) -> Listeners:
+    """Bind every ``listen`` and ``listen_tls`` address and start serving.
+
+    Raises ``OSError`` (a :class:`ListenerError` for configuration problems)
+    when any address cannot be used; nothing is left listening then.
+    """
+    log = logger or get_logger("submission")
+    _quiet_aiosmtpd(log)
+    tls_context = server_tls_context(config)
+    if config.smtp.listen_tls and tls_context is None:
+        raise ListenerError(
+            "smtp.ini listen_tls is set but there is no TLS key pair "
+            "(tls_key.pem/tls_cert.pem or tls.ini [main] key/cert)"
+        )
+    ctx = SubmissionContext(
+        config=config,
+        queuer=Queuer(spool, hooks, log),
+        users=UserStore(config.auth_users),
+        throttle=AuthThrottle(
+            max_failures=config.smtp.auth_max_failures,
+            failure_delay=config.smtp.auth_failure_delay,
+            disconnect_after=config.smtp.auth_disconnect_after,
+            block_seconds=config.smtp.auth_block_seconds,
+        ),
+        log=log,
+        starttls_context=tls_context,
+    )
+    ctx.idle.set()
+    loop = asyncio.get_running_loop()
+    servers: list[tuple[asyncio.Server, bool]] = []
+
+    async def bind(address: HostPort, implicit_tls: bool) -> None:
+        server = await loop.create_server(
+            make_session_factory(ctx, implicit_tls=implicit_tls),
+            host=address.host,
+            port=address.port,
+            ssl=tls_context if implicit_tls else None,
+            reuse_address=True,
+        )
+        servers.append((server, implicit_tls))
+
+    try:
+        for address in config.smtp.listen:
+            await bind(address, False)
+        for address in config.smtp.listen_tls:
+            await bind(address, True)
+    except OSError:
+        for server, _ in servers:
+            server.close()
+        raise
+    listeners = Listeners(servers, ctx)
+    for host, port, implicit in listeners.addresses():
+        log.info(
+            "listening",
+            address=f"[{host}]:{port}" if ":" in host else f"{host}:{port}",
+            tls="implicit" if implicit else ("starttls" if tls_context else "none"),
+            auth="on" if ctx.auth_enabled else "off",
+        )
+    return listeners

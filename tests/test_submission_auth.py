@@ -1,0 +1,235 @@
+"""AUTH, throttling, relay policy, STARTTLS and implicit TLS over loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import time
+from pathlib import Path
+
+import aiosmtplib
+import pytest
+
+from tests import certs
+from tests.submission_fixtures import (
+    PASSWORD,
+    LineClient,
+    make_config,
+    password_hash,
+    running_relay,
+)
+
+MESSAGE = b"Subject: hello\r\n\r\nHello.\r\n"
+
+
+def plain(user: str, password: str) -> str:
+    return base64.b64encode(f"\0{user}\0{password}".encode()).decode()
+
+
+def b64(text: str) -> str:
+    return base64.b64encode(text.encode()).decode()
+
+
+async def test_auth_plain_success_and_failure(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    async with running_relay(make_config(tmp_path)) as relay:
+        client = await LineClient.connect(relay.port())
+        await client.cmd("EHLO client.test")
+        assert (await client.cmd(f"AUTH PLAIN {plain('alice', 'wrong')}")).startswith("535 5.7.8")
+        assert (await client.cmd(f"AUTH PLAIN {plain('nobody', PASSWORD)}")).startswith("535 5.7.8")
+        assert (await client.cmd(f"auth plain {plain('alice', PASSWORD)}")).startswith("235 2.7.0")
+        assert (await client.cmd(f"AUTH PLAIN {plain('alice', PASSWORD)}")).startswith("503")
+        await client.close()
+    out = capsys.readouterr().out
+    assert "AUTH failed" in out and "AUTH succeeded" in out
+    assert PASSWORD not in out and "wrong" not in out and plain("alice", PASSWORD) not in out
+
+
+async def test_auth_plain_with_challenge_and_malformed_input(tmp_path: Path) -> None:
+    async with running_relay(make_config(tmp_path)) as relay:
+        client = await LineClient.connect(relay.port())
+        await client.cmd("EHLO client.test")
+        assert (await client.cmd("AUTH PLAIN")) == "334 "
+        assert (await client.cmd(plain("alice", PASSWORD))).startswith("235")
+        await client.close()
+        client = await LineClient.connect(relay.port())
+        await client.cmd("EHLO client.test")
+        assert (await client.cmd("AUTH PLAIN !!notbase64")).startswith("501 5.5.2")
+        assert (await client.cmd(f"AUTH PLAIN {b64('no-nuls')}")).startswith("501 5.5.2")
+        assert (await client.cmd("AUTH CRAM-MD5")).startswith("504 5.5.4")
+        assert (await client.cmd("AUTH PLAIN")) == "334 "
+        assert (await client.cmd("*")).startswith("501")
+        await client.close()
+
+
+async def test_auth_login(tmp_path: Path) -> None:
+    async with running_relay(make_config(tmp_path)) as relay:
+        client = await LineClient.connect(relay.port())
+        await client.cmd("EHLO client.test")
+        assert (await client.cmd("AUTH LOGIN")).startswith("334 ")
+        assert (await client.cmd(b64("alice"))).startswith("334 ")
+        assert (await client.cmd(b64("nope"))).startswith("535 5.7.8")
+        assert (await client.cmd(f"AUTH LOGIN {b64('alice')}")).startswith("334 ")
+        assert (await client.cmd(b64(PASSWORD))).startswith("235 2.7.0")
+        await client.close()
+        smtp = aiosmtplib.SMTP(hostname="127.0.0.1", port=relay.port(), start_tls=False)
+        async with smtp:
+            await smtp.ehlo()
+            assert (await smtp.auth_login("alice", PASSWORD)).code == 235
+            await smtp.sendmail("a@example.com", ["b@example.org"], MESSAGE)
+        assert relay.messages()[0][2] == "alice"
+
+
+async def test_failing_client_is_slowed_then_disconnected_and_blocked(tmp_path: Path) -> None:
+    config = make_config(
+        tmp_path, auth_max_failures=2, auth_failure_delay=0.3, auth_disconnect_after=3,
+        auth_block_seconds=60,
+    )  # fmt: skip
+    async with running_relay(config) as relay:
+        client = await LineClient.connect(relay.port())
+        await client.cmd("EHLO client.test")
+        started = time.monotonic()
+        assert (await client.cmd(f"AUTH PLAIN {plain('alice', 'x1')}")).startswith("535")
+        first = time.monotonic() - started
+        started = time.monotonic()
+        assert (await client.cmd(f"AUTH PLAIN {plain('alice', 'x2')}")).startswith("535")
+        second = time.monotonic() - started
+        assert second >= 0.3 > first
+        assert (await client.cmd(f"AUTH PLAIN {plain('alice', 'x3')}")).startswith("421 4.7.0")
+        assert await client.closed()
+        await client.close()
+        # Blocked: even the right password is refused, and the connection closed.
+        client = await LineClient.connect(relay.port())
+        await client.cmd("EHLO client.test")
+        assert (await client.cmd(f"AUTH PLAIN {plain('alice', PASSWORD)}")).startswith("421 4.7.0")
+        assert await client.closed()
+        await client.close()
+
+
+async def test_relay_needs_auth_or_acl(tmp_path: Path) -> None:
+    async with running_relay(make_config(tmp_path)) as relay:
+        client = await LineClient.connect(relay.port())
+        await client.cmd("EHLO client.test")
+        assert (await client.cmd("MAIL FROM:<a@example.com>")).startswith("250")
+        # AUTH is on offer here, so the client is told to authenticate.
+        assert (await client.cmd("RCPT TO:<b@example.org>")).startswith("530 5.7.0")
+        assert (await client.cmd(f"AUTH PLAIN {plain('alice', PASSWORD)}")).startswith("503 5.5.1")
+        assert (await client.cmd("RSET")).startswith("250")
+        assert (await client.cmd(f"AUTH PLAIN {plain('alice', PASSWORD)}")).startswith("235")
+        assert (await client.cmd("MAIL FROM:<a@example.com>")).startswith("250")
+        assert (await client.cmd("RCPT TO:<b@example.org>")).startswith("250")
+        await client.close()
+        assert relay.messages() == []
+
+
+async def test_relay_denied_without_any_way_to_authenticate(tmp_path: Path) -> None:
+    async with running_relay(make_config(tmp_path / "a", plugins=())) as relay:
+        client = await LineClient.connect(relay.port())
+        await client.cmd("EHLO client.test")
+        assert (await client.cmd(f"AUTH PLAIN {plain('alice', PASSWORD)}")).startswith("502 5.5.1")
+        await client.cmd("MAIL FROM:<a@example.com>")
+        assert (await client.cmd("RCPT TO:<b@example.org>")).startswith("550 5.7.1 Relaying denied")
+        await client.close()
+    # A relay ACL that does not contain the client changes nothing.
+    config = make_config(tmp_path / "b", plugins=(), relay_acl=["192.0.2.0/24", "2001:db8::/32"])
+    async with running_relay(config) as relay:
+        client = await LineClient.connect(relay.port())
+        await client.cmd("EHLO client.test")
+        await client.cmd("MAIL FROM:<a@example.com>")
+        assert (await client.cmd("RCPT TO:<b@example.org>")).startswith("550 5.7.1")
+        await client.close()
+
+
+async def test_relay_acl_allows_without_auth(tmp_path: Path) -> None:
+    config = make_config(tmp_path, plugins=(), relay_acl=["127.0.0.0/8"])
+    async with running_relay(config) as relay:
+        smtp = aiosmtplib.SMTP(hostname="127.0.0.1", port=relay.port(), start_tls=False)
+        async with smtp:
+            await smtp.sendmail("a@example.com", ["b@example.org"], MESSAGE)
+        [(_, _, auth_user, client_ip, *_)] = relay.messages()
+        assert (auth_user, client_ip) == (None, "127.0.0.1")
+
+
+async def test_constrain_sender(tmp_path: Path) -> None:
+    users = {"bob@example.com": password_hash(), "alice": password_hash()}
+    config = make_config(tmp_path, users=users, constrain_sender=True)
+    async with running_relay(config) as relay:
+        client = await LineClient.connect(relay.port())
+        await client.cmd("EHLO client.test")
+        assert (await client.cmd(f"AUTH PLAIN {plain('bob@example.com', PASSWORD)}")).startswith(
+            "235"
+        )
+        assert (await client.cmd("MAIL FROM:<bob@other.example>")).startswith("550 5.7.1")
+        assert (await client.cmd("MAIL FROM:<news@EXAMPLE.com>")).startswith("250")
+        await client.close()
+        client = await LineClient.connect(relay.port())
+        await client.cmd("EHLO client.test")
+        await client.cmd(f"AUTH PLAIN {plain('alice', PASSWORD)}")
+        assert (await client.cmd("MAIL FROM:<anyone@anywhere.example>")).startswith("250")
+        await client.close()
+
+
+async def test_starttls_then_auth_and_send(tmp_path: Path, pki: certs.TestPKI) -> None:
+    async with running_relay(make_config(tmp_path, pki=pki)) as relay:
+        smtp = aiosmtplib.SMTP(
+            hostname="127.0.0.1",
+            port=relay.port(),
+            start_tls=False,
+            tls_context=pki.client_context(),
+        )
+        async with smtp:
+            await smtp.ehlo()
+            assert smtp.supports_extension("starttls")
+            await smtp.starttls()
+            await smtp.ehlo()
+            assert not smtp.supports_extension("starttls")
+            assert [m.upper() for m in smtp.server_auth_methods] == ["PLAIN", "LOGIN"]
+            again = await smtp.execute_command(b"STARTTLS")
+            assert (again.code, again.message[:5]) == (503, "5.5.1")
+            await smtp.login("alice", PASSWORD)
+            await smtp.sendmail("a@example.com", ["b@example.org"], MESSAGE)
+        [(qid, *_)] = relay.messages()
+        assert b" with ESMTPSA id " in relay.body(qid)
+
+
+async def test_implicit_tls_listener(tmp_path: Path, pki: certs.TestPKI) -> None:
+    config = make_config(tmp_path, pki=pki, implicit_tls=True)
+    async with running_relay(config) as relay:
+        smtp = aiosmtplib.SMTP(
+            hostname="127.0.0.1", port=relay.port(implicit_tls=True), use_tls=True,
+            tls_context=pki.client_context(),
+        )  # fmt: skip
+        async with smtp:
+            await smtp.ehlo()
+            assert not smtp.supports_extension("starttls")
+            assert smtp.supports_extension("auth")
+            await smtp.login("alice", PASSWORD)
+            await smtp.sendmail("a@example.com", ["b@example.org"], MESSAGE)
+        [(qid, *_)] = relay.messages()
+        body = relay.body(qid)
+        assert b" with ESMTPSA id " in body
+
+
+async def test_implicit_tls_without_certificate_refuses_to_start(tmp_path: Path) -> None:
+    from outboundd.hooks import HookRunner
+    from outboundd.spool import Spool
+    from outboundd.submission.server import ListenerError, start_listeners
+
+    config = make_config(tmp_path, implicit_tls=True)
+    spool = await Spool.open(config.outbound.queue_dir)
+    try:
+        with pytest.raises(ListenerError, match="listen_tls"):
+            await start_listeners(config, spool, HookRunner([]))
+    finally:
+        await spool.close()
+
+
+async def test_shutdown_says_421_to_idle_sessions(tmp_path: Path) -> None:
+    async with running_relay(make_config(tmp_path)) as relay:
+        client = await LineClient.connect(relay.port())
+        await client.cmd("EHLO client.test")
+        closing = asyncio.create_task(relay.listeners.close(grace=2.0))
+        assert (await client.reply()).startswith("421 4.3.2")
+        await closing
+        await client.close()
