@@ -62,3 +62,24 @@ async def test_idle_connections_expire_and_cap_per_host(tmp_path: Path) -> None:
         await deliver_job(job(tmp_path, 9), [target], settings(), pool=pool)
         assert pool.reused == 0 and pool.opened == 4
         await pool.close()
+
+
+def test_delivery_works_under_uvloop(tmp_path: Path) -> None:
+    """The daemon runs on uvloop, whose transports are not asyncio ABC subclasses."""
+    import uvloop
+
+    from tests.mxserver import MXServer
+
+    mx = MXServer(MXScript(), host="127.0.0.2").start()
+    try:
+
+        async def run() -> Outcome:
+            pool = ConnectionPool()
+            result = await deliver_job(job(tmp_path, 1), [mx.target()], settings(), pool=pool)
+            await pool.close()
+            return result.recipients[1].outcome
+
+        assert uvloop.run(run()) is Outcome.DELIVERED
+        assert len(mx.transactions) == 1
+    finally:
+        mx.stop()

@@ -21,7 +21,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Literal
 
 from outboundd import dsn, log
 from outboundd.config import Config, OutboundConfig
@@ -142,7 +142,9 @@ class DeliveryEngine:
         *,
         owner: str,
         resolver: MXResolver | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
+        self.clock = clock
         self.config = config
         self.settings = settings
         self.spool = spool
@@ -176,7 +178,7 @@ class DeliveryEngine:
 
     async def deliver(self, claim: Claim) -> None:
         outbound = self.settings()
-        started = time.time()
+        started = self.clock()
         hmail = HMail(
             queue_id=claim.queue_id,
             domain=claim.domain,
@@ -206,7 +208,7 @@ class DeliveryEngine:
 
     async def _send_email_hook(
         self, claim: Claim, hmail: HMail
-    ) -> bool | dict[int, Verdict] | None:
+    ) -> Literal[True] | dict[int, Verdict] | None:
         """True = postponed (leases released); verdicts = decided; None = go on."""
         if not self.hooks.has("send_email"):
             return None
@@ -223,7 +225,7 @@ class DeliveryEngine:
         if result.code is ResultCode.DELAY:
             seconds = result.delay_seconds or 0.0
             await self.spool.release(
-                self.owner, [r.id for r in claim.recipients], next_attempt_at=time.time() + seconds
+                self.owner, [r.id for r in claim.recipients], next_attempt_at=self.clock() + seconds
             )
             LOG.info(
                 "delivery postponed by plugin",
@@ -334,7 +336,7 @@ class DeliveryEngine:
         outbound: OutboundConfig,
         started: float,
     ) -> None:
-        now = time.time()
+        now = self.clock()
         by_id = {r.id: r for r in claim.recipients}
         missing = [r.id for r in claim.recipients if r.id not in verdicts]
         for rid in missing:  # the session must answer for everyone; never lose one
@@ -407,7 +409,7 @@ class DeliveryEngine:
             return decisions
         by_id = {r.id: r for r in claim.recipients}
         first = decisions[deferred[0]]
-        now = time.time()
+        now = self.clock()
         hmail.rcpt_to = [by_id[rid].address for rid in deferred]
         info: dict[str, Any] = {
             "delay": (first.next_attempt_at or now) - now,
@@ -485,7 +487,7 @@ class DeliveryEngine:
                     original_recipient=by_id[rid].orcpt,
                     remote_mta=_remote(decisions[rid]),
                     diagnostic_code=decisions[rid].reply.code if _remote(decisions[rid]) else None,
-                    diagnostic_text=decisions[rid].reply.text if _remote(decisions[rid]) else None,
+                    diagnostic_text=_diagnostic(decisions[rid]),
                     last_attempt_at=now,
                 ),
                 notify=by_id[rid].notify,
@@ -563,7 +565,7 @@ class DeliveryEngine:
                     original_recipient=by_id[rid].orcpt,
                     remote_mta=_remote(decisions[rid]),
                     diagnostic_code=decisions[rid].reply.code if _remote(decisions[rid]) else None,
-                    diagnostic_text=decisions[rid].reply.text if _remote(decisions[rid]) else None,
+                    diagnostic_text=_diagnostic(decisions[rid]),
                     last_attempt_at=now,
                     will_retry_until=now + sum(intervals[by_id[rid].failures :]),
                 ),
@@ -615,7 +617,7 @@ class DeliveryEngine:
                         original_recipient=by_id[rid].orcpt,
                         remote_mta=conn.mx_host,
                         diagnostic_code=d.reply.code if conn.mx_host else None,
-                        diagnostic_text=d.reply.text if conn.mx_host else None,
+                        diagnostic_text=_diagnostic(d),
                         last_attempt_at=now,
                     ),
                     notify=by_id[rid].notify,
@@ -694,6 +696,14 @@ def _original(claim: Claim) -> OriginalMessage:
         ret=claim.ret,
         is_double_bounce_notice=bool(claim.notes.get(DOUBLE_BOUNCE_NOTE)),
     )
+
+
+def _diagnostic(decision: Decision) -> str | None:
+    """The remote reply after its code (enhanced status included), for Diagnostic-Code."""
+    if _remote(decision) is None:
+        return None
+    reply = decision.reply
+    return " ".join(part for part in (reply.status, reply.text) if part)
 
 
 def _remote(decision: Decision) -> str | None:

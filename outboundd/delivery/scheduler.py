@@ -40,8 +40,8 @@ class SchedulerSettings(Protocol):
 
 
 class Reporter(Protocol):
-    def error(self, message: str, **fields: object) -> None: ...
-    def info(self, message: str, **fields: object) -> None: ...
+    def error(self, message: str, /, **fields: object) -> None: ...
+    def info(self, message: str, /, **fields: object) -> None: ...
 
 
 DeliverFunction = Callable[[Claim], Awaitable[None]]
@@ -154,7 +154,9 @@ class Scheduler:
                     next_attempt_at=time.time() + CRASH_RETRY_SECONDS,
                 )
         finally:
-            self._active.discard(asyncio.current_task())  # type: ignore[arg-type]
+            task = asyncio.current_task()
+            if task is not None:
+                self._active.discard(task)
             self._per_domain[claim.domain] -= 1
             if self._per_domain[claim.domain] <= 0:
                 del self._per_domain[claim.domain]

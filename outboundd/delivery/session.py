@@ -59,7 +59,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO, Protocol
+from typing import TYPE_CHECKING, BinaryIO, Protocol, cast
 
 from aiosmtplib import (
     SMTP,
@@ -1037,8 +1037,10 @@ class Connection:
         self._client.close()
         raw = self._raw_transport
         if raw is not None and not raw.is_closing():
-            if isinstance(raw, asyncio.Transport):
-                raw.abort()
+            # uvloop's transports are not asyncio ABC subclasses: duck-type.
+            abort = getattr(raw, "abort", None)
+            if callable(abort):
+                abort()
             else:
                 raw.close()
 
@@ -1160,8 +1162,9 @@ class Connection:
     async def _send_body(self, body: BinaryIO, expected: int, replies: list[Reply]) -> None:
         """Stream the body dot-stuffed, send the dot, collect ``expected`` replies."""
         settings = self.settings
-        transport = self._client.transport
-        if not isinstance(transport, asyncio.WriteTransport) or transport.is_closing():
+        # uvloop's transports are not asyncio ABC subclasses, so no isinstance().
+        transport = cast(asyncio.Transport | None, self._client.transport)
+        if transport is None or transport.is_closing():
             self.abort()
             raise TransientFailure(
                 Reply(421, "4.4.2", f"connection to {self.info.peer} lost at data"), Stage.DATA

@@ -1,0 +1,227 @@
+"""``outboundd``: wires configuration, spool, plugins, listeners and delivery.
+
+Runs in the foreground and logs to stdout.  SIGTERM/SIGINT stop accepting
+mail, let running deliveries finish (bounded by ``shutdown_grace``), give
+back every lease and exit 0.  SIGHUP makes every deferred recipient due now.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from outboundd import log as logmod
+from outboundd.config import Config, ConfigError, OutboundConfig, load_config, load_outbound
+from outboundd.delivery.engine import DeliveryEngine
+from outboundd.delivery.scheduler import Scheduler
+from outboundd.hooks import HookRunner, PluginLoadError, load_plugins
+from outboundd.spool import Spool, SpoolError, lease_owner_id
+from outboundd.spool import admin as spool_admin
+from outboundd.submission import api as submission_api
+from outboundd.submission.server import start_listeners
+
+#: Seconds running deliveries get to finish after SIGTERM before they are cut off.
+SHUTDOWN_GRACE = 20.0
+#: How often outbound.ini is checked for changes (hot reload).
+RELOAD_INTERVAL = 0.5
+
+log = logmod.get_logger("outboundd")
+
+
+class OutboundSettings:
+    """The live ``outbound.ini``: re-read when the file changes.
+
+    ``disabled``, ``concurrency_max`` and ``temp_fail_intervals`` (and the
+    rest of the file) take effect without a restart.  A broken edit is
+    reported and the previous settings stay in force.
+    """
+
+    def __init__(self, config: Config) -> None:
+        self.config_dir = config.config_dir
+        self.base_dir = config.base_dir
+        self.current: OutboundConfig = config.outbound
+        self._path = config.config_dir / "outbound.ini"
+        self._stamp = self._file_stamp()
+
+    def __call__(self) -> OutboundConfig:
+        return self.current
+
+    def _file_stamp(self) -> tuple[int, int] | None:
+        try:
+            st = self._path.stat()
+        except OSError:
+            return None
+        return (st.st_mtime_ns, st.st_size)
+
+    def check(self) -> bool:
+        """Reload if the file changed; True when new settings took effect."""
+        stamp = self._file_stamp()
+        if stamp == self._stamp:
+            return False
+        self._stamp = stamp
+        try:
+            fresh = load_outbound(self.config_dir, self.base_dir)
+        except ConfigError as exc:
+            log.error("outbound.ini not reloaded; keeping the previous settings", error=str(exc))
+            return False
+        if fresh.queue_dir != self.current.queue_dir:
+            log.warn("queue_dir changes need a restart; keeping the current queue")
+            fresh = fresh.model_copy(update={"queue_dir": self.current.queue_dir})
+        self.current = fresh
+        log.notice(
+            "outbound.ini reloaded",
+            disabled=fresh.disabled,
+            concurrency_max=fresh.concurrency_max,
+            temp_fail_intervals=",".join(f"{x:g}" for x in fresh.temp_fail_intervals) or "none",
+        )
+        return True
+
+    async def watch(self, on_change: asyncio.Event) -> None:
+        while True:
+            await asyncio.sleep(RELOAD_INTERVAL)
+            if await asyncio.to_thread(self.check):
+                on_change.set()
+
+
+async def serve(config: Config) -> int:
+    """Run the relay until a stop signal; the process exit status."""
+    logmod.configure_from(config.log)
+    for warning in config.warnings:
+        log.warn(warning)
+    try:
+        plugins = load_plugins(config.plugins, config.plugins_dir)
+    except PluginLoadError as exc:
+        log.crit("cannot start", error=str(exc))
+        return 1
+    hooks = HookRunner(plugins)
+    logmod.set_log_hook(hooks if hooks.has("log") else None)
+    try:
+        spool = await Spool.open(config.outbound.queue_dir)
+    except SpoolError as exc:
+        log.crit("cannot open the queue", queue_dir=str(config.outbound.queue_dir), error=str(exc))
+        return 1
+    report = spool.recovery
+    if report is not None:
+        log.info(
+            "queue opened",
+            queue_dir=str(spool.queue_dir),
+            leases_released=report.leases_released,
+            temp_files_removed=report.temp_files_removed,
+            orphan_bodies_removed=report.orphan_bodies_removed,
+        )
+        for qid in report.missing_bodies:
+            log.crit("message body file missing; its recipients were dropped", qid=qid)
+
+    settings = OutboundSettings(config)
+    owner = lease_owner_id()
+    engine = DeliveryEngine(config, settings, spool, hooks, owner=owner)
+    scheduler = Scheduler(spool, settings, engine.deliver, owner=owner, log=log)
+    submission_api.install(spool, config, hooks)
+    try:
+        listeners = await start_listeners(config, spool, hooks)
+    except OSError as exc:
+        log.crit("cannot listen", error=str(exc))
+        submission_api.uninstall()
+        await spool.close()
+        return 1
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def request_stop(signame: str) -> None:
+        if not stop.is_set():
+            log.notice("stopping", signal=signame)
+            stop.set()
+
+    background: set[asyncio.Task[None]] = set()
+
+    def request_flush() -> None:
+        async def flush() -> None:
+            count = await spool_admin.flush(spool)
+            log.notice("flush requested (SIGHUP)", recipients=count)
+
+        task = loop.create_task(flush())
+        background.add(task)
+        task.add_done_callback(background.discard)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, request_stop, sig.name)
+    loop.add_signal_handler(signal.SIGHUP, request_flush)
+
+    tasks = [
+        asyncio.create_task(scheduler.run(), name="scheduler"),
+        asyncio.create_task(settings.watch(spool.new_work), name="config-watch"),
+    ]
+    log.notice(
+        "ready",
+        listen=",".join(str(a) for a in config.smtp.listen),
+        listen_tls=",".join(str(a) for a in config.smtp.listen_tls) or "-",
+        queue_dir=str(spool.queue_dir),
+        delivery="disabled" if settings().disabled else "enabled",
+    )
+    try:
+        stopper = asyncio.create_task(stop.wait())
+        done, _ = await asyncio.wait([stopper, *tasks], return_when=asyncio.FIRST_COMPLETED)
+        for task in done:
+            failure = None if task is stopper else task.exception()
+            if failure is not None:
+                log.crit("internal task failed", task=task.get_name(), error=repr(failure))
+                stop.set()
+        stopper.cancel()
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.remove_signal_handler(sig)
+        await listeners.close()
+        await scheduler.stop(SHUTDOWN_GRACE)
+        for task in tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        await engine.close()
+        submission_api.uninstall()
+        await spool.close()
+        log.notice("stopped")
+        await logmod.drain_log_hooks()
+        logmod.shutdown()
+    return 0
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="outboundd", description="Outbound mail relay: accepts, queues and delivers mail."
+    )
+    parser.add_argument(
+        "-c",
+        "--config",
+        default="config",
+        metavar="CONFIG_DIR",
+        help="configuration directory (default: ./config)",
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        config = load_config(Path(args.config))
+    except ConfigError as exc:
+        print(f"outboundd: {exc}", file=sys.stderr)
+        return 1
+    loop_factory = None
+    try:
+        import uvloop
+
+        loop_factory = uvloop.new_event_loop
+    except ImportError:  # uvloop is optional: the stdlib loop works, slower
+        pass
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        return runner.run(serve(config))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
