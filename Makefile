@@ -17,8 +17,17 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev,speed]'
 	touch $(STAMP)
 
-run: $(STAMP)
+run: $(STAMP) $(CONFIG)/tls_cert.pem
 	$(BIN)/outboundd -c $(CONFIG)
+
+# A self-signed certificate for the local default config, so STARTTLS works
+# out of the box (as Debian's Postfix does with its snakeoil certificate).
+# Never committed; replace it with a real one for production.
+$(CONFIG)/tls_cert.pem:
+	openssl req -x509 -newkey rsa:2048 -nodes -days 825 -subj "/CN=localhost" \
+	  -addext "subjectAltName=DNS:localhost,IP:127.0.0.1" \
+	  -keyout $(CONFIG)/tls_key.pem -out $(CONFIG)/tls_cert.pem 2>/dev/null
+	chmod 600 $(CONFIG)/tls_key.pem
 
 test: $(STAMP)
 	$(BIN)/pytest $(PYTEST_ARGS)
@@ -31,6 +40,9 @@ lint: $(STAMP)
 format: $(STAMP)
 	$(BIN)/ruff format outboundd tests tools
 	$(BIN)/ruff check --fix outboundd tests tools
+
+demo: $(STAMP)
+	$(BIN)/python tools/demo
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache queue

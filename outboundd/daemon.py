@@ -93,6 +93,11 @@ async def serve(config: Config) -> int:
     logmod.configure_from(config.log)
     for warning in config.warnings:
         log.warn(warning)
+    if config.auth_users and "auth_flat_file" not in config.plugins:
+        log.warn(
+            "auth_flat_file.ini has users but the auth_flat_file plugin is not listed in "
+            "plugins: AUTH is off and only relay_acl_allow clients can relay"
+        )
     try:
         plugins = load_plugins(config.plugins, config.plugins_dir)
     except PluginLoadError as exc:

@@ -453,3 +453,18 @@ def test_throttle_rejects_nonsense_settings() -> None:
         AuthThrottle(max_failures=0)
     with pytest.raises(ValueError):
         AuthThrottle(failure_delay=-1)
+
+
+def test_store_follows_the_file(tmp_path: Path) -> None:
+    """A user added with outboundctl while the daemon runs can log in at once."""
+    path = tmp_path / "auth_flat_file.ini"
+    add_user(path, "alice", "first")
+    store = UserStore.load(path)
+    assert store.verify("alice", "first") and not store.verify("bob", "second")
+    add_user(path, "bob", "second")
+    assert store.verify("bob", "second")
+    delete_user(path, "alice")
+    assert not store.verify("alice", "first")
+    path.write_bytes(b"[users]\nbob = \xff\xfe not UTF-8\n")
+    assert store.verify("bob", "second")  # an unreadable edit keeps the previous users
+    assert store.reload_error is not None

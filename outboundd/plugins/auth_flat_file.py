@@ -49,6 +49,7 @@ import os
 import re
 import secrets
 import tempfile
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
@@ -493,22 +494,49 @@ def delete_user(path: Path, name: str) -> bool:
 
 
 class UserStore:
-    """The users the daemon accepts, loaded once (``UserStore.load`` or the config dict).
+    """The users the daemon accepts (``UserStore.load`` or the config dict).
+
+    Built with ``path``, it follows the file: each check first looks at the
+    file's mtime and size (one ``stat``) and re-reads it when they changed,
+    so ``outboundctl user add`` takes effect on a running daemon.  A file
+    that no longer parses keeps the previous users and is reported in
+    :attr:`reload_error`.
 
     :meth:`verify` costs one KDF run whether or not the user exists, so the
     reply time does not tell a client which names are real.  From the event
     loop use :meth:`averify`, which runs that work in a thread.
     """
 
-    __slots__ = ("_users",)
+    __slots__ = ("_lock", "_path", "_stamp", "_users", "reload_error")
 
-    def __init__(self, users: Mapping[str, str]) -> None:
+    def __init__(self, users: Mapping[str, str], *, path: Path | None = None) -> None:
         self._users = dict(users)
+        self._path = path
+        self._stamp = _file_stamp(path) if path is not None else None
+        self._lock = threading.Lock()
+        self.reload_error: str | None = None
 
     @classmethod
     def load(cls, path: Path) -> UserStore:
-        """Read ``path`` (``auth_flat_file.ini``); a missing file means no users."""
-        return cls(read_users(Path(path)))
+        """Read ``path`` (``auth_flat_file.ini``) and follow its changes."""
+        return cls(read_users(Path(path)), path=Path(path))
+
+    def refresh(self) -> bool:
+        """Re-read the file if it changed since the last look; True if reloaded."""
+        if self._path is None:
+            return False
+        with self._lock:
+            stamp = _file_stamp(self._path)
+            if stamp == self._stamp:
+                return False
+            self._stamp = stamp
+            try:
+                self._users = read_users(self._path) if stamp is not None else {}
+            except (OSError, ValueError) as exc:
+                self.reload_error = f"{self._path}: {exc}"
+                return False
+            self.reload_error = None
+            return True
 
     def __repr__(self) -> str:
         return f"UserStore({len(self._users)} users)"
@@ -534,6 +562,7 @@ class UserStore:
 
     def verify(self, user: str, password: str) -> bool:
         """True when ``user`` exists and ``password`` matches.  Blocks for one KDF run."""
+        self.refresh()
         stored = self._users.get(user) if isinstance(user, str) else None
         if stored is None:
             verify_password(_dummy(), password if isinstance(password, str) else "")
@@ -543,6 +572,14 @@ class UserStore:
     async def averify(self, user: str, password: str) -> bool:
         """:meth:`verify` in a worker thread, so the event loop keeps serving."""
         return await asyncio.to_thread(self.verify, user, password)
+
+
+def _file_stamp(path: Path) -> tuple[int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (st.st_mtime_ns, st.st_size)
 
 
 # --------------------------------------------------------------------------

@@ -140,7 +140,7 @@ async def start_listeners(
     ctx = SubmissionContext(
         config=config,
         queuer=Queuer(spool, hooks, log),
-        users=UserStore(config.auth_users),
+        users=UserStore(config.auth_users, path=config.config_dir / "auth_flat_file.ini"),
         throttle=AuthThrottle(
             max_failures=config.smtp.auth_max_failures,
             failure_delay=config.smtp.auth_failure_delay,
