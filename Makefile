@@ -41,6 +41,9 @@ format: $(STAMP)
 	$(BIN)/ruff format outboundd tests tools
 	$(BIN)/ruff check --fix outboundd tests tools
 
+bench: $(STAMP)
+	$(BIN)/python tools/bench $(ARGS)
+
 demo: $(STAMP)
 	$(BIN)/python tools/demo
 

@@ -31,8 +31,8 @@ from outboundd.delivery.mx import MXResolutionError, MXResolver, MXTarget, norma
 from outboundd.delivery.notices import (
     DOUBLE_BOUNCE_NOTE,
     NoticeRecipient,
-    NoticeSettings,
     OriginalMessage,
+    notice_settings,
     queue_failure_notice,
     queue_notice,
 )
@@ -41,7 +41,6 @@ from outboundd.delivery.replies import Reply, Stage, to_permanent
 from outboundd.delivery.session import (
     ConnectionInfo,
     DeliveryJob,
-    JobRecipient,
     SessionResult,
     SessionSettings,
     deliver_job,
@@ -161,14 +160,7 @@ class DeliveryEngine:
             idle_timeout=outbound.pool_idle_timeout,
             max_idle_per_host=outbound.pool_max_per_host,
         )
-        self.notice_settings = NoticeSettings(
-            me=config.me,
-            templates=dsn.DsnTemplates(
-                text=config.bounce.text, html=config.bounce.html, image=config.bounce.image
-            ),
-            bounce_max_original_size=outbound.bounce_max_original_size,
-            double_bounce_recipient=outbound.double_bounce_recipient,
-        )
+        self.notice_settings = notice_settings(config)
 
     async def close(self) -> None:
         """Close the idle connections kept for reuse (QUIT)."""
@@ -287,18 +279,7 @@ class DeliveryEngine:
     async def _session(
         self, claim: Claim, targets: list[MXTarget], outbound: OutboundConfig
     ) -> dict[int, Verdict]:
-        job = DeliveryJob(
-            mail_from=claim.mail_from,
-            recipients=tuple(
-                JobRecipient(r.id, r.address, r.notify, r.orcpt) for r in claim.recipients
-            ),
-            body_path=claim.body_path,
-            size=claim.size,
-            env_id=claim.env_id,
-            ret=claim.ret,
-            smtputf8=claim.smtputf8,
-            body_8bit=claim.body_8bit,
-        )
+        job = DeliveryJob.from_claim(claim)
         result: SessionResult = await deliver_job(
             job, targets, self._session_settings(outbound), pool=self.pool
         )
@@ -480,16 +461,7 @@ class DeliveryEngine:
                     return {}, updated
         failed = [
             NoticeRecipient(
-                report=dsn.DsnRecipient(
-                    address=by_id[rid].address,
-                    action="failed",
-                    status=decisions[rid].reply.status or "5.0.0",
-                    original_recipient=by_id[rid].orcpt,
-                    remote_mta=_remote(decisions[rid]),
-                    diagnostic_code=decisions[rid].reply.code if _remote(decisions[rid]) else None,
-                    diagnostic_text=_diagnostic(decisions[rid]),
-                    last_attempt_at=now,
-                ),
+                report=_report(by_id[rid], decisions[rid], "failed", now),
                 notify=by_id[rid].notify,
             )
             for rid in bounced
@@ -558,15 +530,11 @@ class DeliveryEngine:
         intervals = outbound.temp_fail_intervals
         notices = [
             NoticeRecipient(
-                report=dsn.DsnRecipient(
-                    address=by_id[rid].address,
-                    action="delayed",
-                    status=decisions[rid].reply.status or "4.0.0",
-                    original_recipient=by_id[rid].orcpt,
-                    remote_mta=_remote(decisions[rid]),
-                    diagnostic_code=decisions[rid].reply.code if _remote(decisions[rid]) else None,
-                    diagnostic_text=_diagnostic(decisions[rid]),
-                    last_attempt_at=now,
+                report=_report(
+                    by_id[rid],
+                    decisions[rid],
+                    "delayed",
+                    now,
                     will_retry_until=now + sum(intervals[by_id[rid].failures :]),
                 ),
                 notify=by_id[rid].notify,
@@ -610,16 +578,7 @@ class DeliveryEngine:
                 continue
             notices.append(
                 NoticeRecipient(
-                    report=dsn.DsnRecipient(
-                        address=by_id[rid].address,
-                        action=action,
-                        status=d.reply.status or "2.0.0",
-                        original_recipient=by_id[rid].orcpt,
-                        remote_mta=conn.mx_host,
-                        diagnostic_code=d.reply.code if conn.mx_host else None,
-                        diagnostic_text=_diagnostic(d),
-                        last_attempt_at=now,
-                    ),
+                    report=_report(by_id[rid], d, action, now),
                     notify=by_id[rid].notify,
                 )
             )
@@ -695,6 +654,37 @@ def _original(claim: Claim) -> OriginalMessage:
         env_id=claim.env_id,
         ret=claim.ret,
         is_double_bounce_notice=bool(claim.notes.get(DOUBLE_BOUNCE_NOTE)),
+    )
+
+
+_STATUS_OF_ACTION = {
+    "failed": "5.0.0",
+    "delayed": "4.0.0",
+    "delivered": "2.0.0",
+    "relayed": "2.0.0",
+}
+
+
+def _report(
+    rcpt: ClaimedRecipient,
+    decision: Decision,
+    action: dsn.DsnAction,
+    now: float,
+    *,
+    will_retry_until: float | None = None,
+) -> dsn.DsnRecipient:
+    """One recipient's line in a DSN, from its decision in this attempt."""
+    remote = _remote(decision)
+    return dsn.DsnRecipient(
+        address=rcpt.address,
+        action=action,
+        status=decision.reply.status or _STATUS_OF_ACTION.get(action, "5.0.0"),
+        original_recipient=rcpt.orcpt,
+        remote_mta=remote,
+        diagnostic_code=decision.reply.code if remote else None,
+        diagnostic_text=_diagnostic(decision),
+        last_attempt_at=now,
+        will_retry_until=will_retry_until,
     )
 
 

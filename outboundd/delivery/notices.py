@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from outboundd import dsn
+from outboundd.config import Config
 from outboundd.spool import NewMessage, NewRecipient, Spool, SpoolError
 
 #: Marks a double-bounce copy, so its own failure is dropped (no loops).
@@ -53,6 +54,18 @@ class NoticeSettings:
     templates: dsn.DsnTemplates
     bounce_max_original_size: int
     double_bounce_recipient: str | None
+
+
+def notice_settings(config: Config) -> NoticeSettings:
+    """The DSN settings from the configuration (templates, size cap, double bounces)."""
+    return NoticeSettings(
+        me=config.me,
+        templates=dsn.DsnTemplates(
+            text=config.bounce.text, html=config.bounce.html, image=config.bounce.image
+        ),
+        bounce_max_original_size=config.outbound.bounce_max_original_size,
+        double_bounce_recipient=config.outbound.double_bounce_recipient,
+    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,24 +9,13 @@ from outboundd.config import Config
 from outboundd.delivery.notices import (
     DOUBLE_BOUNCE_NOTE,
     NoticeRecipient,
-    NoticeSettings,
     OriginalMessage,
+    notice_settings,
     queue_failure_notice,
 )
 from outboundd.spool import Spool, Status, admin
 
 UNFINISHED = ("queued", "sending", "deferred")
-
-
-def notice_settings(config: Config) -> NoticeSettings:
-    return NoticeSettings(
-        me=config.me,
-        templates=dsn.DsnTemplates(
-            text=config.bounce.text, html=config.bounce.html, image=config.bounce.image
-        ),
-        bounce_max_original_size=config.outbound.bounce_max_original_size,
-        double_bounce_recipient=config.outbound.double_bounce_recipient,
-    )
 
 
 async def bounce_message(

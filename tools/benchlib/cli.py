@@ -1,0 +1,334 @@
+"""``tools/bench``: argument parsing, installing what is needed, the run loop, the report."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from benchlib.procs import BenchError, ProcessRegistry, log, run_helper
+from benchlib.relays import (
+    HARAKA_DIR,
+    HARAKA_VERSION,
+    RELAYS,
+    RelaySettings,
+    haraka_bin,
+    install_haraka,
+    postfix_version,
+)
+from benchlib.report import machine_info, render_table, summarize
+from benchlib.scenarios import SCENARIOS, Runner, RunResult, RunSpec, TrafficSettings
+from benchlib.traffic import postfix_tools_installed
+
+FULL_SIZES = {"S1": 20_000, "S2": 20_000, "S3": 2_000}
+QUICK_SIZES = {"S1": 2_000, "S2": 2_000, "S3": 200}
+SMOKE_SIZES = {"S1": 150, "S2": 100, "S3": 20}
+S3_RECIPIENTS = 10
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="tools/bench",
+        description="Benchmark outboundd against Postfix and Haraka with smtp-source/smtp-sink "
+        "on loopback (S1 relay N x 1 rcpt; S2 accept held, then drain; S3 M x 10 rcpts).",
+    )
+    p.add_argument("--peers", action="store_true", help="also run Postfix and Haraka")
+    p.add_argument("--only", choices=sorted(RELAYS), help="run this relay alone")
+    p.add_argument("--scenarios", default="S1,S2,S3", help="comma list (default S1,S2,S3)")
+    p.add_argument("--messages", type=int, help="S1 and S2 message count; S3 gets a tenth")
+    p.add_argument("--quick", action="store_true", help="a tenth of the default sizes, 1 run")
+    p.add_argument("--smoke", action="store_true", help="a few hundred messages, outboundd only")
+    p.add_argument("--runs", type=int, help="runs per relay and scenario (default 3; medians)")
+    p.add_argument("--json", type=Path, help="write raw per-run numbers and medians here")
+    p.add_argument("--sessions", type=int, default=20, help="parallel client sessions (20)")
+    p.add_argument("--size", type=int, default=4096, help="message payload bytes (4096)")
+    p.add_argument(
+        "--reuse-sessions",
+        action="store_true",
+        help="send many messages per client connection (smtp-source -d)",
+    )
+    p.add_argument("--concurrency", type=int, default=100, help="relay concurrency_max (100)")
+    p.add_argument(
+        "--domain-concurrency",
+        type=int,
+        default=20,
+        help="outboundd domain_concurrency_max (20 = Postfix's per-destination default)",
+    )
+    p.add_argument(
+        "--haraka-nodes",
+        default="cpus",
+        help="Haraka smtp.ini nodes (default cpus, its performance advice; 1 = one process)",
+    )
+    p.add_argument(
+        "--py-traffic",
+        action="store_true",
+        help="use the Python client/sink instead of smtp-source/smtp-sink",
+    )
+    p.add_argument(
+        "--timeout", type=float, help="cap on each phase's time limit, seconds (smoke: 30)"
+    )
+    p.add_argument("--workdir", type=Path, help="parent for the temporary run directories")
+    p.add_argument("--keep", action="store_true", help="keep every run directory")
+    p.add_argument("--no-install", action="store_true", help="never run apt-get or npm")
+    args = p.parse_args(argv)
+    if args.smoke and (args.peers or (args.only and args.only != "outboundd")):
+        p.error("--smoke runs outboundd only")
+    return args
+
+
+def choose_relays(args: argparse.Namespace) -> list[str]:
+    if args.only:
+        return [args.only]
+    if args.peers and not args.smoke:
+        return ["outboundd", "postfix", "haraka"]
+    return ["outboundd"]
+
+
+def choose_sizes(args: argparse.Namespace) -> dict[str, int]:
+    if args.smoke:
+        sizes = dict(SMOKE_SIZES)
+    elif args.quick:
+        sizes = dict(QUICK_SIZES)
+    else:
+        sizes = dict(FULL_SIZES)
+    if args.messages:
+        sizes = {"S1": args.messages, "S2": args.messages, "S3": max(1, args.messages // 10)}
+    return sizes
+
+
+def install_postfix() -> None:
+    """apt-get install postfix (for smtp-source/smtp-sink and the Postfix peer).
+
+    Preseeded "No configuration": the package then leaves the system's
+    Postfix unconfigured and not running; the bench only runs its own
+    instance from a temporary directory.
+    """
+    log("installing the postfix package (smtp-source, smtp-sink, Postfix) with apt-get")
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    preseed = "postfix postfix/main_mailer_type select No configuration\n"
+    tmp = Path(tempfile.mkstemp(prefix="bench-debconf-")[1])
+    try:
+        tmp.write_text(preseed)
+        run_helper(["debconf-set-selections", str(tmp)], timeout=60, env=env)
+    finally:
+        tmp.unlink(missing_ok=True)
+    res = run_helper(["apt-get", "install", "-y", "-qq", "postfix"], timeout=600, env=env)
+    if res.returncode != 0:
+        run_helper(["apt-get", "update", "-qq"], timeout=600, env=env)
+        res = run_helper(["apt-get", "install", "-y", "-qq", "postfix"], timeout=600, env=env)
+    if res.returncode != 0 or not postfix_tools_installed():
+        raise BenchError(f"apt-get install postfix failed: {res.output[-600:]}")
+
+
+def prepare_tools(args: argparse.Namespace, relays: list[str]) -> tuple[list[str], dict[str, str]]:
+    """Install what the run needs; relays that cannot run are reported, not faked."""
+    unavailable: dict[str, str] = {}
+    need_postfix = "postfix" in relays or not (args.py_traffic or args.smoke)
+    if need_postfix and not postfix_tools_installed():
+        if args.no_install:
+            raise BenchError("smtp-source/smtp-sink are not installed (apt-get install postfix)")
+        install_postfix()
+    if "haraka" in relays:
+        try:
+            if args.no_install and not haraka_bin().exists():
+                raise BenchError(f"Haraka is not installed in {HARAKA_DIR} (--no-install)")
+            install_haraka()
+        except BenchError as exc:
+            unavailable["haraka"] = str(exc)
+            log(f"Haraka will not run: {exc}")
+    return [r for r in relays if r not in unavailable], unavailable
+
+
+def labels_for(relays: Sequence[str]) -> dict[str, str]:
+    labels = {"outboundd": "outboundd", "haraka": f"Haraka {HARAKA_VERSION}"}
+    if "postfix" in relays:
+        labels["postfix"] = f"Postfix {postfix_version()}"
+    return labels
+
+
+def install_signal_handlers() -> None:
+    """SIGTERM/SIGHUP end the run through the normal ``finally`` that stops every process."""
+
+    def handler(signum: int, _frame: FrameType | None) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, handler)
+
+
+def check_no_loss(result: RunResult) -> None:
+    """A run that 'finished' but lost mail is a failed run."""
+    if not result.ok:
+        return
+    expected = result.messages
+    if (result.sink_messages or 0) < expected:
+        result.ok = False
+        result.error = f"sink received {result.sink_messages} of {expected} messages"
+        return
+    counts = result.extra.get("status_counts")
+    if counts is not None:
+        delivered = counts.get("delivered", 0)
+        if delivered != result.messages * result.recipients:
+            result.ok = False
+            result.error = (
+                f"spool says {delivered} of {result.messages * result.recipients} "
+                f"recipients delivered: {counts}"
+            )
+
+
+def run_all(args: argparse.Namespace) -> int:
+    relays = choose_relays(args)
+    sizes = choose_sizes(args)
+    scenarios = [s.strip().upper() for s in args.scenarios.split(",") if s.strip()]
+    bad = [s for s in scenarios if s not in SCENARIOS]
+    if bad:
+        raise BenchError(f"unknown scenario(s): {', '.join(bad)}")
+    runs = args.runs or (1 if args.quick or args.smoke else 3)
+    relays, unavailable = prepare_tools(args, relays)
+    use_python = args.py_traffic or (args.smoke and not postfix_tools_installed())
+    traffic = TrafficSettings(args.sessions, args.size, args.reuse_sessions, use_python)
+    relay_settings = RelaySettings(args.concurrency, args.domain_concurrency, args.haraka_nodes)
+    labels = labels_for(relays)
+    workroot = Path(tempfile.mkdtemp(prefix="outboundd-bench-", dir=args.workdir))
+    os.chmod(workroot, 0o755)  # Postfix's unprivileged daemons must reach their queue
+    registry = ProcessRegistry()
+    results: list[RunResult] = []
+    started_at = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    cap = args.timeout or (30.0 if args.smoke else None)
+    runner = Runner(
+        registry, workroot, traffic, relay_settings, RELAYS, keep=args.keep, phase_cap=cap
+    )
+    try:
+        for run_index in range(1, runs + 1):
+            for scenario in scenarios:
+                rcpts = S3_RECIPIENTS if scenario == "S3" else 1
+                for relay in relays:  # alternate relays within each run
+                    log(f"run {run_index}/{runs} {scenario} {relay}: {sizes[scenario]} x {rcpts}")
+                    result = runner.run(RunSpec(scenario, relay, sizes[scenario], rcpts, run_index))
+                    check_no_loss(result)
+                    log(_one_line(result))
+                    results.append(result)
+    finally:
+        registry.close()
+        if not args.keep and all(r.ok for r in results):
+            shutil.rmtree(workroot, ignore_errors=True)
+        else:
+            log(f"run directories kept in {workroot}")
+    summary = summarize(results, relays)
+    size_text = {
+        s: f"{sizes[s]:,} x {S3_RECIPIENTS if s == 'S3' else 1}" for s in scenarios if s in sizes
+    }
+    table = render_table(summary, relays, labels, size_text)
+    report = build_report(args, results, summary, relays, unavailable, labels, started_at)
+    report["sizes"] = {s: sizes[s] for s in scenarios}
+    report["runs_per_relay"] = runs
+    report["traffic"] = {
+        "client": "pysource" if use_python else "smtp-source",
+        "sink": "pysink" if use_python else "smtp-sink",
+        "sessions": traffic.sessions,
+        "size": traffic.size,
+        "reuse_sessions": traffic.reuse_sessions,
+    }
+    print_report(report, table, unavailable)
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        log(f"raw numbers written to {args.json}")
+    return 0 if report["all_ok"] else 1
+
+
+def build_report(
+    args: argparse.Namespace,
+    results: list[RunResult],
+    summary: dict[str, Any],
+    relays: list[str],
+    unavailable: dict[str, str],
+    labels: dict[str, str],
+    started_at: str,
+) -> dict[str, Any]:
+    delivered = all(r.ok for r in results) and bool(results)
+    return {
+        "started_at": started_at,
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "machine": machine_info(args.workdir or Path(tempfile.gettempdir())),
+        "relays": {r: labels.get(r, r) for r in relays},
+        "unavailable": unavailable,
+        "settings": {
+            "concurrency_max": args.concurrency,
+            "domain_concurrency_max": args.domain_concurrency,
+            "haraka_nodes": args.haraka_nodes,
+        },
+        "all_ok": delivered and not unavailable,
+        "all_delivered": delivered,
+        "failed_runs": [
+            {"scenario": r.scenario, "relay": r.relay, "run": r.run_index, "error": r.error}
+            for r in results
+            if not r.ok
+        ],
+        "runs": [r.to_json() for r in results],
+        "summary": summary,
+    }
+
+
+def _one_line(r: RunResult) -> str:
+    if not r.ok:
+        return f"  -> FAILED: {r.error}"
+    parts = [f"accept {r.messages / r.accept_seconds:,.0f} msg/s"] if r.accept_seconds else []
+    if r.end_to_end_seconds:
+        parts.append(f"end-to-end {r.messages / r.end_to_end_seconds:,.0f} msg/s")
+    if r.drain_seconds:
+        parts.append(f"drain {r.messages / r.drain_seconds:,.0f} msg/s")
+    if r.total_cpu is not None:
+        parts.append(f"CPU {r.total_cpu:.2f} s")
+    if r.peak_rss_bytes:
+        parts.append(f"peak RSS {r.peak_rss_bytes / 2**20:.0f} MB")
+    return "  -> " + ", ".join(parts)
+
+
+def print_report(report: dict[str, Any], table: str, unavailable: dict[str, str]) -> None:
+    m = report["machine"]
+    print(f"\noutboundd bench, {report['started_at']}")
+    print(
+        f"machine: {m['cpu']}, {m['cores']} cores, {m['memory']} RAM, {m['os']}, "
+        f"kernel {m['kernel']}, work dir on {m['workdir_filesystem']}"
+    )
+    t = report["traffic"]
+    print(
+        f"client {t['client']} ({t['sessions']} sessions, {t['size']} B), sink {t['sink']}; "
+        f"medians of {report['runs_per_relay']} run(s)\n"
+    )
+    print(table)
+    for relay, why in unavailable.items():
+        print(f"\n{relay}: NOT MEASURED — {why}")
+    for failed in report["failed_runs"]:
+        where = f"{failed['relay']} {failed['scenario']} run {failed['run']}"
+        print(f"\nFAILED {where}: {failed['error']}")
+    print(
+        "\nCPU = user+sys of the relay's whole process tree (/proc, reaped children "
+        "included); ratios are outboundd / peer (for CPU and memory, < 1 is better)."
+    )
+    sys.stdout.flush()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    install_signal_handlers()
+    try:
+        return run_all(args)
+    except BenchError as exc:
+        print(f"bench: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt as exc:
+        print(
+            f"bench: interrupted ({exc}); every process it started has been stopped",
+            file=sys.stderr,
+        )
+        return 130
