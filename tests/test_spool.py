@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import sqlite3
 import time
@@ -377,13 +378,19 @@ async def test_recovery_cleans_files_and_marks_missing_bodies(tmp_path: Path) ->
     root = tmp_path / "q" / "bodies"
     (root / "00" / ".tmp-ABC").write_bytes(b"half")
     (root / "01" / "ORPHAN01").write_bytes(b"no row")
+    (root / "02" / "YOUNG02").write_bytes(b"rows may be committing right now")
+    (root / "03" / ".tmp-YOUNG03").write_bytes(b"being written right now")
+    old = time.time() - 3600
+    for name in ("00/.tmp-ABC", "01/ORPHAN01"):
+        os.utime(root / name, (old, old))
     (tmp_path / "q" / bodies.relative_body_path(lost)).unlink()
     s = await Spool.open(tmp_path / "q")
     report = s.recovery
     assert report is not None
     assert (report.temp_files_removed, report.orphan_bodies_removed) == (1, 1)
     assert report.missing_bodies == (lost,)
-    assert {f.queue_id for f in bodies.scan(s.queue_dir)} == {keep}
+    # young files may belong to another process's accept in progress: kept
+    assert {f.queue_id for f in bodies.scan(s.queue_dir)} == {keep, "YOUNG02", "YOUNG03"}
     row = (
         db(s)
         .execute("SELECT status, final_reason FROM recipients WHERE queue_id = ?", (lost,))
@@ -443,7 +450,11 @@ async def test_sigkill_loses_no_accepted_message(tmp_path: Path) -> None:
         assert set(accepted) <= rows
         for qid in accepted:
             assert s.body_path(qid).is_file()
-        # after recovery every body file has its row, and every row its body
+        # once a crash's leftovers are old enough to be judged orphans, every
+        # body file has its row, and every row its body
+        from outboundd.spool.core import ORPHAN_MIN_AGE
+
+        await s.recover(now=time.time() + ORPHAN_MIN_AGE + 1)
         files = {f.queue_id for f in bodies.scan(s.queue_dir)}
         assert not any(f.is_temp for f in bodies.scan(s.queue_dir))
         unfinished = {
@@ -498,3 +509,26 @@ async def test_admin_list_flush_stats_show(spool: Spool) -> None:
     assert not await spool.is_paused()
     await spool.set_paused(True)
     assert await spool.is_paused() and (await admin.stats(spool)).paused
+
+
+def test_an_unreaped_dead_process_does_not_hold_its_leases() -> None:
+    """A lease owner that was killed but not yet reaped (a zombie) is dead."""
+    import socket
+    import subprocess
+
+    from outboundd.spool.core import _owner_is_dead_local
+
+    host = socket.gethostname()
+    proc = subprocess.Popen(["true"])
+    try:
+        for _ in range(200):  # until it has exited (and is a zombie: not waited for)
+            if Path(f"/proc/{proc.pid}/stat").read_text().rpartition(")")[2].split()[0] == "Z":
+                break
+            time.sleep(0.01)
+        assert _owner_is_dead_local(f"{host}:{proc.pid}:abcd", host)
+    finally:
+        proc.wait()
+    import os
+
+    assert not _owner_is_dead_local(f"{host}:{os.getpid()}:abcd", host)
+    assert not _owner_is_dead_local(f"otherhost:{proc.pid}:abcd", host)

@@ -106,6 +106,7 @@ def _unlink_quietly(path: Path) -> None:
 class BodyFile:
     path: Path
     is_temp: bool
+    mtime: float
 
     @property
     def queue_id(self) -> str:
@@ -125,4 +126,8 @@ def scan(queue_dir: Path) -> Iterator[BodyFile]:
             with os.scandir(sub.path) as entries:
                 for entry in entries:
                     if entry.is_file(follow_symlinks=False):
-                        yield BodyFile(Path(entry.path), entry.name.startswith(TMP_PREFIX))
+                        try:
+                            mtime = entry.stat(follow_symlinks=False).st_mtime
+                        except FileNotFoundError:
+                            continue  # removed while we looked: not ours to judge
+                        yield BodyFile(Path(entry.path), entry.name.startswith(TMP_PREFIX), mtime)

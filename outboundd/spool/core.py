@@ -61,6 +61,10 @@ DB_NAME = "outbound.db"
 MAX_BATCH = 512
 #: How long another process may hold the write lock before we give up.
 BUSY_TIMEOUT_MS = 10_000
+#: A body (or temp) file without rows is an orphan only when older than this:
+#: another process's accept writes the file before it commits the rows, and
+#: recovery must never delete a body whose rows are about to be committed.
+ORPHAN_MIN_AGE = 600.0
 
 DbOp = Callable[[aiosqlite.Connection], Awaitable[Any]]
 
@@ -587,7 +591,8 @@ class Spool:
         - leases that expired, or whose owner is a dead process on this host,
           become due again;
         - temp body files, bodies without rows and bodies of finished
-          messages are removed;
+          messages are removed once older than ``ORPHAN_MIN_AGE`` (a younger
+          one may be an accept in progress in another process);
         - unfinished messages whose body file is gone are marked ``dropped``
           with a reason, never left to crash the scheduler.
         """
@@ -611,8 +616,11 @@ class Spool:
 
         live = {row[0]: row[1] for row in await self.run(unfinished, write=False)}
         files = await asyncio.to_thread(lambda: list(bodies.scan(self.queue_dir)))
-        temps = [f.path for f in files if f.is_temp]
-        strays = [f for f in files if not f.is_temp and f.queue_id not in live]
+        # Files younger than ORPHAN_MIN_AGE may belong to an accept still in
+        # progress in another process (body renamed, rows not yet committed).
+        settled = [f for f in files if at - f.mtime >= ORPHAN_MIN_AGE]
+        temps = [f.path for f in settled if f.is_temp]
+        strays = [f for f in settled if not f.is_temp and f.queue_id not in live]
         # A body file whose name is a live message's, but written before the
         # rename (a temp), is not the live body: only complete files count.
         present = {f.queue_id for f in files if not f.is_temp}
@@ -712,7 +720,18 @@ def _owner_is_dead_local(owner: str, host: str) -> bool:
         return True
     except PermissionError:
         return False
-    return False
+    return _is_zombie(pid)
+
+
+def _is_zombie(pid: int) -> bool:
+    """A killed process nobody has reaped yet still answers kill(pid, 0)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    # The state follows the parenthesised command name, which may hold spaces.
+    state = stat.rpartition(")")[2].split()[:1]
+    return state in (["Z"], ["X"])
 
 
 def _attempt_row(rec: AttemptRecord, attempt: int) -> dict[str, Any]:
