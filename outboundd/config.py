@@ -468,6 +468,7 @@ class OutboundConfig(BaseModel):
     model_config = _FROZEN
 
     disabled: bool = False
+    delivery_process: bool = True
     concurrency_max: int = 100
     domain_concurrency_max: int = 10
     enable_tls: bool = True
@@ -852,6 +853,7 @@ def _read_outbound(
 
     outbound = OutboundConfig(
         disabled=main.boolean("disabled", False),
+        delivery_process=main.boolean("delivery_process", True),
         concurrency_max=main.integer("concurrency_max", 100, minimum=1),
         domain_concurrency_max=main.integer("domain_concurrency_max", 10, minimum=1),
         enable_tls=main.boolean("enable_tls", True),

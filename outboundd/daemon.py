@@ -14,16 +14,18 @@ import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from outboundd import log as logmod
 from outboundd.config import Config, ConfigError, OutboundConfig, load_config, load_outbound
 from outboundd.delivery.engine import DeliveryEngine
 from outboundd.delivery.scheduler import Scheduler
+from outboundd.delivery_process import DeliveryProcess, watch_parent
 from outboundd.hooks import HookRunner, PluginLoadError, load_plugins
 from outboundd.spool import Spool, SpoolError, lease_owner_id
 from outboundd.spool import admin as spool_admin
 from outboundd.submission import api as submission_api
-from outboundd.submission.server import start_listeners
+from outboundd.submission.server import Listeners, start_listeners
 
 #: Seconds running deliveries get to finish after SIGTERM before they are cut off.
 SHUTDOWN_GRACE = 20.0
@@ -88,16 +90,29 @@ class OutboundSettings:
                 on_change.set()
 
 
-async def serve(config: Config) -> int:
-    """Run the relay until a stop signal; the process exit status."""
+ROLES = ("all", "submission", "delivery")
+
+
+async def serve(config: Config, role: str = "all") -> int:
+    """Run the relay until a stop signal; the process exit status.
+
+    ``role`` ``all`` runs listeners and delivery in this process, or —
+    with ``delivery_process=true`` — the listeners here and delivery in a
+    supervised child (``role`` ``delivery``).
+    """
     logmod.configure_from(config.log)
-    for warning in config.warnings:
-        log.warn(warning)
-    if config.auth_users and "auth_flat_file" not in config.plugins:
-        log.warn(
-            "auth_flat_file.ini has users but the auth_flat_file plugin is not listed in "
-            "plugins: AUTH is off and only relay_acl_allow clients can relay"
-        )
+    if role == "all" and config.outbound.delivery_process:
+        role = "submission"
+    listens = role in ("all", "submission")
+    delivers = role in ("all", "delivery")
+    if role != "delivery":
+        for warning in config.warnings:
+            log.warn(warning)
+        if config.auth_users and "auth_flat_file" not in config.plugins:
+            log.warn(
+                "auth_flat_file.ini has users but the auth_flat_file plugin is not listed in "
+                "plugins: AUTH is off and only relay_acl_allow clients can relay"
+            )
     try:
         plugins = load_plugins(config.plugins, config.plugins_dir)
     except PluginLoadError as exc:
@@ -114,6 +129,7 @@ async def serve(config: Config) -> int:
     if report is not None:
         log.info(
             "queue opened",
+            role=role,
             queue_dir=str(spool.queue_dir),
             leases_released=report.leases_released,
             temp_files_removed=report.temp_files_removed,
@@ -122,30 +138,62 @@ async def serve(config: Config) -> int:
         for qid in report.missing_bodies:
             log.crit("message body file missing; its recipients were dropped", qid=qid)
 
-    settings = OutboundSettings(config)
-    owner = lease_owner_id()
-    engine = DeliveryEngine(config, settings, spool, hooks, owner=owner)
-    scheduler = Scheduler(spool, settings, engine.deliver, owner=owner, log=log)
-    submission_api.install(spool, config, hooks)
-    try:
-        listeners = await start_listeners(config, spool, hooks)
-    except OSError as exc:
-        log.crit("cannot listen", error=str(exc))
-        submission_api.uninstall()
-        await spool.close()
-        return 1
-
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    tasks: list[asyncio.Task[None]] = []
+    settings = OutboundSettings(config)
+    scheduler: Scheduler | None = None
+    engine: DeliveryEngine | None = None
+    child: DeliveryProcess | None = None
+    listeners: Listeners | None = None
+
+    if delivers:
+        owner = lease_owner_id()
+        engine = DeliveryEngine(config, settings, spool, hooks, owner=owner)
+        scheduler = Scheduler(spool, settings, engine.deliver, owner=owner, log=log)
+        tasks.append(asyncio.create_task(scheduler.run(), name="scheduler"))
+        tasks.append(asyncio.create_task(settings.watch(spool.new_work), name="config-watch"))
+    if role == "delivery":
+        parent_gone = asyncio.Event()
+        tasks.append(
+            asyncio.create_task(watch_parent(spool.new_work, parent_gone), name="parent-watch")
+        )
+
+        async def stop_when_parent_goes() -> None:
+            await parent_gone.wait()
+            request_stop("parent exited")
+
+        tasks.append(asyncio.create_task(stop_when_parent_goes(), name="parent-gone"))
+    if listens:
+        submission_api.install(spool, config, hooks)
+        try:
+            listeners = await start_listeners(config, spool, hooks)
+        except OSError as exc:
+            log.crit("cannot listen", error=str(exc))
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            submission_api.uninstall()
+            await spool.close()
+            return 1
+    if role == "submission":
+        child = DeliveryProcess(config.config_dir, stop_grace=SHUTDOWN_GRACE)
+        await child.start()
+        tasks.append(asyncio.create_task(child.forward_wakeups(spool.new_work), name="wake"))
+        tasks.append(asyncio.create_task(child.supervise(), name="supervise"))
 
     def request_stop(signame: str) -> None:
         if not stop.is_set():
-            log.notice("stopping", signal=signame)
+            log.notice("stopping", signal=signame, role=role)
             stop.set()
 
     background: set[asyncio.Task[None]] = set()
 
     def request_flush() -> None:
+        if child is not None:
+            child.signal(signal.SIGHUP)
+            return
+
         async def flush() -> None:
             count = await spool_admin.flush(spool)
             log.notice("flush requested (SIGHUP)", recipients=count)
@@ -158,42 +206,57 @@ async def serve(config: Config) -> int:
         loop.add_signal_handler(sig, request_stop, sig.name)
     loop.add_signal_handler(signal.SIGHUP, request_flush)
 
-    tasks = [
-        asyncio.create_task(scheduler.run(), name="scheduler"),
-        asyncio.create_task(settings.watch(spool.new_work), name="config-watch"),
-    ]
-    log.notice(
-        "ready",
-        listen=",".join(str(a) for a in config.smtp.listen),
-        listen_tls=",".join(str(a) for a in config.smtp.listen_tls) or "-",
-        queue_dir=str(spool.queue_dir),
-        delivery="disabled" if settings().disabled else "enabled",
-    )
+    if listens:
+        log.notice(
+            "ready",
+            listen=",".join(str(a) for a in config.smtp.listen),
+            listen_tls=",".join(str(a) for a in config.smtp.listen_tls) or "-",
+            queue_dir=str(spool.queue_dir),
+            delivery=("disabled" if settings().disabled else "enabled")
+            + (" (separate process)" if child is not None else ""),
+        )
+    else:
+        log.notice(
+            "delivery ready",
+            queue_dir=str(spool.queue_dir),
+            delivery="disabled" if settings().disabled else "enabled",
+        )
+    status = 0
     try:
-        stopper = asyncio.create_task(stop.wait())
-        done, _ = await asyncio.wait([stopper, *tasks], return_when=asyncio.FIRST_COMPLETED)
-        for task in done:
-            failure = None if task is stopper else task.exception()
+        stopper: asyncio.Task[Any] = asyncio.create_task(stop.wait())
+        watched: list[asyncio.Task[Any]] = [stopper, *tasks]
+        done, _ = await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
+        for finished in done:
+            failure = None if finished is stopper else finished.exception()
             if failure is not None:
-                log.crit("internal task failed", task=task.get_name(), error=repr(failure))
+                log.crit("internal task failed", task=finished.get_name(), error=repr(failure))
+                status = 1
                 stop.set()
         stopper.cancel()
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
-        await listeners.close()
-        await scheduler.stop(SHUTDOWN_GRACE)
+        if listeners is not None:
+            await listeners.close()
+        if child is not None:
+            child_status = await child.stop()
+            if child_status != 0:
+                log.error("delivery process exited with an error", status=child_status)
+        if scheduler is not None:
+            await scheduler.stop(SHUTDOWN_GRACE)
         for task in tasks:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-        await engine.close()
-        submission_api.uninstall()
+        if engine is not None:
+            await engine.close()
+        if listens:
+            submission_api.uninstall()
         await spool.close()
-        log.notice("stopped")
+        log.notice("stopped", role=role)
         await logmod.drain_log_hooks()
         logmod.shutdown()
-    return 0
+    return status
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -206,6 +269,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default="config",
         metavar="CONFIG_DIR",
         help="configuration directory (default: ./config)",
+    )
+    parser.add_argument(
+        "--role",
+        choices=ROLES,
+        default="all",
+        help=argparse.SUPPRESS,  # "delivery" is how outboundd starts its own child
     )
     return parser.parse_args(argv)
 
@@ -225,7 +294,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ImportError:  # uvloop is optional: the stdlib loop works, slower
         pass
     with asyncio.Runner(loop_factory=loop_factory) as runner:
-        return runner.run(serve(config))
+        return runner.run(serve(config, args.role))
 
 
 if __name__ == "__main__":

@@ -89,6 +89,7 @@ class Daemon:
         self.proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "outboundd", "-c", str(self.config_dir),
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, env=env,
+            start_new_session=True,  # its own process group: a crash takes the child too
         )  # fmt: skip
         self._reader = asyncio.create_task(self._read())
         await self.wait_for(READY, timeout)
@@ -147,12 +148,25 @@ class Daemon:
         if self._reader is not None:
             await self._reader
         self.returncode = self.proc.returncode
+        await self._assert_group_gone()
         return self.returncode
 
-    async def kill(self) -> None:
-        """SIGKILL by PID: a crash."""
+    async def _assert_group_gone(self) -> None:
+        """outboundd must have stopped its delivery process before exiting."""
         assert self.proc is not None
-        self.signal(signal.SIGKILL)
+        for _ in range(100):
+            try:
+                os.killpg(self.proc.pid, 0)
+            except ProcessLookupError:
+                return
+            await asyncio.sleep(0.05)
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        raise AssertionError("outboundd exited but left a process of its group running")
+
+    async def kill(self) -> None:
+        """SIGKILL the daemon's process group (it and its delivery process): a crash."""
+        assert self.proc is not None
+        os.killpg(self.proc.pid, signal.SIGKILL)
         await self.proc.wait()
         if self._reader is not None:
             await self._reader
