@@ -36,7 +36,12 @@ from aiosmtpd.smtp import SMTP, AuthResult, Envelope, Session
 from outboundd.config import Config
 from outboundd.log import Logger
 from outboundd.plugins.auth_flat_file import AuthThrottle, UserStore
-from outboundd.submission import policy, prepare, replies
+from outboundd.submission import (
+    fastinit,  # noqa: F401  (speeds up aiosmtpd's per-connection set-up)
+    policy,
+    prepare,
+    replies,
+)
 from outboundd.submission.policy import Address, MailParams, PolicyError, RcptParams, RelayVerdict
 from outboundd.submission.queueing import Queuer
 from outboundd.submission.replies import Reply

@@ -1,0 +1,96 @@
+"""Per-class caching of aiosmtpd's per-connection introspection.
+
+Installed by importing this module (``outboundd.submission.handler`` does).
+
+``aiosmtpd.smtp.SMTP.__init__`` calls ``inspect.getmembers`` on the new
+session object and on its handler for every connection, only to find the
+``auth_*`` methods; ``getmembers`` evaluates every attribute, properties
+included, and it costs ~0.4 ms per connection — more than a tenth of a core
+at a few hundred connections a second.  The answer depends only on the
+classes, so we compute the member *names* once per class and hand aiosmtpd
+the bound members; likewise its two ``dir()`` scans and the
+``inspect.signature`` of the EHLO hook.  Only aiosmtpd's module globals
+``inspect`` and ``dir`` are replaced; every other ``inspect`` function is
+passed through.  A test checks that a session built with the caches has the
+same method tables as one built without them.
+"""
+
+from __future__ import annotations
+
+import inspect
+from types import ModuleType
+from typing import Any
+
+import aiosmtpd.smtp
+
+AUTH_PREFIX = "auth_"
+_names_by_class: dict[type, tuple[str, ...]] = {}
+
+
+def cached_getmembers(obj: object, predicate: Any = None) -> list[tuple[str, Any]]:
+    """The ``auth_*`` members of ``obj`` — all aiosmtpd asks ``getmembers`` for.
+
+    The names are cached per class (aiosmtpd sessions and handlers have a
+    class-fixed attribute set); a caller with a ``predicate`` gets the real
+    function.
+    """
+    if predicate is not None:
+        return inspect.getmembers(obj, predicate)
+    cls = type(obj)
+    names = _names_by_class.get(cls)
+    if names is None:
+        # aiosmtpd keeps only the auth_* members; fetching the others (and
+        # evaluating properties) is the cost we are avoiding.
+        names = tuple(name for name in dir(obj) if name.startswith(AUTH_PREFIX))
+        _names_by_class[cls] = names
+    members = []
+    for name in names:
+        try:
+            members.append((name, getattr(obj, name)))
+        except AttributeError:
+            continue
+    return members
+
+
+_dir_by_class: dict[type, list[str]] = {}
+_signatures: dict[object, inspect.Signature] = {}
+
+
+def cached_dir(obj: object) -> list[str]:
+    """``dir(obj)`` per class: aiosmtpd scans it for ``handle_*``/``smtp_*`` methods."""
+    cls = type(obj)
+    names = _dir_by_class.get(cls)
+    if names is None:
+        names = _dir_by_class[cls] = dir(obj)
+    return list(names)
+
+
+def cached_signature(fn: Any) -> inspect.Signature:
+    """``inspect.signature`` of a bound method, cached per underlying function."""
+    key = (getattr(fn, "__func__", fn), hasattr(fn, "__self__"))
+    sig = _signatures.get(key)
+    if sig is None:
+        sig = _signatures[key] = inspect.signature(fn)
+    return sig
+
+
+class _InspectShim(ModuleType):
+    """``inspect`` as aiosmtpd sees it: ``getmembers`` cached, the rest unchanged."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(inspect, name)
+
+
+def install() -> None:
+    """Point aiosmtpd's ``inspect`` global at the shim (idempotent)."""
+    if isinstance(getattr(aiosmtpd.smtp, "inspect", None), _InspectShim):
+        return
+    shim = _InspectShim("inspect")
+    shim.getmembers = cached_getmembers  # type: ignore[attr-defined]
+    shim.signature = cached_signature  # type: ignore[attr-defined]
+    aiosmtpd.smtp.inspect = shim  # type: ignore[attr-defined]
+    # A module global shadows the builtin for code in that module only.
+    aiosmtpd.smtp.dir = cached_dir  # type: ignore[attr-defined]
+
+
+install()
