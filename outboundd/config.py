@@ -487,7 +487,7 @@ class OutboundConfig(BaseModel):
     rcpt_timeout: float = 300.0
     data_timeout: float = 120.0
     data_end_timeout: float = 600.0
-    pool_max_per_host: int = 4
+    pool_max_per_host: int = 10
     pool_idle_timeout: float = 10.0
     delay_warning_time: float = 14400.0
     bounce_max_original_size: int = 10485760
@@ -851,11 +851,12 @@ def _read_outbound(
     queue_dir = main.convert("queue_dir", "queue", str)
     double_bounce: str | None = main.convert("double_bounce_recipient", None, _address)
 
+    domain_concurrency = main.integer("domain_concurrency_max", 10, minimum=1)
     outbound = OutboundConfig(
         disabled=main.boolean("disabled", False),
         delivery_process=main.boolean("delivery_process", True),
         concurrency_max=main.integer("concurrency_max", 100, minimum=1),
-        domain_concurrency_max=main.integer("domain_concurrency_max", 10, minimum=1),
+        domain_concurrency_max=domain_concurrency,
         enable_tls=main.boolean("enable_tls", True),
         max_temp_failures=max_failures,
         temp_fail_intervals=intervals,
@@ -872,7 +873,9 @@ def _read_outbound(
         rcpt_timeout=main.seconds("rcpt_timeout", 300.0, zero_ok=False),
         data_timeout=main.seconds("data_timeout", 120.0, zero_ok=False),
         data_end_timeout=main.seconds("data_end_timeout", 600.0, zero_ok=False),
-        pool_max_per_host=main.integer("pool_max_per_host", 4, minimum=1),
+        # Unset: as many as may run to one domain at once, so a busy
+        # destination's connections are reused rather than churned.
+        pool_max_per_host=main.integer("pool_max_per_host", domain_concurrency, minimum=1),
         pool_idle_timeout=main.seconds("pool_idle_timeout", 10.0, zero_ok=True),
         delay_warning_time=main.seconds("delay_warning_time", 14400.0, zero_ok=True),
         bounce_max_original_size=main.integer("bounce_max_original_size", 10485760, minimum=0),

@@ -254,7 +254,7 @@ def test_missing_directory_gives_every_default(
     assert out.mx_port == 25
     assert (out.greeting_timeout, out.mail_timeout, out.rcpt_timeout) == (300, 300, 300)
     assert (out.data_timeout, out.data_end_timeout) == (120, 600)
-    assert out.pool_max_per_host == 4
+    assert out.pool_max_per_host == out.domain_concurrency_max == 10
     assert out.pool_idle_timeout == 10
     assert out.delay_warning_time == 14400
     assert out.bounce_max_original_size == 10485760
@@ -1256,3 +1256,12 @@ def test_shipped_files_are_commented() -> None:
     for name in (*names, "relay_acl_allow", "auth_flat_file.ini"):
         text = (REPO / "config" / name).read_text()
         assert re.search(r"^\s*[;#]", text, re.MULTILINE), name
+
+
+def test_pool_cap_follows_domain_concurrency_unless_set(tmp_path: Path) -> None:
+    cfg = tmp_path / "config"
+    cfg.mkdir()
+    (cfg / "outbound.ini").write_text("[main]\ndomain_concurrency_max=25\n")
+    assert load_config(cfg).outbound.pool_max_per_host == 25
+    (cfg / "outbound.ini").write_text("[main]\ndomain_concurrency_max=25\npool_max_per_host=3\n")
+    assert load_config(cfg).outbound.pool_max_per_host == 3
