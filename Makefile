@@ -41,8 +41,15 @@ format: $(STAMP)
 	$(BIN)/ruff format outboundd tests tools
 	$(BIN)/ruff check --fix outboundd tests tools
 
+# `make bench ARGS="--peers"` or `make bench -- --peers`: words after the
+# goal are the benchmark's own arguments, not make targets.
+ifeq (bench,$(firstword $(MAKECMDGOALS)))
+  BENCH_ARGS := $(wordlist 2,$(words $(MAKECMDGOALS)),$(MAKECMDGOALS))
+  $(eval $(BENCH_ARGS):;@:)
+endif
+
 bench: $(STAMP)
-	$(BIN)/python tools/bench $(ARGS)
+	$(BIN)/python tools/bench $(ARGS) $(BENCH_ARGS)
 
 demo: $(STAMP)
 	$(BIN)/python tools/demo

@@ -89,6 +89,9 @@ class Scheduler:
                 await renewer
 
     async def _step(self) -> None:
+        # Clear first, then look: whatever happens from here on (an accept, a
+        # flush, a finished delivery) sets it again and ends the wait below.
+        self.spool.new_work.clear()
         settings = self.settings()
         if settings.disabled or await self._paused():
             await self._wait(self.poll_interval)
@@ -99,9 +102,6 @@ class Scheduler:
             return
         cap = settings.domain_concurrency_max
         exclude = sorted(d for d, n in self._per_domain.items() if n >= cap)
-        # Clear before claiming: an accept that lands during the claim sets it
-        # again, so it is never missed.
-        self.spool.new_work.clear()
         claims = await self.spool.claim(
             self.owner,
             limit=free,
