@@ -121,7 +121,8 @@ async def serve(config: Config, role: str = "all") -> int:
     hooks = HookRunner(plugins)
     logmod.set_log_hook(hooks if hooks.has("log") else None)
     try:
-        spool = await Spool.open(config.outbound.queue_dir)
+        # The delivery child leaves the body-file scan to the listener process.
+        spool = await Spool.open(config.outbound.queue_dir, recover_files=role != "delivery")
     except SpoolError as exc:
         log.crit("cannot open the queue", queue_dir=str(config.outbound.queue_dir), error=str(exc))
         return 1

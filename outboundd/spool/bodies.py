@@ -131,3 +131,34 @@ def scan(queue_dir: Path) -> Iterator[BodyFile]:
                         except FileNotFoundError:
                             continue  # removed while we looked: not ours to judge
                         yield BodyFile(Path(entry.path), entry.name.startswith(TMP_PREFIX), mtime)
+
+
+@dataclass(frozen=True, slots=True)
+class Leftovers:
+    """What a recovery scan found, holding only what needs action."""
+
+    temps: list[Path]  # temp files old enough to be abandoned
+    strays: list[tuple[str, Path]]  # (queue ID, path) of old bodies without a live row
+    missing: tuple[str, ...]  # live queue IDs with no body file
+
+
+def find_leftovers(queue_dir: Path, live: set[str], older_than: float) -> Leftovers:
+    """Compare the body files with the live queue IDs in one pass.
+
+    Only files last modified before ``older_than`` can be leftovers; the
+    scan keeps names, not objects, so 100,000 queued bodies cost little.
+    """
+    remaining = set(live)
+    temps: list[Path] = []
+    strays: list[tuple[str, Path]] = []
+    for body in scan(queue_dir):
+        if body.is_temp:
+            if body.mtime < older_than:
+                temps.append(body.path)
+            continue
+        qid = body.queue_id
+        if qid in remaining:
+            remaining.discard(qid)
+        elif qid not in live and body.mtime < older_than:
+            strays.append((qid, body.path))
+    return Leftovers(temps, strays, tuple(sorted(remaining)))

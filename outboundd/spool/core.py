@@ -141,7 +141,9 @@ class Spool:
     # ------------------------------------------------------------------ life
 
     @classmethod
-    async def open(cls, queue_dir: Path, *, recover: bool = True) -> Spool:
+    async def open(
+        cls, queue_dir: Path, *, recover: bool = True, recover_files: bool = True
+    ) -> Spool:
         """Open (creating if needed) the spool in ``queue_dir``: migrate, then recover."""
         queue_dir = await asyncio.to_thread(queue_dir.resolve)
         try:
@@ -170,7 +172,7 @@ class Spool:
         spool = cls(queue_dir, conn)
         spool._writer = asyncio.create_task(spool._write_loop(), name="spool-writer")
         if recover:
-            spool.recovery = await spool.recover()
+            spool.recovery = await spool.recover(files=recover_files)
         return spool
 
     async def close(self) -> None:
@@ -585,8 +587,11 @@ class Spool:
 
     # ------------------------------------------------------------- recovery
 
-    async def recover(self, now: float | None = None) -> RecoveryReport:
+    async def recover(self, now: float | None = None, *, files: bool = True) -> RecoveryReport:
         """Start-up recovery; safe while other processes use the spool.
+
+        ``files=False`` does only the lease part (a second process on the
+        same spool leaves the file scan to the first).
 
         - leases that expired, or whose owner is a dead process on this host,
           become due again;
@@ -610,44 +615,44 @@ class Spool:
             return released
 
         released: int = await self.run(leases)
+        if released:
+            self.new_work.set()
+        if not files:
+            return RecoveryReport(released, 0, 0, 0, ())
 
-        async def unfinished(conn: aiosqlite.Connection) -> list[Any]:
-            return list(await conn.execute_fetchall(q("unfinished_messages")))
+        async def unfinished(conn: aiosqlite.Connection) -> set[str]:
+            return {row[0] for row in await conn.execute_fetchall(q("unfinished_messages"))}
 
-        live = {row[0]: row[1] for row in await self.run(unfinished, write=False)}
-        files = await asyncio.to_thread(lambda: list(bodies.scan(self.queue_dir)))
+        live: set[str] = await self.run(unfinished, write=False)
         # Files younger than ORPHAN_MIN_AGE may belong to an accept still in
         # progress in another process (body renamed, rows not yet committed).
-        settled = [f for f in files if at - f.mtime >= ORPHAN_MIN_AGE]
-        temps = [f.path for f in settled if f.is_temp]
-        strays = [f for f in settled if not f.is_temp and f.queue_id not in live]
-        # A body file whose name is a live message's, but written before the
-        # rename (a temp), is not the live body: only complete files count.
-        present = {f.queue_id for f in files if not f.is_temp}
-        missing = sorted(qid for qid in live if qid not in present)
-        stray_ids = json.dumps([f.queue_id for f in strays])
+        scan = await asyncio.to_thread(
+            bodies.find_leftovers, self.queue_dir, live, at - ORPHAN_MIN_AGE
+        )
+        del live
+        stray_ids = json.dumps([qid for qid, _ in scan.strays])
 
         async def finished_strays(conn: aiosqlite.Connection) -> set[str]:
             rows = await conn.execute_fetchall(q("finished_body_names"), {"ids": stray_ids})
             return {row[0] for row in rows}
 
-        finished_ids = await self.run(finished_strays, write=False) if strays else set()
-        await asyncio.to_thread(bodies.remove_bodies, temps + [f.path for f in strays])
-        for qid in missing:
+        finished_ids = await self.run(finished_strays, write=False) if scan.strays else set()
+        await asyncio.to_thread(
+            bodies.remove_bodies, scan.temps + [path for _, path in scan.strays]
+        )
+        for qid in scan.missing:
             await self.finalize_message(
                 qid,
                 Status.DROPPED,
                 reason="message body file missing from the spool; cannot deliver",
                 now=at,
             )
-        if released:
-            self.new_work.set()
         return RecoveryReport(
             leases_released=released,
-            temp_files_removed=len(temps),
-            orphan_bodies_removed=sum(1 for f in strays if f.queue_id not in finished_ids),
-            finished_bodies_removed=sum(1 for f in strays if f.queue_id in finished_ids),
-            missing_bodies=tuple(missing),
+            temp_files_removed=len(scan.temps),
+            orphan_bodies_removed=sum(1 for qid, _ in scan.strays if qid not in finished_ids),
+            finished_bodies_removed=sum(1 for qid, _ in scan.strays if qid in finished_ids),
+            missing_bodies=scan.missing,
         )
 
     async def finalize_message(
