@@ -348,7 +348,7 @@ class DNSServer:
                 writer.write(struct.pack("!H", len(reply)) + reply)
                 await writer.drain()
         except (asyncio.IncompleteReadError, ConnectionError):
-            pass
+            return  # the client closed the connection: nothing more to answer
         finally:
             if task is not None:
                 self._tcp_tasks.discard(task)

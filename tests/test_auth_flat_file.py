@@ -423,10 +423,10 @@ def test_throttle_forgets_old_failures() -> None:
 def test_throttle_memory_is_bounded() -> None:
     throttle = AuthThrottle(max_entries=100, clock=FakeClock())
     for i in range(1000):
-        throttle.record_failure(f"10.0.{i // 256}.{i % 256}")
+        throttle.record_failure(f"198.18.{i // 256}.{i % 256}")
     assert len(throttle) == 100
-    assert throttle.failures("10.0.0.0") == 0  # oldest evicted
-    assert throttle.failures("10.0.3.231") == 1  # newest kept
+    assert throttle.failures("198.18.0.0") == 0  # oldest evicted
+    assert throttle.failures("198.18.3.231") == 1  # newest kept
 
 
 def test_throttle_groups_ipv6_by_prefix_and_unmaps_ipv4() -> None:

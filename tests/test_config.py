@@ -674,7 +674,7 @@ def test_host_port_parse(text: str, default: int | None, host: str, port: int, s
         ("fe80::zz:25", "not an IPv6 address (write an IPv6 address with a port as [addr]:port)"),
         ("bad_host:25", "'bad_host' is not an IP address or host name"),
         ("-bad.example:25", "'-bad.example' is not an IP address or host name"),
-        ("10.0.0.256:25", "'10.0.0.256' is not an IP address or host name"),
+        ("192.0.2.256:25", "'192.0.2.256' is not an IP address or host name"),
     ],
 )
 def test_host_port_errors(text: str, reason: str) -> None:
@@ -1069,14 +1069,14 @@ def test_relay_acl(cfg: Path) -> None:
     write(
         cfg,
         "relay_acl_allow",
-        "# loopback\n127.0.0.0/8\n::1\n192.0.2.7  # one host\n\n2001:db8::/32\n10.1.0.0/16\n",
+        "# loopback\n127.0.0.0/8\n::1\n192.0.2.7  # one host\n\n2001:db8::/32\n198.51.100.0/24\n",
     )
     assert load(cfg).relay_acl_allow == [
         IPv4Network("127.0.0.0/8"),
         IPv6Network("::1/128"),
         IPv4Network("192.0.2.7/32"),
         IPv6Network("2001:db8::/32"),
-        IPv4Network("10.1.0.0/16"),
+        IPv4Network("198.51.100.0/24"),
     ]
 
 
@@ -1089,9 +1089,9 @@ def test_relay_acl(cfg: Path) -> None:
             "(like 192.0.2.0/24)",
         ),
         (
-            "10.0.0.1/8\n",
-            "config/relay_acl_allow line 1: '10.0.0.1/8' has host bits set "
-            "(did you mean 10.0.0.0/8?)",
+            "198.51.100.1/24\n",
+            "config/relay_acl_allow line 1: '198.51.100.1/24' has host bits set "
+            "(did you mean 198.51.100.0/24?)",
         ),
         (
             "# x\n::1/129\n",
@@ -1099,9 +1099,9 @@ def test_relay_acl(cfg: Path) -> None:
             "(like 192.0.2.0/24)",
         ),
         (
-            "127.0.0.0/8 10.0.0.0/8\n",
-            "config/relay_acl_allow line 1: '127.0.0.0/8 10.0.0.0/8' is not an IP address or CIDR "
-            "network (like 192.0.2.0/24)",
+            "127.0.0.0/8 198.51.100.0/24\n",
+            "config/relay_acl_allow line 1: '127.0.0.0/8 198.51.100.0/24' is not an IP address "
+            "or CIDR network (like 192.0.2.0/24)",
         ),
     ],
 )

@@ -620,7 +620,7 @@ async def test_local_domain_literal_refused_without_local_mx_ok(dns_server: DNSS
         ("LMTP://[::1]:24/", [MX("::1", port=24, using_lmtp=True)]),
         ("smtp://mx.example.test", [MX("mx.example.test", port=25)]),
         ("smtp://mx.example.test:587", [MX("mx.example.test", port=587)]),
-        (MX("10.1.2.3", port=2525, priority=10), [MX("10.1.2.3", port=2525, priority=10)]),
+        (MX("127.0.0.3", port=2525, priority=10), [MX("127.0.0.3", port=2525, priority=10)]),
         (MX("[::1]"), [MX("::1")]),
         (
             [MX("a.test", priority=5), "b.test:2525"],
