@@ -20,7 +20,7 @@ from outboundd import log as logmod
 from outboundd.config import Config, ConfigError, OutboundConfig, load_config, load_outbound
 from outboundd.delivery.engine import DeliveryEngine
 from outboundd.delivery.scheduler import Scheduler
-from outboundd.delivery_process import DeliveryProcess, watch_parent
+from outboundd.delivery_process import DeliveryProcess, wake_all, watch_parent
 from outboundd.hooks import HookRunner, PluginLoadError, load_plugins
 from outboundd.spool import Spool, SpoolError, lease_owner_id
 from outboundd.spool import admin as spool_admin
@@ -97,11 +97,11 @@ async def serve(config: Config, role: str = "all") -> int:
     """Run the relay until a stop signal; the process exit status.
 
     ``role`` ``all`` runs listeners and delivery in this process, or —
-    with ``delivery_process=true`` — the listeners here and delivery in a
-    supervised child (``role`` ``delivery``).
+    with ``delivery_processes`` ≥ 1 — the listeners here and delivery in
+    that many supervised children (``role`` ``delivery``).
     """
     logmod.configure_from(config.log)
-    if role == "all" and config.outbound.delivery_process:
+    if role == "all" and config.outbound.delivery_processes > 0:
         role = "submission"
     listens = role in ("all", "submission")
     delivers = role in ("all", "delivery")
@@ -145,7 +145,7 @@ async def serve(config: Config, role: str = "all") -> int:
     settings = OutboundSettings(config)
     scheduler: Scheduler | None = None
     engine: DeliveryEngine | None = None
-    child: DeliveryProcess | None = None
+    children: list[DeliveryProcess] = []
     listeners: Listeners | None = None
 
     if delivers:
@@ -178,10 +178,12 @@ async def serve(config: Config, role: str = "all") -> int:
             await spool.close()
             return 1
     if role == "submission":
-        child = DeliveryProcess(config.config_dir, stop_grace=SHUTDOWN_GRACE)
-        await child.start()
-        tasks.append(asyncio.create_task(child.forward_wakeups(spool.new_work), name="wake"))
-        tasks.append(asyncio.create_task(child.supervise(), name="supervise"))
+        for number in range(config.outbound.delivery_processes):
+            child = DeliveryProcess(config.config_dir, stop_grace=SHUTDOWN_GRACE)
+            await child.start()
+            children.append(child)
+            tasks.append(asyncio.create_task(child.supervise(), name=f"supervise-{number}"))
+        tasks.append(asyncio.create_task(wake_all(children, spool.new_work), name="wake"))
 
     def request_stop(signame: str) -> None:
         if not stop.is_set():
@@ -191,8 +193,9 @@ async def serve(config: Config, role: str = "all") -> int:
     background: set[asyncio.Task[None]] = set()
 
     def request_flush() -> None:
-        if child is not None:
-            child.signal(signal.SIGHUP)
+        if children:
+            for child in children:
+                child.signal(signal.SIGHUP)
             return
 
         async def flush() -> None:
@@ -214,7 +217,7 @@ async def serve(config: Config, role: str = "all") -> int:
             listen_tls=",".join(str(a) for a in config.smtp.listen_tls) or "-",
             queue_dir=str(spool.queue_dir),
             delivery=("disabled" if settings().disabled else "enabled")
-            + (" (separate process)" if child is not None else ""),
+            + (f" ({len(children)} delivery process(es))" if children else ""),
         )
     else:
         log.notice(
@@ -239,10 +242,12 @@ async def serve(config: Config, role: str = "all") -> int:
             loop.remove_signal_handler(sig)
         if listeners is not None:
             await listeners.close()
-        if child is not None:
-            child_status = await child.stop()
+        statuses = await asyncio.gather(*(child.stop() for child in children))
+        for child, child_status in zip(children, statuses, strict=True):
             if child_status != 0:
-                log.error("delivery process exited with an error", status=child_status)
+                log.error(
+                    "delivery process exited with an error", status=child_status, pid=child.pid
+                )
         if scheduler is not None:
             await scheduler.stop(SHUTDOWN_GRACE)
         for task in tasks:

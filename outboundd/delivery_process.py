@@ -1,9 +1,9 @@
 """Delivery in a second process: start it, wake it, restart it, stop it.
 
-With ``delivery_process=true`` the ``outboundd`` process keeps the SMTP
-listeners and runs ``outboundd --role delivery`` as a child; both open the
-same spool (SQLite WAL is safe across processes and leases make claims
-exclusive), so submission and delivery use a core each.
+With ``delivery_processes=N`` (N ≥ 1) the ``outboundd`` process keeps the
+SMTP listeners and runs N ``outboundd --role delivery`` children; all open
+the same spool (SQLite WAL is safe across processes and leases make claims
+exclusive), so submission and delivery use the machine's cores.
 
 The child's stdin is a pipe from the parent.  A line on it means "new mail
 was committed": the child wakes its scheduler at once, so delivery still
@@ -63,12 +63,9 @@ class DeliveryProcess:
             with contextlib.suppress(ProcessLookupError):
                 self.proc.send_signal(sig)
 
-    async def forward_wakeups(self, new_work: asyncio.Event) -> None:
-        """Relay this process's new-work signal to the child, coalesced."""
-        while True:
-            await new_work.wait()
-            new_work.clear()
-            self.wake()
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
 
     async def supervise(self) -> None:
         """Restart the child if it exits while we are not stopping (with backoff)."""
@@ -102,6 +99,19 @@ class DeliveryProcess:
             log.crit("delivery process did not stop in time; killing it", pid=proc.pid)
             self.signal(signal.SIGKILL)
             return await proc.wait()
+
+
+async def wake_all(children: list[DeliveryProcess], new_work: asyncio.Event) -> None:
+    """Relay this process's new-work signal to every delivery process, coalesced.
+
+    Every child is woken; their claims are exclusive, so the first to claim
+    takes the work and the others find nothing and sleep again.
+    """
+    while True:
+        await new_work.wait()
+        new_work.clear()
+        for child in children:
+            child.wake()
 
 
 async def watch_parent(new_work: asyncio.Event, parent_gone: asyncio.Event) -> None:

@@ -54,8 +54,10 @@ async def world(dns_server: DNSServer, tmp_path: Path) -> AsyncIterator[World]:
         yield World(dns_server, mx1, sender_mx, mx1.port, tmp_path)
 
 
-async def test_submitted_mail_is_delivered_and_accounted(world: World) -> None:
-    async with running(world.config()) as d:
+@pytest.mark.parametrize("processes", [0, 1, 2])
+async def test_submitted_mail_is_delivered_and_accounted(world: World, processes: int) -> None:
+    """0: one process does everything; 1 (the default) and 2: delivery processes."""
+    async with running(world.config(delivery_processes=processes)) as d:
         qid = await submit(d.smtp_port, SENDER, ["bob@dest.test", "carol@dest.test"])
         await d.wait_for_status(qid, "delivered", count=2)
         [txn] = world.mx1.transactions
@@ -88,9 +90,10 @@ async def test_mixed_outcomes_and_bounce_reaches_sender(world: World) -> None:
     assert b"Final-Recipient: rfc822; gone@dest.test" in bounce.body
 
 
-async def test_temporary_failure_is_retried_after_sighup(world: World) -> None:
+@pytest.mark.parametrize("processes", [0, 2])
+async def test_temporary_failure_is_retried_after_sighup(world: World, processes: int) -> None:
     world.mx1.script = MXScript(rcpt_default="451 4.7.1 greylisted, come back later")
-    config = world.config(temp_fail_intervals="1h")
+    config = world.config(temp_fail_intervals="1h", delivery_processes=processes)
     async with running(config) as d:
         qid = await submit(d.smtp_port, SENDER, ["bob@dest.test"])
         await d.wait_for_status(qid, "deferred")
@@ -157,9 +160,10 @@ async def test_disabled_holds_delivery_and_hot_reload_releases_it(world: World) 
         await d.wait_for_status(qid, "delivered", timeout=5)
 
 
-async def test_crash_mid_delivery_is_recovered_after_restart(world: World) -> None:
+@pytest.mark.parametrize("processes", [0, 1, 2])
+async def test_crash_mid_delivery_is_recovered_after_restart(world: World, processes: int) -> None:
     world.mx1.script = MXScript(delays={"data_end": 30})
-    config = world.config()
+    config = world.config(delivery_processes=processes)
     d = Daemon(config)
     await d.start()
     qid = await submit(d.smtp_port, SENDER, ["bob@dest.test"])

@@ -324,7 +324,7 @@ def _read_outbound(
     domain_concurrency = main.integer("domain_concurrency_max", 10, minimum=1)
     outbound = OutboundConfig(
         disabled=main.boolean("disabled", False),
-        delivery_process=main.boolean("delivery_process", True),
+        delivery_processes=main.integer("delivery_processes", 1, minimum=0, maximum=64),
         concurrency_max=main.integer("concurrency_max", 100, minimum=1),
         domain_concurrency_max=domain_concurrency,
         enable_tls=main.boolean("enable_tls", True),

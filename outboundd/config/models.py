@@ -56,7 +56,7 @@ class OutboundConfig(BaseModel):
     model_config = _FROZEN
 
     disabled: bool = False
-    delivery_process: bool = True
+    delivery_processes: int = 1
     concurrency_max: int = 100
     domain_concurrency_max: int = 10
     enable_tls: bool = True
