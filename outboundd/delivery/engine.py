@@ -334,7 +334,7 @@ class DeliveryEngine:
             for rid, v in verdicts.items()
         }
         decisions = await self._deferred_hook(claim, hmail, decisions)
-        dsn_ids, decisions = await self._bounces(claim, hmail, decisions, now)
+        decisions = await self._bounces(claim, hmail, decisions, now)
         delay_noticed = await self._delay_notice(claim, decisions, outbound, now)
         await self._success_notice(claim, decisions, now)
 
@@ -355,7 +355,6 @@ class DeliveryEngine:
                 next_attempt_at=d.next_attempt_at,
                 count_failure=d.count_failure,
                 reason=d.reason,
-                dsn_queue_id=dsn_ids.get(rid),
                 delay_notified=rid in delay_noticed,
             )
             for rid, d in decisions.items()
@@ -433,10 +432,10 @@ class DeliveryEngine:
         hmail: HMail,
         decisions: dict[int, Decision],
         now: float,
-    ) -> tuple[dict[int, str], dict[int, Decision]]:
+    ) -> dict[int, Decision]:
         bounced = [rid for rid, d in decisions.items() if d.outcome is Outcome.BOUNCED]
         if not bounced:
-            return {}, decisions
+            return decisions
         by_id = {r.id: r for r in claim.recipients}
         first = decisions[bounced[0]]
         if self.hooks.has("bounce"):
@@ -458,7 +457,7 @@ class DeliveryEngine:
                             decisions[rid],
                             reason=f"DSN suppressed by plugin {outcome.plugin}",
                         )
-                    return {}, updated
+                    return updated
         failed = [
             NoticeRecipient(
                 report=_report(by_id[rid], decisions[rid], "failed", now),
@@ -486,14 +485,11 @@ class DeliveryEngine:
                     count_failure=False,
                     reason=f"DSN not queued: {exc}",
                 )
-            return {}, updated
+            return updated
         updated = dict(decisions)
         reported = set(notice.reported)
-        ids: dict[int, str] = {}
         for rid in bounced:
-            address = by_id[rid].address
-            if notice.dsn_queue_id is not None and address in reported:
-                ids[rid] = notice.dsn_queue_id
+            if notice.dsn_queue_id is not None and by_id[rid].address in reported:
                 note = f"DSN {notice.dsn_queue_id}" + (
                     " (double bounce)" if notice.double_bounce else ""
                 )
@@ -502,8 +498,10 @@ class DeliveryEngine:
             prefix = decisions[rid].reason
             updated[rid] = replace(decisions[rid], reason=f"{prefix}; {note}" if prefix else note)
         if notice.dsn_queue_id:
-            LOG.info("DSN queued", qid=claim.queue_id, dsn=notice.dsn_queue_id, recipients=len(ids))
-        return ids, updated
+            LOG.info(
+                "DSN queued", qid=claim.queue_id, dsn=notice.dsn_queue_id, recipients=len(reported)
+            )
+        return updated
 
     async def _delay_notice(
         self, claim: Claim, decisions: dict[int, Decision], outbound: OutboundConfig, now: float

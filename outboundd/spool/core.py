@@ -100,6 +100,7 @@ class _AcceptJob(_Job):
     message_row: dict[str, Any]
     recipient_rows: list[dict[str, Any]]
     body_path: Path
+    link_rows: list[dict[str, Any]]
 
 
 @dataclass(eq=False)
@@ -270,6 +271,9 @@ class Spool:
                 await conn.executemany(
                     q("insert_recipient"), [row for j in accepts for row in j.recipient_rows]
                 )
+                links = [row for j in accepts for row in j.link_rows]
+                if links:
+                    await conn.executemany(q("link_dsn"), links)
             for op_job in batch:
                 if isinstance(op_job, _OpJob):
                     results.append(await op_job.op(conn))
@@ -337,9 +341,14 @@ class Spool:
             }
             for rcpt in message.recipients
         ]
+        # A DSN's link to the recipients it reports commits with its own rows.
+        link_rows = [
+            {"queue_id": message.dsn_of, "recipient": address, "dsn_queue_id": qid}
+            for address in (message.dsn_recipients if message.dsn_of is not None else ())
+        ]
         await asyncio.to_thread(bodies.write_body, path, message.body)
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        job = _AcceptJob(fut, True, message_row, recipient_rows, path)
+        job = _AcceptJob(fut, True, message_row, recipient_rows, path, link_rows)
         try:
             await self._submit(job)
         except asyncio.CancelledError:
@@ -347,20 +356,8 @@ class Spool:
         except BaseException:
             await asyncio.to_thread(bodies.remove_bodies, [path])
             raise
-        if message.dsn_of is not None and message.dsn_recipients:
-            await self.link_dsn(message.dsn_of, message.dsn_recipients, qid)
         self.new_work.set()
         return qid
-
-    async def link_dsn(self, original: str, recipients: Iterable[str], dsn_queue_id: str) -> None:
-        rows = [
-            {"queue_id": original, "recipient": r, "dsn_queue_id": dsn_queue_id} for r in recipients
-        ]
-
-        async def op(conn: aiosqlite.Connection) -> None:
-            await conn.executemany(q("link_dsn"), rows)
-
-        await self.run(op)
 
     # ----------------------------------------------------------------- claim
 
@@ -773,7 +770,6 @@ def _update_row(rec: AttemptRecord, owner: str) -> dict[str, Any]:
         "mx_host": rec.mx_host,
         "final_at": rec.finished_at if final else None,
         "reason": rec.reason,
-        "dsn_queue_id": rec.dsn_queue_id,
         "delay_notified": int(rec.delay_notified),
     }
 

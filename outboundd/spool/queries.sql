@@ -69,7 +69,6 @@ UPDATE recipients
        next_attempt_at = :next_attempt_at, last_attempt_at = :finished_at,
        last_code = :code, last_status = :status_code, last_response = :response,
        last_mx = :mx_host, finished_at = :final_at, final_reason = :reason,
-       dsn_queue_id = coalesce(:dsn_queue_id, dsn_queue_id),
        delay_notified = max(delay_notified, :delay_notified),
        held_status = NULL, lease_owner = NULL, lease_expires_at = NULL
  WHERE id = :id AND status = 'sending' AND lease_owner = :owner

@@ -71,7 +71,7 @@ class NewMessage:
     body_8bit: bool = False
     notes: Mapping[str, Any] = field(default_factory=dict)
     dsn_of: str | None = None  # queue ID of the message this DSN reports on
-    dsn_recipients: Sequence[str] = ()  # the original recipients this DSN reports on
+    dsn_recipients: Sequence[str] = ()  # the original recipients it reports (linked on accept)
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,7 +120,8 @@ class AttemptRecord:
     false when the recipient was deferred without a real failure (it then
     keeps its failure count).  ``reason`` explains final states that did not
     come from a remote reply (a plugin's or an operator's decision).
-    ``dsn_queue_id`` links a bounced recipient to the DSN that reports it.
+    The link from a bounced recipient to its DSN is written by the DSN's
+    own ``accept()`` (``NewMessage.dsn_of``/``dsn_recipients``).
     """
 
     recipient_id: int
@@ -138,7 +139,6 @@ class AttemptRecord:
     next_attempt_at: float | None = None
     count_failure: bool = True
     reason: str | None = None
-    dsn_queue_id: str | None = None
     delay_notified: bool = False  # a delay DSN was queued for it in this attempt
 
 
