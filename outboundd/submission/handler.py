@@ -42,6 +42,7 @@ from outboundd.submission import (
     prepare,
     replies,
 )
+from outboundd.submission.data import DataCollector, DataProblem
 from outboundd.submission.policy import Address, MailParams, PolicyError, RcptParams, RelayVerdict
 from outboundd.submission.queueing import Queuer
 from outboundd.submission.replies import Reply
@@ -162,11 +163,11 @@ class SubmissionSMTP(SMTP):
         # DATA); overriding it keeps our typed state in step with aiosmtpd's.
         return SubmissionEnvelope()
 
-    async def _read_data_line(self) -> bytes:
+    async def _read_data_piece(self) -> bytes:
         # aiosmtpd keeps the connection's StreamReader in ``_reader``; DATA
         # has to read from it directly, as aiosmtpd's own smtp_DATA does.
-        line: bytes = await self._reader.readuntil(b"\r\n")
-        return line
+        piece: bytes = await self._reader.readuntil(b".\r\n")
+        return piece
 
     async def _drain_overlong(self, consumed: int) -> bytes:
         chunk: bytes = await self._reader.read(consumed)
@@ -502,54 +503,38 @@ class SubmissionSMTP(SMTP):
         """Read up to ``<CRLF>.<CRLF>``: the unstuffed message, or the refusal.
 
         The data is always read to its end, so the session stays in step
-        with a pipelining client.  Past the size limit nothing more is kept.
+        with a pipelining client.  It is read in pieces that end at the next
+        ``.<CRLF>`` (or where the reader's line limit cuts a piece without
+        one); :class:`DataCollector` judges them.  Past the size limit
+        nothing more is kept.
         """
-        limit = self.ctx.config.smtp.max_message_size
-        data = bytearray()
-        size = 0
+        smtp = self.ctx.config.smtp
+        collector = DataCollector(max_size=smtp.max_message_size, max_line=self.line_length_limit)
         next_touch = _DATA_TIMER_STEP
-        too_big = too_long = bare = False
-        at_line_start = True
         while True:
             try:
-                line = await self._read_data_line()
+                piece = await self._read_data_piece()
             except asyncio.LimitOverrunError as exc:
-                too_long = True
-                line = await self._drain_overlong(exc.consumed)
-                at_line_start = False
-                size += len(line)
-                continue
-            if at_line_start and line == b".\r\n":
+                # No end marker within the reader's limit: take what cannot
+                # be part of one, and look again.
+                piece = await self._drain_overlong(exc.consumed)
+            if collector.feed(piece):
                 break
-            if at_line_start and line.startswith(b"."):
-                line = line[1:]
-            at_line_start = True
-            size += len(line)
-            if size > next_touch:
-                next_touch = size + _DATA_TIMER_STEP
+            if collector.size > next_touch:
+                next_touch = collector.size + _DATA_TIMER_STEP
                 self._touch_timer()
-            if too_big or too_long or bare:
-                continue
-            if b"\n" in line[:-2] or b"\r" in line[:-2]:
-                bare = True
-                data.clear()
-                continue
-            if limit and size > limit:
-                too_big = True
-                data.clear()
-                continue
-            data += line
-        if too_big:
+        body, problem = collector.result()
+        if problem is DataProblem.TOO_BIG:
             return None, replies.TOO_BIG.with_text(
-                f"Message size exceeds fixed maximum message size ({limit} octets)"
+                f"Message size exceeds fixed maximum message size ({smtp.max_message_size} octets)"
             )
-        if too_long:
+        if problem is DataProblem.LINE_TOO_LONG:
             return None, replies.LINE_TOO_LONG.with_text(
-                f"Line too long (more than {self.ctx.config.smtp.max_line_length} octets)"
+                f"Line too long (more than {smtp.max_line_length} octets)"
             )
-        if bare:
+        if problem is DataProblem.BARE_LINE_END:
             return None, replies.BARE_LINE_END
-        return bytes(data), None
+        return body, None
 
     async def _queue(self, envelope: SubmissionEnvelope, body: bytes) -> Reply:
         assert envelope.sender is not None and self.session is not None
