@@ -56,12 +56,20 @@ _dir_by_class: dict[type, list[str]] = {}
 _signatures: dict[object, inspect.Signature] = {}
 
 
+#: The only names aiosmtpd looks for in its two ``dir()`` scans.
+DIR_PREFIXES = ("handle_", "smtp_")
+
+
 def cached_dir(obj: object) -> list[str]:
-    """``dir(obj)`` per class: aiosmtpd scans it for ``handle_*``/``smtp_*`` methods."""
+    """The ``handle_*``/``smtp_*`` names of ``dir(obj)``, per class.
+
+    aiosmtpd's two ``dir()`` scans keep only those names; handing it just
+    them saves filtering some 250 attribute names per connection.
+    """
     cls = type(obj)
     names = _dir_by_class.get(cls)
     if names is None:
-        names = _dir_by_class[cls] = dir(obj)
+        names = _dir_by_class[cls] = [n for n in dir(obj) if n.startswith(DIR_PREFIXES)]
     return list(names)
 
 
