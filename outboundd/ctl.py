@@ -525,6 +525,8 @@ async def run_queue_command(config: Config, args: argparse.Namespace, out: TextI
         spool = await Spool.open(queue_dir, recover=False)
     except sqlite3.Error as exc:
         raise CtlError(f"cannot open the queue {queue_dir / DB_NAME}: {exc}") from exc
+    except SpoolError as exc:
+        raise CtlError(str(exc)) from exc
     try:
         if args.command == "bounce":
             return await cmd_bounce(spool, args, out, config)

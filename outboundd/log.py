@@ -39,7 +39,7 @@ stream's own buffer; it is flushed after every WARN-or-worse line and by
 :func:`shutdown`, so a burst of INFO lines costs no system call each.
 
 Libraries that log through the standard :mod:`logging` module (aiosmtpd,
-asyncio, aiosqlite) are bridged: :func:`configure` installs a handler on the
+asyncio, aiosmtplib) are bridged: :func:`configure` installs a handler on the
 root logger that re-emits their records in our format, with the logger name
 as source.
 """

@@ -9,13 +9,12 @@ except where an operator's final decision overrides it.
 from __future__ import annotations
 
 import json
+import sqlite3
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import aiosqlite
 
 from outboundd.spool.core import Spool
 from outboundd.spool.errors import UnknownMessageError
@@ -139,19 +138,19 @@ async def list_queue(
         "limit": -1 if limit is None else limit,
     }
 
-    async def op(conn: aiosqlite.Connection) -> list[Any]:
-        return list(await conn.execute_fetchall(q("list_recipients"), params))
+    def op(conn: sqlite3.Connection) -> list[Any]:
+        return conn.execute(q("list_recipients"), params).fetchall()
 
     rows = await spool.run(op, write=False)
     return [QueueEntry(*row) for row in rows]
 
 
 async def show_message(spool: Spool, queue_id: str) -> MessageDetail:
-    async def op(conn: aiosqlite.Connection) -> tuple[list[Any], list[Any], list[Any]]:
+    def op(conn: sqlite3.Connection) -> tuple[list[Any], list[Any], list[Any]]:
         params = {"queue_id": queue_id}
-        msg = list(await conn.execute_fetchall(q("show_message"), params))
-        rcpts = list(await conn.execute_fetchall(q("show_recipients"), params))
-        attempts = list(await conn.execute_fetchall(q("show_attempts"), params))
+        msg = conn.execute(q("show_message"), params).fetchall()
+        rcpts = conn.execute(q("show_recipients"), params).fetchall()
+        attempts = conn.execute(q("show_attempts"), params).fetchall()
         return msg, rcpts, attempts
 
     msg, rcpts, attempts = await spool.run(op, write=False)
@@ -201,23 +200,23 @@ async def flush(
     at = time.time() if now is None else now
     dom = domain.lower() if domain else None
 
-    async def op(conn: aiosqlite.Connection) -> int:
+    def op(conn: sqlite3.Connection) -> int:
         for qid in queue_ids:
-            found = await conn.execute_fetchall(q("message_exists"), {"queue_id": qid})
+            found = conn.execute(q("message_exists"), {"queue_id": qid}).fetchall()
             if not list(found):
                 raise UnknownMessageError(qid)
         if queue_ids:
             total = 0
             for qid in queue_ids:
-                cursor = await conn.execute(
+                cursor = conn.execute(
                     q("flush_message"), {"now": at, "queue_id": qid, "domain": dom}
                 )
                 total += cursor.rowcount
             return total
         if dom is not None:
-            cursor = await conn.execute(q("flush_domain"), {"now": at, "domain": dom})
+            cursor = conn.execute(q("flush_domain"), {"now": at, "domain": dom})
         else:
-            cursor = await conn.execute(q("flush_all"), {"now": at})
+            cursor = conn.execute(q("flush_all"), {"now": at})
         return cursor.rowcount
 
     count: int = await spool.run(op)
@@ -226,8 +225,8 @@ async def flush(
 
 
 async def message_exists(spool: Spool, queue_id: str) -> bool:
-    async def op(conn: aiosqlite.Connection) -> bool:
-        return bool(list(await conn.execute_fetchall(q("message_exists"), {"queue_id": queue_id})))
+    def op(conn: sqlite3.Connection) -> bool:
+        return bool(conn.execute(q("message_exists"), {"queue_id": queue_id}).fetchall())
 
     result: bool = await spool.run(op, write=False)
     return result
@@ -236,13 +235,13 @@ async def message_exists(spool: Spool, queue_id: str) -> bool:
 async def stats(spool: Spool, *, now: float | None = None, top: int = 10) -> QueueStats:
     at = time.time() if now is None else now
 
-    async def op(conn: aiosqlite.Connection) -> tuple[Any, ...]:
-        by_status = list(await conn.execute_fetchall(q("stats_by_status")))
-        domains = list(await conn.execute_fetchall(q("stats_top_domains"), {"limit": top}))
-        oldest = list(await conn.execute_fetchall(q("stats_oldest_deferred")))
-        recent = list(await conn.execute_fetchall(q("stats_recent_outcomes"), {"since": at - 3600}))
-        size = list(await conn.execute_fetchall(q("stats_queue_bytes")))
-        paused = list(await conn.execute_fetchall(q("control_get"), {"key": "paused"}))
+    def op(conn: sqlite3.Connection) -> tuple[Any, ...]:
+        by_status = conn.execute(q("stats_by_status")).fetchall()
+        domains = conn.execute(q("stats_top_domains"), {"limit": top}).fetchall()
+        oldest = conn.execute(q("stats_oldest_deferred")).fetchall()
+        recent = conn.execute(q("stats_recent_outcomes"), {"since": at - 3600}).fetchall()
+        size = conn.execute(q("stats_queue_bytes")).fetchall()
+        paused = conn.execute(q("control_get"), {"key": "paused"}).fetchall()
         return by_status, domains, oldest, recent, size, paused
 
     by_status, domains, oldest, recent, size, paused = await spool.run(op, write=False)

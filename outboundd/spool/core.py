@@ -1,10 +1,11 @@
-"""The spool: SQLite (aiosqlite, WAL) for envelopes and state, files for bodies.
+"""The spool: SQLite (WAL) for envelopes and state, files for bodies.
 
-One :class:`Spool` owns one SQLite connection, and one writer task owns that
-connection.  Every database operation is a job handed to the writer, which
-runs whatever jobs are waiting as ONE transaction and ONE commit: this is
-group commit.  Accepts that arrive while a commit is in progress share the
-next one, so a burst of N accepts costs far fewer than N WAL fsyncs, while
+One :class:`Spool` owns one SQLite connection (on its own thread, see
+:mod:`.database`), and one writer task feeds that connection.  Every
+database operation is a job handed to the writer, which runs whatever jobs
+are waiting as ONE transaction and ONE commit, in one hop to the database
+thread: this is group commit.  Accepts that arrive while a commit is in
+progress share the next one, so a burst of N accepts costs far fewer than N WAL fsyncs, while
 each ``accept()`` still returns only after its own rows are committed.
 
 Durability order for ``accept()`` (DESIGN.md rule 1): the body file is
@@ -26,14 +27,13 @@ import socket
 import sqlite3
 import time
 from collections import defaultdict
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-import aiosqlite
-
 from outboundd.spool import bodies
+from outboundd.spool.database import Database, rollback_quietly
 from outboundd.spool.errors import (
     SpoolClosedError,
     SpoolError,
@@ -59,14 +59,14 @@ T = TypeVar("T")
 DB_NAME = "outbound.db"
 #: Most jobs one transaction takes; bounds commit latency under load.
 MAX_BATCH = 512
-#: How long another process may hold the write lock before we give up.
-BUSY_TIMEOUT_MS = 10_000
 #: A body (or temp) file without rows is an orphan only when older than this:
 #: another process's accept writes the file before it commits the rows, and
 #: recovery must never delete a body whose rows are about to be committed.
 ORPHAN_MIN_AGE = 600.0
 
-DbOp = Callable[[aiosqlite.Connection], Awaitable[Any]]
+#: A piece of a transaction: runs on the database thread, inside the
+#: writer's transaction (``write=True``) or in autocommit mode.
+DbOp = Callable[[sqlite3.Connection], Any]
 
 
 def lease_owner_id() -> str:
@@ -126,14 +126,16 @@ class _Stop:
 class Spool:
     """The durable queue.  Create with :meth:`open`; always :meth:`close`."""
 
-    def __init__(self, queue_dir: Path, conn: aiosqlite.Connection) -> None:
+    def __init__(self, queue_dir: Path, db: Database) -> None:
         self.queue_dir = queue_dir
         self.db_path = queue_dir / DB_NAME
-        self._conn = conn
+        self._db = db
         self._queue: asyncio.Queue[_Job | _Stop] = asyncio.Queue()
         self._counters = _Counters()
         self._writer: asyncio.Task[None] | None = None
         self._closed = False
+        #: Work an op leaves for after its transaction commits (database thread only).
+        self._after_commit: list[Callable[[], None]] = []
         #: Set whenever new work may be due (an accept, a flush); the scheduler
         #: waits on it instead of polling.
         self.new_work = asyncio.Event()
@@ -152,25 +154,18 @@ class Spool:
         except OSError as exc:
             raise SpoolError(f"cannot create queue directory {queue_dir}: {exc.strerror}") from exc
         try:
-            conn = await aiosqlite.connect(
-                queue_dir / DB_NAME, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000
-            )
-        except sqlite3.Error as exc:
-            raise SpoolError(f"cannot open {queue_dir / DB_NAME}: {exc}") from exc
+            db = await Database.open(queue_dir / DB_NAME)
+        except (sqlite3.Error, OSError) as exc:
+            raise SpoolError(f"cannot open the queue {queue_dir / DB_NAME}: {exc}") from exc
         try:
-            for pragma in (
-                "PRAGMA journal_mode = WAL",
-                "PRAGMA synchronous = FULL",
-                f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}",
-                "PRAGMA foreign_keys = ON",
-                "PRAGMA journal_size_limit = 67108864",
-            ):
-                await conn.execute(pragma)
-            await migrate(conn, discover())
+            await db.call(migrate, discover())
+        except sqlite3.Error as exc:
+            await db.close()
+            raise SpoolError(f"cannot open the queue {queue_dir / DB_NAME}: {exc}") from exc
         except BaseException:
-            await conn.close()
+            await db.close()
             raise
-        spool = cls(queue_dir, conn)
+        spool = cls(queue_dir, db)
         spool._writer = asyncio.create_task(spool._write_loop(), name="spool-writer")
         if recover:
             spool.recovery = await spool.recover(files=recover_files)
@@ -186,9 +181,7 @@ class Spool:
             await self._queue.put(stop)
             await stop.done
             await self._writer
-        with contextlib.suppress(sqlite3.Error):
-            await self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        await self._conn.close()
+        await self._db.close()
 
     async def __aenter__(self) -> Spool:
         return self
@@ -240,64 +233,111 @@ class Spool:
                     stop = nxt
                     break
                 batch.append(nxt)
-            await self._run_batch(batch, isolate=True)
+            await self._run_batch(batch)
             if stop is not None:
                 stop.done.set_result(None)
                 return
 
-    async def _run_batch(self, batch: list[_Job], *, isolate: bool) -> None:
+    async def _run_batch(self, batch: list[_Job]) -> None:
+        """Run ``batch`` on the database thread (one hop), then settle its futures."""
+        try:
+            settled = await self._db.call(self._execute_batch, batch, True)
+        except BaseException as exc:  # the thread itself failed: nobody may hang
+            for job in batch:
+                _fail(job, _map_db_error(exc, job))
+            if not isinstance(exc, Exception):
+                raise
+            return
+        for job, (ok, value) in zip(batch, settled, strict=True):
+            if ok:
+                _resolve(job, value)
+            else:
+                _fail(job, value)
+
+    def _execute_batch(
+        self, conn: sqlite3.Connection, batch: list[_Job], isolate: bool
+    ) -> list[tuple[bool, Any]]:
+        """One transaction for every job of ``batch``; ``(ok, result or error)`` per job.
+
+        Database thread only.  Accepted bodies' directories are fsynced
+        first; the commit is ``synchronous=FULL``; work the ops left for
+        after the commit (removing finished bodies) runs once it succeeded.
+        """
+        settled: dict[int, tuple[bool, Any]] = {}
         accepts = [j for j in batch if isinstance(j, _AcceptJob)]
         if accepts:
             try:
-                await asyncio.to_thread(
-                    bodies.fsync_directories, (j.body_path.parent for j in accepts)
-                )
+                bodies.fsync_directories(j.body_path.parent for j in accepts)
             except OSError as exc:
                 err = SpoolWriteError(f"cannot fsync the body directory: {exc.strerror}")
                 for unsynced in accepts:
-                    _fail(unsynced, err)
-                batch = [j for j in batch if not isinstance(j, _AcceptJob)]
+                    settled[id(unsynced)] = (False, err)
                 accepts = []
-                if not batch:
-                    return
-        conn = self._conn
-        results: list[Any] = []
-        in_tx = any(j.write for j in batch)
+        live = [j for j in batch if id(j) not in settled]
+        if not live:
+            return [settled[id(j)] for j in batch]
+        results: dict[int, Any] = {}
+        in_tx = any(j.write for j in live)
+        self._after_commit.clear()
         try:
-            if in_tx:
-                await conn.execute("BEGIN IMMEDIATE")
-            if accepts:
-                await conn.executemany(q("insert_message"), [j.message_row for j in accepts])
-                await conn.executemany(
-                    q("insert_recipient"), [row for j in accepts for row in j.recipient_rows]
-                )
-                links = [row for j in accepts for row in j.link_rows]
-                if links:
-                    await conn.executemany(q("link_dsn"), links)
-            for op_job in batch:
-                if isinstance(op_job, _OpJob):
-                    results.append(await op_job.op(conn))
-            if in_tx:
-                await conn.execute("COMMIT")
+            with self._db.write_lock() if in_tx else contextlib.nullcontext():
+                if in_tx:
+                    conn.execute("BEGIN IMMEDIATE")
+                if accepts:
+                    conn.executemany(q("insert_message"), [j.message_row for j in accepts])
+                    conn.executemany(
+                        q("insert_recipient"), [row for j in accepts for row in j.recipient_rows]
+                    )
+                    links = [row for j in accepts for row in j.link_rows]
+                    if links:
+                        conn.executemany(q("link_dsn"), links)
+                for job in live:
+                    if isinstance(job, _OpJob):
+                        results[id(job)] = job.op(conn)
+                if in_tx:
+                    conn.execute("COMMIT")
         except Exception as exc:
-            if conn.in_transaction:
-                with contextlib.suppress(sqlite3.Error):
-                    await conn.execute("ROLLBACK")
-            if isolate and len(batch) > 1:
+            rollback_quietly(conn)
+            self._after_commit.clear()
+            if isolate and len(live) > 1:
                 # One bad job must not sink the others: retry each alone.
-                for single in batch:
-                    await self._run_batch([single], isolate=False)
-                return
-            for failed in batch:
-                _fail(failed, _map_db_error(exc, failed))
-            return
+                for single in live:
+                    settled[id(single)] = self._execute_batch(conn, [single], False)[0]
+            else:
+                for failed in live:
+                    settled[id(failed)] = (False, _map_db_error(exc, failed))
+            return [settled[id(j)] for j in batch]
+        for action in self._after_commit:
+            with contextlib.suppress(OSError):
+                action()
+        self._after_commit.clear()
         self._counters.commits += 1
         if accepts:
             self._counters.accepts += len(accepts)
             self._counters.accept_commits += 1
-        ops = iter(results)
-        for done in batch:
-            _resolve(done, next(ops) if isinstance(done, _OpJob) else None)
+        for job in live:
+            settled[id(job)] = (True, results.get(id(job)))
+        return [settled[id(j)] for j in batch]
+
+    def _finish_messages(
+        self, conn: sqlite3.Connection, queue_ids: list[str], now: float
+    ) -> list[Any]:
+        """Mark messages whose every recipient is final; their bodies go after the commit."""
+        finished = conn.execute(
+            q("finish_messages"), {"ids": json.dumps(queue_ids), "now": now}
+        ).fetchall()
+        if finished:
+            paths = [self.queue_dir / row[1] for row in finished]
+            self.after_commit(lambda: bodies.remove_bodies(paths))
+        return finished
+
+    def after_commit(self, action: Callable[[], None]) -> None:
+        """From inside an op: run ``action`` once its transaction has committed.
+
+        It runs on the database thread; ``OSError`` from it is ignored (the
+        work it does, such as removing a finished body, is redone by recovery).
+        """
+        self._after_commit.append(action)
 
     # ---------------------------------------------------------------- accept
 
@@ -389,16 +429,16 @@ class Spool:
             "exclude": json.dumps(list(exclude_domains)),
         }
 
-        async def op(conn: aiosqlite.Connection) -> tuple[list[Any], list[Any]]:
+        def op(conn: sqlite3.Connection) -> tuple[list[Any], list[Any]]:
             rows = list(
-                await conn.execute_fetchall(
+                conn.execute(
                     q("claim_split" if always_split else "claim_groups"), params
-                )
+                ).fetchall()
             )
             if not rows:
                 return [], []
             ids = json.dumps(sorted({r[1] for r in rows}))
-            msgs = list(await conn.execute_fetchall(q("messages_by_ids"), {"ids": ids}))
+            msgs = conn.execute(q("messages_by_ids"), {"ids": ids}).fetchall()
             return rows, msgs
 
         rows, msgs = await self.run(op)
@@ -478,31 +518,23 @@ class Spool:
         ids = json.dumps([r.recipient_id for r in records])
         attempt_rows = [_attempt_row(rec, attempt_numbers[rec.recipient_id]) for rec in records]
 
-        async def op(conn: aiosqlite.Connection) -> tuple[set[int], list[Any]]:
+        def op(conn: sqlite3.Connection) -> tuple[set[int], list[Any]]:
             held = {
                 row[0]
-                for row in await conn.execute_fetchall(
+                for row in conn.execute(
                     q("leased_by_owner"), {"ids": ids, "owner": owner}
-                )
+                ).fetchall()
             }
-            await conn.executemany(q("insert_attempt"), attempt_rows)
-            await conn.executemany(
+            conn.executemany(q("insert_attempt"), attempt_rows)
+            conn.executemany(
                 q("update_after_attempt"),
                 [_update_row(rec, owner) for rec in records if rec.recipient_id in held],
             )
-            finished = list(
-                await conn.execute_fetchall(
-                    q("finish_messages"), {"ids": json.dumps([claim.queue_id]), "now": at}
-                )
-            )
+            finished = self._finish_messages(conn, [claim.queue_id], at)
             return held, finished
 
         held, finished = await self.run(op)
         self._counters.records += 1
-        if finished:
-            await asyncio.to_thread(
-                bodies.remove_bodies, [self.queue_dir / row[1] for row in finished]
-            )
         ordered = [r.recipient_id for r in records]
         return RecordResult(
             updated=tuple(i for i in ordered if i in held),
@@ -520,8 +552,8 @@ class Spool:
             "next_attempt_at": next_attempt_at,
         }
 
-        async def op(conn: aiosqlite.Connection) -> int:
-            cursor = await conn.execute(q("release"), params)
+        def op(conn: sqlite3.Connection) -> int:
+            cursor = conn.execute(q("release"), params)
             return cursor.rowcount
 
         count: int = await self.run(op)
@@ -532,16 +564,16 @@ class Spool:
     async def release_owner(self, owner: str) -> int:
         """Give back every lease ``owner`` holds (shutdown)."""
 
-        async def op(conn: aiosqlite.Connection) -> int:
-            cursor = await conn.execute(q("release_owner"), {"owner": owner})
+        def op(conn: sqlite3.Connection) -> int:
+            cursor = conn.execute(q("release_owner"), {"owner": owner})
             return cursor.rowcount
 
         count: int = await self.run(op)
         return count
 
     async def renew_leases(self, owner: str, until: float) -> int:
-        async def op(conn: aiosqlite.Connection) -> int:
-            cursor = await conn.execute(q("renew_leases"), {"owner": owner, "expires": until})
+        def op(conn: sqlite3.Connection) -> int:
+            cursor = conn.execute(q("renew_leases"), {"owner": owner, "expires": until})
             return cursor.rowcount
 
         count: int = await self.run(op)
@@ -550,8 +582,8 @@ class Spool:
     async def next_due_at(self) -> float | None:
         """The earliest ``next_attempt_at`` among waiting recipients, if any."""
 
-        async def op(conn: aiosqlite.Connection) -> float | None:
-            rows = list(await conn.execute_fetchall(q("next_due")))
+        def op(conn: sqlite3.Connection) -> float | None:
+            rows = conn.execute(q("next_due")).fetchall()
             value = rows[0][0] if rows else None
             return None if value is None else float(value)
 
@@ -561,14 +593,14 @@ class Spool:
     # -------------------------------------------------------------- control
 
     async def set_control(self, key: str, value: str) -> None:
-        async def op(conn: aiosqlite.Connection) -> None:
-            await conn.execute(q("control_set"), {"key": key, "value": value})
+        def op(conn: sqlite3.Connection) -> None:
+            conn.execute(q("control_set"), {"key": key, "value": value})
 
         await self.run(op)
 
     async def get_control(self, key: str) -> str | None:
-        async def op(conn: aiosqlite.Connection) -> str | None:
-            rows = list(await conn.execute_fetchall(q("control_get"), {"key": key}))
+        def op(conn: sqlite3.Connection) -> str | None:
+            rows = conn.execute(q("control_get"), {"key": key}).fetchall()
             return str(rows[0][0]) if rows else None
 
         result: str | None = await self.run(op, write=False)
@@ -601,13 +633,11 @@ class Spool:
         at = time.time() if now is None else now
         host = socket.gethostname()
 
-        async def leases(conn: aiosqlite.Connection) -> int:
-            released = (await conn.execute(q("release_expired"), {"now": at})).rowcount
-            for (owner,) in await conn.execute_fetchall(q("lease_owners")):
+        def leases(conn: sqlite3.Connection) -> int:
+            released = (conn.execute(q("release_expired"), {"now": at})).rowcount
+            for (owner,) in conn.execute(q("lease_owners")).fetchall():
                 if _owner_is_dead_local(owner, host):
-                    cursor = await conn.execute(
-                        q("release_owner_crashed"), {"owner": owner, "now": at}
-                    )
+                    cursor = conn.execute(q("release_owner_crashed"), {"owner": owner, "now": at})
                     released += cursor.rowcount
             return released
 
@@ -617,8 +647,8 @@ class Spool:
         if not files:
             return RecoveryReport(released, 0, 0, 0, ())
 
-        async def unfinished(conn: aiosqlite.Connection) -> set[str]:
-            return {row[0] for row in await conn.execute_fetchall(q("unfinished_messages"))}
+        def unfinished(conn: sqlite3.Connection) -> set[str]:
+            return {row[0] for row in conn.execute(q("unfinished_messages")).fetchall()}
 
         live: set[str] = await self.run(unfinished, write=False)
         # Files younger than ORPHAN_MIN_AGE may belong to an accept still in
@@ -629,8 +659,8 @@ class Spool:
         del live
         stray_ids = json.dumps([qid for qid, _ in scan.strays])
 
-        async def finished_strays(conn: aiosqlite.Connection) -> set[str]:
-            rows = await conn.execute_fetchall(q("finished_body_names"), {"ids": stray_ids})
+        def finished_strays(conn: sqlite3.Connection) -> set[str]:
+            rows = conn.execute(q("finished_body_names"), {"ids": stray_ids}).fetchall()
             return {row[0] for row in rows}
 
         finished_ids = await self.run(finished_strays, write=False) if scan.strays else set()
@@ -680,20 +710,12 @@ class Spool:
             "queue_id": queue_id,
         }
 
-        async def op(conn: aiosqlite.Connection) -> tuple[list[Any], list[Any]]:
-            changed = list(await conn.execute_fetchall(q("drop_message_recipients"), params))
-            finished = list(
-                await conn.execute_fetchall(
-                    q("finish_messages"), {"ids": json.dumps([queue_id]), "now": at}
-                )
-            )
-            return changed, finished
+        def op(conn: sqlite3.Connection) -> list[Any]:
+            changed = conn.execute(q("drop_message_recipients"), params).fetchall()
+            self._finish_messages(conn, [queue_id], at)
+            return changed
 
-        changed, finished = await self.run(op)
-        if finished:
-            await asyncio.to_thread(
-                bodies.remove_bodies, [self.queue_dir / row[1] for row in finished]
-            )
+        changed = await self.run(op)
         keys = (
             "id",
             "recipient",

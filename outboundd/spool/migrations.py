@@ -10,11 +10,10 @@ a schema it does not understand.
 from __future__ import annotations
 
 import re
+import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
-
-import aiosqlite
 
 from outboundd.spool.errors import MigrationError, SchemaTooNewError
 
@@ -52,25 +51,25 @@ def discover(directory: Path = MIGRATIONS_DIR) -> list[Migration]:
     return found
 
 
-async def schema_version(conn: aiosqlite.Connection) -> int:
-    rows = list(await conn.execute_fetchall("PRAGMA user_version"))
-    return int(rows[0][0])
+def schema_version(conn: sqlite3.Connection) -> int:
+    return int(conn.execute("PRAGMA user_version").fetchone()[0])
 
 
-async def migrate(conn: aiosqlite.Connection, migrations: list[Migration]) -> list[int]:
+def migrate(conn: sqlite3.Connection, migrations: list[Migration]) -> list[int]:
     """Bring the database up to the newest migration; return the versions applied.
 
     Safe when several processes start at once: each migration runs inside
     ``BEGIN IMMEDIATE`` and re-checks the version once it holds the lock.
+    Runs on the database thread (it blocks).
     """
     newest = migrations[-1].version if migrations else 0
-    current = await schema_version(conn)
+    current = schema_version(conn)
     if current > newest:
         raise SchemaTooNewError(
             f"database schema version {current} is newer than this outboundd knows "
             f"({newest}); upgrade outboundd or use a different queue_dir"
         )
-    await conn.execute(
+    conn.execute(
         "CREATE TABLE IF NOT EXISTS schema_migrations ("
         " version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at REAL NOT NULL) STRICT"
     )
@@ -78,25 +77,25 @@ async def migrate(conn: aiosqlite.Connection, migrations: list[Migration]) -> li
     for migration in migrations:
         if migration.version <= current:
             continue
-        await conn.execute("BEGIN IMMEDIATE")
+        conn.execute("BEGIN IMMEDIATE")
         try:
-            current = await schema_version(conn)
+            current = schema_version(conn)
             if migration.version <= current:
-                await conn.execute("ROLLBACK")
+                conn.execute("ROLLBACK")
                 continue
             # executescript() would COMMIT our transaction first; run the
             # statements one by one inside it instead.
             for statement in split_statements(migration.sql):
-                await conn.execute(statement)
-            await conn.execute(
+                conn.execute(statement)
+            conn.execute(
                 "INSERT INTO schema_migrations (version, name, applied_at) VALUES (?, ?, ?)",
                 (migration.version, migration.name, time.time()),
             )
-            await conn.execute(f"PRAGMA user_version = {migration.version:d}")
-            await conn.execute("COMMIT")
+            conn.execute(f"PRAGMA user_version = {migration.version:d}")
+            conn.execute("COMMIT")
         except Exception as exc:
             if conn.in_transaction:
-                await conn.execute("ROLLBACK")
+                conn.execute("ROLLBACK")
             raise MigrationError(
                 f"migration {migration.version:04d}_{migration.name} failed: {exc}"
             ) from exc
@@ -111,8 +110,6 @@ def split_statements(sql: str) -> list[str]:
     Uses ``sqlite3.complete_statement`` so semicolons inside strings or
     trigger bodies do not split a statement.
     """
-    import sqlite3
-
     statements: list[str] = []
     buffer = ""
     for line in sql.splitlines():
