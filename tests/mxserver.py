@@ -56,11 +56,13 @@ special value :data:`DROP` closes the connection instead of answering):
   check logins; ``auth_require_tls`` (default true) offers AUTH only
   after STARTTLS
 * ``lmtp`` — speak LMTP: LHLO, and one reply per recipient after the dot
+* ``pipelining`` — advertise PIPELINING (default :data:`PIPELINING_DEFAULT`)
 
 What is recorded (read it from the test; appends happen on the server's
 thread): ``connections`` (TCP connections accepted), ``commands`` (every
 command verb in order, e.g. ``["EHLO", "STARTTLS", "EHLO", "MAIL", ...]``)
-and ``transactions`` — a :class:`ReceivedTransaction` per message body
+``pipelined`` (per MAIL: whether the commands after it came in the same
+segment), and ``transactions`` — a :class:`ReceivedTransaction` per message body
 received: ``mail_from``, ``mail_params`` and ``rcpt_params`` (raw, as sent),
 ``rcpt_tos``, ``body`` (bytes, dot-unstuffed), ``tls`` (version or None),
 ``auth_user``, ``helo``, ``peer`` (the client's IP).  ``script`` may be changed between connections.
@@ -105,6 +107,11 @@ _DSN_MAIL = ("RET", "ENVID")
 _DSN_RCPT = ("NOTIFY", "ORCPT")
 
 
+#: Whether scripts that do not say advertise PIPELINING (RFC 2920), as most
+#: real servers do; a test module may switch it to run the unpipelined path.
+PIPELINING_DEFAULT = True
+
+
 @dataclass
 class MXScript:
     """What the server answers; see the module docstring."""
@@ -133,6 +140,7 @@ class MXScript:
     credentials: Mapping[str, str] | None = None
     auth_require_tls: bool = True
     lmtp: bool = False
+    pipelining: bool | None = None  # None: PIPELINING_DEFAULT
 
 
 @dataclass
@@ -190,12 +198,18 @@ class _Handler:
             keep.append(line)
         if script.dsn:
             keep.insert(len(keep) - 1, "250-DSN")
+        # aiosmtpd reads commands one by one, so it serves pipelined
+        # clients, but does not say so itself.
+        if PIPELINING_DEFAULT if script.pipelining is None else script.pipelining:
+            keep.insert(len(keep) - 1, "250-PIPELINING")
         return keep
 
     async def handle_MAIL(
         self, server: _ScriptedSMTP, session: Any, envelope: Any, address: str, options: list[str]
     ) -> str:
         reply = self.mx.script.mail or "250 2.1.0 OK"
+        # Pipelined: the commands after MAIL were already here when it was read.
+        self.mx.pipelined.append(bool(server._reader._buffer))
         await server.pause_or_drop("mail", reply)
         if reply.startswith("2"):
             envelope.mail_from = address
@@ -436,6 +450,8 @@ class MXServer:
         self.connections = 0
         self.commands: list[str] = []
         self.transactions: list[ReceivedTransaction] = []
+        #: Per MAIL: did more commands arrive with it (the client pipelined)?
+        self.pipelined: list[bool] = []
         self._protocols: set[_ScriptedSMTP] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None

@@ -38,7 +38,7 @@ from outboundd.delivery.session import (
 )
 from outboundd.hooks import MX
 from outboundd.spool.types import Outcome
-from tests import certs
+from tests import certs, mxserver
 from tests.mxserver import DROP, MXScript, MXServer, mx_factory, refusing_address
 
 __all__ = ["mx_factory"]  # the fixture is used by name below
@@ -46,6 +46,14 @@ __all__ = ["mx_factory"]  # the fixture is used by name below
 MakeMX = Callable[..., MXServer]
 DELIVERED, DEFERRED, BOUNCED = Outcome.DELIVERED, Outcome.DEFERRED, Outcome.BOUNCED
 BODY = b"From: a@sender.test\r\nSubject: test\r\n\r\n.leading dot\r\n..two dots\r\nend\r\n"
+
+
+@pytest.fixture(autouse=True, params=[True, False], ids=["pipelined", "unpipelined"])
+def mx_pipelining(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> bool:
+    """Every session test runs against an MX with PIPELINING and one without:
+    the client sends the envelope in one write or command by command."""
+    monkeypatch.setattr(mxserver, "PIPELINING_DEFAULT", request.param)
+    return bool(request.param)
 
 
 def settings(**overrides: object) -> SessionSettings:
@@ -320,12 +328,13 @@ async def test_mixed_rcpt_replies_and_251_252_are_accepted(
 
 
 async def test_no_accepted_recipient_means_no_data(
-    mx_factory: MakeMX, job_factory: Callable[..., DeliveryJob]
+    mx_factory: MakeMX, job_factory: Callable[..., DeliveryJob], mx_pipelining: bool
 ) -> None:
     mx = mx_factory(MXScript(rcpt_default="550 5.1.1 nobody here"))
     result = await deliver_job(job_factory("a@dest.test", "b@dest.test"), [mx.target()], settings())
     assert outcomes(result) == {1: BOUNCED, 2: BOUNCED}
-    assert "DATA" not in mx.commands and mx.commands[-1] == "QUIT"
+    # Pipelined, DATA went with the RCPTs (and was refused); otherwise it is not sent.
+    assert ("DATA" in mx.commands) is mx_pipelining and mx.commands[-1] == "QUIT"
     assert mx.transactions == []
 
 
@@ -383,12 +392,15 @@ async def test_mail_refusal(
     job_factory: Callable[..., DeliveryJob],
     mail_reply: str,
     expected: Outcome,
+    mx_pipelining: bool,
 ) -> None:
     mx = mx_factory(MXScript(mail=mail_reply))
     result = await deliver_job(job_factory("a@dest.test", "b@dest.test"), [mx.target()], settings())
     assert outcomes(result) == {1: expected, 2: expected}
     assert {r.stage for r in result.recipients.values()} == {Stage.MAIL}
-    assert "RCPT" not in mx.commands
+    # Pipelined, the RCPTs were already sent with MAIL (and refused for want of it).
+    assert ("RCPT" in mx.commands) is mx_pipelining
+    assert mx.transactions == []
 
 
 # ---------------------------------------------------------------- failover
@@ -786,11 +798,63 @@ async def test_lmtp_drop_after_some_replies(
     assert result.recipients[2].stage is Stage.DATA_END and second.connections == 0
 
 
+# ---------------------------------------------------------------- pipelining
+
+
+async def test_envelope_is_pipelined_when_the_server_offers_it(
+    mx_factory: MakeMX, job_factory: Callable[..., DeliveryJob], mx_pipelining: bool
+) -> None:
+    mx = mx_factory(MXScript(rcpt={"gone@dest.test": "550 5.1.1 gone"}))
+    job = job_factory("a@dest.test", "gone@dest.test", "c@dest.test")
+    result = await deliver_job(job, [mx.target()], settings())
+    assert outcomes(result) == {1: DELIVERED, 2: BOUNCED, 3: DELIVERED}
+    assert result.recipients[2].reply.text.endswith("gone")
+    # MAIL arrived together with the RCPTs and DATA, or alone.
+    assert mx.pipelined == [mx_pipelining]
+    assert mx.transactions[0].rcpt_tos == ["a@dest.test", "c@dest.test"]
+
+
+async def test_pipelined_mail_refusal_settles_everyone_and_leaves_the_session_usable(
+    mx_factory: MakeMX, job_factory: Callable[..., DeliveryJob]
+) -> None:
+    mx = mx_factory(MXScript(mail="550 5.7.1 sender refused"))
+    conn = await Connection.open(mx.target(), settings())
+    try:
+        tx = await conn.transact(job_factory("a@dest.test", "b@dest.test"))
+        assert tx.failure is None
+        assert {rid: r.outcome for rid, r in tx.settled.items()} == {1: BOUNCED, 2: BOUNCED}
+        assert all(r.reply.code == 550 and r.stage is Stage.MAIL for r in tx.settled.values())
+        mx.script = MXScript()
+        again = await conn.transact(job_factory("c@dest.test"))
+        assert again.settled[1].outcome is DELIVERED
+    finally:
+        await conn.close()
+    assert mx.connections == 1 and len(mx.transactions) == 1
+
+
+async def test_pipelined_354_without_recipients_is_ended_with_a_lone_dot(
+    mx_factory: MakeMX, job_factory: Callable[..., DeliveryJob]
+) -> None:
+    # A server that answers 354 although it refused every RCPT (RFC 2920 §3.1).
+    mx = mx_factory(MXScript(rcpt_default="550 5.1.1 nobody", data="354 go ahead anyway"))
+    conn = await Connection.open(mx.target(), settings())
+    try:
+        tx = await conn.transact(job_factory("a@dest.test"))
+        assert tx.failure is None and tx.settled[1].outcome is BOUNCED
+        assert conn.usable
+        mx.script = MXScript()
+        again = await conn.transact(job_factory("b@dest.test"))
+        assert again.settled[1].outcome is DELIVERED
+    finally:
+        await conn.close()
+    assert [t.rcpt_tos for t in mx.transactions] == [["b@dest.test"]]
+
+
 # ---------------------------------------------------------------- reuse
 
 
 async def test_connection_can_run_several_transactions(
-    mx_factory: MakeMX, job_factory: Callable[..., DeliveryJob]
+    mx_factory: MakeMX, job_factory: Callable[..., DeliveryJob], mx_pipelining: bool
 ) -> None:
     mx = mx_factory(MXScript(rcpt={"gone@dest.test": "550 5.1.1 gone"}))
     conn = await Connection.open(mx.target(), settings())
@@ -806,7 +870,7 @@ async def test_connection_can_run_several_transactions(
     assert not conn.usable and mx.connections == 1
     # RSET only where the previous transaction left the server mid-envelope.
     assert mx.commands == [
-        *("EHLO", "MAIL", "RCPT"),
+        *("EHLO", "MAIL", "RCPT", *(["DATA"] if mx_pipelining else [])),
         *("RSET", "MAIL", "RCPT", "DATA"),
         *("MAIL", "RCPT", "DATA", "QUIT"),
     ]

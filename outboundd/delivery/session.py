@@ -691,7 +691,7 @@ class _DataPhase(asyncio.Protocol):
     """
 
     def __init__(self, original: asyncio.BaseProtocol) -> None:
-        self._original = original
+        self.original = original
         self._loop = asyncio.get_running_loop()
         self._buffer = bytearray()
         self._responses: collections.deque[SMTPResponse] = collections.deque()
@@ -733,7 +733,7 @@ class _DataPhase(asyncio.Protocol):
         error = SMTPServerDisconnected(f"connection lost: {exc}" if exc else "connection lost")
         error.__cause__ = exc
         self._fail(error)
-        self._original.connection_lost(exc)
+        self.original.connection_lost(exc)
 
     def pause_writing(self) -> None:
         self._paused = True
@@ -1104,6 +1104,13 @@ class Connection:
         if not candidates:
             return
         body = await _open_body(job.body_path, job.size)
+        if "pipelining" in self._client.esmtp_extensions:
+            try:
+                self._needs_rset = True
+                await self._transact_pipelined(job, candidates, plan, body, settle)
+            finally:
+                body.close()
+            return
         try:
             self._needs_rset = True
             response = await self._execute(
@@ -1150,31 +1157,155 @@ class Connection:
             try:
                 await self._send_body(body, expected, replies)
             finally:
-                if self.target.mx.using_lmtp:
-                    for r, reply in zip(accepted, replies, strict=False):
-                        settle(r, outcome_of(reply), reply, Stage.DATA_END)
-                elif replies:
-                    for r in accepted:
-                        settle(r, outcome_of(replies[0]), replies[0], Stage.DATA_END)
+                self._settle_data_end(accepted, replies, settle)
             self._needs_rset = False
             if any(reply.code == 421 for reply in replies):
                 self.abort()
         finally:
             body.close()
 
-    async def _send_body(self, body: BinaryIO, expected: int, replies: list[Reply]) -> None:
-        """Stream the body dot-stuffed, send the dot, collect ``expected`` replies."""
+    async def _transact_pipelined(
+        self,
+        job: DeliveryJob,
+        candidates: list[JobRecipient],
+        plan: EnvelopePlan,
+        body: BinaryIO,
+        settle: Callable[[JobRecipient, Outcome, Reply, Stage], None],
+    ) -> None:
+        """RFC 2920: MAIL, every RCPT and DATA in one write, then their replies in order.
+
+        One round trip for the envelope instead of one per command (2 + the
+        recipients), which is most of a reused connection's time.  Each
+        reply means what it means unpipelined: a refused MAIL settles every
+        recipient (the RCPT and DATA replies that follow it are only read);
+        a 354 with no recipient accepted is ended with a lone dot.
+        """
         settings = self.settings
+        transport, phase = self._take_over(Stage.MAIL)
+        try:
+            commands = [
+                b" ".join(
+                    [
+                        b"MAIL FROM:" + _encode_address(job.mail_from, plan.utf8),
+                        *(p.encode("ascii") for p in plan.mail_params),
+                    ]
+                )
+            ]
+            commands += [
+                b" ".join(
+                    [
+                        b"RCPT TO:" + _encode_address(r.address, plan.utf8),
+                        *(p.encode("ascii") for p in plan.rcpt_params.get(r.id, ())),
+                    ]
+                )
+                for r in candidates
+            ]
+            commands.append(b"DATA")
+            transport.write(b"\r\n".join(commands) + b"\r\n")
+            response = await self._phase_reply(phase, Stage.MAIL, settings.mail_timeout)
+            mail_ok = response.code // 100 == 2
+            if not mail_ok:
+                reply = parse_reply(response.code, response.message)
+                for r in candidates:
+                    settle(r, outcome_of(reply), reply, Stage.MAIL)
+            accepted: list[JobRecipient] = []
+            for r in candidates:
+                response = await self._phase_reply(phase, Stage.RCPT, settings.rcpt_timeout)
+                if not mail_ok:
+                    continue
+                if response.code // 100 == 2:  # 250, 251 and 252 all accept
+                    accepted.append(r)
+                else:
+                    reply = parse_reply(response.code, response.message)
+                    settle(r, outcome_of(reply), reply, Stage.RCPT)
+            response = await self._phase_reply(phase, Stage.DATA, settings.data_timeout)
+            if response.code == 354 and not accepted:
+                # Nothing to send, but the server waits for data: end it empty.
+                transport.write(b".\r\n")
+                await self._phase_reply(phase, Stage.DATA_END, settings.data_end_timeout)
+                return
+            if response.code != 354:
+                if accepted:
+                    reply = parse_reply(response.code, response.message)
+                    # A 2xx here is a protocol error, and like any non-5xx it defers.
+                    outcome = Outcome.BOUNCED if response.code // 100 == 5 else Outcome.DEFERRED
+                    for r in accepted:
+                        settle(r, outcome, reply, Stage.DATA)
+                return
+            expected = len(accepted) if self.target.mx.using_lmtp else 1
+            replies: list[Reply] = []
+            try:
+                await self._stream_body(transport, phase, body, expected, replies)
+            finally:
+                self._settle_data_end(accepted, replies, settle)
+            self._needs_rset = False
+            if any(reply.code == 421 for reply in replies):
+                self.abort()
+        finally:
+            if not transport.is_closing():
+                transport.set_protocol(phase.original)
+
+    async def _phase_reply(self, phase: _DataPhase, stage: Stage, seconds: float) -> SMTPResponse:
+        """The next reply while we hold the transport; failures and 421 as ``_execute``."""
+        try:
+            response = await phase.read_response(seconds)
+        except _Failure as exc:
+            self.abort()
+            raise _map_failure(exc, stage, self.info.peer, seconds) from exc
+        if response.code == 421:
+            self.abort()
+            reply = parse_reply(response.code, response.message)
+            raise TransientFailure(
+                to_transient(reply, f"{self.info.peer} closed the session at {stage}"), stage
+            )
+        return response
+
+    def _settle_data_end(
+        self,
+        accepted: list[JobRecipient],
+        replies: list[Reply],
+        settle: Callable[[JobRecipient, Outcome, Reply, Stage], None],
+    ) -> None:
+        """The replies to the dot: one per recipient for LMTP, one for all with SMTP."""
+        if self.target.mx.using_lmtp:
+            for r, reply in zip(accepted, replies, strict=False):
+                settle(r, outcome_of(reply), reply, Stage.DATA_END)
+        elif replies:
+            for r in accepted:
+                settle(r, outcome_of(replies[0]), replies[0], Stage.DATA_END)
+
+    def _take_over(self, stage: Stage) -> tuple[asyncio.Transport, _DataPhase]:
+        """Put our own reader in front of aiosmtplib's protocol (restore it after)."""
         # uvloop's transports are not asyncio ABC subclasses, so no isinstance().
         transport = cast(asyncio.Transport | None, self._client.transport)
         if transport is None or transport.is_closing():
             self.abort()
             raise TransientFailure(
-                Reply(421, "4.4.2", f"connection to {self.info.peer} lost at data"), Stage.DATA
+                Reply(421, "4.4.2", f"connection to {self.info.peer} lost at {stage}"), stage
             )
-        original = transport.get_protocol()
-        phase = _DataPhase(original)
+        phase = _DataPhase(transport.get_protocol())
         transport.set_protocol(phase)
+        return transport, phase
+
+    async def _send_body(self, body: BinaryIO, expected: int, replies: list[Reply]) -> None:
+        """Stream the body dot-stuffed, send the dot, collect ``expected`` replies."""
+        transport, phase = self._take_over(Stage.DATA)
+        try:
+            await self._stream_body(transport, phase, body, expected, replies)
+        finally:
+            if not transport.is_closing():
+                transport.set_protocol(phase.original)
+
+    async def _stream_body(
+        self,
+        transport: asyncio.Transport,
+        phase: _DataPhase,
+        body: BinaryIO,
+        expected: int,
+        replies: list[Reply],
+    ) -> None:
+        """Write the body dot-stuffed and the dot via ``phase``; collect ``expected`` replies."""
+        settings = self.settings
         dot_sent = False
         timeout = settings.data_timeout
         try:
@@ -1224,9 +1355,6 @@ class Connection:
             # another MX now could deliver it twice.  Defer instead.
             failure.retry_elsewhere = not dot_sent
             raise failure from exc
-        finally:
-            if not transport.is_closing():
-                transport.set_protocol(original)
 
 
 async def _connect_socket(target: Target, settings: SessionSettings, peer: str) -> socket.socket:
