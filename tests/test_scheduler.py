@@ -65,3 +65,50 @@ async def test_disabled_scheduler_sleeps_while_mail_keeps_arriving(tmp_path: Pat
         runner.cancel()
         await asyncio.gather(runner, return_exceptions=True)
         await spool.close()
+
+
+async def test_reservations_respect_caps_and_hand_new_mail_over_without_a_claim(
+    tmp_path: Path,
+) -> None:
+    spool = await Spool.open(tmp_path / "q")
+    settings = Settings(concurrency_max=3, domain_concurrency_max=2)
+    started = asyncio.Event()
+    release = asyncio.Event()
+    delivered: list[Claim] = []
+
+    async def deliver(claim: Claim) -> None:
+        delivered.append(claim)
+        started.set()
+        await release.wait()
+
+    sched = Scheduler(spool, lambda: settings, deliver, owner=lease_owner_id(), log=Log())
+    try:
+        first = sched.reserve(["one.test"])
+        second = sched.reserve(["one.test"])
+        assert first is not None and second is not None
+        assert sched.reserve(["one.test"]) is None  # domain_concurrency_max
+        third = sched.reserve(["two.test"])
+        assert third is not None
+        assert sched.reserve(["three.test"]) is None  # concurrency_max
+        sched.cancel(second)
+        sched.cancel(third)
+        # A reservation turns into a running delivery with no claim at all.
+        message = NewMessage("a@x.test", [NewRecipient("r@one.test")], b"x\r\n")
+        qid, claims = await spool.accept_leased(message, first.lease)
+        sched.adopt(first, claims)
+        await asyncio.wait_for(started.wait(), 2)
+        assert [c.queue_id for c in delivered] == [qid] and sched.active == 1
+        assert await spool.claim(sched.owner, limit=10, lease_seconds=60) == []
+        # Slots in use count against new reservations; off and paused give none.
+        assert sched.reserve(["one.test", "two.test"]) is not None
+        assert sched.reserve(["four.test"]) is None
+        settings.disabled = True
+        sched._reserved.clear()
+        assert sched.reserve(["one.test"]) is None
+        settings.disabled = False
+        sched._paused_cache = (sched._paused_cache[0], True)
+        assert sched.reserve(["one.test"]) is None
+    finally:
+        release.set()
+        await sched.stop(1.0)
+        await spool.close()

@@ -18,10 +18,11 @@ import asyncio
 import contextlib
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
-from outboundd.spool import Claim, Spool
+from outboundd.spool import Claim, Lease, Spool
 
 
 class SchedulerSettings(Protocol):
@@ -46,6 +47,15 @@ class Reporter(Protocol):
 
 DeliverFunction = Callable[[Claim], Awaitable[None]]
 
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    """Delivery slots promised to one message being accepted (see Scheduler.reserve)."""
+
+    lease: Lease
+    domains: Counter[str]
+
+
 #: How long a failed delivery task's recipients wait before they are retried.
 CRASH_RETRY_SECONDS = 60.0
 
@@ -69,6 +79,8 @@ class Scheduler:
         self.poll_interval = poll_interval
         self._active: set[asyncio.Task[None]] = set()
         self._per_domain: Counter[str] = Counter()
+        #: Slots promised to messages being accepted in this process (see reserve()).
+        self._reserved: Counter[str] = Counter()
         self._stopping = False
         self._paused_cache: tuple[float, bool] = (0.0, False)
         self.started = 0
@@ -76,6 +88,45 @@ class Scheduler:
     @property
     def active(self) -> int:
         return len(self._active)
+
+    # --------------------------------------------------- work from this process
+
+    def reserve(self, domains: Sequence[str]) -> Reservation | None:
+        """Promise slots to a message about to be accepted here, or None.
+
+        ``domains`` has one entry per delivery the message will need (its
+        domains, or each recipient's with ``always_split``).  With a
+        reservation the message is accepted already leased to this
+        scheduler (:meth:`Spool.accept_leased`) and :meth:`adopt` starts its
+        deliveries at once, with no claim transaction.  None (delivery off,
+        paused, or no free slot within ``concurrency_max`` and
+        ``domain_concurrency_max``) leaves it to the usual claim.
+        """
+        if self._stopping or not domains:
+            return None
+        settings = self.settings()
+        if settings.disabled or self._paused_cache[1]:
+            return None
+        wanted = Counter(domains)
+        in_use = len(self._active) + self._reserved.total()
+        if in_use + len(domains) > settings.concurrency_max:
+            return None
+        cap = settings.domain_concurrency_max
+        if any(self._per_domain[d] + self._reserved[d] + n > cap for d, n in wanted.items()):
+            return None
+        self._reserved.update(wanted)
+        return Reservation(Lease(self.owner, settings.lease_seconds, settings.always_split), wanted)
+
+    def adopt(self, reservation: Reservation, claims: Sequence[Claim]) -> None:
+        """Start the deliveries of a message accepted with ``reservation``."""
+        self.cancel(reservation)
+        for claim in claims:
+            self._start(claim)
+
+    def cancel(self, reservation: Reservation) -> None:
+        """Give back a reservation whose message was not accepted."""
+        self._reserved.subtract(reservation.domains)
+        self._reserved = +self._reserved  # drop zero counts
 
     async def run(self) -> None:
         """Claim and start deliveries until :meth:`stop` is called."""
@@ -96,12 +147,16 @@ class Scheduler:
         if settings.disabled or await self._paused():
             await self._wait(self.poll_interval)
             return
-        free = settings.concurrency_max - len(self._active)
+        free = settings.concurrency_max - len(self._active) - self._reserved.total()
         if free <= 0:
             await self._wait(self.poll_interval)
             return
         cap = settings.domain_concurrency_max
-        exclude = sorted(d for d, n in self._per_domain.items() if n >= cap)
+        exclude = sorted(
+            d
+            for d in self._per_domain.keys() | self._reserved.keys()
+            if self._per_domain[d] + self._reserved[d] >= cap
+        )
         claims = await self.spool.claim(
             self.owner,
             limit=free,
@@ -111,7 +166,7 @@ class Scheduler:
         )
         excess: list[int] = []
         for claim in claims:
-            if self._per_domain[claim.domain] >= cap:
+            if self._per_domain[claim.domain] + self._reserved[claim.domain] >= cap:
                 excess.extend(r.id for r in claim.recipients)
                 continue
             self._start(claim)

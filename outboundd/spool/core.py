@@ -46,6 +46,7 @@ from outboundd.spool.types import (
     AttemptRecord,
     Claim,
     ClaimedRecipient,
+    Lease,
     NewMessage,
     Outcome,
     RecordResult,
@@ -101,6 +102,7 @@ class _AcceptJob(_Job):
     recipient_rows: list[dict[str, Any]]
     body_path: Path
     link_rows: list[dict[str, Any]]
+    leased: bool = False  # recipient_rows carry a lease; the job's result is their ids
 
 
 @dataclass(eq=False)
@@ -286,8 +288,15 @@ class Spool:
                 if accepts:
                     conn.executemany(q("insert_message"), [j.message_row for j in accepts])
                     conn.executemany(
-                        q("insert_recipient"), [row for j in accepts for row in j.recipient_rows]
+                        q("insert_recipient"),
+                        [row for j in accepts if not j.leased for row in j.recipient_rows],
                     )
+                    for leased in accepts:
+                        if leased.leased:
+                            results[id(leased)] = [
+                                conn.execute(q("insert_recipient_leased"), row).fetchone()[0]
+                                for row in leased.recipient_rows
+                            ]
                     links = [row for j in accepts for row in j.link_rows]
                     if links:
                         conn.executemany(q("link_dsn"), links)
@@ -348,6 +357,24 @@ class Spool:
         fsynced and the rows committed.  Raises :class:`SpoolWriteError`
         (nothing kept) otherwise.
         """
+        qid, _ = await self._accept(message, queue_id, None)
+        return qid
+
+    async def accept_leased(
+        self, message: NewMessage, lease: Lease, *, queue_id: str | None = None
+    ) -> tuple[str, list[Claim]]:
+        """:meth:`accept`, with every recipient leased to ``lease.owner`` in the same commit.
+
+        The claims come back with the queue ID, so the accepting process can
+        deliver the new message at once without a claim transaction; the
+        lease protects them exactly as :meth:`claim`'s do (a crash leaves
+        them to recovery).  Never sets ``new_work``: the work is taken.
+        """
+        return await self._accept(message, queue_id, lease)
+
+    async def _accept(
+        self, message: NewMessage, queue_id: str | None, lease: Lease | None
+    ) -> tuple[str, list[Claim]]:
         if not message.recipients:
             raise ValueError("a message needs at least one recipient")
         if message.ret not in (None, "FULL", "HDRS"):
@@ -381,6 +408,11 @@ class Spool:
             }
             for rcpt in message.recipients
         ]
+        expires = now + lease.lease_seconds if lease is not None else None
+        if lease is not None:
+            for row in recipient_rows:
+                row["owner"] = lease.owner
+                row["expires"] = expires
         # A DSN's link to the recipients it reports commits with its own rows.
         link_rows = [
             {"queue_id": message.dsn_of, "recipient": address, "dsn_queue_id": qid}
@@ -388,16 +420,20 @@ class Spool:
         ]
         await asyncio.to_thread(bodies.write_body, path, message.body)
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        job = _AcceptJob(fut, True, message_row, recipient_rows, path, link_rows)
+        job = _AcceptJob(
+            fut, True, message_row, recipient_rows, path, link_rows, leased=lease is not None
+        )
         try:
-            await self._submit(job)
+            ids = await self._submit(job)
         except asyncio.CancelledError:
             raise  # the job still commits (or fails and cleans up) on its own
         except BaseException:
             await asyncio.to_thread(bodies.remove_bodies, [path])
             raise
-        self.new_work.set()
-        return qid
+        if lease is None or expires is None:
+            self.new_work.set()
+            return qid, []
+        return qid, _claims_of_new_message(message_row, message, ids, lease, expires, path)
 
     # ----------------------------------------------------------------- claim
 
@@ -728,6 +764,55 @@ class Spool:
             "last_mx",
         )
         return [dict(zip(keys, row, strict=True)) for row in changed]
+
+
+def _claims_of_new_message(
+    row: dict[str, Any],
+    message: NewMessage,
+    ids: list[int],
+    lease: Lease,
+    expires: float,
+    body_path: Path,
+) -> list[Claim]:
+    """The claims :meth:`Spool.claim` would return for a message just accepted leased."""
+    groups: dict[str | int, list[ClaimedRecipient]] = {}
+    domains: dict[str | int, str] = {}
+    for rid, rcpt in zip(ids, message.recipients, strict=True):
+        domain = domain_of(rcpt.address)
+        key: str | int = rid if lease.always_split else domain
+        domains[key] = domain
+        groups.setdefault(key, []).append(
+            ClaimedRecipient(
+                id=rid,
+                address=rcpt.address,
+                notify=rcpt.notify,
+                orcpt=rcpt.orcpt,
+                attempts=0,
+                failures=0,
+                previous_status=Status.QUEUED,
+            )
+        )
+    return [
+        Claim(
+            queue_id=row["queue_id"],
+            domain=domains[key],
+            mail_from=message.mail_from,
+            body_path=body_path,
+            size=row["size"],
+            received_at=row["received_at"],
+            auth_user=message.auth_user,
+            env_id=message.env_id,
+            ret=message.ret,
+            smtputf8=message.smtputf8,
+            body_8bit=message.body_8bit,
+            notes=json.loads(row["notes"]),
+            dsn_of=message.dsn_of,
+            recipients=tuple(recipients),
+            lease_owner=lease.owner,
+            lease_expires_at=expires,
+        )
+        for key, recipients in groups.items()
+    ]
 
 
 def _owner_is_dead_local(owner: str, host: str) -> bool:

@@ -12,6 +12,14 @@ VALUES (:queue_id, :mail_from, :body_file, :size, :received_at, :auth_user, :cli
 INSERT INTO recipients (queue_id, recipient, domain, notify, orcpt, status, next_attempt_at)
 VALUES (:queue_id, :recipient, :domain, :notify, :orcpt, 'queued', :next_attempt_at)
 
+-- name: insert_recipient_leased
+-- A new recipient leased at once to the process that accepted it (it delivers it next).
+INSERT INTO recipients (queue_id, recipient, domain, notify, orcpt, status, next_attempt_at,
+                        held_status, lease_owner, lease_expires_at)
+VALUES (:queue_id, :recipient, :domain, :notify, :orcpt, 'sending', :next_attempt_at,
+        'queued', :owner, :expires)
+RETURNING id
+
 -- name: link_dsn
 -- A DSN was queued for these recipients of the original message.
 UPDATE recipients SET dsn_queue_id = :dsn_queue_id

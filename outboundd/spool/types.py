@@ -113,6 +113,15 @@ class Claim:
 
 
 @dataclass(frozen=True, slots=True)
+class Lease:
+    """Who takes a message's recipients at accept (``Spool.accept_leased``), for how long."""
+
+    owner: str
+    lease_seconds: float
+    always_split: bool = False  # one claim per recipient instead of per domain
+
+
+@dataclass(frozen=True, slots=True)
 class AttemptRecord:
     """The result of one attempt for one recipient, written by ``record()``.
 
