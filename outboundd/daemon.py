@@ -13,18 +13,27 @@ import contextlib
 import signal
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from outboundd import log as logmod
+from outboundd.children import (
+    ChildProcess,
+    notify_parent,
+    relay_wakes,
+    wake_all,
+    watch_parent,
+)
 from outboundd.config import Config, ConfigError, OutboundConfig, load_config, load_outbound
 from outboundd.delivery.engine import DeliveryEngine
+from outboundd.delivery.handoff import LocalDelivery
 from outboundd.delivery.scheduler import Scheduler
-from outboundd.delivery_process import DeliveryProcess, wake_all, watch_parent
 from outboundd.hooks import HookRunner, PluginLoadError, load_plugins
 from outboundd.spool import Spool, SpoolError, lease_owner_id
 from outboundd.spool import admin as spool_admin
 from outboundd.submission import api as submission_api
+from outboundd.submission.queueing import SpoolSink
 from outboundd.submission.server import Listeners, start_listeners
 
 #: Seconds running deliveries get to finish after SIGTERM before they are cut off.
@@ -93,19 +102,36 @@ class OutboundSettings:
 ROLES = ("all", "submission", "delivery")
 
 
-async def serve(config: Config, role: str = "all") -> int:
+@dataclass(frozen=True, slots=True)
+class Inherited:
+    """What a child process got from the first one: listening sockets, a wake pipe."""
+
+    listen_fds: tuple[tuple[int, bool], ...] = ()
+    wake_fd: int | None = None
+
+    @property
+    def is_node(self) -> bool:
+        return bool(self.listen_fds)
+
+
+async def serve(config: Config, role: str = "all", inherited: Inherited | None = None) -> int:
     """Run the relay until a stop signal; the process exit status.
 
-    ``role`` ``all`` runs listeners and delivery in this process, or —
-    with ``delivery_processes`` ≥ 1 — the listeners here and delivery in
-    that many supervised children (``role`` ``delivery``).
+    ``role`` ``all`` accepts and delivers in this process.  With
+    ``smtp.ini nodes`` ≥ 2 this process also starts nodes - 1 SMTP nodes
+    that accept on its listening sockets; with ``delivery_processes`` ≥ 1
+    that many delivery children, and then the SMTP processes only accept
+    (``role`` ``submission``).  A child is started with ``role``
+    ``delivery``, or as an SMTP node with ``inherited`` sockets.
     """
     logmod.configure_from(config.log)
+    inherited = inherited or Inherited()
+    is_child = role == "delivery" or inherited.is_node
     if role == "all" and config.outbound.delivery_processes > 0:
         role = "submission"
     listens = role in ("all", "submission")
     delivers = role in ("all", "delivery")
-    if role != "delivery":
+    if not is_child:
         for warning in config.warnings:
             log.warn(warning)
         if config.auth_users and "auth_flat_file" not in config.plugins:
@@ -121,8 +147,8 @@ async def serve(config: Config, role: str = "all") -> int:
     hooks = HookRunner(plugins)
     logmod.set_log_hook(hooks if hooks.has("log") else None)
     try:
-        # The delivery child leaves the body-file scan to the listener process.
-        spool = await Spool.open(config.outbound.queue_dir, recover_files=role != "delivery")
+        # Children leave the body-file scan to the first process.
+        spool = await Spool.open(config.outbound.queue_dir, recover_files=not is_child)
     except SpoolError as exc:
         log.crit("cannot open the queue", queue_dir=str(config.outbound.queue_dir), error=str(exc))
         return 1
@@ -145,7 +171,8 @@ async def serve(config: Config, role: str = "all") -> int:
     settings = OutboundSettings(config)
     scheduler: Scheduler | None = None
     engine: DeliveryEngine | None = None
-    children: list[DeliveryProcess] = []
+    nodes: list[ChildProcess] = []  # SMTP nodes
+    deliverers: list[ChildProcess] = []  # delivery processes
     listeners: Listeners | None = None
 
     if delivers:
@@ -154,7 +181,7 @@ async def serve(config: Config, role: str = "all") -> int:
         scheduler = Scheduler(spool, settings, engine.deliver, owner=owner, log=log)
         tasks.append(asyncio.create_task(scheduler.run(), name="scheduler"))
         tasks.append(asyncio.create_task(settings.watch(spool.new_work), name="config-watch"))
-    if role == "delivery":
+    if is_child:
         parent_gone = asyncio.Event()
         tasks.append(
             asyncio.create_task(watch_parent(spool.new_work, parent_gone), name="parent-watch")
@@ -166,9 +193,13 @@ async def serve(config: Config, role: str = "all") -> int:
 
         tasks.append(asyncio.create_task(stop_when_parent_goes(), name="parent-gone"))
     if listens:
-        submission_api.install(spool, config, hooks)
+        # A process that also delivers takes its own new mail without a claim.
+        sink: SpoolSink = spool if scheduler is None else LocalDelivery(spool, scheduler)
+        submission_api.install(sink, config, hooks)
         try:
-            listeners = await start_listeners(config, spool, hooks)
+            listeners = await start_listeners(
+                config, sink, hooks, inherited=inherited.listen_fds or None
+            )
         except OSError as exc:
             log.crit("cannot listen", error=str(exc))
             for task in tasks:
@@ -177,13 +208,32 @@ async def serve(config: Config, role: str = "all") -> int:
             submission_api.uninstall()
             await spool.close()
             return 1
-    if role == "submission":
+    if inherited.wake_fd is not None:
+        tasks.append(
+            asyncio.create_task(notify_parent(spool.new_work, inherited.wake_fd), name="wake-up")
+        )
+    if listens and not is_child and listeners is not None:
+        for number in range(1, config.smtp.nodes):
+            node = ChildProcess(
+                config.config_dir,
+                role=role,
+                stop_grace=SHUTDOWN_GRACE,
+                listen_fds=listeners.listen_fds(),
+                wake_parent=role == "submission",
+            )
+            await node.start()
+            nodes.append(node)
+            tasks.append(asyncio.create_task(node.supervise(), name=f"supervise-node-{number}"))
+            if role == "submission":
+                tasks.append(asyncio.create_task(relay_wakes(node, spool.new_work), name="relay"))
+    if role == "submission" and not is_child:
         for number in range(config.outbound.delivery_processes):
-            child = DeliveryProcess(config.config_dir, stop_grace=SHUTDOWN_GRACE)
+            child = ChildProcess(config.config_dir, role="delivery", stop_grace=SHUTDOWN_GRACE)
             await child.start()
-            children.append(child)
+            deliverers.append(child)
             tasks.append(asyncio.create_task(child.supervise(), name=f"supervise-{number}"))
-        tasks.append(asyncio.create_task(wake_all(children, spool.new_work), name="wake"))
+        tasks.append(asyncio.create_task(wake_all(deliverers, spool.new_work), name="wake"))
+    children = nodes + deliverers
 
     def request_stop(signame: str) -> None:
         if not stop.is_set():
@@ -193,9 +243,9 @@ async def serve(config: Config, role: str = "all") -> int:
     background: set[asyncio.Task[None]] = set()
 
     def request_flush() -> None:
-        if children:
-            for child in children:
-                child.signal(signal.SIGHUP)
+        for child in children:
+            child.signal(signal.SIGHUP)
+        if not delivers:
             return
 
         async def flush() -> None:
@@ -210,16 +260,17 @@ async def serve(config: Config, role: str = "all") -> int:
         loop.add_signal_handler(sig, request_stop, sig.name)
     loop.add_signal_handler(signal.SIGHUP, request_flush)
 
-    if listens:
+    if listens and not is_child:
         log.notice(
             "ready",
             listen=",".join(str(a) for a in config.smtp.listen),
             listen_tls=",".join(str(a) for a in config.smtp.listen_tls) or "-",
             queue_dir=str(spool.queue_dir),
             delivery=("disabled" if settings().disabled else "enabled")
-            + (f" ({len(children)} delivery process(es))" if children else ""),
+            + (f" ({len(deliverers)} delivery process(es))" if deliverers else ""),
+            smtp_processes=1 + len(nodes),
         )
-    else:
+    elif not listens:
         log.notice(
             "delivery ready",
             queue_dir=str(spool.queue_dir),
@@ -240,14 +291,15 @@ async def serve(config: Config, role: str = "all") -> int:
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
+        # SMTP nodes stop accepting together with this process's listeners.
+        node_stops = asyncio.gather(*(node.stop() for node in nodes))
         if listeners is not None:
             await listeners.close()
-        statuses = await asyncio.gather(*(child.stop() for child in children))
+        statuses = [*await node_stops]
+        statuses += await asyncio.gather(*(child.stop() for child in deliverers))
         for child, child_status in zip(children, statuses, strict=True):
             if child_status != 0:
-                log.error(
-                    "delivery process exited with an error", status=child_status, pid=child.pid
-                )
+                log.error(f"{child.kind} exited with an error", status=child_status, pid=child.pid)
         if scheduler is not None:
             await scheduler.stop(SHUTDOWN_GRACE)
         for task in tasks:
@@ -282,7 +334,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default="all",
         help=argparse.SUPPRESS,  # "delivery" is how outboundd starts its own child
     )
+    # How the first process hands an SMTP node its listening sockets and wake pipe.
+    parser.add_argument("--listen-fd", action="append", default=[], help=argparse.SUPPRESS)
+    parser.add_argument("--wake-fd", type=int, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
+
+
+def _inherited(args: argparse.Namespace) -> Inherited:
+    fds: list[tuple[int, bool]] = []
+    for text in args.listen_fd:
+        fd, _, kind = str(text).partition(":")
+        fds.append((int(fd), kind == "tls"))
+    return Inherited(listen_fds=tuple(fds), wake_fd=args.wake_fd)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -300,7 +363,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ImportError:  # uvloop is optional: the stdlib loop works, slower
         pass
     with asyncio.Runner(loop_factory=loop_factory) as runner:
-        return runner.run(serve(config, args.role))
+        return runner.run(serve(config, args.role, _inherited(args)))
 
 
 if __name__ == "__main__":

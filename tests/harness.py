@@ -36,6 +36,7 @@ def write_config(
     mx_port: int,
     smtp_port: int | None = None,
     outbound: Mapping[str, Any] | None = None,
+    smtp: Mapping[str, Any] | None = None,
     plugins: list[str] | None = None,
     extra_files: Mapping[str, str] | None = None,
 ) -> Path:
@@ -43,7 +44,10 @@ def write_config(
     directory.mkdir(parents=True, exist_ok=True)
     port = smtp_port or free_port()
     (directory / "me").write_text("outboundd.test\n")
-    (directory / "smtp.ini").write_text(f"[main]\nlisten=127.0.0.1:{port}\n")
+    smtp_lines = [f"[main]\nlisten=127.0.0.1:{port}"] + [
+        f"{k}={v}" for k, v in (smtp or {}).items()
+    ]
+    (directory / "smtp.ini").write_text("\n".join(smtp_lines) + "\n")
     settings: dict[str, Any] = {
         "nameservers": f"127.0.0.1:{dns_port}",
         "mx_port": mx_port,
@@ -133,6 +137,12 @@ class Daemon:
     def signal(self, sig: int) -> None:
         assert self.proc is not None
         os.kill(self.proc.pid, sig)
+
+    def children(self) -> list[int]:
+        """PIDs of the processes outboundd started (SMTP nodes, delivery processes)."""
+        assert self.proc is not None
+        path = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children")
+        return [int(pid) for pid in path.read_text().split()]
 
     async def stop(self, timeout: float = 30.0) -> int:
         """SIGTERM by PID; wait for exit; the exit status."""

@@ -8,6 +8,7 @@ Each test writes a config directory under ``tmp_path`` and runs from
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 import shutil
 from ipaddress import IPv4Network, IPv6Network
@@ -583,13 +584,14 @@ def test_unknown_keys_and_sections_are_warnings(cfg: Path) -> None:
 
 
 def test_haraka_settings_we_do_not_use_are_named(cfg: Path) -> None:
-    write(cfg, "smtp.ini", "[main]\nnodes=cpus\n[headers]\nmax_lines=1000\n")
+    write(cfg, "smtp.ini", "[main]\ndaemonize=true\n[headers]\nmax_lines=1000\n")
     write(cfg, "outbound.ini", "pool_timeout=50\n")
     write(cfg, "tls.ini", "dhparam=dhparams.pem\n[redis]\nhost=127.0.0.1\n")
     warnings = load(cfg).warnings
     assert warnings == (
         "config/smtp.ini [headers] (line 3): a Haraka section outboundd does not use; ignored",
-        "config/smtp.ini [main] nodes (line 2): a Haraka setting outboundd does not use; ignored",
+        "config/smtp.ini [main] daemonize (line 2): a Haraka setting outboundd does not use; "
+        "ignored",
         "config/outbound.ini [main] pool_timeout (line 1): a Haraka setting; "
         "outboundd's is pool_idle_timeout; ignored",
         "config/tls.ini [redis] (line 2): a Haraka section outboundd does not use; ignored",
@@ -1265,3 +1267,24 @@ def test_pool_cap_follows_domain_concurrency_unless_set(tmp_path: Path) -> None:
     assert load_config(cfg).outbound.pool_max_per_host == 25
     (cfg / "outbound.ini").write_text("[main]\ndomain_concurrency_max=25\npool_max_per_host=3\n")
     assert load_config(cfg).outbound.pool_max_per_host == 3
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [("1", 1), ("2", 2), ("cpus", max(1, min(os.cpu_count() or 1, 64))), ("CPUs", None)],
+)
+def test_nodes_is_a_count_or_cpus(cfg: Path, value: str, expected: int | None) -> None:
+    write(cfg, "smtp.ini", f"[main]\nnodes={value}\n")
+    want = expected if expected is not None else max(1, min(os.cpu_count() or 1, 64))
+    assert load(cfg).smtp.nodes == want
+
+
+@pytest.mark.parametrize("value", ["0", "65", "two", "-1"])
+def test_bad_nodes_names_file_key_and_value(cfg: Path, value: str) -> None:
+    write(cfg, "smtp.ini", f"[main]\nnodes={value}\n")
+    with pytest.raises(ConfigError, match=rf"smtp.ini \[main\] nodes.*{value}"):
+        load(cfg)
+
+
+def test_nodes_defaults_to_one(cfg: Path) -> None:
+    assert load(cfg).smtp.nodes == 1

@@ -31,9 +31,9 @@ class World:
     mx_port: int
     tmp: Path
 
-    def config(self, **outbound: object) -> Path:
+    def config(self, smtp: dict[str, object] | None = None, **outbound: object) -> Path:
         return write_config(self.tmp / "config", dns_port=self.dns.port, mx_port=self.mx_port,
-                            outbound=outbound)  # fmt: skip
+                            outbound=outbound, smtp=smtp)  # fmt: skip
 
 
 @pytest.fixture
@@ -193,3 +193,31 @@ async def test_sigterm_releases_leases_and_exits_zero(world: World) -> None:
 
 def test_free_port_is_loopback() -> None:
     assert 0 < free_port() < 65536
+
+
+@pytest.mark.parametrize("delivery_processes", [0, 1])
+async def test_smtp_nodes_share_the_listener_and_deliver(
+    world: World, delivery_processes: int
+) -> None:
+    """nodes=2: a second process accepts on the same socket; while the first is
+    stopped (SIGSTOP) mail is still accepted, and delivered (by that node
+    itself, or by the delivery process)."""
+    config = world.config(smtp={"nodes": 2}, delivery_processes=delivery_processes)
+    async with running(config) as d:
+        await d.wait_for(r"SMTP node started")
+        assert len(d.children()) == 1 + delivery_processes
+        d.signal(signal.SIGSTOP)
+        try:
+            qids = [await submit(d.smtp_port, SENDER, [f"n{i}@dest.test"]) for i in range(3)]
+            for qid in qids:
+                await d.wait_for_status(qid, "delivered")
+        finally:
+            d.signal(signal.SIGCONT)
+        # Both take mail again, and all of it ends delivered.
+        more = await asyncio.gather(
+            *(submit(d.smtp_port, SENDER, [f"m{i}@dest.test"]) for i in range(10))
+        )
+        for qid in more:
+            await d.wait_for_status(qid, "delivered")
+    assert d.returncode == 0  # and stop() checked that no process of its group is left
+    assert len(world.mx1.transactions) == 13

@@ -377,7 +377,6 @@ _HARAKA_SMTP: Final = {
         "port",
         "listen_host",
         "public_ip",
-        "nodes",
         "user",
         "group",
         "ignore_bad_plugins",
@@ -395,6 +394,23 @@ _HARAKA_SMTP: Final = {
     )
 }
 _HARAKA_SMTP_SECTIONS: Final = {"headers": "a Haraka section outboundd does not use"}
+
+
+#: Most SMTP processes ``nodes`` may ask for.
+MAX_NODES: Final = 64
+
+
+def _nodes(main: _Section) -> int:
+    """``nodes``: how many processes accept SMTP; Haraka's ``cpus`` means one per CPU."""
+
+    def parse(text: str) -> int:
+        if text.lower() == "cpus":
+            return max(1, min(os.cpu_count() or 1, MAX_NODES))
+        if not re.fullmatch(r"\+?\d+", text):
+            raise ValueError(f"{_shown(text)} is neither a number of processes nor 'cpus'")
+        return _in_range(int(text), text, 1, MAX_NODES)
+
+    return main.convert("nodes", 1, parse)
 
 
 def _read_smtp(config_dir: Path, warnings: list[str]) -> SmtpConfig:
@@ -419,6 +435,7 @@ def _read_smtp(config_dir: Path, warnings: list[str]) -> SmtpConfig:
         auth_disconnect_after=main.integer("auth_disconnect_after", 10, minimum=1),
         auth_block_seconds=main.seconds("auth_block_seconds", 300.0, zero_ok=True),
         constrain_sender=main.boolean("constrain_sender", False),
+        nodes=_nodes(main),
     )
     main.finish(_HARAKA_SMTP)
     return smtp

@@ -43,6 +43,7 @@ class SmtpConfig(BaseModel):
     auth_disconnect_after: int = 10
     auth_block_seconds: float = 300.0
     constrain_sender: bool = False
+    nodes: int = 1
 
 
 class OutboundConfig(BaseModel):

@@ -11,7 +11,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import ssl
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from outboundd.config import Config, HostPort
@@ -77,6 +79,14 @@ class Listeners:
     servers: list[tuple[asyncio.Server, bool]]  # (server, implicit TLS)
     context: SubmissionContext
 
+    def listen_fds(self) -> list[tuple[int, bool]]:
+        """``(file descriptor, implicit TLS)`` of every listening socket, for SMTP nodes."""
+        return [
+            (sock.fileno(), implicit)
+            for server, implicit in self.servers
+            for sock in server.sockets
+        ]
+
     def addresses(self) -> list[tuple[str, int, bool]]:
         """``(host, port, implicit_tls)`` of every bound socket (tests use port 0)."""
         found: list[tuple[str, int, bool]] = []
@@ -123,9 +133,13 @@ async def start_listeners(
     spool: SpoolSink,
     hooks: HookRunner,
     logger: Logger | None = None,
+    *,
+    inherited: Sequence[tuple[int, bool]] | None = None,
 ) -> Listeners:
     """Bind every ``listen`` and ``listen_tls`` address and start serving.
 
+    ``inherited`` — ``(fd, implicit TLS)`` of sockets the first process
+    bound — makes an SMTP node serve those instead of binding its own.
     Raises ``OSError`` (a :class:`ListenerError` for configuration problems)
     when any address cannot be used; nothing is left listening then.
     """
@@ -164,17 +178,29 @@ async def start_listeners(
         )
         servers.append((server, implicit_tls))
 
+    async def adopt(fd: int, implicit_tls: bool) -> None:
+        server = await loop.create_server(
+            make_session_factory(ctx, implicit_tls=implicit_tls),
+            sock=socket.socket(fileno=fd),
+            ssl=tls_context if implicit_tls else None,
+        )
+        servers.append((server, implicit_tls))
+
     try:
-        for address in config.smtp.listen:
-            await bind(address, False)
-        for address in config.smtp.listen_tls:
-            await bind(address, True)
+        if inherited is not None:
+            for fd, implicit_tls in inherited:
+                await adopt(fd, implicit_tls)
+        else:
+            for address in config.smtp.listen:
+                await bind(address, False)
+            for address in config.smtp.listen_tls:
+                await bind(address, True)
     except OSError:
         for server, _ in servers:
             server.close()
         raise
     listeners = Listeners(servers, ctx)
-    for host, port, implicit in listeners.addresses():
+    for host, port, implicit in [] if inherited is not None else listeners.addresses():
         log.info(
             "listening",
             address=f"[{host}]:{port}" if ":" in host else f"{host}:{port}",

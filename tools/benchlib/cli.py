@@ -64,6 +64,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="outboundd domain_concurrency_max (20 = Postfix's per-destination default)",
     )
     p.add_argument(
+        "--nodes",
+        default="cpus",
+        help="outboundd smtp.ini nodes: SMTP processes (default cpus, like Haraka's)",
+    )
+    p.add_argument(
+        "--delivery-processes",
+        type=int,
+        default=0,
+        help="outboundd delivery_processes (default 0: every SMTP node also delivers)",
+    )
+    p.add_argument(
         "--haraka-nodes",
         default="cpus",
         help="Haraka smtp.ini nodes (default cpus, its performance advice; 1 = one process)",
@@ -196,7 +207,13 @@ def run_all(args: argparse.Namespace) -> int:
     relays, unavailable = prepare_tools(args, relays)
     use_python = args.py_traffic or (args.smoke and not postfix_tools_installed())
     traffic = TrafficSettings(args.sessions, args.size, args.reuse_sessions, use_python)
-    relay_settings = RelaySettings(args.concurrency, args.domain_concurrency, args.haraka_nodes)
+    relay_settings = RelaySettings(
+        args.concurrency,
+        args.domain_concurrency,
+        args.haraka_nodes,
+        args.nodes,
+        args.delivery_processes,
+    )
     labels = labels_for(relays)
     workroot = Path(tempfile.mkdtemp(prefix="outboundd-bench-", dir=args.workdir))
     os.chmod(workroot, 0o755)  # Postfix's unprivileged daemons must reach their queue
@@ -265,6 +282,8 @@ def build_report(
             "concurrency_max": args.concurrency,
             "domain_concurrency_max": args.domain_concurrency,
             "haraka_nodes": args.haraka_nodes,
+            "outboundd_nodes": args.nodes,
+            "outboundd_delivery_processes": args.delivery_processes,
         },
         "all_ok": delivered and not unavailable,
         "all_delivered": delivered,

@@ -38,6 +38,9 @@ class RelaySettings:
     domain_concurrency_max: int = 20
     #: Haraka's smtp.ini ``nodes`` (worker processes); "cpus" is its performance advice.
     haraka_nodes: str = "cpus"
+    #: outboundd's smtp.ini ``nodes`` and outbound.ini ``delivery_processes``.
+    outboundd_nodes: str = "cpus"
+    outboundd_delivery_processes: int = 0
 
 
 class Relay:
@@ -124,6 +127,7 @@ class OutbounddRelay(Relay):
             concurrency_max = {self.settings.concurrency_max}
             domain_concurrency_max = {self.settings.domain_concurrency_max}
             local_mx_ok = true
+            delivery_processes = {self.settings.outboundd_delivery_processes}
             """)
 
     def write_config(self, hold: bool) -> None:
@@ -131,7 +135,9 @@ class OutbounddRelay(Relay):
         (self.workdir / "plugins").mkdir(parents=True, exist_ok=True)
         cfg.mkdir(parents=True, exist_ok=True)
         (cfg / "me").write_text("relay.bench.test\n")
-        (cfg / "smtp.ini").write_text(f"[main]\nlisten = 127.0.0.1:{self.port}\n")
+        (cfg / "smtp.ini").write_text(
+            f"[main]\nlisten = 127.0.0.1:{self.port}\nnodes = {self.settings.outboundd_nodes}\n"
+        )
         (cfg / "outbound.ini").write_text(self._outbound_ini(hold))
         (cfg / "relay_acl_allow").write_text("127.0.0.0/8\n")
         (cfg / "plugins").write_text("bench_route\n")

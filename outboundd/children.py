@@ -1,0 +1,202 @@
+"""The processes ``outboundd`` starts beside itself: start, wake, restart, stop.
+
+Two kinds, both opening the same spool (SQLite WAL is safe across
+processes, and leases make claims exclusive):
+
+* **SMTP nodes** (``smtp.ini nodes=N``, N ≥ 2): N - 1 children that accept
+  SMTP on the listening sockets the first process bound and passes down
+  (one shared accept queue, so the least busy process takes the next
+  connection), as Haraka's cluster workers do.  Each node also delivers
+  unless there are delivery processes.
+* **Delivery processes** (``outbound.ini delivery_processes=N``): children
+  that only claim and deliver.
+
+A child's stdin is a pipe from the parent.  A line on it means "new mail was
+committed": a delivering child wakes its scheduler at once, so delivery
+starts within milliseconds of the 250.  End of file means the parent has
+gone: the child stops as on SIGTERM (finishing sessions, releasing leases).
+An SMTP node whose mail others deliver writes a line to its wake pipe after
+each commit; the parent passes it on to the delivery processes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from outboundd import log as logmod
+
+log = logmod.get_logger("outboundd")
+
+#: Longest wait between restarts of a child that keeps dying.
+MAX_RESTART_DELAY = 30.0
+
+
+class ChildProcess:
+    """One supervised child (an SMTP node or a delivery process)."""
+
+    def __init__(
+        self,
+        config_dir: Path,
+        *,
+        role: str,
+        stop_grace: float,
+        listen_fds: Sequence[tuple[int, bool]] = (),
+        wake_parent: bool = False,
+    ) -> None:
+        self.config_dir = config_dir
+        self.role = role
+        self.stop_grace = stop_grace
+        self.listen_fds = list(listen_fds)
+        self.wake_parent = wake_parent
+        self.proc: asyncio.subprocess.Process | None = None
+        self.parent_woken = asyncio.Event()
+        self._stopping = False
+        self._restart_delay = 1.0
+        self._wake_reader: asyncio.Task[None] | None = None
+
+    @property
+    def kind(self) -> str:
+        return "SMTP node" if self.listen_fds else "delivery process"
+
+    async def start(self) -> None:
+        argv = [sys.executable, "-m", "outboundd", "-c", str(self.config_dir), "--role", self.role]
+        fds: list[int] = []
+        for fd, implicit_tls in self.listen_fds:
+            fds.append(fd)
+            argv += ["--listen-fd", f"{fd}{':tls' if implicit_tls else ''}"]
+        read_end = write_end = -1
+        if self.wake_parent:
+            read_end, write_end = os.pipe()
+            fds.append(write_end)
+            argv += ["--wake-fd", str(write_end)]
+        try:
+            self.proc = await asyncio.create_subprocess_exec(
+                *argv, stdin=asyncio.subprocess.PIPE, pass_fds=fds
+            )
+        finally:
+            if write_end >= 0:
+                os.close(write_end)
+        if read_end >= 0:
+            self._wake_reader = asyncio.create_task(self._read_wakes(read_end), name="wake-read")
+        log.info(f"{self.kind} started", pid=self.proc.pid)
+
+    async def _read_wakes(self, fd: int) -> None:
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader()
+        pipe = os.fdopen(fd, "rb", buffering=0)
+        transport, _ = await loop.connect_read_pipe(
+            lambda: asyncio.StreamReaderProtocol(reader), pipe
+        )
+        try:
+            while await reader.read(4096):
+                self.parent_woken.set()
+        finally:
+            transport.close()
+
+    def wake(self) -> None:
+        """Tell the child new mail is due (never blocks; a gone child is ignored)."""
+        proc = self.proc
+        if proc is None or proc.stdin is None or proc.returncode is not None:
+            return
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError, RuntimeError):
+            proc.stdin.write(b"\n")
+
+    def signal(self, sig: int) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.send_signal(sig)
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
+    async def supervise(self) -> None:
+        """Restart the child if it exits while we are not stopping (with backoff)."""
+        while not self._stopping:
+            assert self.proc is not None
+            status = await self.proc.wait()
+            if self._stopping:
+                return
+            log.crit(
+                f"{self.kind} exited unexpectedly; restarting",
+                status=status,
+                restart_in=self._restart_delay,
+            )
+            await asyncio.sleep(self._restart_delay)
+            self._restart_delay = min(self._restart_delay * 2, MAX_RESTART_DELAY)
+            if not self._stopping:
+                await self.start()
+
+    async def stop(self) -> int:
+        """SIGTERM the child and wait (bounded); its exit status."""
+        self._stopping = True
+        proc = self.proc
+        if proc is None:
+            return 0
+        if proc.stdin is not None:
+            proc.stdin.close()
+        self.signal(signal.SIGTERM)
+        try:
+            status = await asyncio.wait_for(proc.wait(), self.stop_grace + 10)
+        except TimeoutError:
+            log.crit(f"{self.kind} did not stop in time; killing it", pid=proc.pid)
+            self.signal(signal.SIGKILL)
+            status = await proc.wait()
+        if self._wake_reader is not None:
+            self._wake_reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._wake_reader
+        return status
+
+
+async def wake_all(children: list[ChildProcess], new_work: asyncio.Event) -> None:
+    """Relay this process's new-work signal to every delivering child, coalesced.
+
+    Every child is woken; their claims are exclusive, so the first to claim
+    takes the work and the others find nothing and sleep again.
+    """
+    while True:
+        await new_work.wait()
+        new_work.clear()
+        for child in children:
+            child.wake()
+
+
+async def relay_wakes(child: ChildProcess, new_work: asyncio.Event) -> None:
+    """An SMTP node's "new mail" lines become this process's new-work signal."""
+    while True:
+        await child.parent_woken.wait()
+        child.parent_woken.clear()
+        new_work.set()
+
+
+async def watch_parent(new_work: asyncio.Event, parent_gone: asyncio.Event) -> None:
+    """In the child: each line on stdin wakes the scheduler; EOF means stop."""
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    while True:
+        chunk = await reader.read(4096)
+        if not chunk:
+            parent_gone.set()
+            return
+        new_work.set()
+
+
+async def notify_parent(new_work: asyncio.Event, fd: int) -> None:
+    """In an SMTP node whose mail others deliver: one line per burst of commits."""
+    os.set_blocking(fd, False)
+    try:
+        while True:
+            await new_work.wait()
+            new_work.clear()
+            with contextlib.suppress(BlockingIOError, BrokenPipeError):
+                os.write(fd, b"\n")  # a full pipe already holds a wake-up
+    finally:
+        os.close(fd)
