@@ -27,6 +27,7 @@ from outboundd.spool import (
     bodies,
     lease_owner_id,
 )
+from outboundd.spool.core import INLINE_BODY_MAX
 from outboundd.spool.migrations import discover
 
 BODY = b"From: a@example.test\r\nSubject: hi\r\n\r\nHello\r\n.dot line\r\n"
@@ -171,11 +172,31 @@ async def test_failed_insert_removes_body_and_spares_the_batch(spool: Spool) -> 
     assert names == set(results[:20])
 
 
-async def test_queue_id_collision_is_refused(spool: Spool) -> None:
+@pytest.mark.parametrize("size", [100, INLINE_BODY_MAX + 1], ids=["inline", "large"])
+async def test_queue_id_collision_is_refused(spool: Spool, size: int) -> None:
+    """Written by the database thread or (large) by a worker: the other body stays."""
     qid = await spool.accept(message("r@example.org"))
+    other = b"x" * (size - 2) + b"\r\n"
     with pytest.raises(SpoolWriteError, match="already in use"):
-        await spool.accept(message("r@example.org", body=b"other\r\n"), queue_id=qid)
+        await spool.accept(message("r@example.org", body=other), queue_id=qid)
     assert spool.body_path(qid).read_bytes() == BODY
+
+
+async def test_large_body_is_written_outside_the_database_thread(spool: Spool) -> None:
+    big = (b"y" * 998 + b"\r\n") * (INLINE_BODY_MAX // 1000 + 10)
+    qids = await asyncio.gather(*(spool.accept(message("r@example.org", body=b)) for b in
+                                  (big, BODY, big)))  # fmt: skip
+    assert [spool.body_path(q).read_bytes() for q in qids] == [big, BODY, big]
+    # A large body whose rows fail is removed as well.
+    con = db(spool)
+    con.execute(
+        "CREATE TRIGGER refuse BEFORE INSERT ON messages WHEN NEW.mail_from = 'bad@x.test' "
+        "BEGIN SELECT RAISE(ABORT, 'refused by test'); END"
+    )
+    con.commit()
+    with pytest.raises(SpoolWriteError):
+        await spool.accept(message("r@example.org", sender="bad@x.test", body=big))
+    assert {f.queue_id for f in bodies.scan(spool.queue_dir)} == set(qids)
 
 
 # ------------------------------------------------------------------- claim

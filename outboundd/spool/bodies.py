@@ -3,8 +3,10 @@
 Layout: ``QUEUE_DIR/bodies/XX/QUEUE_ID`` where ``XX`` is the last two hex
 digits of the queue ID (256 fan-out directories, created once at open so a
 new body never needs a directory fsync of ``bodies/`` itself).  A body is
-first written to ``XX/.tmp-QUEUE_ID``, fsynced, then renamed into place; the
-directory is fsynced before the rows that point at it are committed.  These
+written under its final name and fsynced; the directory is fsynced before
+the rows that point at it are committed, and only those rows make it a
+message.  (Queues written by earlier versions may hold ``XX/.tmp-QUEUE_ID``
+files; recovery removes them.)  These
 functions block: call them through ``asyncio.to_thread``.
 """
 
@@ -49,18 +51,24 @@ def prepare_tree(queue_dir: Path) -> None:
         fsync_directory(queue_dir)
 
 
-def write_body(path: Path, body: bytes) -> None:
-    """Write ``body`` to ``path`` via temp file + fsync + rename.
+def write_body(path: str | Path, body: bytes) -> None:
+    """Create ``path`` (it must not exist), write ``body``, fsync it.
 
-    The caller fsyncs ``path.parent`` (batched across messages) before it
-    commits rows that refer to the body.  On any failure nothing is left
-    behind and :class:`SpoolWriteError` (or :class:`SpoolFullError`) says why.
+    No temp file and rename: the file means nothing until rows that point at
+    it commit, which happens only after this fsync and the caller's fsync
+    of ``path``'s directory (batched across messages).  A crash in between
+    leaves a body without rows, which recovery removes once it is old
+    enough.  On any failure nothing is left behind and
+    :class:`SpoolWriteError` (or :class:`SpoolFullError`) says why.
     """
-    tmp = path.with_name(TMP_PREFIX + path.name)
-    if path.exists():
-        raise SpoolWriteError(f"queue ID {path.name} is already in use")
+    name = os.path.basename(path)
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
+    except FileExistsError:
+        raise SpoolWriteError(f"queue ID {name} is already in use") from None
+    except OSError as exc:
+        raise _write_error(exc, name) from exc
+    try:
         try:
             view = memoryview(body)
             while view:
@@ -69,15 +77,18 @@ def write_body(path: Path, body: bytes) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
-        os.rename(tmp, path)
     except OSError as exc:
-        _unlink_quietly(tmp)
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise SpoolFullError(f"queue disk is full writing {path.name}") from exc
-        raise SpoolWriteError(f"cannot write message body {path.name}: {exc.strerror}") from exc
+        _unlink_quietly(path)
+        raise _write_error(exc, name) from exc
 
 
-def fsync_directory(path: Path) -> None:
+def _write_error(exc: OSError, name: str) -> SpoolWriteError:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return SpoolFullError(f"queue disk is full writing {name}")
+    return SpoolWriteError(f"cannot write message body {name}: {exc.strerror}")
+
+
+def fsync_directory(path: str | Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         os.fsync(fd)
@@ -85,17 +96,17 @@ def fsync_directory(path: Path) -> None:
         os.close(fd)
 
 
-def fsync_directories(paths: Iterable[Path]) -> None:
+def fsync_directories(paths: Iterable[str | Path]) -> None:
     for path in set(paths):
         fsync_directory(path)
 
 
-def remove_bodies(paths: Iterable[Path]) -> None:
+def remove_bodies(paths: Iterable[str | Path]) -> None:
     for path in paths:
         _unlink_quietly(path)
 
 
-def _unlink_quietly(path: Path) -> None:
+def _unlink_quietly(path: str | Path) -> None:
     try:
         os.unlink(path)
     except FileNotFoundError:

@@ -9,10 +9,10 @@ progress share the next one, so a burst of N accepts costs far fewer than N WAL 
 each ``accept()`` still returns only after its own rows are committed.
 
 Durability order for ``accept()`` (DESIGN.md rule 1): the body file is
-written, fsynced and renamed into place (in a worker thread, in parallel with
-other accepts); the writer fsyncs the body directories of its batch once,
-then commits the rows with ``synchronous=FULL``; only then does ``accept()``
-return the queue ID.  A failure anywhere removes the body and raises
+written and fsynced (by the database thread as the first step of its batch,
+or in a worker thread when large); the directories of the batch's bodies
+are fsynced once, then the rows are committed with ``synchronous=FULL``;
+only then does ``accept()`` return the queue ID.  A failure anywhere removes the body and raises
 :class:`SpoolWriteError`.
 """
 
@@ -60,6 +60,10 @@ T = TypeVar("T")
 DB_NAME = "outbound.db"
 #: Most jobs one transaction takes; bounds commit latency under load.
 MAX_BATCH = 512
+#: Bodies up to this size are written (and fsynced) by the database thread as
+#: part of their batch: a hop to a worker thread per message cost more, in
+#: thread switches, than the write itself.  Larger ones use a worker thread.
+INLINE_BODY_MAX = 256 * 1024
 #: A body (or temp) file without rows is an orphan only when older than this:
 #: another process's accept writes the file before it commits the rows, and
 #: recovery must never delete a body whose rows are about to be committed.
@@ -100,9 +104,11 @@ class _Job:
 class _AcceptJob(_Job):
     message_row: dict[str, Any]
     recipient_rows: list[dict[str, Any]]
-    body_path: Path
+    body_path: str
     link_rows: list[dict[str, Any]]
     leased: bool = False  # recipient_rows carry a lease; the job's result is their ids
+    body: bytes | None = None  # still to be written, by the database thread
+    written: bool = False  # the body file is ours and exists
 
 
 @dataclass(eq=False)
@@ -130,6 +136,7 @@ class Spool:
 
     def __init__(self, queue_dir: Path, db: Database) -> None:
         self.queue_dir = queue_dir
+        self._queue_dir_text = str(queue_dir)
         self.db_path = queue_dir / DB_NAME
         self._db = db
         self._queue: asyncio.Queue[_Job | _Stop] = asyncio.Queue()
@@ -267,9 +274,18 @@ class Spool:
         """
         settled: dict[int, tuple[bool, Any]] = {}
         accepts = [j for j in batch if isinstance(j, _AcceptJob)]
+        for new in accepts:
+            if new.body is not None and not new.written:
+                try:
+                    bodies.write_body(new.body_path, new.body)
+                except SpoolError as exc:
+                    settled[id(new)] = (False, exc)
+                    continue
+                new.written, new.body = True, None
+        accepts = [j for j in accepts if id(j) not in settled]
         if accepts:
             try:
-                bodies.fsync_directories(j.body_path.parent for j in accepts)
+                bodies.fsync_directories(os.path.dirname(j.body_path) for j in accepts)
             except OSError as exc:
                 err = SpoolWriteError(f"cannot fsync the body directory: {exc.strerror}")
                 for unsynced in accepts:
@@ -277,7 +293,7 @@ class Spool:
                 accepts = []
         live = [j for j in batch if id(j) not in settled]
         if not live:
-            return [settled[id(j)] for j in batch]
+            return self._settle_accepts(batch, settled)
         results: dict[int, Any] = {}
         in_tx = any(j.write for j in live)
         self._after_commit.clear()
@@ -315,7 +331,7 @@ class Spool:
             else:
                 for failed in live:
                     settled[id(failed)] = (False, _map_db_error(exc, failed))
-            return [settled[id(j)] for j in batch]
+            return self._settle_accepts(batch, settled)
         for action in self._after_commit:
             with contextlib.suppress(OSError):
                 action()
@@ -326,6 +342,17 @@ class Spool:
             self._counters.accept_commits += 1
         for job in live:
             settled[id(job)] = (True, results.get(id(job)))
+        return [settled[id(j)] for j in batch]
+
+    @staticmethod
+    def _settle_accepts(
+        batch: list[_Job], settled: dict[int, tuple[bool, Any]]
+    ) -> list[tuple[bool, Any]]:
+        """The batch's outcomes, after removing the bodies of accepts that failed."""
+        for job in batch:
+            if isinstance(job, _AcceptJob) and job.written and not settled[id(job)][0]:
+                bodies.remove_bodies([job.body_path])
+                job.written = False
         return [settled[id(j)] for j in batch]
 
     def _finish_messages(
@@ -380,12 +407,13 @@ class Spool:
         if message.ret not in (None, "FULL", "HDRS"):
             raise ValueError(f"RET must be FULL or HDRS, not {message.ret!r}")
         qid = queue_id or new_queue_id()
-        path = self.body_path(qid)
+        relative = bodies.relative_body_path(qid)
+        path = f"{self._queue_dir_text}/{relative}"  # str: pathlib was 5% of an accept
         now = time.time()
         message_row = {
             "queue_id": qid,
             "mail_from": message.mail_from,
-            "body_file": bodies.relative_body_path(qid),
+            "body_file": relative,
             "size": len(message.body),
             "received_at": now,
             "auth_user": message.auth_user,
@@ -394,7 +422,11 @@ class Spool:
             "ret": message.ret,
             "smtputf8": int(message.smtputf8),
             "body_8bit": int(message.body_8bit),
-            "notes": json.dumps(dict(message.notes), default=str, separators=(",", ":")),
+            "notes": (
+                json.dumps(dict(message.notes), default=str, separators=(",", ":"))
+                if message.notes
+                else "{}"
+            ),
             "dsn_of": message.dsn_of,
         }
         recipient_rows = [
@@ -418,22 +450,28 @@ class Spool:
             {"queue_id": message.dsn_of, "recipient": address, "dsn_queue_id": qid}
             for address in (message.dsn_recipients if message.dsn_of is not None else ())
         ]
-        await asyncio.to_thread(bodies.write_body, path, message.body)
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         job = _AcceptJob(
             fut, True, message_row, recipient_rows, path, link_rows, leased=lease is not None
         )
+        if len(message.body) > INLINE_BODY_MAX:
+            # Large: written here, in a worker thread, not holding up the database thread.
+            await asyncio.to_thread(bodies.write_body, path, message.body)
+            job.written = True
+        else:
+            job.body = message.body
         try:
             ids = await self._submit(job)
         except asyncio.CancelledError:
             raise  # the job still commits (or fails and cleans up) on its own
         except BaseException:
-            await asyncio.to_thread(bodies.remove_bodies, [path])
+            if job.written:  # the database thread never got to it
+                await asyncio.to_thread(bodies.remove_bodies, [path])
             raise
         if lease is None or expires is None:
             self.new_work.set()
             return qid, []
-        return qid, _claims_of_new_message(message_row, message, ids, lease, expires, path)
+        return qid, _claims_of_new_message(message_row, message, ids, lease, expires, Path(path))
 
     # ----------------------------------------------------------------- claim
 

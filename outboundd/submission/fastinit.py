@@ -10,7 +10,8 @@ at a few hundred connections a second.  The answer depends only on the
 classes, so we compute the member *names* once per class and hand aiosmtpd
 the bound members; likewise its two ``dir()`` scans and the
 ``inspect.signature`` of the EHLO hook.  Only aiosmtpd's module globals
-``inspect`` and ``dir`` are replaced; every other ``inspect`` function is
+``inspect``, ``dir`` and ``sanitized_log`` (which now first asks whether
+the logger wants the line) are replaced; every other ``inspect`` function is
 passed through.  A test checks that a session built with the caches has the
 same method tables as one built without them.
 """
@@ -18,6 +19,7 @@ same method tables as one built without them.
 from __future__ import annotations
 
 import inspect
+import logging
 from types import ModuleType
 from typing import Any
 
@@ -89,10 +91,29 @@ class _InspectShim(ModuleType):
         return getattr(inspect, name)
 
 
+_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING}
+_sanitized_log = aiosmtpd.smtp.sanitized_log
+
+
+def quiet_sanitized_log(func: Any, msg: Any, *args: Any, **kwargs: Any) -> None:
+    """aiosmtpd's ``sanitized_log``, skipped when the logger would drop the line.
+
+    aiosmtpd logs every command line twice (debug and info) and sanitizes
+    the arguments before the logger decides to discard them; we log its
+    chatter only at PROTOCOL level, so that work was waste on every command.
+    """
+    logger = getattr(func, "__self__", None)
+    level = _LEVELS.get(getattr(func, "__name__", ""))
+    if isinstance(logger, logging.Logger) and level is not None and not logger.isEnabledFor(level):
+        return
+    _sanitized_log(func, msg, *args, **kwargs)
+
+
 def install() -> None:
     """Point aiosmtpd's ``inspect`` global at the shim (idempotent)."""
     if isinstance(getattr(aiosmtpd.smtp, "inspect", None), _InspectShim):
         return
+    aiosmtpd.smtp.sanitized_log = quiet_sanitized_log
     shim = _InspectShim("inspect")
     shim.getmembers = cached_getmembers  # type: ignore[attr-defined]
     shim.signature = cached_signature  # type: ignore[attr-defined]

@@ -414,14 +414,19 @@ class SubmissionSMTP(SMTP):
         await self.reply(replies.OK_SENDER)
 
     def _relay_verdict(self) -> RelayVerdict:
-        auth_possible = self.ctx.auth_enabled and (
-            self.auth_allowed_now() or self.starttls_offered()
-        )
-        return policy.relay_verdict(
-            authenticated=self.auth_user() is not None,
-            client_ip=self.client_ip(),
-            relay_acl=self.ctx.config.relay_acl_allow,
-            auth_possible=auth_possible,
+        def verdict(auth_possible: bool) -> RelayVerdict:
+            return policy.relay_verdict(
+                authenticated=self.auth_user() is not None,
+                client_ip=self.client_ip(),
+                relay_acl=self.ctx.config.relay_acl_allow,
+                auth_possible=auth_possible,
+            )
+
+        # Whether AUTH could still follow matters only when relaying is refused.
+        if (allowed := verdict(False)) is RelayVerdict.ALLOW:
+            return allowed
+        return verdict(
+            self.ctx.auth_enabled and (self.auth_allowed_now() or self.starttls_offered())
         )
 
     async def smtp_RCPT(self, arg: str | None) -> None:

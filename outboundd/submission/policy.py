@@ -17,6 +17,7 @@ the spool stores.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from collections.abc import Iterable, Mapping
@@ -426,7 +427,9 @@ def parse_rcpt(arg: str | None, *, extended: bool, utf8: bool) -> tuple[Address,
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
+@functools.lru_cache(maxsize=4096)
 def _ip(text: str | None) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    # Cached: the same client addresses come back connection after connection.
     if not text:
         return None
     try:
