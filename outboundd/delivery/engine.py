@@ -161,6 +161,7 @@ class DeliveryEngine:
             max_idle_per_host=outbound.pool_max_per_host,
         )
         self.notice_settings = notice_settings(config)
+        self._settings_cache: tuple[OutboundConfig, SessionSettings] | None = None
 
     async def close(self) -> None:
         """Close the idle connections kept for reuse (QUIT)."""
@@ -289,8 +290,12 @@ class DeliveryEngine:
         }
 
     def _session_settings(self, outbound: OutboundConfig) -> SessionSettings:
+        # Made once per outbound.ini (a reload brings a new object), not per message.
+        cached = self._settings_cache
+        if cached is not None and cached[0] is outbound:
+            return cached[1]
         tls = self.config.tls.outbound
-        return SessionSettings(
+        made = SessionSettings(
             helo=self.config.me,
             connect_timeout=outbound.connect_timeout,
             greeting_timeout=outbound.greeting_timeout,
@@ -306,6 +311,8 @@ class DeliveryEngine:
             force_tls_hosts=tuple(tls.force_tls_hosts),
             no_tls_hosts=tuple(tls.no_tls_hosts),
         )
+        self._settings_cache = (outbound, made)
+        return made
 
     # -------------------------------------------------------------- conclude
 

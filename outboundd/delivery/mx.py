@@ -169,6 +169,15 @@ def _ip_literal(text: str) -> str | None:
         return None
 
 
+@functools.lru_cache(maxsize=1024)
+def _literal_target(mx: MX, default_port: int) -> MXTarget | None:
+    """The target of an MX whose exchange is an IP address (what order_targets gives it)."""
+    address = _ip_literal(mx.exchange)
+    if address is None:
+        return None
+    return MXTarget(mx=mx, address=address, port=mx.port or default_port, hostname=address)
+
+
 def _short_repr(value: object) -> str:
     text = repr(value)
     return text if len(text) <= _MAX_REPR else text[: _MAX_REPR - 3] + "..."
@@ -755,6 +764,11 @@ class MXResolver:
         return [MXTarget(mx=mx, address=address, port=self.mx_port, hostname=address)]
 
     async def _targets(self, mxs: list[MX], domain: str, *, dns_derived: bool) -> list[MXTarget]:
+        if len(mxs) == 1 and not mxs[0].from_dns:
+            # The common plugin answer, one IP-literal MX: nothing to resolve or order.
+            single = _literal_target(mxs[0], self.mx_port)
+            if single is not None:
+                return [single]
         names = list(dict.fromkeys(mx.exchange for mx in mxs if _ip_literal(mx.exchange) is None))
         results = await asyncio.gather(*(self._host(name) for name in names))
         by_name = dict(zip(names, results, strict=True))

