@@ -616,3 +616,15 @@ def test_an_unreaped_dead_process_does_not_hold_its_leases() -> None:
 
     assert not _owner_is_dead_local(f"{host}:{os.getpid()}:abcd", host)
     assert not _owner_is_dead_local(f"otherhost:{proc.pid}:abcd", host)
+
+
+def test_bodies_of_one_second_share_a_directory() -> None:
+    """So a group commit fsyncs one directory, not one per message."""
+    from outboundd.spool.core import new_queue_id
+
+    t = 1_700_000_000.0
+    same = {bodies.relative_body_path(new_queue_id(t + i / 1000)).split("/")[1] for i in range(50)}
+    later = bodies.relative_body_path(new_queue_id(t + 2.0)).split("/")[1]
+    assert len(same) <= 2 and later not in same
+    assert all(name in bodies.FANOUT for name in (*same, later))
+    assert bodies.relative_body_path("custom-id-ab") == "bodies/ab/custom-id-ab"

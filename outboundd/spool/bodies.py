@@ -1,13 +1,13 @@
 """Message bodies on disk: written durably, found again, removed when done.
 
-Layout: ``QUEUE_DIR/bodies/XX/QUEUE_ID`` where ``XX`` is the last two hex
-digits of the queue ID (256 fan-out directories, created once at open so a
-new body never needs a directory fsync of ``bodies/`` itself).  A body is
-written under its final name and fsynced; the directory is fsynced before
-the rows that point at it are committed, and only those rows make it a
-message.  (Queues written by earlier versions may hold ``XX/.tmp-QUEUE_ID``
-files; recovery removes them.)  These
-functions block: call them through ``asyncio.to_thread``.
+Layout: ``QUEUE_DIR/bodies/XX/QUEUE_ID`` where ``XX`` follows from the time
+part of the queue ID (:func:`relative_body_path`); the 256 fan-out
+directories are created once at open, so a new body never needs a directory
+fsync of ``bodies/`` itself.  A body is written under its final name and
+fsynced; its directory is fsynced before the rows that point at it are
+committed, and only those rows make it a message.  (Queues written by
+earlier versions may hold ``XX/.tmp-QUEUE_ID`` files; recovery removes
+them.)  These functions block: call them off the event loop.
 """
 
 from __future__ import annotations
@@ -29,7 +29,21 @@ def bodies_root(queue_dir: Path) -> Path:
 
 
 def relative_body_path(queue_id: str) -> str:
-    """Where a queue ID's body lives, relative to the queue directory."""
+    """Where a new message's body goes, relative to the queue directory.
+
+    The fan-out directory comes from the time part of the queue ID (its
+    first 11 hex digits, milliseconds): a new one about every second,
+    cycling through the 256.  So the messages of one group commit nearly
+    always share a directory, and one directory fsync covers them all
+    (with a random directory per message, that fsync was one per message).
+    Other IDs use their last two characters.  Rows store the path, so a
+    queue written under another rule stays readable.
+    """
+    if len(queue_id) > 12 and queue_id[11] == ".":
+        try:
+            return f"bodies/{(int(queue_id[:11], 16) >> 10) & 0xFF:02x}/{queue_id}"
+        except ValueError:
+            pass
     return f"bodies/{queue_id[-2:].lower()}/{queue_id}"
 
 

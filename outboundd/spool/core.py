@@ -82,8 +82,9 @@ def lease_owner_id() -> str:
 def new_queue_id(now: float | None = None) -> str:
     """A unique, time-ordered queue ID of ``[0-9A-F.]``.
 
-    Milliseconds since the epoch (11 hex digits) then 40 random bits; the last
-    two hex digits pick the body's fan-out directory, so they are random.
+    Milliseconds since the epoch (11 hex digits) then 40 random bits; the
+    time part picks the body's fan-out directory (see
+    :func:`bodies.relative_body_path`).
     """
     ms = int((time.time() if now is None else now) * 1000)
     return f"{ms:011X}.{secrets.token_hex(5).upper()}"
