@@ -1313,6 +1313,7 @@ class Connection:
         try:
             at_line_start = True
             tail = b"\r\n"
+            pending = b""  # the last chunk is held back to go out with the dot
             while True:
                 try:
                     chunk = (
@@ -1329,11 +1330,13 @@ class Connection:
                     ) from exc
                 if not chunk:
                     break
-                data, at_line_start = dot_stuff(chunk, at_line_start)
+                if pending:
+                    transport.write(pending)
+                    await phase.drain(timeout)
+                pending, at_line_start = dot_stuff(chunk, at_line_start)
                 tail = (tail + chunk)[-2:]
-                transport.write(data)
-                await phase.drain(timeout)
-            transport.write(b".\r\n" if tail == b"\r\n" else b"\r\n.\r\n")
+            # One write (one segment) for a small body and its end marker.
+            transport.write(pending + (b".\r\n" if tail == b"\r\n" else b"\r\n.\r\n"))
             dot_sent = True
             timeout = settings.data_end_timeout
             for _ in range(expected):
