@@ -14,6 +14,7 @@ import re
 import signal
 import socket
 import sqlite3
+import ssl
 import sys
 import time
 from collections.abc import AsyncIterator, Mapping
@@ -245,8 +246,12 @@ async def submit(
     body: bytes | None = None,
     *,
     subject: str = "test",
+    tls_context: ssl.SSLContext | None = None,
 ) -> str:
-    """Send one message to the daemon's listener over loopback; its queue ID."""
+    """Send one message to the daemon's listener over loopback; its queue ID.
+
+    With ``tls_context`` the connection is implicit TLS (``listen_tls``).
+    """
     import aiosmtplib
 
     message = (
@@ -256,7 +261,14 @@ async def submit(
             "Hello from the test suite.\r\n"
         ).encode()
     )
-    client = aiosmtplib.SMTP(hostname="127.0.0.1", port=port, timeout=10, start_tls=False)
+    client = aiosmtplib.SMTP(
+        hostname="127.0.0.1",
+        port=port,
+        timeout=10,
+        start_tls=False,
+        use_tls=tls_context is not None,
+        tls_context=tls_context,
+    )
     await client.connect()
     try:
         await client.ehlo(hostname="client.test")

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from tests import certs
 from tests.dnsserver import DNSServer
 from tests.harness import Daemon, free_port, running, submit, write_config
 from tests.mxserver import MXScript, MXServer, mx_server
@@ -221,3 +222,27 @@ async def test_smtp_nodes_share_the_listener_and_deliver(
             await d.wait_for_status(qid, "delivered")
     assert d.returncode == 0  # and stop() checked that no process of its group is left
     assert len(world.mx1.transactions) == 13
+
+
+async def test_an_smtp_node_serves_implicit_tls_on_the_inherited_socket(world: World) -> None:
+    pki = certs.make_pki(world.tmp / "pki", "localhost", "127.0.0.1")
+    tls_port = free_port()
+    config = write_config(
+        world.tmp / "config", dns_port=world.dns.port, mx_port=world.mx_port,
+        outbound={"delivery_processes": 0},
+        smtp={"nodes": 2, "listen_tls": f"127.0.0.1:{tls_port}"},
+        extra_files={"tls_cert.pem": pki.cert_pem.read_text(),
+                     "tls_key.pem": pki.key_pem.read_text()},
+    )  # fmt: skip
+    async with running(config) as d:
+        await d.wait_for(r"SMTP node started")
+        d.signal(signal.SIGSTOP)  # only the node can answer now
+        try:
+            qid = await submit(
+                tls_port, SENDER, ["tls@dest.test"], tls_context=pki.client_context()
+            )
+            await d.wait_for_status(qid, "delivered")
+        finally:
+            d.signal(signal.SIGCONT)
+    assert d.returncode == 0
+    assert [t.rcpt_tos for t in world.mx1.transactions] == [["tls@dest.test"]]
