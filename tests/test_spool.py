@@ -281,6 +281,25 @@ async def test_accept_leased_split_and_expiry(tmp_path: Path) -> None:
         await s.close()
 
 
+@pytest.mark.parametrize("split", [False, True])
+async def test_claim_leases_no_more_per_domain_than_its_room(spool: Spool, split: bool) -> None:
+    for i in range(5):
+        await spool.accept(message(f"r{i}@one.test"))
+    for i in range(3):
+        await spool.accept(message(f"r{i}@two.test"))
+    await spool.accept(message("r@three.test"))
+    owner = lease_owner_id()
+    claims = await spool.claim(owner, limit=10, lease_seconds=60, always_split=split,
+                               domain_room=2, room={"one.test": 1, "three.test": 0})  # fmt: skip
+    assert sorted(c.domain for c in claims) == ["one.test", "two.test", "two.test"]
+    # Nothing beyond those was leased (nothing to give back).
+    leased = db(spool).execute("SELECT count(*) FROM recipients WHERE status = 'sending'")
+    assert leased.fetchone()[0] == 3
+    # The earliest-due ones came first.
+    one = next(c for c in claims if c.domain == "one.test")
+    assert one.recipients[0].address == "r0@one.test"
+
+
 async def test_claim_respects_limit_due_time_and_exclusions(spool: Spool) -> None:
     for i in range(5):
         await spool.accept(message(f"x{i}@busy.test"))

@@ -152,17 +152,17 @@ class Scheduler:
             await self._wait(self.poll_interval)
             return
         cap = settings.domain_concurrency_max
-        exclude = sorted(
-            d
-            for d in self._per_domain.keys() | self._reserved.keys()
-            if self._per_domain[d] + self._reserved[d] >= cap
-        )
+        # Per domain, only what domain_concurrency_max leaves: no lease is taken
+        # that would have to be given straight back.
+        room = {d: cap - n for d, n in (self._per_domain + self._reserved).items()}
         claims = await self.spool.claim(
             self.owner,
             limit=free,
             lease_seconds=settings.lease_seconds,
             always_split=settings.always_split,
-            exclude_domains=exclude,
+            exclude_domains=sorted(d for d, n in room.items() if n <= 0),
+            domain_room=cap,
+            room=room,
         )
         excess: list[int] = []
         for claim in claims:

@@ -27,7 +27,7 @@ import socket
 import sqlite3
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -485,12 +485,20 @@ class Spool:
         now: float | None = None,
         always_split: bool = False,
         exclude_domains: Sequence[str] = (),
+        domain_room: int | None = None,
+        room: Mapping[str, int] | None = None,
     ) -> list[Claim]:
         """Lease up to ``limit`` due groups for ``owner``.
 
         A group is every due recipient of one (queue_id, domain), or one
         recipient with ``always_split``.  Leased recipients are ``sending``
         until :meth:`record` or :meth:`release`, or until the lease expires.
+
+        With ``domain_room`` at most that many groups of any one domain are
+        leased (``room`` gives other numbers for some domains): a scheduler
+        passes what its per-domain limit leaves, so it never leases work it
+        would have to give straight back.  The groups are chosen and leased
+        in one transaction.
         """
         if limit <= 0:
             return []
@@ -504,12 +512,33 @@ class Spool:
             "exclude": json.dumps(list(exclude_domains)),
         }
 
+        def lease_chosen(conn: sqlite3.Connection) -> list[Any]:
+            """Pick the groups the per-domain room allows, then lease just those."""
+            assert domain_room is not None
+            left = dict(room or {})
+            found = conn.execute(
+                q("due_recipients" if always_split else "due_groups"), params
+            ).fetchall()
+            chosen = []
+            for row in found:
+                domain = row[-1]
+                if left.setdefault(domain, domain_room) > 0:
+                    left[domain] -= 1
+                    chosen.append(row)
+            if not chosen:
+                return []
+            if always_split:
+                ids = _json_ints(row[0] for row in chosen)
+                return conn.execute(q("claim_chosen_recipients"), {**params, "ids": ids}).fetchall()
+            groups = json.dumps([[row[0], row[1]] for row in chosen])
+            return conn.execute(q("claim_chosen_groups"), {**params, "groups": groups}).fetchall()
+
         def op(conn: sqlite3.Connection) -> tuple[list[Any], list[Any]]:
-            rows = list(
-                conn.execute(
-                    q("claim_split" if always_split else "claim_groups"), params
-                ).fetchall()
-            )
+            if domain_room is None:
+                statement = q("claim_split" if always_split else "claim_groups")
+                rows = conn.execute(statement, params).fetchall()
+            else:
+                rows = lease_chosen(conn)
             if not rows:
                 return [], []
             ids = json.dumps(sorted({r[1] for r in rows}))

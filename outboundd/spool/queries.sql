@@ -54,6 +54,42 @@ UPDATE recipients
 RETURNING id, queue_id, domain, recipient, notify, orcpt, attempts, failures, held_status,
           last_code, last_status, last_response, last_mx, delay_notified
 
+-- name: due_groups
+-- The earliest-due (queue_id, domain) groups, for a claim that limits groups per domain.
+SELECT DISTINCT queue_id, domain FROM recipients
+ WHERE status IN ('queued', 'deferred') AND next_attempt_at <= :now
+   AND domain NOT IN (SELECT value FROM json_each(:exclude))
+ ORDER BY next_attempt_at
+ LIMIT :limit
+
+-- name: due_recipients
+-- always_split: the earliest-due recipients, each its own group.
+SELECT id, queue_id, domain FROM recipients
+ WHERE status IN ('queued', 'deferred') AND next_attempt_at <= :now
+   AND domain NOT IN (SELECT value FROM json_each(:exclude))
+ ORDER BY next_attempt_at
+ LIMIT :limit
+
+-- name: claim_chosen_groups
+-- Lease the due recipients of the chosen [queue_id, domain] groups.
+UPDATE recipients
+   SET held_status = status, status = 'sending',
+       lease_owner = :owner, lease_expires_at = :expires
+ WHERE status IN ('queued', 'deferred') AND next_attempt_at <= :now
+   AND (queue_id, domain) IN (
+        SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]') FROM json_each(:groups))
+RETURNING id, queue_id, domain, recipient, notify, orcpt, attempts, failures, held_status,
+          last_code, last_status, last_response, last_mx, delay_notified
+
+-- name: claim_chosen_recipients
+UPDATE recipients
+   SET held_status = status, status = 'sending',
+       lease_owner = :owner, lease_expires_at = :expires
+ WHERE status IN ('queued', 'deferred') AND next_attempt_at <= :now
+   AND id IN (SELECT value FROM json_each(:ids))
+RETURNING id, queue_id, domain, recipient, notify, orcpt, attempts, failures, held_status,
+          last_code, last_status, last_response, last_mx, delay_notified
+
 -- name: messages_by_ids
 SELECT queue_id, mail_from, body_file, size, received_at, auth_user, env_id, ret, smtputf8,
        body_8bit, notes, dsn_of
