@@ -324,3 +324,20 @@ def test_smtplib_client_sendmail(tmp_path: Path) -> None:
             assert (mail_from, auth_user) == ("a@example.com", "alice")
 
     asyncio.run(run())
+
+
+async def test_inactivity_timeout_counts_from_the_last_command(tmp_path: Path) -> None:
+    config = make_config(tmp_path, relay_acl=["127.0.0.0/8"], inactivity_timeout=0.6)
+    async with running_relay(config) as relay:
+        client = await LineClient.connect(relay.port())
+        started = asyncio.get_running_loop().time()
+        for _ in range(4):  # 1.2 s in all: each command restarts the clock
+            await asyncio.sleep(0.3)
+            assert (await client.cmd("NOOP")).startswith("250")
+        assert asyncio.get_running_loop().time() - started > 1.0
+        # Idle past the timeout: the server hangs up.
+        data = await asyncio.wait_for(client.reader.read(), 3)
+        idle = asyncio.get_running_loop().time() - started
+        assert data == b"" or data.startswith(b"421"), data
+        assert idle < 1.2 + 0.6 + 1.0
+        await client.close()

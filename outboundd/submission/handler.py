@@ -155,6 +155,8 @@ class SubmissionSMTP(SMTP):
         self._raw_replies = False
         self._busy = False
         self._registered = False
+        self._deadline = 0.0  # inactivity deadline (loop time); see _reset_timeout
+        self._timer_at = 0.0  # when the one timer is due
 
     # ----------------------------------------------------- aiosmtpd internals
 
@@ -176,6 +178,27 @@ class SubmissionSMTP(SMTP):
     def _touch_timer(self) -> None:
         # aiosmtpd's inactivity timer only restarts on commands.
         self._reset_timeout()
+
+    def _reset_timeout(self, duration: float | None = None) -> None:
+        # aiosmtpd cancels and re-creates its timer on every command (a
+        # timer handle, a heap entry and a cancelled one left behind, seven
+        # times per message).  We keep one timer and move a deadline; the
+        # timer re-arms itself when it fires before the deadline.
+        loop = self.loop
+        self._deadline = loop.time() + (duration or self._timeout_duration)
+        handle = self._timeout_handle
+        if handle is None or handle.cancelled() or self._deadline < self._timer_at:
+            if handle is not None:
+                handle.cancel()
+            self._timer_at = self._deadline
+            self._timeout_handle = loop.call_at(self._deadline, self._check_deadline)
+
+    def _check_deadline(self) -> None:
+        if self._deadline > self.loop.time():
+            self._timer_at = self._deadline
+            self._timeout_handle = self.loop.call_at(self._deadline, self._check_deadline)
+            return
+        self._timeout_cb()  # type: ignore[no-untyped-call]
 
     # ------------------------------------------------------------ session state
 
