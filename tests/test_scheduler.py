@@ -112,3 +112,48 @@ async def test_reservations_respect_caps_and_hand_new_mail_over_without_a_claim(
         release.set()
         await sched.stop(1.0)
         await spool.close()
+
+
+async def test_a_busy_domain_backlog_is_not_rescanned_on_every_wake(tmp_path: Path) -> None:
+    """While the only due domain is at domain_concurrency_max, each wake-up
+    (here: 20 accepts) must not run a claim that scans the whole backlog."""
+    spool = await Spool.open(tmp_path / "q")
+    settings = Settings(concurrency_max=10, domain_concurrency_max=1)
+    release = asyncio.Event()
+    delivered: list[Claim] = []
+
+    async def deliver(claim: Claim) -> None:
+        delivered.append(claim)
+        await release.wait()
+
+    sched = Scheduler(spool, lambda: settings, deliver, owner=lease_owner_id(), log=Log(),
+                      poll_interval=0.5)  # fmt: skip
+    claims = 0
+    real_claim = spool.claim
+
+    async def counting_claim(*args: object, **kwargs: object) -> list[Claim]:
+        nonlocal claims
+        claims += 1
+        return await real_claim(*args, **kwargs)  # type: ignore[arg-type]
+
+    spool.claim = counting_claim  # type: ignore[method-assign]
+    runner = asyncio.create_task(sched.run())
+    try:
+        for i in range(20):
+            await spool.accept(NewMessage("a@x.test", [NewRecipient(f"r{i}@busy.test")], b"x\r\n"))
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.1)
+        assert len(delivered) == 1  # the domain's one slot
+        assert claims <= 4, claims  # not one per wake-up
+        release.set()  # slots free again: the backlog drains
+        for _ in range(100):
+            if len(delivered) == 20:
+                break
+            await asyncio.sleep(0.05)
+        assert len(delivered) == 20
+    finally:
+        release.set()
+        await sched.stop(1.0)
+        runner.cancel()
+        await asyncio.gather(runner, return_exceptions=True)
+        await spool.close()

@@ -83,6 +83,8 @@ class Scheduler:
         self._reserved: Counter[str] = Counter()
         self._stopping = False
         self._paused_cache: tuple[float, bool] = (0.0, False)
+        #: When a claim that skipped busy domains last found nothing (monotonic).
+        self._found_none_but_excluded = float("-inf")
         self.started = 0
 
     @property
@@ -155,15 +157,24 @@ class Scheduler:
         # Per domain, only what domain_concurrency_max leaves: no lease is taken
         # that would have to be given straight back.
         room = {d: cap - n for d, n in (self._per_domain + self._reserved).items()}
+        exclude = sorted(d for d, n in room.items() if n <= 0)
+        if exclude and time.monotonic() - self._found_none_but_excluded < self.poll_interval:
+            # A claim that must skip the rows of busy domains scans past all of
+            # them (a backlog of 100,000 for one domain: every row).  When one
+            # found nothing else lately, look again only after poll_interval.
+            await self._wait(self.poll_interval)
+            return
         claims = await self.spool.claim(
             self.owner,
             limit=free,
             lease_seconds=settings.lease_seconds,
             always_split=settings.always_split,
-            exclude_domains=sorted(d for d, n in room.items() if n <= 0),
+            exclude_domains=exclude,
             domain_room=cap,
             room=room,
         )
+        if exclude and not claims:
+            self._found_none_but_excluded = time.monotonic()
         excess: list[int] = []
         for claim in claims:
             if self._per_domain[claim.domain] + self._reserved[claim.domain] >= cap:
