@@ -57,7 +57,7 @@ import re
 import socket
 import ssl
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, Protocol, cast
@@ -646,6 +646,19 @@ def _map_failure(exc: BaseException, stage: Stage, peer: str, timeout: float) ->
     )
 
 
+def _settle_data_refusal(
+    response: SMTPResponse,
+    accepted: Sequence[JobRecipient],
+    settle: Callable[[JobRecipient, Outcome, Reply, Stage], None],
+) -> None:
+    """DATA was not answered 354: its reply settles every accepted recipient."""
+    reply = parse_reply(response.code, response.message)
+    # A 2xx here is a protocol error, and like any non-5xx it defers.
+    outcome = Outcome.BOUNCED if response.code // 100 == 5 else Outcome.DEFERRED
+    for r in accepted:
+        settle(r, outcome, reply, Stage.DATA)
+
+
 class _TlsFailed(Exception):
     """The STARTTLS handshake failed; the connection is gone."""
 
@@ -1002,8 +1015,16 @@ class Connection:
 
     async def _execute(self, stage: Stage, *args: bytes, seconds: float) -> SMTPResponse:
         """Send one command; transport trouble and 421 become failures."""
+        return await self._checked(
+            self._client.execute_command(*args, timeout=seconds), stage, seconds
+        )
+
+    async def _checked(
+        self, reading: Awaitable[SMTPResponse], stage: Stage, seconds: float
+    ) -> SMTPResponse:
+        """Wait for a reply: transport trouble and 421 become failures (the session ends)."""
         try:
-            response = await self._client.execute_command(*args, timeout=seconds)
+            response = await reading
         except _Failure as exc:
             self.abort()
             raise _map_failure(exc, stage, self.info.peer, seconds) from exc
@@ -1147,22 +1168,15 @@ class Connection:
 
             response = await self._execute(Stage.DATA, b"DATA", seconds=settings.data_timeout)
             if response.code != 354:
-                reply = parse_reply(response.code, response.message)
-                # A 2xx here is a protocol error, and like any non-5xx it defers.
-                outcome = Outcome.BOUNCED if response.code // 100 == 5 else Outcome.DEFERRED
-                for r in accepted:
-                    settle(r, outcome, reply, Stage.DATA)
+                _settle_data_refusal(response, accepted, settle)
                 return
 
-            expected = len(accepted) if self.target.mx.using_lmtp else 1
-            replies: list[Reply] = []
+            transport, phase = self._take_over(Stage.DATA)
             try:
-                await self._send_body(body, expected, replies)
+                await self._send_data(transport, phase, body, accepted, settle)
             finally:
-                self._settle_data_end(accepted, replies, settle)
-            self._needs_rset = False
-            if any(reply.code == 421 for reply in replies):
-                self.abort()
+                if not transport.is_closing():
+                    transport.set_protocol(phase.original)
         finally:
             body.close()
 
@@ -1227,40 +1241,35 @@ class Connection:
                 await self._phase_reply(phase, Stage.DATA_END, settings.data_end_timeout)
                 return
             if response.code != 354:
-                if accepted:
-                    reply = parse_reply(response.code, response.message)
-                    # A 2xx here is a protocol error, and like any non-5xx it defers.
-                    outcome = Outcome.BOUNCED if response.code // 100 == 5 else Outcome.DEFERRED
-                    for r in accepted:
-                        settle(r, outcome, reply, Stage.DATA)
+                _settle_data_refusal(response, accepted, settle)
                 return
-            expected = len(accepted) if self.target.mx.using_lmtp else 1
-            replies: list[Reply] = []
-            try:
-                await self._stream_body(transport, phase, body, expected, replies)
-            finally:
-                self._settle_data_end(accepted, replies, settle)
-            self._needs_rset = False
-            if any(reply.code == 421 for reply in replies):
-                self.abort()
+            await self._send_data(transport, phase, body, accepted, settle)
         finally:
             if not transport.is_closing():
                 transport.set_protocol(phase.original)
 
+    async def _send_data(
+        self,
+        transport: asyncio.Transport,
+        phase: _DataPhase,
+        body: BinaryIO,
+        accepted: list[JobRecipient],
+        settle: Callable[[JobRecipient, Outcome, Reply, Stage], None],
+    ) -> None:
+        """After 354: the body and the dot, then the replies settle ``accepted``."""
+        expected = len(accepted) if self.target.mx.using_lmtp else 1
+        replies: list[Reply] = []
+        try:
+            await self._stream_body(transport, phase, body, expected, replies)
+        finally:
+            self._settle_data_end(accepted, replies, settle)
+        self._needs_rset = False
+        if any(reply.code == 421 for reply in replies):
+            self.abort()
+
     async def _phase_reply(self, phase: _DataPhase, stage: Stage, seconds: float) -> SMTPResponse:
         """The next reply while we hold the transport; failures and 421 as ``_execute``."""
-        try:
-            response = await phase.read_response(seconds)
-        except _Failure as exc:
-            self.abort()
-            raise _map_failure(exc, stage, self.info.peer, seconds) from exc
-        if response.code == 421:
-            self.abort()
-            reply = parse_reply(response.code, response.message)
-            raise TransientFailure(
-                to_transient(reply, f"{self.info.peer} closed the session at {stage}"), stage
-            )
-        return response
+        return await self._checked(phase.read_response(seconds), stage, seconds)
 
     def _settle_data_end(
         self,
@@ -1288,15 +1297,6 @@ class Connection:
         phase = _DataPhase(transport.get_protocol())
         transport.set_protocol(phase)
         return transport, phase
-
-    async def _send_body(self, body: BinaryIO, expected: int, replies: list[Reply]) -> None:
-        """Stream the body dot-stuffed, send the dot, collect ``expected`` replies."""
-        transport, phase = self._take_over(Stage.DATA)
-        try:
-            await self._stream_body(transport, phase, body, expected, replies)
-        finally:
-            if not transport.is_closing():
-                transport.set_protocol(phase.original)
 
     async def _stream_body(
         self,
