@@ -5,8 +5,9 @@ One :class:`Spool` owns one SQLite connection (on its own thread, see
 database operation is a job handed to the writer, which runs whatever jobs
 are waiting as ONE transaction and ONE commit, in one hop to the database
 thread: this is group commit.  Accepts that arrive while a commit is in
-progress share the next one, so a burst of N accepts costs far fewer than N WAL fsyncs, while
-each ``accept()`` still returns only after its own rows are committed.
+progress share the next one, so a burst of N accepts costs far fewer than
+N WAL fsyncs, while each ``accept()`` still returns only after its own rows
+are committed.
 
 Durability order for ``accept()`` (DESIGN.md rule 1): the body file is
 written and fsynced (by the database thread as the first step of its batch,
@@ -269,8 +270,9 @@ class Spool:
     ) -> list[tuple[bool, Any]]:
         """One transaction for every job of ``batch``; ``(ok, result or error)`` per job.
 
-        Database thread only.  Accepted bodies' directories are fsynced
-        first; the commit is ``synchronous=FULL``; work the ops left for
+        Database thread only.  Accepted bodies not yet on disk are written
+        and fsynced first, then their directories; the commit is
+        ``synchronous=FULL``; work the ops left for
         after the commit (removing finished bodies) runs once it succeeded.
         """
         settled: dict[int, tuple[bool, Any]] = {}
@@ -381,7 +383,7 @@ class Spool:
     async def accept(self, message: NewMessage, *, queue_id: str | None = None) -> str:
         """Store ``message`` durably and return its queue ID.
 
-        Returns only once the body is fsynced and renamed, its directory
+        Returns only once the body is written and fsynced, its directory
         fsynced and the rows committed.  Raises :class:`SpoolWriteError`
         (nothing kept) otherwise.
         """
@@ -756,7 +758,7 @@ class Spool:
 
         live: set[str] = await self.run(unfinished, write=False)
         # Files younger than ORPHAN_MIN_AGE may belong to an accept still in
-        # progress in another process (body renamed, rows not yet committed).
+        # progress in another process (body written, rows not yet committed).
         scan = await asyncio.to_thread(
             bodies.find_leftovers, self.queue_dir, live, at - ORPHAN_MIN_AGE
         )
