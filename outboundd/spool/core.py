@@ -13,7 +13,8 @@ Durability order for ``accept()`` (DESIGN.md rule 1): the body file is
 written and fsynced (by the database thread as the first step of its batch,
 or in a worker thread when large); the directories of the batch's bodies
 are fsynced once, then the rows are committed with ``synchronous=FULL``;
-only then does ``accept()`` return the queue ID.  A failure anywhere removes the body and raises
+only then does ``accept()`` return the queue ID.  A failure anywhere
+removes the body and raises
 :class:`SpoolWriteError`.
 """
 
@@ -272,8 +273,8 @@ class Spool:
 
         Database thread only.  Accepted bodies not yet on disk are written
         and fsynced first, then their directories; the commit is
-        ``synchronous=FULL``; work the ops left for
-        after the commit (removing finished bodies) runs once it succeeded.
+        ``synchronous=FULL``; work the ops left for after the commit
+        (removing finished bodies) runs once it succeeded.
         """
         settled: dict[int, tuple[bool, Any]] = {}
         accepts = [j for j in batch if isinstance(j, _AcceptJob)]
