@@ -75,6 +75,12 @@ ORPHAN_MIN_AGE = 600.0
 #: writer's transaction (``write=True``) or in autocommit mode.
 DbOp = Callable[[sqlite3.Connection], Any]
 
+#: The message columns a claim is built from, in ``messages_by_ids`` order.
+_MESSAGE_COLUMNS = (
+    "queue_id", "mail_from", "body_file", "size", "received_at", "auth_user", "env_id", "ret",
+    "smtputf8", "body_8bit", "notes", "dsn_of",
+)  # fmt: skip
+
 
 def lease_owner_id() -> str:
     """A lease owner name that says which host and process holds a lease."""
@@ -314,7 +320,7 @@ class Spool:
                     for leased in accepts:
                         if leased.leased:
                             results[id(leased)] = [
-                                conn.execute(q("insert_recipient_leased"), row).fetchone()[0]
+                                conn.execute(q("insert_recipient_leased"), row).fetchone()
                                 for row in leased.recipient_rows
                             ]
                     links = [row for j in accepts for row in j.link_rows]
@@ -444,8 +450,8 @@ class Spool:
             }
             for rcpt in message.recipients
         ]
-        expires = now + lease.lease_seconds if lease is not None else None
         if lease is not None:
+            expires = now + lease.lease_seconds
             for row in recipient_rows:
                 row["owner"] = lease.owner
                 row["expires"] = expires
@@ -472,10 +478,12 @@ class Spool:
             if job.written:  # the database thread never got to it
                 await asyncio.to_thread(bodies.remove_bodies, [path])
             raise
-        if lease is None or expires is None:
+        if lease is None:
             self.new_work.set()
             return qid, []
-        return qid, _claims_of_new_message(message_row, message, ids, lease, expires, Path(path))
+        stored = tuple(message_row[name] for name in _MESSAGE_COLUMNS)
+        claims = self._claims(ids, [stored], lease.owner, expires, always_split=lease.always_split)
+        return qid, claims
 
     # ----------------------------------------------------------------- claim
 
@@ -515,41 +523,41 @@ class Spool:
             "exclude": json.dumps(list(exclude_domains)),
         }
 
-        def lease_chosen(conn: sqlite3.Connection) -> list[Any]:
-            """Pick the groups the per-domain room allows, then lease just those."""
-            assert domain_room is not None
-            left = dict(room or {})
-            found = conn.execute(
+        def op(conn: sqlite3.Connection) -> tuple[list[Any], list[Any]]:
+            # Choose, then lease just the chosen: one transaction, so no other
+            # process can take a chosen group in between.
+            due = conn.execute(
                 q("due_recipients" if always_split else "due_groups"), params
             ).fetchall()
-            chosen = []
-            for row in found:
-                domain = row[-1]
-                if left.setdefault(domain, domain_room) > 0:
-                    left[domain] -= 1
-                    chosen.append(row)
+            chosen = due if domain_room is None else _within_room(due, domain_room, room or {})
             if not chosen:
-                return []
+                return [], []
             if always_split:
-                ids = _json_ints(row[0] for row in chosen)
-                return conn.execute(q("claim_chosen_recipients"), {**params, "ids": ids}).fetchall()
-            groups = json.dumps([[row[0], row[1]] for row in chosen])
-            return conn.execute(q("claim_chosen_groups"), {**params, "groups": groups}).fetchall()
-
-        def op(conn: sqlite3.Connection) -> tuple[list[Any], list[Any]]:
-            if domain_room is None:
-                statement = q("claim_split" if always_split else "claim_groups")
-                rows = conn.execute(statement, params).fetchall()
+                leased = {**params, "ids": _json_ints(row[0] for row in chosen)}
+                rows = conn.execute(q("claim_chosen_recipients"), leased).fetchall()
             else:
-                rows = lease_chosen(conn)
+                leased = {**params, "groups": json.dumps([[row[0], row[1]] for row in chosen])}
+                rows = conn.execute(q("claim_chosen_groups"), leased).fetchall()
             if not rows:
                 return [], []
             ids = json.dumps(sorted({r[1] for r in rows}))
-            msgs = conn.execute(q("messages_by_ids"), {"ids": ids}).fetchall()
-            return rows, msgs
+            return rows, conn.execute(q("messages_by_ids"), {"ids": ids}).fetchall()
 
         rows, msgs = await self.run(op)
-        messages = {m[0]: m for m in msgs}
+        return self._claims(rows, msgs, owner, expires, always_split=always_split)
+
+    def _claims(
+        self,
+        rows: Sequence[Any],
+        messages: Sequence[Any],
+        owner: str,
+        expires: float,
+        *,
+        always_split: bool,
+    ) -> list[Claim]:
+        """Claims from leased recipient rows (the columns every leasing statement
+        returns, see queries.sql) and their messages' rows (``_MESSAGE_COLUMNS``)."""
+        by_id = {m[0]: m for m in messages}
         groups: dict[tuple[str, str] | int, list[Any]] = defaultdict(list)
         for row in rows:
             key: tuple[str, str] | int = row[0] if always_split else (row[1], row[2])
@@ -557,7 +565,7 @@ class Spool:
         claims: list[Claim] = []
         for group in groups.values():
             group.sort(key=lambda r: r[0])
-            m = messages[group[0][1]]
+            m = by_id[group[0][1]]
             claims.append(
                 Claim(
                     queue_id=m[0],
@@ -837,53 +845,16 @@ class Spool:
         return [dict(zip(keys, row, strict=True)) for row in changed]
 
 
-def _claims_of_new_message(
-    row: dict[str, Any],
-    message: NewMessage,
-    ids: list[int],
-    lease: Lease,
-    expires: float,
-    body_path: Path,
-) -> list[Claim]:
-    """The claims :meth:`Spool.claim` would return for a message just accepted leased."""
-    groups: dict[str | int, list[ClaimedRecipient]] = {}
-    domains: dict[str | int, str] = {}
-    for rid, rcpt in zip(ids, message.recipients, strict=True):
-        domain = domain_of(rcpt.address)
-        key: str | int = rid if lease.always_split else domain
-        domains[key] = domain
-        groups.setdefault(key, []).append(
-            ClaimedRecipient(
-                id=rid,
-                address=rcpt.address,
-                notify=rcpt.notify,
-                orcpt=rcpt.orcpt,
-                attempts=0,
-                failures=0,
-                previous_status=Status.QUEUED,
-            )
-        )
-    return [
-        Claim(
-            queue_id=row["queue_id"],
-            domain=domains[key],
-            mail_from=message.mail_from,
-            body_path=body_path,
-            size=row["size"],
-            received_at=row["received_at"],
-            auth_user=message.auth_user,
-            env_id=message.env_id,
-            ret=message.ret,
-            smtputf8=message.smtputf8,
-            body_8bit=message.body_8bit,
-            notes=json.loads(row["notes"]),
-            dsn_of=message.dsn_of,
-            recipients=tuple(recipients),
-            lease_owner=lease.owner,
-            lease_expires_at=expires,
-        )
-        for key, recipients in groups.items()
-    ]
+def _within_room(due: list[Any], domain_room: int, room: Mapping[str, int]) -> list[Any]:
+    """The due groups (rows ending in their domain) that per-domain room allows, in order."""
+    left = dict(room)
+    chosen = []
+    for row in due:
+        domain = row[-1]
+        if left.setdefault(domain, domain_room) > 0:
+            left[domain] -= 1
+            chosen.append(row)
+    return chosen
 
 
 def _owner_is_dead_local(owner: str, host: str) -> bool:

@@ -18,44 +18,18 @@ INSERT INTO recipients (queue_id, recipient, domain, notify, orcpt, status, next
                         held_status, lease_owner, lease_expires_at)
 VALUES (:queue_id, :recipient, :domain, :notify, :orcpt, 'sending', :next_attempt_at,
         'queued', :owner, :expires)
-RETURNING id
+RETURNING id, queue_id, domain, recipient, notify, orcpt, attempts, failures, held_status,
+          last_code, last_status, last_response, last_mx, delay_notified
 
 -- name: link_dsn
 -- A DSN was queued for these recipients of the original message.
 UPDATE recipients SET dsn_queue_id = :dsn_queue_id
  WHERE queue_id = :queue_id AND recipient = :recipient AND dsn_queue_id IS NULL
 
--- name: claim_groups
--- Lease every due recipient of the earliest-due (queue_id, domain) groups.
-UPDATE recipients
-   SET held_status = status, status = 'sending',
-       lease_owner = :owner, lease_expires_at = :expires
- WHERE status IN ('queued', 'deferred') AND next_attempt_at <= :now
-   AND (queue_id, domain) IN (
-        SELECT DISTINCT queue_id, domain FROM recipients
-         WHERE status IN ('queued', 'deferred') AND next_attempt_at <= :now
-           AND domain NOT IN (SELECT value FROM json_each(:exclude))
-         ORDER BY next_attempt_at
-         LIMIT :limit)
-RETURNING id, queue_id, domain, recipient, notify, orcpt, attempts, failures, held_status,
-          last_code, last_status, last_response, last_mx, delay_notified
-
--- name: claim_split
--- always_split: every recipient is its own group.
-UPDATE recipients
-   SET held_status = status, status = 'sending',
-       lease_owner = :owner, lease_expires_at = :expires
- WHERE id IN (
-        SELECT id FROM recipients
-         WHERE status IN ('queued', 'deferred') AND next_attempt_at <= :now
-           AND domain NOT IN (SELECT value FROM json_each(:exclude))
-         ORDER BY next_attempt_at
-         LIMIT :limit)
-RETURNING id, queue_id, domain, recipient, notify, orcpt, attempts, failures, held_status,
-          last_code, last_status, last_response, last_mx, delay_notified
-
 -- name: due_groups
--- The earliest-due (queue_id, domain) groups, for a claim that limits groups per domain.
+-- The earliest-due (queue_id, domain) groups a claim chooses from (it leases them with
+-- claim_chosen_groups in the same transaction).  Every statement that leases recipients
+-- returns the same columns (Spool._claims reads them).
 SELECT DISTINCT queue_id, domain FROM recipients
  WHERE status IN ('queued', 'deferred') AND next_attempt_at <= :now
    AND domain NOT IN (SELECT value FROM json_each(:exclude))
