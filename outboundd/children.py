@@ -16,7 +16,8 @@ committed": a delivering child wakes its scheduler at once, so delivery
 starts within milliseconds of the 250.  End of file means the parent has
 gone: the child stops as on SIGTERM (finishing sessions, releasing leases).
 An SMTP node whose mail others deliver writes a line to its wake pipe after
-each commit; the parent passes it on to the delivery processes.
+each commit; in the parent that sets the new-work event the delivery
+processes are woken by.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import IO, Any
 
 from outboundd import log as logmod
 
@@ -47,15 +49,15 @@ class ChildProcess:
         role: str,
         stop_grace: float,
         listen_fds: Sequence[tuple[int, bool]] = (),
-        wake_parent: bool = False,
+        wakes: asyncio.Event | None = None,
     ) -> None:
+        """``wakes``: set whenever the child reports new mail on its wake pipe."""
         self.config_dir = config_dir
         self.role = role
         self.stop_grace = stop_grace
         self.listen_fds = list(listen_fds)
-        self.wake_parent = wake_parent
+        self.wakes = wakes
         self.proc: asyncio.subprocess.Process | None = None
-        self.parent_woken = asyncio.Event()
         self._stopping = False
         self._restart_delay = 1.0
         self._wake_reader: asyncio.Task[None] | None = None
@@ -71,7 +73,7 @@ class ChildProcess:
             fds.append(fd)
             argv += ["--listen-fd", f"{fd}{':tls' if implicit_tls else ''}"]
         read_end = write_end = -1
-        if self.wake_parent:
+        if self.wakes is not None:
             read_end, write_end = os.pipe()
             fds.append(write_end)
             argv += ["--wake-fd", str(write_end)]
@@ -82,22 +84,12 @@ class ChildProcess:
         finally:
             if write_end >= 0:
                 os.close(write_end)
-        if read_end >= 0:
-            self._wake_reader = asyncio.create_task(self._read_wakes(read_end), name="wake-read")
+        if self.wakes is not None:
+            pipe = os.fdopen(read_end, "rb", buffering=0)
+            self._wake_reader = asyncio.create_task(
+                _read_until_eof(pipe, self.wakes), name="wake-read"
+            )
         log.info(f"{self.kind} started", pid=self.proc.pid)
-
-    async def _read_wakes(self, fd: int) -> None:
-        loop = asyncio.get_running_loop()
-        reader = asyncio.StreamReader()
-        pipe = os.fdopen(fd, "rb", buffering=0)
-        transport, _ = await loop.connect_read_pipe(
-            lambda: asyncio.StreamReaderProtocol(reader), pipe
-        )
-        try:
-            while await reader.read(4096):
-                self.parent_woken.set()
-        finally:
-            transport.close()
 
     def wake(self) -> None:
         """Tell the child new mail is due (never blocks; a gone child is ignored)."""
@@ -168,25 +160,22 @@ async def wake_all(children: list[ChildProcess], new_work: asyncio.Event) -> Non
             child.wake()
 
 
-async def relay_wakes(child: ChildProcess, new_work: asyncio.Event) -> None:
-    """An SMTP node's "new mail" lines become this process's new-work signal."""
-    while True:
-        await child.parent_woken.wait()
-        child.parent_woken.clear()
-        new_work.set()
-
-
 async def watch_parent(new_work: asyncio.Event, parent_gone: asyncio.Event) -> None:
     """In the child: each line on stdin wakes the scheduler; EOF means stop."""
+    await _read_until_eof(sys.stdin, new_work)
+    parent_gone.set()
+
+
+async def _read_until_eof(pipe: IO[Any], event: asyncio.Event) -> None:
+    """Set ``event`` for every chunk read from ``pipe``; return at end of file."""
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader()
-    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
-    while True:
-        chunk = await reader.read(4096)
-        if not chunk:
-            parent_gone.set()
-            return
-        new_work.set()
+    transport, _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), pipe)
+    try:
+        while await reader.read(4096):
+            event.set()
+    finally:
+        transport.close()
 
 
 async def notify_parent(new_work: asyncio.Event, fd: int) -> None:

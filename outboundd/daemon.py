@@ -22,7 +22,6 @@ from outboundd import log as logmod
 from outboundd.children import (
     ChildProcess,
     notify_parent,
-    relay_wakes,
     wake_all,
     watch_parent,
 )
@@ -220,13 +219,12 @@ async def serve(config: Config, role: str = "all", inherited: Inherited | None =
                 role=role,
                 stop_grace=SHUTDOWN_GRACE,
                 listen_fds=listeners.listen_fds(),
-                wake_parent=role == "submission",
+                # Its new mail must reach our delivery processes (see wake_all).
+                wakes=spool.new_work if role == "submission" else None,
             )
             await node.start()
             nodes.append(node)
             tasks.append(asyncio.create_task(node.supervise(), name=f"supervise-node-{number}"))
-            if role == "submission":
-                tasks.append(asyncio.create_task(relay_wakes(node, spool.new_work), name="relay"))
     if role == "submission" and not is_child:
         for number in range(config.outbound.delivery_processes):
             child = ChildProcess(config.config_dir, role="delivery", stop_grace=SHUTDOWN_GRACE)
