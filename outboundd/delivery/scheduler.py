@@ -110,11 +110,11 @@ class Scheduler:
         if settings.disabled or self._paused_cache[1]:
             return None
         wanted = Counter(domains)
-        in_use = len(self._active) + self._reserved.total()
-        if in_use + len(domains) > settings.concurrency_max:
+        if self._in_use() + len(domains) > settings.concurrency_max:
             return None
         cap = settings.domain_concurrency_max
-        if any(self._per_domain[d] + self._reserved[d] + n > cap for d, n in wanted.items()):
+        busy = self._busy()
+        if any(busy[d] + n > cap for d, n in wanted.items()):
             return None
         self._reserved.update(wanted)
         return Reservation(Lease(self.owner, settings.lease_seconds, settings.always_split), wanted)
@@ -129,6 +129,14 @@ class Scheduler:
         """Give back a reservation whose message was not accepted."""
         self._reserved.subtract(reservation.domains)
         self._reserved = +self._reserved  # drop zero counts
+
+    def _in_use(self) -> int:
+        """Delivery slots taken: running deliveries and reservations."""
+        return len(self._active) + self._reserved.total()
+
+    def _busy(self) -> Counter[str]:
+        """Per domain, the slots taken by running deliveries and reservations."""
+        return self._per_domain + self._reserved
 
     async def run(self) -> None:
         """Claim and start deliveries until :meth:`stop` is called."""
@@ -149,14 +157,14 @@ class Scheduler:
         if settings.disabled or await self._paused():
             await self._wait(self.poll_interval)
             return
-        free = settings.concurrency_max - len(self._active) - self._reserved.total()
+        free = settings.concurrency_max - self._in_use()
         if free <= 0:
             await self._wait(self.poll_interval)
             return
         cap = settings.domain_concurrency_max
         # Per domain, only what domain_concurrency_max leaves: no lease is taken
         # that would have to be given straight back.
-        room = {d: cap - n for d, n in (self._per_domain + self._reserved).items()}
+        room = {d: cap - n for d, n in self._busy().items()}
         exclude = sorted(d for d, n in room.items() if n <= 0)
         if exclude and time.monotonic() - self._found_none_but_excluded < self.poll_interval:
             # A claim that must skip the rows of busy domains scans past all of
@@ -177,7 +185,8 @@ class Scheduler:
             self._found_none_but_excluded = time.monotonic()
         excess: list[int] = []
         for claim in claims:
-            if self._per_domain[claim.domain] + self._reserved[claim.domain] >= cap:
+            # A reservation made while the claim ran may have taken the room.
+            if self._busy()[claim.domain] >= cap:
                 excess.extend(r.id for r in claim.recipients)
                 continue
             self._start(claim)
