@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import functools
 import io
 import ipaddress
@@ -57,10 +58,10 @@ import re
 import socket
 import ssl
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO, Protocol, cast
+from typing import TYPE_CHECKING, BinaryIO, Protocol, TypeAlias, cast
 
 from aiosmtplib import (
     SMTP,
@@ -646,10 +647,51 @@ def _map_failure(exc: BaseException, stage: Stage, peer: str, timeout: float) ->
     )
 
 
+#: How a transaction reports a recipient's outcome.
+Settle: TypeAlias = Callable[["JobRecipient", Outcome, Reply, Stage], None]
+
+
+def _mail_words(job: DeliveryJob, plan: EnvelopePlan) -> list[bytes]:
+    """``MAIL FROM:<...> params``, as the words of the command."""
+    return [
+        b"MAIL",
+        b"FROM:" + _encode_address(job.mail_from, plan.utf8),
+        *(p.encode("ascii") for p in plan.mail_params),
+    ]
+
+
+def _rcpt_words(r: JobRecipient, plan: EnvelopePlan) -> list[bytes]:
+    """``RCPT TO:<...> params``, as the words of the command."""
+    return [
+        b"RCPT",
+        b"TO:" + _encode_address(r.address, plan.utf8),
+        *(p.encode("ascii") for p in plan.rcpt_params.get(r.id, ())),
+    ]
+
+
+def _mail_taken(response: SMTPResponse, candidates: Sequence[JobRecipient], settle: Settle) -> bool:
+    """True when MAIL was accepted; otherwise its reply settles every candidate."""
+    if response.code // 100 == 2:
+        return True
+    reply = parse_reply(response.code, response.message)
+    for r in candidates:
+        settle(r, outcome_of(reply), reply, Stage.MAIL)
+    return False
+
+
+def _rcpt_taken(response: SMTPResponse, r: JobRecipient, settle: Settle) -> bool:
+    """True when RCPT was accepted (250, 251 and 252 all accept); otherwise it settles ``r``."""
+    if response.code // 100 == 2:
+        return True
+    reply = parse_reply(response.code, response.message)
+    settle(r, outcome_of(reply), reply, Stage.RCPT)
+    return False
+
+
 def _settle_data_refusal(
     response: SMTPResponse,
     accepted: Sequence[JobRecipient],
-    settle: Callable[[JobRecipient, Outcome, Reply, Stage], None],
+    settle: Settle,
 ) -> None:
     """DATA was not answered 354: its reply settles every accepted recipient."""
     reply = parse_reply(response.code, response.message)
@@ -1112,9 +1154,8 @@ class Connection:
         self,
         job: DeliveryJob,
         rcpts: tuple[JobRecipient, ...],
-        settle: Callable[[JobRecipient, Outcome, Reply, Stage], None],
+        settle: Settle,
     ) -> None:
-        settings = self.settings
         plan = plan_envelope(job, rcpts, self._client.esmtp_extensions, peer=self.info.peer)
         if plan.refusal is not None:
             for r in rcpts:
@@ -1127,58 +1168,45 @@ class Connection:
         if not candidates:
             return
         body = await _open_body(job.body_path, job.size)
-        if "pipelining" in self._client.esmtp_extensions:
-            try:
-                self._needs_rset = True
-                await self._transact_pipelined(job, candidates, plan, body, settle)
-            finally:
-                body.close()
-            return
         try:
             self._needs_rset = True
-            response = await self._execute(
-                Stage.MAIL,
-                b"MAIL",
-                b"FROM:" + _encode_address(job.mail_from, plan.utf8),
-                *(p.encode("ascii") for p in plan.mail_params),
-                seconds=settings.mail_timeout,
-            )
-            if response.code // 100 != 2:
-                reply = parse_reply(response.code, response.message)
-                for r in candidates:
-                    settle(r, outcome_of(reply), reply, Stage.MAIL)
-                return
-
-            accepted: list[JobRecipient] = []
-            for r in candidates:
-                response = await self._execute(
-                    Stage.RCPT,
-                    b"RCPT",
-                    b"TO:" + _encode_address(r.address, plan.utf8),
-                    *(p.encode("ascii") for p in plan.rcpt_params.get(r.id, ())),
-                    seconds=settings.rcpt_timeout,
-                )
-                if response.code // 100 == 2:  # 250, 251 and 252 all accept
-                    accepted.append(r)
-                else:
-                    reply = parse_reply(response.code, response.message)
-                    settle(r, outcome_of(reply), reply, Stage.RCPT)
-            if not accepted:
-                return
-
-            response = await self._execute(Stage.DATA, b"DATA", seconds=settings.data_timeout)
-            if response.code != 354:
-                _settle_data_refusal(response, accepted, settle)
-                return
-
-            transport, phase = self._take_over(Stage.DATA)
-            try:
-                await self._send_data(transport, phase, body, accepted, settle)
-            finally:
-                if not transport.is_closing():
-                    transport.set_protocol(phase.original)
+            if "pipelining" in self._client.esmtp_extensions:
+                await self._transact_pipelined(job, candidates, plan, body, settle)
+            else:
+                await self._transact_stepwise(job, candidates, plan, body, settle)
         finally:
             body.close()
+
+    async def _transact_stepwise(
+        self,
+        job: DeliveryJob,
+        candidates: list[JobRecipient],
+        plan: EnvelopePlan,
+        body: BinaryIO,
+        settle: Settle,
+    ) -> None:
+        """MAIL, each RCPT and DATA one at a time, each waiting for its reply."""
+        settings = self.settings
+        response = await self._execute(
+            Stage.MAIL, *_mail_words(job, plan), seconds=settings.mail_timeout
+        )
+        if not _mail_taken(response, candidates, settle):
+            return
+        accepted: list[JobRecipient] = []
+        for r in candidates:
+            response = await self._execute(
+                Stage.RCPT, *_rcpt_words(r, plan), seconds=settings.rcpt_timeout
+            )
+            if _rcpt_taken(response, r, settle):
+                accepted.append(r)
+        if not accepted:
+            return
+        response = await self._execute(Stage.DATA, b"DATA", seconds=settings.data_timeout)
+        if response.code != 354:
+            _settle_data_refusal(response, accepted, settle)
+            return
+        with self._taken_over(Stage.DATA) as (transport, phase):
+            await self._send_data(transport, phase, body, accepted, settle)
 
     async def _transact_pipelined(
         self,
@@ -1186,7 +1214,7 @@ class Connection:
         candidates: list[JobRecipient],
         plan: EnvelopePlan,
         body: BinaryIO,
-        settle: Callable[[JobRecipient, Outcome, Reply, Stage], None],
+        settle: Settle,
     ) -> None:
         """RFC 2920: MAIL, every RCPT and DATA in one write, then their replies in order.
 
@@ -1197,43 +1225,18 @@ class Connection:
         a 354 with no recipient accepted is ended with a lone dot.
         """
         settings = self.settings
-        transport, phase = self._take_over(Stage.MAIL)
-        try:
-            commands = [
-                b" ".join(
-                    [
-                        b"MAIL FROM:" + _encode_address(job.mail_from, plan.utf8),
-                        *(p.encode("ascii") for p in plan.mail_params),
-                    ]
-                )
-            ]
-            commands += [
-                b" ".join(
-                    [
-                        b"RCPT TO:" + _encode_address(r.address, plan.utf8),
-                        *(p.encode("ascii") for p in plan.rcpt_params.get(r.id, ())),
-                    ]
-                )
-                for r in candidates
-            ]
+        with self._taken_over(Stage.MAIL) as (transport, phase):
+            commands = [b" ".join(_mail_words(job, plan))]
+            commands += [b" ".join(_rcpt_words(r, plan)) for r in candidates]
             commands.append(b"DATA")
             transport.write(b"\r\n".join(commands) + b"\r\n")
             response = await self._phase_reply(phase, Stage.MAIL, settings.mail_timeout)
-            mail_ok = response.code // 100 == 2
-            if not mail_ok:
-                reply = parse_reply(response.code, response.message)
-                for r in candidates:
-                    settle(r, outcome_of(reply), reply, Stage.MAIL)
+            mail_ok = _mail_taken(response, candidates, settle)
             accepted: list[JobRecipient] = []
             for r in candidates:
                 response = await self._phase_reply(phase, Stage.RCPT, settings.rcpt_timeout)
-                if not mail_ok:
-                    continue
-                if response.code // 100 == 2:  # 250, 251 and 252 all accept
+                if mail_ok and _rcpt_taken(response, r, settle):
                     accepted.append(r)
-                else:
-                    reply = parse_reply(response.code, response.message)
-                    settle(r, outcome_of(reply), reply, Stage.RCPT)
             response = await self._phase_reply(phase, Stage.DATA, settings.data_timeout)
             if response.code == 354 and not accepted:
                 # Nothing to send, but the server waits for data: end it empty.
@@ -1244,9 +1247,6 @@ class Connection:
                 _settle_data_refusal(response, accepted, settle)
                 return
             await self._send_data(transport, phase, body, accepted, settle)
-        finally:
-            if not transport.is_closing():
-                transport.set_protocol(phase.original)
 
     async def _send_data(
         self,
@@ -1254,7 +1254,7 @@ class Connection:
         phase: _DataPhase,
         body: BinaryIO,
         accepted: list[JobRecipient],
-        settle: Callable[[JobRecipient, Outcome, Reply, Stage], None],
+        settle: Settle,
     ) -> None:
         """After 354: the body and the dot, then the replies settle ``accepted``."""
         expected = len(accepted) if self.target.mx.using_lmtp else 1
@@ -1275,7 +1275,7 @@ class Connection:
         self,
         accepted: list[JobRecipient],
         replies: list[Reply],
-        settle: Callable[[JobRecipient, Outcome, Reply, Stage], None],
+        settle: Settle,
     ) -> None:
         """The replies to the dot: one per recipient for LMTP, one for all with SMTP."""
         if self.target.mx.using_lmtp:
@@ -1285,8 +1285,9 @@ class Connection:
             for r in accepted:
                 settle(r, outcome_of(replies[0]), replies[0], Stage.DATA_END)
 
-    def _take_over(self, stage: Stage) -> tuple[asyncio.Transport, _DataPhase]:
-        """Put our own reader in front of aiosmtplib's protocol (restore it after)."""
+    @contextlib.contextmanager
+    def _taken_over(self, stage: Stage) -> Iterator[tuple[asyncio.Transport, _DataPhase]]:
+        """Our own reader in front of aiosmtplib's protocol for a while, then aiosmtplib's again."""
         # uvloop's transports are not asyncio ABC subclasses, so no isinstance().
         transport = cast(asyncio.Transport | None, self._client.transport)
         if transport is None or transport.is_closing():
@@ -1296,7 +1297,11 @@ class Connection:
             )
         phase = _DataPhase(transport.get_protocol())
         transport.set_protocol(phase)
-        return transport, phase
+        try:
+            yield transport, phase
+        finally:
+            if not transport.is_closing():
+                transport.set_protocol(phase.original)
 
     async def _stream_body(
         self,
