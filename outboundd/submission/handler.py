@@ -156,7 +156,6 @@ class SubmissionSMTP(SMTP):
         self._busy = False
         self._registered = False
         self._deadline = 0.0  # inactivity deadline (loop time); see _reset_timeout
-        self._timer_at = 0.0  # when the one timer is due
 
     # ----------------------------------------------------- aiosmtpd internals
 
@@ -184,19 +183,19 @@ class SubmissionSMTP(SMTP):
         # timer handle, a heap entry and a cancelled one left behind, seven
         # times per message).  We keep one timer and move a deadline; the
         # timer re-arms itself when it fires before the deadline.
-        loop = self.loop
-        self._deadline = loop.time() + (duration or self._timeout_duration)
+        self._deadline = self.loop.time() + (duration or self._timeout_duration)
         handle = self._timeout_handle
-        if handle is None or handle.cancelled() or self._deadline < self._timer_at:
+        if handle is None or handle.cancelled() or self._deadline < handle.when():
             if handle is not None:
                 handle.cancel()
-            self._timer_at = self._deadline
-            self._timeout_handle = loop.call_at(self._deadline, self._check_deadline)
+            self._arm_timer()
+
+    def _arm_timer(self) -> None:
+        self._timeout_handle = self.loop.call_at(self._deadline, self._check_deadline)
 
     def _check_deadline(self) -> None:
         if self._deadline > self.loop.time():
-            self._timer_at = self._deadline
-            self._timeout_handle = self.loop.call_at(self._deadline, self._check_deadline)
+            self._arm_timer()
             return
         self._timeout_cb()  # type: ignore[no-untyped-call]
 
