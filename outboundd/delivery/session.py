@@ -1374,7 +1374,8 @@ async def _connect_socket(target: Target, settings: SessionSettings, peer: str) 
     ``greeting_timeout`` (the banner), which aiosmtplib would lump together.
     """
     try:
-        ip = ipaddress.ip_address(target.address)
+        # No zone IDs (fe80::1%eth0): a target must be an address, not one of our interfaces.
+        ip = ipaddress.ip_address(target.address if "%" not in target.address else "")
     except ValueError:
         raise TransientFailure(
             Reply(451, "4.4.0", f"{target.address!r} is not an IP address ({peer})"),
