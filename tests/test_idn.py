@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from outboundd import idn
+from outboundd.config import ConfigError, load_config
 from outboundd.delivery.mx import MXResolutionError, MXResolver
 from outboundd.submission import policy, replies
 from tests.dnsserver import DNSServer
@@ -157,3 +158,23 @@ async def test_an_invalid_u_label_is_refused_at_rcpt_and_nothing_is_queued(
         assert "invalid domain name" in reply
         assert daemon.query("SELECT count(*) FROM deliveries") == [(0,)]
     assert mx.transactions == []
+
+
+def test_a_tls_host_entry_that_is_not_idna_is_a_config_error(tmp_path: Path) -> None:
+    """force_tls_hosts/no_tls_hosts entries are compared in A-label form; one
+    that has none stops start-up with one line naming file and key."""
+    config = write_config(
+        tmp_path / "config",
+        dns_port=53,
+        mx_port=25,
+        extra_files={
+            "tls.ini": "[outbound]\nno_tls_hosts=mx.bücher.test\nforce_tls_hosts=mx.☃.test\n"
+        },
+    )
+    with pytest.raises(ConfigError) as info:
+        load_config(config)
+    text = str(info.value)
+    assert "tls.ini" in text and "force_tls_hosts" in text and "invalid domain name" in text
+    assert "\n" not in text
+    config.joinpath("tls.ini").write_text("[outbound]\nno_tls_hosts=MX.Bücher.test, 127.0.0.0/8\n")
+    assert load_config(config).tls.outbound.no_tls_hosts == ["mx.xn--bcher-kva.test", "127.0.0.0/8"]

@@ -241,3 +241,28 @@ async def test_refused_auth_defers_and_sends_no_mail(
         assert "relayuser" in response and "535" in response
         assert w.rig.dsn_count() == 0
     assert "MAIL" not in w.mx.commands and w.mx.transactions == []
+
+
+@pytest.mark.parametrize(
+    ("key", "mx_offers_tls"), [("force_tls_hosts", False), ("no_tls_hosts", True)]
+)
+async def test_tls_host_lists_name_internationalised_hosts_in_either_form(
+    dns_server: DNSServer, tmp_path: Path, pki: certs.TestPKI, key: str, mx_offers_tls: bool
+) -> None:
+    """The MX host name is compared in A-label form, so a U-label entry must match it too:
+    otherwise ``force_tls_hosts=mx.bücher.test`` would silently allow plaintext."""
+    dns_server.zones.update(
+        {"bücher.test": {"MX": [(10, "mx.bücher.test")]}, "mx.bücher.test": {"A": ["127.0.0.2"]}}
+    )
+    script = MXScript(tls=pki if mx_offers_tls else None, hostname="mx.xn--bcher-kva.test")
+    async with world(
+        dns_server, tmp_path, pki, mx=script, tls_ini=f"[outbound]\n{key}=MX.Bücher.test\n"
+    ) as w:
+        qid = await w.rig.send("bob@xn--bcher-kva.test")
+        await w.rig.run_once()
+        status, _code, enhanced, _response = w.rig.deliveries(qid)["bob@xn--bcher-kva.test"]
+        if key == "force_tls_hosts":
+            assert (status, enhanced) == ("deferred", "4.7.10")
+            assert w.mx.transactions == []
+        else:
+            assert status == "delivered" and "STARTTLS" not in w.mx.commands
