@@ -130,6 +130,22 @@ async def test_required_tls_that_fails_defers_4_7_10_and_sends_nothing(
     assert w.backup.connections == 1  # no plaintext retry of a host that requires TLS
 
 
+async def test_starttls_refused_by_a_host_that_requires_tls_defers(
+    dns_server: DNSServer, tmp_path: Path, pki: certs.TestPKI
+) -> None:
+    """A 454 to STARTTLS leaves a plaintext session, which force_tls does not accept."""
+    refusing = MXScript(tls=pki, starttls="454 4.7.0 TLS not available", hostname="mx.dest.test")
+    async with world(
+        dns_server, tmp_path, pki, mx=refusing, tls_ini="[outbound]\nforce_tls=true\n"
+    ) as w:
+        w.backup.script = refusing
+        qid = await w.rig.send("bob@dest.test")
+        await w.rig.run_once()
+        status, _code, enhanced, response = w.rig.deliveries(qid)["bob@dest.test"]
+        assert (status, enhanced) == ("deferred", "4.7.10") and "454" in response
+    assert "MAIL" not in w.mx.commands and "MAIL" not in w.backup.commands
+
+
 async def test_force_tls_hosts_leave_other_hosts_opportunistic(
     dns_server: DNSServer, tmp_path: Path, pki: certs.TestPKI
 ) -> None:
