@@ -8,6 +8,7 @@ exactly as IDNA 2008 says.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import tomllib
 from collections.abc import AsyncIterator
@@ -178,3 +179,29 @@ def test_a_tls_host_entry_that_is_not_idna_is_a_config_error(tmp_path: Path) -> 
     assert "\n" not in text
     config.joinpath("tls.ini").write_text("[outbound]\nno_tls_hosts=MX.Bücher.test, 127.0.0.0/8\n")
     assert load_config(config).tls.outbound.no_tls_hosts == ["mx.xn--bcher-kva.test", "127.0.0.0/8"]
+
+
+async def test_a_bounce_reaches_a_u_label_sender(dns_server: DNSServer, tmp_path: Path) -> None:
+    """The DSN to ``alice@bücher.test`` is routed by the same conversion and goes
+    out with SMTPUTF8 (its recipient is non-ASCII)."""
+    async with relay(dns_server, tmp_path) as (daemon, mx):
+        mx.script = MXScript(smtputf8=True, rcpt={"gone@xn--bcher-kva.test": "550 5.1.1 gone"})
+        client = await LineClient.connect(daemon.smtp_port)
+        try:
+            await client.cmd("EHLO client.test")
+            assert (await client.cmd("MAIL FROM:<alice@bücher.test> SMTPUTF8")).startswith("250")
+            assert (await client.cmd("RCPT TO:<gone@xn--bcher-kva.test>")).startswith("250")
+            assert (await client.cmd("DATA")).startswith("354")
+            done = await client.cmd("From: <alice@bücher.test>\r\nSubject: idn\r\n\r\nhi\r\n.")
+            assert done.startswith("250"), done
+        finally:
+            await client.close()
+        qid = done.rsplit(" ", 1)[-1]
+        await daemon.wait_for_status(qid, "bounced")
+        for _ in range(200):
+            if any(t.mail_from in ("", "<>") for t in mx.transactions):
+                break
+            await asyncio.sleep(0.05)
+    [dsn] = [t for t in mx.transactions if t.mail_from in ("", "<>")]
+    assert dsn.rcpt_tos == ["alice@bücher.test"] and "SMTPUTF8" in dsn.mail_params
+    assert b"gone@xn--bcher-kva.test" in dsn.body
