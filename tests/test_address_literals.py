@@ -41,6 +41,21 @@ async def test_resolver_refuses_undeliverable_literals_even_with_local_mx_ok(
         assert "zone ID" in info.value.message
 
 
+async def test_an_ipv6_link_local_literal_bounces_even_with_local_mx_ok(
+    dns_server: DNSServer,
+) -> None:
+    """Without a zone ID no connection to fe80::/10 can be made (the kernel says
+    EINVAL), so retrying for days would only delay the bounce."""
+    resolver = MXResolver([dns_server.nameserver], timeout=2.0, local_mx_ok=True)
+    with pytest.raises(MXResolutionError) as info:
+        await resolver.resolve("[IPv6:FE80::1]")
+    assert (info.value.permanent, info.value.status) == (True, "5.4.4")
+    assert "link-local" in info.value.message
+    # An IPv4 link-local literal needs no zone: allowed when local_mx_ok says so.
+    [target] = await resolver.resolve("[169.254.1.1]")
+    assert target.address == "169.254.1.1"
+
+
 async def test_a_zone_id_is_not_an_address_anywhere(dns_server: DNSServer) -> None:
     """Not from a plugin's MX string, not as an MX exchange, not in a target."""
     with pytest.raises(ValueError, match="fe80"):

@@ -772,6 +772,16 @@ class MXResolver:
                 code=550,
                 status="5.4.4",
             )
+        if ":" in address and ipaddress.IPv6Address(address).is_link_local:
+            # Even with local_mx_ok: fe80::/10 is reachable only through a zone
+            # ID, which a literal may not carry, so every connect would fail.
+            raise MXResolutionError(
+                f"address literal {domain} is IPv6 link-local: no host can be reached "
+                "by it without a zone ID",
+                permanent=True,
+                code=550,
+                status="5.4.4",
+            )
         mx = MX(exchange=address, priority=0)
         return [MXTarget(mx=mx, address=address, port=self.mx_port, hostname=address)]
 
