@@ -1374,8 +1374,9 @@ async def _connect_socket(target: Target, settings: SessionSettings, peer: str) 
     ``greeting_timeout`` (the banner), which aiosmtplib would lump together.
     """
     try:
-        # No zone IDs (fe80::1%eth0): a target must be an address, not one of our interfaces.
-        ip = ipaddress.ip_address(target.address if "%" not in target.address else "")
+        if "%" in target.address:  # a zone ID (fe80::1%eth0) names our interface, not a host
+            raise ValueError(target.address)
+        ip = ipaddress.ip_address(target.address)
     except ValueError:
         raise TransientFailure(
             Reply(451, "4.4.0", f"{target.address!r} is not an IP address ({peer})"),
