@@ -30,7 +30,9 @@ fixture available everywhere without the import.)
 
 :class:`MXScript` fields (all optional; a reply is the full reply text, e.g.
 ``"451 4.3.0 try later"`` or a multi-line ``"250-a\\r\\n250 b"``; the
-special value :data:`DROP` closes the connection instead of answering):
+special value :data:`DROP` closes the connection instead of answering, and
+:data:`SILENT` never answers — the server keeps the connection open and
+says nothing, as a hung remote does):
 
 * ``banner`` — greeting (default ``220 <hostname> ESMTP scripted``)
 * ``ehlo``, ``helo``, ``lhlo`` — replace the answer (e.g. ``"502 5.5.1 no"``
@@ -43,7 +45,11 @@ special value :data:`DROP` closes the connection instead of answering):
 * ``data`` — answer to DATA instead of 354
 * ``data_end`` — answer after the final dot (SMTP), or every recipient's
   answer (LMTP) unless ``lmtp_replies`` ``{address: reply}`` names it
-* ``rset`` — answer to RSET
+* ``rset`` — answer to RSET; ``quit`` — answer to QUIT (default ``221``,
+  then the server closes)
+* ``tls_silent`` — answer 220 to STARTTLS, then never take part in the
+  TLS handshake; ``body_silent`` — answer 354 to DATA, then stop reading
+  (the client's writes of the body block once the buffers are full)
 * ``delays`` — ``{stage: seconds}`` to wait before answering; stages are
   ``banner ehlo helo lhlo starttls auth mail rcpt data data_end rset quit``
 * ``tls`` — a :class:`tests.certs.TestPKI` (or server ``SSLContext``):
@@ -59,7 +65,10 @@ special value :data:`DROP` closes the connection instead of answering):
 * ``pipelining`` — advertise PIPELINING (default :data:`PIPELINING_DEFAULT`)
 
 What is recorded (read it from the test; appends happen on the server's
-thread): ``connections`` (TCP connections accepted), ``commands`` (every
+thread): ``connections`` (TCP connections accepted), ``open_connections``
+and ``max_open_connections`` (open now, and the most open at once; pass
+one :class:`ConnectionGauge` as ``gauge=`` to several servers to count
+them together), ``commands`` (every
 command verb in order, e.g. ``["EHLO", "STARTTLS", "EHLO", "MAIL", ...]``)
 ``pipelined`` (per MAIL: whether the commands after it came in the same
 segment), and ``transactions`` — a :class:`ReceivedTransaction` per message body
@@ -91,6 +100,8 @@ from tests.certs import TestPKI
 
 __all__ = [
     "DROP",
+    "SILENT",
+    "ConnectionGauge",
     "MXScript",
     "MXServer",
     "ReceivedTransaction",
@@ -101,6 +112,8 @@ __all__ = [
 
 #: Use as a scripted reply to close the connection instead of answering.
 DROP = "DROP"
+#: Use as a scripted reply to never answer (the connection stays open).
+SILENT = "SILENT"
 
 _STARTUP_TIMEOUT = 5.0
 _DSN_MAIL = ("RET", "ENVID")
@@ -130,9 +143,12 @@ class MXScript:
     data_end: str | None = None
     lmtp_replies: Mapping[str, str] = field(default_factory=dict)
     rset: str | None = None
+    quit: str | None = None
     delays: Mapping[str, float] = field(default_factory=dict)
     tls: TestPKI | ssl.SSLContext | None = None
     tls_broken: bool = False
+    tls_silent: bool = False
+    body_silent: bool = False
     size_limit: int | None = None
     smtputf8: bool = False
     dsn: bool = False
@@ -141,6 +157,24 @@ class MXScript:
     auth_require_tls: bool = True
     lmtp: bool = False
     pipelining: bool | None = None  # None: PIPELINING_DEFAULT
+
+
+class ConnectionGauge:
+    """Connections open now and the most open at once, over one or more servers."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.open = 0
+        self.max_open = 0
+
+    def opened(self) -> None:
+        with self._lock:
+            self.open += 1
+            self.max_open = max(self.max_open, self.open)
+
+    def closed(self) -> None:
+        with self._lock:
+            self.open -= 1
 
 
 @dataclass
@@ -292,6 +326,12 @@ class _ScriptedSMTP(SMTP):
             await asyncio.sleep(delay)
         if reply == DROP:
             await self.drop()
+        if reply == SILENT:
+            await self.silence()
+
+    async def silence(self) -> None:
+        """Say nothing more; the session task waits here until the connection ends."""
+        await asyncio.get_running_loop().create_future()  # cancelled by connection_lost
 
     def tls_version(self) -> str | None:
         if self._tls_protocol is None or self.transport is None:
@@ -324,10 +364,13 @@ class _ScriptedSMTP(SMTP):
         if self._original_transport is None:  # a new TCP connection, not STARTTLS
             self.mx.connections += 1
             self.mx._protocols.add(self)
+            self.mx.gauge.opened()
         super().connection_made(transport)
 
     def connection_lost(self, error: Exception | None) -> None:
-        self.mx._protocols.discard(self)
+        if self in self.mx._protocols:
+            self.mx._protocols.discard(self)
+            self.mx.gauge.closed()
         super().connection_lost(error)
 
     async def push(self, status: Any) -> None:
@@ -368,6 +411,9 @@ class _ScriptedSMTP(SMTP):
     async def smtp_STARTTLS(self, arg: str) -> None:
         if await self._scripted("starttls", self.mx.script.starttls):
             return
+        if self.mx.script.tls_silent:
+            await self.push("220 2.0.0 Ready to start TLS")
+            await self.silence()
         if self.mx.script.tls_broken and self.tls_context is not None:
             await self.push("220 2.0.0 Ready to start TLS")
             await super().push(b"this is not a TLS handshake\r\n" * 4)
@@ -397,8 +443,12 @@ class _ScriptedSMTP(SMTP):
         await super().smtp_RCPT(arg)
 
     async def smtp_DATA(self, arg: str) -> None:
-        if not await self._scripted("data", self.mx.script.data):
-            await super().smtp_DATA(arg)
+        if await self._scripted("data", self.mx.script.data):
+            return
+        if self.mx.script.body_silent and self.envelope.rcpt_tos:
+            await self.push("354 End data with <CR><LF>.<CR><LF>")
+            await self.silence()  # nothing read: the client's writes fill the buffers
+        await super().smtp_DATA(arg)
 
     async def smtp_RSET(self, arg: str) -> None:
         self.mail_params, self.rcpt_params = [], {}
@@ -407,7 +457,7 @@ class _ScriptedSMTP(SMTP):
 
     async def smtp_QUIT(self, arg: str) -> None:
         self.mx.commands.append("QUIT")
-        await self.pause_or_drop("quit", None)
+        await self.pause_or_drop("quit", self.mx.script.quit)
         await super().smtp_QUIT(arg)
 
 
@@ -442,12 +492,14 @@ class MXServer:
         *,
         host: str = "127.0.0.2",
         port: int = 0,
+        gauge: ConnectionGauge | None = None,
     ) -> None:
         _check_loopback(host)
         self.script = script or MXScript()
         self.host = host
         self.port = port
         self.connections = 0
+        self.gauge = gauge or ConnectionGauge()
         self.commands: list[str] = []
         self.transactions: list[ReceivedTransaction] = []
         #: Per MAIL: did more commands arrive with it (the client pipelined)?
@@ -459,6 +511,14 @@ class MXServer:
         self._error: BaseException | None = None
 
     # -- for tests -------------------------------------------------------------
+
+    @property
+    def open_connections(self) -> int:
+        return self.gauge.open
+
+    @property
+    def max_open_connections(self) -> int:
+        return self.gauge.max_open
 
     def target(self, **mx_options: Any) -> MXTarget:
         """An :class:`MXTarget` pointing here; ``mx_options`` go to :class:`MX`."""
@@ -579,10 +639,14 @@ class MXServer:
 
 @contextlib.asynccontextmanager
 async def mx_server(
-    script: MXScript | None = None, *, host: str = "127.0.0.2", port: int = 0
+    script: MXScript | None = None,
+    *,
+    host: str = "127.0.0.2",
+    port: int = 0,
+    gauge: ConnectionGauge | None = None,
 ) -> AsyncIterator[MXServer]:
     """Run a scripted MX for the duration of an ``async with`` block."""
-    server = MXServer(script, host=host, port=port)
+    server = MXServer(script, host=host, port=port, gauge=gauge)
     await asyncio.to_thread(server.start)
     try:
         yield server
