@@ -47,6 +47,9 @@ says nothing, as a hung remote does):
   answer (LMTP) unless ``lmtp_replies`` ``{address: reply}`` names it
 * ``rset`` — answer to RSET; ``quit`` — answer to QUIT (default ``221``,
   then the server closes)
+* ``max_messages`` — per connection: the next MAIL after that many
+  messages gets ``421 4.7.0`` and the connection is closed (a server's
+  per-connection limit, or one that timed the idle connection out)
 * ``tls_silent`` — answer 220 to STARTTLS, then never take part in the
   TLS handshake; ``body_silent`` — answer 354 to DATA, then stop reading
   (the client's writes of the body block once the buffers are full)
@@ -149,6 +152,7 @@ class MXScript:
     tls_broken: bool = False
     tls_silent: bool = False
     body_silent: bool = False
+    max_messages: int | None = None
     size_limit: int | None = None
     smtputf8: bool = False
     dsn: bool = False
@@ -281,6 +285,7 @@ class _Handler:
             )
         )
         server.rcpt_params = {}
+        server.messages += 1
         if not script.lmtp:
             reply = script.data_end or "250 2.0.0 Ok: queued"
             await server.pause_or_drop("data_end", reply)
@@ -309,6 +314,7 @@ class _ScriptedSMTP(SMTP):
         self.pending_params: list[str] = []
         self.mail_params: list[str] = []
         self.rcpt_params: dict[str, list[str]] = {}
+        self.messages = 0  # bodies received on this connection
         self._greeted = False
         super().__init__(_Handler(mx), **kwargs)
 
@@ -426,6 +432,11 @@ class _ScriptedSMTP(SMTP):
 
     async def smtp_MAIL(self, arg: str | None) -> None:
         self.mx.commands.append("MAIL")
+        limit = self.mx.script.max_messages
+        if limit is not None and self.messages >= limit and self.transport is not None:
+            await self.push("421 4.7.0 too many messages on this connection, closing")
+            self.transport.close()  # after the reply is written
+            await self.silence()
         if arg is not None:
             head, params = _split_params(arg)
             self.pending_params = params
