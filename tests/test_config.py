@@ -256,7 +256,7 @@ def test_missing_directory_gives_every_default(
     assert (out.greeting_timeout, out.mail_timeout, out.rcpt_timeout) == (300, 300, 300)
     assert (out.data_timeout, out.data_end_timeout) == (120, 600)
     assert (out.ehlo_timeout, out.starttls_timeout, out.auth_timeout) == (300, 300, 120)
-    assert (out.data_block_timeout, out.rset_timeout, out.quit_timeout) == (180, 20, 10)
+    assert (out.data_block_timeout, out.rset_timeout, out.quit_timeout) == (180, 20, 5)
     assert out.pool_max_per_host == out.domain_concurrency_max == 10
     assert out.pool_idle_timeout == 10
     assert out.delay_warning_time == 14400

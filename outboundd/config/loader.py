@@ -348,7 +348,7 @@ def _read_outbound(
         data_block_timeout=main.seconds("data_block_timeout", 180.0, zero_ok=False),
         data_end_timeout=main.seconds("data_end_timeout", 600.0, zero_ok=False),
         rset_timeout=main.seconds("rset_timeout", 20.0, zero_ok=False),
-        quit_timeout=main.seconds("quit_timeout", 10.0, zero_ok=False),
+        quit_timeout=main.seconds("quit_timeout", 5.0, zero_ok=False),
         # Unset: as many as may run to one domain at once, so a busy
         # destination's connections are reused rather than churned.
         pool_max_per_host=main.integer("pool_max_per_host", domain_concurrency, minimum=1),

@@ -81,7 +81,7 @@ class OutboundConfig(BaseModel):
     data_block_timeout: float = 180.0
     data_end_timeout: float = 600.0
     rset_timeout: float = 20.0
-    quit_timeout: float = 10.0
+    quit_timeout: float = 5.0
     pool_max_per_host: int = 10
     pool_idle_timeout: float = 10.0
     delay_warning_time: float = 14400.0

@@ -215,7 +215,7 @@ class SessionSettings:
     data_block_timeout: float = 180.0
     data_end_timeout: float = 600.0
     rset_timeout: float = 20.0
-    quit_timeout: float = 10.0
+    quit_timeout: float = 5.0
     enable_tls: bool = True
     tls_min_version: str | None = None
     tls_ciphers: str | None = None
