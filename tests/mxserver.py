@@ -36,7 +36,8 @@ says nothing, as a hung remote does):
 
 * ``banner`` — greeting (default ``220 <hostname> ESMTP scripted``)
 * ``ehlo``, ``helo``, ``lhlo`` — replace the answer (e.g. ``"502 5.5.1 no"``
-  to make the client fall back to HELO)
+  to make the client fall back to HELO); ``ehlo_tls`` replaces only the
+  answer to the EHLO after STARTTLS
 * ``starttls`` — answer to STARTTLS instead of starting TLS
 * ``auth`` — answer to AUTH instead of checking credentials
 * ``mail`` — answer to MAIL FROM
@@ -135,6 +136,7 @@ class MXScript:
     hostname: str = "mx.test"
     banner: str | None = None
     ehlo: str | None = None
+    ehlo_tls: str | None = None
     helo: str | None = None
     lhlo: str | None = None
     starttls: str | None = None
@@ -394,7 +396,9 @@ class _ScriptedSMTP(SMTP):
             self.mx.commands.append("EHLO")
             await self.push('500 Error: command "EHLO" not recognized')
             return
-        if not await self._scripted("ehlo", self.mx.script.ehlo):
+        script = self.mx.script
+        reply = script.ehlo_tls if self._tls_protocol is not None else None
+        if not await self._scripted("ehlo", reply or script.ehlo):
             await super().smtp_EHLO(hostname)
 
     async def smtp_LHLO(self, hostname: str) -> None:

@@ -304,3 +304,15 @@ async def test_the_engine_records_a_timeout_as_a_deferral_with_its_reason(
     assert (status, last_status, outcome, mx_ip) == ("deferred", "4.4.2", "deferred", "127.0.0.2")
     assert f"did not answer within {T:g}s at ehlo" in last_response
     assert last_response == response
+
+
+async def test_tls_stays_on_the_record_when_the_ehlo_after_starttls_fails(
+    make_job: Callable[..., DeliveryJob], pki: certs.TestPKI
+) -> None:
+    """Item 19: the handshake happened, so the attempt says TLS even though the
+    EHLO over it went unanswered."""
+    async with mx_server(MXScript(tls=pki, ehlo_tls=SILENT)) as mx:
+        result = await deliver_job(make_job(), [mx.target()], only("ehlo_timeout"))
+    res = result.recipients[1]
+    assert (res.outcome, res.stage) == (Outcome.DEFERRED, Stage.EHLO)
+    assert res.connection is not None and res.connection.tls is not None

@@ -981,6 +981,8 @@ class Connection:
                     detail = f"{detail} (starttls_timeout {settings.starttls_timeout:g}s)"
                 raise _TlsFailed(detail) from exc
             else:
+                # On the record before anything else can fail.
+                self.info = replace(self.info, tls=self._tls_version())
                 # RFC 3207 §4.2: forget what the plaintext EHLO said.
                 await self._hello(helo)
         elif require_tls:
