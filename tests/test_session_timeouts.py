@@ -184,6 +184,22 @@ async def test_a_remote_that_stops_reading_the_body_hits_the_block_timeout(
     assert elapsed < T + SLACK, elapsed
 
 
+async def test_a_body_the_remote_never_read_goes_to_the_next_mx(
+    make_job: Callable[..., DeliveryJob],
+) -> None:
+    """Stuck before the dot left us: the remote cannot have the message."""
+    body = b"Subject: big\r\n\r\n" + (b"x" * 998 + b"\r\n") * 24_000
+    async with (
+        mx_server(MXScript(body_silent=True)) as stuck,
+        mx_server(MXScript(), host="127.0.0.3") as second,
+    ):
+        targets = [stuck.target(), second.target()]
+        result = await deliver_job(make_job(body), targets, only("data_block_timeout"))
+    assert result.recipients[1].outcome is Outcome.DELIVERED
+    assert [e.stage for e in result.errors] == [Stage.DATA]
+    assert len(second.transactions) == 1 and stuck.transactions == []
+
+
 @pytest.mark.parametrize("phase", ["reply", "handshake"])
 async def test_a_silent_starttls_is_bounded(
     make_job: Callable[..., DeliveryJob], pki: certs.TestPKI, phase: str

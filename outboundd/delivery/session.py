@@ -815,6 +815,11 @@ class _DataPhase(asyncio.Protocol):
         self._fail(error)
         self.original.connection_lost(exc)
 
+    @property
+    def writing_paused(self) -> bool:
+        """True while the transport holds more than its high-water mark unsent."""
+        return self._paused
+
     def pause_writing(self) -> None:
         self._paused = True
 
@@ -1384,9 +1389,16 @@ class Connection:
                 tail = (tail + chunk)[-2:]
             # One write (one segment) for a small body and its end marker.
             transport.write(pending + (b".\r\n" if tail == b"\r\n" else b"\r\n.\r\n"))
-            # Until the remote has read the last block the dot is still in our
-            # buffer: a remote that stopped reading gets the block timeout.
-            await phase.drain(timeout)
+            if phase.writing_paused:
+                # The remote has not read the last block, so the dot is still in
+                # our buffer: a remote that stopped reading gets the block timeout.
+                try:
+                    await phase.drain(timeout)
+                except TimeoutError:
+                    raise  # it never got the dot: the next MX may be tried
+                except _Failure:
+                    dot_sent = True  # it may have read the dot before it went away
+                    raise
             dot_sent = True
             timeout = settings.data_end_timeout
             for _ in range(expected):
