@@ -13,7 +13,7 @@ import contextlib
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ from outboundd import log
 from outboundd.config import load_config
 from outboundd.daemon import OutboundSettings
 from outboundd.delivery.engine import DeliveryEngine
-from outboundd.delivery.pool import ConnectionPool
+from outboundd.delivery.pool import ConnectionPool, Limits
 from outboundd.delivery.scheduler import Scheduler
 from outboundd.delivery.session import DeliveryJob, JobRecipient, deliver_job
 from outboundd.hooks import HookRunner
@@ -32,7 +32,7 @@ from outboundd.spool.types import Outcome
 from tests.dnsserver import DNSServer
 from tests.harness import write_config
 from tests.mxserver import ConnectionGauge, MXScript, MXServer, mx_server
-from tests.test_session_timeouts import only
+from tests.test_session_timeouts import SLACK, only
 
 BODY = b"From: a@sender.test\r\nSubject: limits\r\n\r\nhello\r\n"
 WAIT = 15.0  # the longest any test waits for its mail (they take about a second)
@@ -273,4 +273,30 @@ async def test_an_expired_kept_connection_is_closed_with_quit(tmp_path: Path) ->
             assert time.monotonic() < deadline
             await asyncio.sleep(0.05)
         assert mx.commands.count("QUIT") == 2
+        await pool.close()
+
+
+async def test_a_new_connection_waits_for_one_being_closed(tmp_path: Path) -> None:
+    """At the domain's limit with the only other connection in its QUIT, the
+    next one is opened only once that QUIT is done."""
+    pool = ConnectionPool(idle_timeout=30)
+    lane = pool.lane("dest.test", Limits(total=10, per_domain=1))
+    settings = only("quit_timeout", quit_timeout=5.0)
+    path = tmp_path / "m.eml"
+    path.write_bytes(BODY)
+    job = DeliveryJob("a@src.test", (JobRecipient(1, "r@dest.test"),), path, len(BODY))
+    async with mx_server(MXScript(delays={"quit": 0.3})) as mx:
+        await deliver_job(job, [mx.target()], settings, pool=lane)
+        assert pool.idle == 1 and pool.open_connections == 1
+        closing = asyncio.create_task(pool.close())  # QUIT, answered after 0.3 s
+        await asyncio.sleep(0.05)
+        began = time.monotonic()
+        # A different target (another HELO name), so the kept connection cannot serve it.
+        result = await deliver_job(job, [mx.target()], replace(settings, helo="other.test"),
+                                   pool=lane)  # fmt: skip
+        waited = time.monotonic() - began
+        await closing
+        assert result.recipients[1].outcome is Outcome.DELIVERED
+        assert mx.max_open_connections == 1 and mx.connections == 2
+        assert 0.1 < waited < 0.3 + SLACK, waited
         await pool.close()
