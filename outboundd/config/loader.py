@@ -340,10 +340,16 @@ def _read_outbound(
         nameservers=_host_ports(main, "nameservers", [], 53, require_ip=True),
         mx_port=main.integer("mx_port", 25, minimum=1, maximum=65535),
         greeting_timeout=main.seconds("greeting_timeout", 300.0, zero_ok=False),
+        ehlo_timeout=main.seconds("ehlo_timeout", 300.0, zero_ok=False),
+        starttls_timeout=main.seconds("starttls_timeout", 300.0, zero_ok=False),
+        auth_timeout=main.seconds("auth_timeout", 120.0, zero_ok=False),
         mail_timeout=main.seconds("mail_timeout", 300.0, zero_ok=False),
         rcpt_timeout=main.seconds("rcpt_timeout", 300.0, zero_ok=False),
         data_timeout=main.seconds("data_timeout", 120.0, zero_ok=False),
+        data_block_timeout=main.seconds("data_block_timeout", 180.0, zero_ok=False),
         data_end_timeout=main.seconds("data_end_timeout", 600.0, zero_ok=False),
+        rset_timeout=main.seconds("rset_timeout", 20.0, zero_ok=False),
+        quit_timeout=main.seconds("quit_timeout", 5.0, zero_ok=False),
         # Unset: as many as may run to one domain at once, so a busy
         # destination's connections are reused rather than churned.
         pool_max_per_host=main.integer("pool_max_per_host", domain_concurrency, minimum=1),
