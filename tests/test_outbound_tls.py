@@ -222,7 +222,7 @@ async def test_auth_to_a_plugin_mx_over_tls(
         qid = await w.rig.send("bob@dest.test")
         await w.rig.run_once()
         [row] = w.rig.attempts(qid)
-        assert row[4] is not None and row[5:] == ("relayuser", "delivered")
+        assert row[4] is not None and row[5:] == ("PLAIN relayuser", "delivered")
     assert w.mx.transactions[0].auth_user == "relayuser"
     assert w.mx.commands.index("STARTTLS") < w.mx.commands.index("AUTH")
 
