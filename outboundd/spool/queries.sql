@@ -223,3 +223,28 @@ SELECT outcome, count(*) FROM attempt_log WHERE finished_at >= :since GROUP BY o
 
 -- name: stats_queue_bytes
 SELECT coalesce(sum(size), 0), count(*) FROM messages WHERE finished_at IS NULL
+
+-- name: throttle_get
+-- The AUTH throttle's entry for one client key.
+SELECT failures, last_failure, blocked_until FROM auth_throttle WHERE client = :client
+
+-- name: throttle_put
+INSERT INTO auth_throttle (client, failures, last_failure, blocked_until)
+VALUES (:client, :failures, :last_failure, :blocked_until)
+ON CONFLICT (client) DO UPDATE SET failures = excluded.failures,
+       last_failure = excluded.last_failure, blocked_until = excluded.blocked_until
+
+-- name: throttle_delete
+DELETE FROM auth_throttle WHERE client = :client
+
+-- name: throttle_prune_stale
+-- Ended blocks and forgotten failures.
+DELETE FROM auth_throttle
+ WHERE (blocked_until IS NOT NULL AND blocked_until <= :now)
+    OR (blocked_until IS NULL AND last_failure <= :forget_before)
+
+-- name: throttle_prune_excess
+-- Beyond :keep entries, the least recently failing go first.
+DELETE FROM auth_throttle
+ WHERE client IN (SELECT client FROM auth_throttle
+                   ORDER BY last_failure DESC LIMIT -1 OFFSET :keep)

@@ -176,3 +176,23 @@ class SpoolCounters:
     accepts: int = 0
     accept_commits: int = 0
     records: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class ThrottleEntry:
+    """One client's counted AUTH attempts (table ``auth_throttle``; see ``AuthThrottle``).
+
+    ``failures`` counts attempts, each counted before its credential was
+    checked; ``last_failure`` is the time of the latest; ``blocked_until``
+    is set once the client reached the disconnect limit.
+    """
+
+    failures: int
+    last_failure: float
+    blocked_until: float | None
+
+    def live(self, now: float, forget_before: float) -> bool:
+        """False once the block has ended, or (unblocked) the last failure is forgotten."""
+        if self.blocked_until is not None:
+            return now < self.blocked_until
+        return self.last_failure > forget_before

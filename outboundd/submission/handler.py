@@ -31,11 +31,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import AnyStr, cast
 
-from aiosmtpd.smtp import SMTP, AuthResult, Envelope, Session
+from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, Session, _Missing
 
 from outboundd.config import Config
 from outboundd.log import Logger
 from outboundd.plugins.auth_flat_file import AuthThrottle, UserStore
+from outboundd.spool.errors import SpoolError
 from outboundd.submission import (
     fastinit,  # noqa: F401  (speeds up aiosmtpd's per-connection set-up)
     policy,
@@ -150,7 +151,7 @@ class SubmissionSMTP(SMTP):
         # 4954 allows long AUTH lines; per instance so sessions don't share it.
         limits: collections.defaultdict[str, int] = collections.defaultdict(lambda: _COMMAND_LINE)
         for command in ("MAIL", "RCPT", "AUTH"):
-            limits[command] = self.line_length_limit
+            limits[command] = smtp.max_line_length
         self.command_size_limits = limits
         self._raw_replies = False
         self._busy = False
@@ -258,10 +259,16 @@ class SubmissionSMTP(SMTP):
     # -------------------------------------------------------------- replies
 
     async def push(self, status: AnyStr) -> None:
-        if isinstance(status, str) and not self._raw_replies:
-            await super().push(replies.with_enhanced_code(status))
-        else:
-            await super().push(status)
+        # Every reply line passes here, aiosmtpd's own included (which echo
+        # the client's unknown command): RFC 5321 §4.2 reply text is
+        # printable ASCII, so nothing a client sent can put a control
+        # character, a bare CR or raw UTF-8 into a reply.
+        if isinstance(status, str):
+            if not (status.isascii() and status.isprintable()):
+                status = replies.printable_ascii(status)
+            if not self._raw_replies:
+                status = replies.with_enhanced_code(status)
+        await super().push(status)
 
     async def reply(self, reply: Reply) -> None:
         await self.push(str(reply))
@@ -322,7 +329,13 @@ class SubmissionSMTP(SMTP):
             await self.reply(replies.AUTH_IN_TRANSACTION)
             return
         ip = self.client_ip() or "unknown"
-        if self.ctx.throttle.is_blocked(ip):
+        try:
+            blocked = await self.ctx.throttle.is_blocked(ip)
+        except SpoolError as exc:
+            self.log.error("AUTH unavailable: cannot read the AUTH throttle", error=str(exc))
+            await self.reply(replies.AUTH_TEMPORARY)
+            return
+        if blocked:
             self.log.notice("AUTH refused: client is blocked after repeated failures", client_ip=ip)
             await self._hang_up(replies.AUTH_BLOCKED)
             return
@@ -340,7 +353,7 @@ class SubmissionSMTP(SMTP):
             try:
                 blob = _b64decode(args[1])
             except ValueError:
-                await self.reply(Reply(501, "5.5.2", "Cannot decode base64"))
+                await self.reply(replies.AUTH_BAD_BASE64)
                 return AuthResult(success=False, handled=True)
         parts = blob.split(b"\x00")
         if len(parts) != 3:
@@ -358,42 +371,122 @@ class SubmissionSMTP(SMTP):
             try:
                 login = _b64decode(args[1])
             except ValueError:
-                await self.reply(Reply(501, "5.5.2", "Cannot decode base64"))
+                await self.reply(replies.AUTH_BAD_BASE64)
                 return AuthResult(success=False, handled=True)
         password = await self.challenge_auth(self.AuthLoginPasswordChallenge)
         if not isinstance(password, bytes):
             return AuthResult(success=False, handled=True)
         return await self._verify(login, password)
 
-    async def _verify(self, login: bytes, password: bytes) -> AuthResult:
-        """Check the credentials; on failure wait as the throttle says, maybe hang up.
+    async def challenge_auth(
+        self,
+        challenge: str | bytes,
+        encode_to_b64: bool = True,
+        log_client_response: bool = False,
+    ) -> _Missing | bytes:
+        """Send a ``334`` challenge and read the client's base64 answer.
 
-        The password is never logged; the user name is (it is what an
-        operator needs to see who is failing).
+        Replaces aiosmtpd's version, which logs an undecodable answer (often
+        the raw password) and lets an over-long line escape as a
+        ``ValueError`` (a 500 with Python's text and an ERROR log).  Here:
+        ``*`` cancels (``501 5.7.0``), a line over ``max_line_length`` gets
+        ``500 5.5.2``, bad base64 ``501 5.5.2``; the answer is never logged
+        (``log_client_response`` is ignored).  Returns the decoded octets,
+        or ``MISSING`` after such a reply.
+        """
+        data = challenge.encode() if isinstance(challenge, str) else challenge
+        await self.push(b"334 " + (base64.b64encode(data) if encode_to_b64 else data))
+        line = await self._read_line()
+        if line is None:
+            await self.reply(self._line_too_long_reply())
+            return MISSING
+        blob = line.strip()
+        if blob == b"*":
+            await self.reply(replies.AUTH_CANCELLED)
+            return MISSING
+        try:
+            return base64.b64decode(blob, validate=True)
+        except (binascii.Error, ValueError):
+            await self.reply(replies.AUTH_BAD_BASE64)
+            return MISSING
+
+    async def _read_line(self) -> bytes | None:
+        """One line from the client, or None (all of it read and dropped) when over-long."""
+        limit = self.ctx.config.smtp.max_line_length
+        too_long = False
+        while True:
+            try:
+                line: bytes = await self._reader.readuntil(b"\n")
+            except asyncio.LimitOverrunError as exc:
+                await self._drain_overlong(exc.consumed)
+                too_long = True
+                continue
+            except asyncio.IncompleteReadError as exc:
+                # The client closed the connection mid-line: nothing to answer.
+                raise ConnectionResetError("connection closed during AUTH") from exc
+            if too_long or len(line.rstrip(b"\r\n")) > limit:
+                return None
+            return line
+
+    def _line_too_long_reply(self) -> Reply:
+        limit = self.ctx.config.smtp.max_line_length
+        return replies.LINE_TOO_LONG_COMMAND.with_text(f"Line too long (more than {limit} octets)")
+
+    async def _verify(self, login: bytes, password: bytes) -> AuthResult:
+        """Count the attempt, check the credentials, wait and maybe hang up.
+
+        The throttle counts the attempt *before* the password is checked,
+        in the spool every process shares: once the client has used up its
+        attempts (finished or still being checked, in any process) no
+        further credential is checked at all.  The password is never
+        logged; the user name is (it is what an operator needs to see who
+        is failing).
         """
         ip = self.client_ip() or "unknown"
+        throttle = self.ctx.throttle
         try:
             user = login.decode("utf-8")
             secret = password.decode("utf-8")
         except UnicodeDecodeError:
             user, secret = "", ""
+        try:
+            admission = await throttle.admit(ip)
+        except SpoolError as exc:
+            self.log.error("AUTH unavailable: cannot count the attempt", error=str(exc))
+            await self.reply(replies.AUTH_TEMPORARY)
+            return AuthResult(success=False, handled=True)
+        if not admission.allowed:
+            self.log.notice(
+                "AUTH refused unchecked: client used up its attempts",
+                user=replies.clean_text(user, 100),
+                client_ip=ip,
+                attempts=admission.attempt,
+            )
+            await self._hang_up(replies.AUTH_BLOCKED)
+            return AuthResult(success=False, handled=True)
         ok = bool(user) and bool(secret) and await self.ctx.users.averify(user, secret)
+        try:
+            if ok:
+                await throttle.succeeded(ip)
+            else:
+                await throttle.failed(ip, admission)
+        except SpoolError as exc:
+            # The attempt is counted already; only its outcome is not.
+            self.log.error("cannot record the AUTH outcome in the throttle", error=str(exc))
         if ok:
-            self.ctx.throttle.record_success(ip)
             self.log.info("AUTH succeeded", user=user, client_ip=ip, tls=self.tls_version())
             return AuthResult(success=True, auth_data=user, message=replies.AUTH_OK)
-        verdict = self.ctx.throttle.record_failure(ip)
         self.log.notice(
             "AUTH failed",
             user=replies.clean_text(user, 100),
             client_ip=ip,
-            failures=verdict.failures,
-            delay=verdict.delay,
-            disconnect=verdict.disconnect,
+            failures=admission.attempt,
+            delay=admission.delay,
+            disconnect=admission.disconnect,
         )
-        if verdict.delay > 0:
-            await asyncio.sleep(verdict.delay)
-        if verdict.disconnect:
+        if admission.delay > 0:
+            await asyncio.sleep(admission.delay)
+        if admission.disconnect:
             await self._hang_up(replies.AUTH_BLOCKED)
             return AuthResult(success=False, handled=True)
         return AuthResult(success=False, handled=False, message=str(replies.AUTH_INVALID))
@@ -536,7 +629,7 @@ class SubmissionSMTP(SMTP):
         nothing more is kept.
         """
         smtp = self.ctx.config.smtp
-        collector = DataCollector(max_size=smtp.max_message_size, max_line=self.line_length_limit)
+        collector = DataCollector(max_size=smtp.max_message_size, max_line=smtp.max_line_length)
         next_touch = _DATA_TIMER_STEP
         while True:
             try:
