@@ -219,6 +219,13 @@ async def test_hostile_lines_get_documented_replies_and_no_error(tmp_path: Path)
                 assert re.fullmatch(r"[ -~\n]*", reply), repr(reply)
             reply = await client.cmd("MAIL FROM:<a@x.test> K\u00e9Y=1".encode())
             assert reply[:3] in ("501", "555") and re.fullmatch(r"[ -~]*", reply), repr(reply)
+            # Item 23: address literals follow RFC 5321's grammar.
+            assert (await client.cmd("MAIL FROM:<a@[IPv6:fe80::1%eth0]>")).startswith("501 5.1.7")
+            assert (await client.cmd("MAIL FROM:<a@[192.0.2.1]>")).startswith("250")
+            reply = await client.cmd("RCPT TO:<bob@[IPv6:fe80::1%eth0]>")
+            assert reply.startswith("501 5.1.3"), reply
+            assert (await client.cmd("RCPT TO:<bob@[IPv6:2001:db8::1]>")).startswith("250")
+            assert (await client.cmd("RSET")).startswith("250")
             assert (await client.cmd("NOOP")).startswith("250")
         finally:
             await client.close()
