@@ -13,6 +13,7 @@ import os
 import re
 import secrets
 import signal
+import sys
 from pathlib import Path
 
 import pytest
@@ -283,3 +284,30 @@ async def test_ipv6_loopback_listeners_plain_and_implicit_tls(tmp_path: Path) ->
         assert ssl_object is not None and ssl_object.version().startswith("TLS")
         await client.close()
     assert d.returncode == 0
+
+
+# --------------------------------------------------------------------------
+# listen_tls without a usable key pair
+
+
+@pytest.mark.parametrize("pair", ["missing", "garbage"])
+async def test_listen_tls_without_a_key_pair_is_one_line_and_exit_1(
+    tmp_path: Path, pair: str
+) -> None:
+    files = {
+        "smtp.ini": f"[main]\nlisten=127.0.0.1:{free_port()}\nlisten_tls=127.0.0.1:{free_port()}\n"
+    }
+    if pair == "garbage":
+        files |= {"tls_cert.pem": "not a certificate\n", "tls_key.pem": "not a key\n"}
+    config = write_config(tmp_path / "config", dns_port=53, mx_port=MX_PORT, extra_files=files)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "outboundd", "-c", str(config),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 1
+    lines = (out + err).decode().strip().splitlines()
+    assert len(lines) == 1, lines
+    key = "listen_tls" if pair == "missing" else "cert"
+    assert "smtp.ini" in lines[0] or "tls.ini" in lines[0]
+    assert f" {key}: " in lines[0] and "Traceback" not in lines[0]
