@@ -19,6 +19,7 @@ from outboundd.plugins.auth_flat_file import (
     InvalidPassword,
     InvalidUserName,
     MemoryThrottleStore,
+    ThrottleVerdict,
     UserStore,
     add_user,
     delete_user,
@@ -362,12 +363,15 @@ class FakeClock:
         return self.now
 
 
-async def fail(throttle: AuthThrottle, ip: str) -> Admission:
+async def fail(throttle: AuthThrottle, ip: str) -> ThrottleVerdict:
     """One admitted attempt that fails, as the SMTP session runs it."""
-    admission = await throttle.admit(ip)
-    assert admission.allowed
-    await throttle.failed(ip, admission)
-    return admission
+    assert await throttle.admit(ip) is Admission.CHECK
+    return await throttle.failed(ip)
+
+
+async def succeed(throttle: AuthThrottle, ip: str) -> None:
+    assert await throttle.admit(ip) is Admission.CHECK
+    await throttle.succeeded(ip)
 
 
 async def test_throttle_delays_beyond_max_failures_then_disconnects_then_blocks() -> None:
@@ -378,17 +382,16 @@ async def test_throttle_delays_beyond_max_failures_then_disconnects_then_blocks(
     ip = "192.0.2.1"
     delays = []
     for n in range(1, 10):
-        admission = await fail(throttle, ip)
-        assert admission.attempt == n and not admission.disconnect
-        delays.append(admission.delay)
+        verdict = await fail(throttle, ip)
+        assert verdict.failures == n and not verdict.disconnect
+        delays.append(verdict.delay)
         assert not await throttle.is_blocked(ip)
     # The docs: each failure *beyond* auth_max_failures waits, the 4th first.
     assert delays == [0.0, 0.0, 0.0, 2.0, 4.0, 6.0, 8.0, 10.0, 12.0]
-    admission = await fail(throttle, ip)
-    assert admission.disconnect and admission.attempt == 10
+    verdict = await fail(throttle, ip)
+    assert verdict.disconnect and verdict.failures == 10
     assert await throttle.is_blocked(ip)
-    refused = await throttle.admit(ip)
-    assert not refused.allowed  # blocked: the credential is never checked
+    assert await throttle.admit(ip) is Admission.REFUSE  # never checked while blocked
     clock.now += 299
     assert await throttle.is_blocked(ip)
     await throttle.succeeded(ip)  # a success does not lift a block
@@ -396,8 +399,7 @@ async def test_throttle_delays_beyond_max_failures_then_disconnects_then_blocks(
     clock.now += 1
     assert not await throttle.is_blocked(ip)
     assert await throttle.failures(ip) == 0
-    again = await throttle.admit(ip)
-    assert again.allowed and again.attempt == 1 and again.delay == 0.0
+    assert (await fail(throttle, ip)).failures == 1
 
 
 async def test_the_delay_starts_after_max_failures() -> None:
@@ -408,27 +410,40 @@ async def test_the_delay_starts_after_max_failures() -> None:
     assert [(await fail(zero, "192.0.2.1")).delay for _ in range(2)] == [1.5, 3.0]
 
 
-async def test_attempts_are_counted_before_they_are_checked() -> None:
-    """A burst admitted at once gets disconnect_after checks, not one per connection."""
+async def test_a_burst_is_admitted_only_up_to_the_allowance() -> None:
+    """Failures plus checks in flight never exceed disconnect_after; the rest wait."""
     throttle = AuthThrottle(disconnect_after=5, clock=FakeClock())
     admissions = await asyncio.gather(*(throttle.admit("192.0.2.1") for _ in range(30)))
-    allowed = [a for a in admissions if a.allowed]
-    assert [a.attempt for a in allowed] == [1, 2, 3, 4, 5]
-    assert allowed[-1].disconnect and not allowed[0].disconnect
-    # The five in flight fail: the last one starts the block.
-    for admission in allowed:
-        await throttle.failed("192.0.2.1", admission)
-    assert await throttle.is_blocked("192.0.2.1")
+    assert admissions.count(Admission.CHECK) == 5
+    assert admissions.count(Admission.WAIT) == 25
+    # A failure still uses its share of the allowance: the others keep waiting.
+    assert not (await throttle.failed("192.0.2.1")).disconnect
+    assert await throttle.admit("192.0.2.1") is Admission.WAIT
+    # The other four fail too: the fifth failure blocks; the waiting are refused.
+    verdicts = [await throttle.failed("192.0.2.1") for _ in range(4)]
+    assert [v.disconnect for v in verdicts] == [False, False, False, True]
+    assert await throttle.admit("192.0.2.1") is Admission.REFUSE
 
 
-async def test_a_success_among_attempts_in_flight_frees_the_client() -> None:
-    throttle = AuthThrottle(disconnect_after=2, clock=FakeClock())
-    first = await throttle.admit("192.0.2.1")
-    second = await throttle.admit("192.0.2.1")
-    assert first.allowed and second.allowed and second.disconnect
-    assert not (await throttle.admit("192.0.2.1")).allowed  # allowance in use
-    await throttle.succeeded("192.0.2.1")  # not blocked yet: the count is cleared
-    assert (await throttle.admit("192.0.2.1")).allowed
+async def test_successes_in_flight_only_make_a_burst_wait() -> None:
+    """Fifty right passwords at once from one IP: all are admitted in turn, none refused."""
+    throttle = AuthThrottle(disconnect_after=3, clock=FakeClock())
+    done = 0
+    for _ in range(50):
+        while (admission := await throttle.admit("192.0.2.1")) is Admission.WAIT:
+            await throttle.succeeded("192.0.2.1")
+            done += 1
+        assert admission is Admission.CHECK
+    assert done == 47
+
+
+async def test_a_check_whose_process_died_stops_counting() -> None:
+    clock = FakeClock()
+    throttle = AuthThrottle(disconnect_after=1, stale_after=120, clock=clock)
+    assert await throttle.admit("192.0.2.1") is Admission.CHECK  # ... and never settled
+    assert await throttle.admit("192.0.2.1") is Admission.WAIT
+    clock.now += 121
+    assert await throttle.admit("192.0.2.1") is Admission.CHECK
 
 
 async def test_throttle_delay_is_capped() -> None:
@@ -446,7 +461,7 @@ async def test_throttle_success_resets_and_ips_are_separate() -> None:
     await fail(throttle, "192.0.2.2")
     assert await throttle.failures("192.0.2.1") == 5
     assert await throttle.failures("192.0.2.2") == 1
-    await throttle.succeeded("192.0.2.1")
+    await succeed(throttle, "192.0.2.1")
     assert await throttle.failures("192.0.2.1") == 0
     assert await throttle.failures("192.0.2.2") == 1
 
@@ -495,7 +510,7 @@ async def test_throttle_block_seconds_zero_still_disconnects() -> None:
     throttle = AuthThrottle(disconnect_after=2, block_seconds=0, clock=FakeClock())
     assert not (await fail(throttle, "192.0.2.1")).disconnect
     assert (await fail(throttle, "192.0.2.1")).disconnect
-    assert (await throttle.admit("192.0.2.1")).attempt == 1  # a zero block ends at once
+    assert (await fail(throttle, "192.0.2.1")).failures == 1  # a zero block ends at once
 
 
 @pytest.mark.parametrize(

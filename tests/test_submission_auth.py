@@ -107,9 +107,9 @@ async def test_failing_client_is_slowed_then_disconnected_and_blocked(tmp_path: 
         assert (await client.cmd(f"AUTH PLAIN {plain('alice', PASSWORD)}")).startswith("421 4.7.0")
         assert await client.closed()
         await client.close()
-        assert relay.query("SELECT failures, blocked_until IS NOT NULL FROM auth_throttle") == [
-            (4, 1)
-        ]
+        assert relay.query(
+            "SELECT failures, in_flight, blocked_until IS NOT NULL FROM auth_throttle"
+        ) == [(4, 0, 1)]
 
 
 async def test_relay_needs_auth_or_acl(tmp_path: Path) -> None:
@@ -270,7 +270,7 @@ async def test_a_burst_of_parallel_auth_checks_no_more_than_the_allowance(tmp_pa
         # While the admitted attempts may still be being checked, the
         # allowance is used up: the right password is refused unchecked.
         for _ in range(200):
-            rows = relay.query("SELECT failures FROM auth_throttle")
+            rows = relay.query("SELECT failures + in_flight FROM auth_throttle")
             if rows and rows[0][0] >= 5:
                 break
             await asyncio.sleep(0.01)
@@ -281,9 +281,9 @@ async def test_a_burst_of_parallel_auth_checks_no_more_than_the_allowance(tmp_pa
         assert users.checked == 5  # five credentials checked, not 29 (nor 30)
         for client in clients:
             await client.close()
-        assert relay.query("SELECT failures, blocked_until IS NOT NULL FROM auth_throttle") == [
-            (5, 1)
-        ]
+        assert relay.query(
+            "SELECT failures, in_flight, blocked_until IS NOT NULL FROM auth_throttle"
+        ) == [(5, 0, 1)]
         # The block holds for a new connection too, and nothing more is checked.
         client = await LineClient.connect(relay.port())
         await client.cmd("EHLO client.test")

@@ -43,6 +43,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import enum
 import fcntl
 import hashlib
 import hmac
@@ -76,6 +77,7 @@ __all__ = [
     "MemoryThrottleStore",
     "ThrottleEntry",
     "ThrottleStore",
+    "ThrottleVerdict",
     "UserStore",
     "add_user",
     "check_throttle_settings",
@@ -598,18 +600,23 @@ def _file_stamp(path: Path) -> tuple[int, int] | None:
 # Failure throttling
 
 
+class Admission(enum.Enum):
+    """The throttle's answer before a credential is checked."""
+
+    #: Check it now (the attempt is counted as in flight).
+    CHECK = "check"
+    #: The client's remaining allowance is taken by attempts still being
+    #: checked: ask again shortly (a burst waits instead of being checked).
+    WAIT = "wait"
+    #: Blocked: do not check it, say 421 and hang up.
+    REFUSE = "refuse"
+
+
 @dataclass(frozen=True, slots=True)
-class Admission:
-    """The throttle's answer before a credential is checked.
+class ThrottleVerdict:
+    """What the session does after a failed AUTH: wait ``delay`` s, then maybe hang up."""
 
-    ``allowed`` False: do not verify, say 421 and hang up (the client is
-    blocked).  Otherwise ``attempt`` is this attempt's number in the
-    client's current count, and ``delay``/``disconnect`` say what to do if
-    it fails: wait that long before the 535, then hang up with 421.
-    """
-
-    allowed: bool
-    attempt: int
+    failures: int
     delay: float
     disconnect: bool
 
@@ -660,11 +667,11 @@ class MemoryThrottleStore:
         return result
 
     async def throttle_prune(self, now: float, forget_before: float, keep: int) -> int:
-        stale = [key for key, entry in self.entries.items() if not entry.live(now, forget_before)]
+        stale = [k for k, entry in self.entries.items() if not entry.live(now, forget_before)]
         for key in stale:
             del self.entries[key]
-        excess = sorted(self.entries, key=lambda k: self.entries[k].last_failure)
-        dropped = excess[: max(0, len(excess) - keep)]
+        oldest_first = sorted(self.entries, key=lambda k: self.entries[k].last_seen)
+        dropped = oldest_first[: max(0, len(oldest_first) - keep)]
         for key in dropped:
             del self.entries[key]
         return len(stale) + len(dropped)
@@ -678,23 +685,27 @@ class AuthThrottle:
     that every process of the daemon shares, so one client spread over
     several SMTP processes is one client:
 
-    * every attempt is counted *before* its credential is checked
-      (:meth:`admit`), so a burst of parallel connections gets no more
-      checks than a patient client: once ``disconnect_after`` attempts are
-      counted (finished or still being checked) the next is refused unseen;
-    * a failed attempt number ``n`` waits
-      ``failure_delay * (n - max_failures)`` seconds (at most ``max_delay``)
-      before its 535 when ``n > max_failures``, none otherwise;
+    * an attempt is admitted (:meth:`admit`) before its credential is
+      checked, and counted as in flight until it is decided; the failures
+      so far plus the attempts in flight never exceed ``disconnect_after``,
+      so a burst of parallel connections gets no more checks than a
+      patient client — the rest wait their turn (``Admission.WAIT``), and
+      are refused unchecked once the client is blocked;
+    * failure number ``n`` waits ``failure_delay * (n - max_failures)``
+      seconds (at most ``max_delay``) before its 535 when
+      ``n > max_failures``, none otherwise;
     * the failure that reaches ``disconnect_after`` hangs up with 421 and
       blocks the client for ``block_seconds``; when the block ends the
       client starts again from zero;
-    * failures are forgotten ``forget_after`` seconds after the last one,
-      and a success clears them (but never lifts a block).
+    * failures are forgotten ``forget_after`` seconds after the client was
+      last seen, and a success clears them (but never lifts a block).
 
-    At most ``max_entries`` clients are kept (pruned at most once a minute,
-    oldest first).  The decisions (:meth:`decide_admission` and friends) are
-    pure functions of an entry and the time; the time comes from ``clock``
-    (wall time: the entries are shared between processes).
+    An attempt in flight for longer than ``stale_after`` seconds (its
+    process died while checking) no longer counts.  At most
+    ``max_entries`` clients are kept (pruned at most once a minute, least
+    recently seen first).  The decisions (``decide_*``) are pure functions
+    of an entry and the time; the time comes from ``clock`` (wall time:
+    entries are shared between processes).
     """
 
     def __init__(
@@ -707,6 +718,7 @@ class AuthThrottle:
         store: ThrottleStore | None = None,
         max_delay: float = 30.0,
         forget_after: float = 3600.0,
+        stale_after: float = 120.0,
         max_entries: int = 10_000,
         ipv6_prefix: int = 64,
         clock: Callable[[], float] = time.time,
@@ -714,8 +726,8 @@ class AuthThrottle:
         check_throttle_settings(max_failures, failure_delay, disconnect_after, block_seconds)
         if max_entries < 1:
             raise ValueError("max_entries must be at least 1")
-        if max_delay < 0 or forget_after <= 0:
-            raise ValueError("max_delay must not be negative and forget_after must be positive")
+        if max_delay < 0 or forget_after <= 0 or stale_after <= 0:
+            raise ValueError("max_delay must not be negative; forget_after, stale_after positive")
         if not 0 <= ipv6_prefix <= 128:
             raise ValueError("ipv6_prefix must be between 0 and 128")
         self.max_failures = max_failures
@@ -724,6 +736,7 @@ class AuthThrottle:
         self.block_seconds = block_seconds
         self.max_delay = max_delay
         self.forget_after = forget_after
+        self.stale_after = stale_after
         self.max_entries = max_entries
         self.ipv6_prefix = ipv6_prefix
         self.store: ThrottleStore = store if store is not None else MemoryThrottleStore()
@@ -745,54 +758,61 @@ class AuthThrottle:
 
     # ------------------------------------------------------------ decisions
 
-    def delay(self, attempt: int) -> float:
-        """Seconds a failed attempt number ``attempt`` waits before its 535."""
-        if attempt <= self.max_failures:
+    def delay(self, failures: int) -> float:
+        """Seconds failure number ``failures`` waits before its 535."""
+        if failures <= self.max_failures:
             return 0.0
-        return min(self.failure_delay * (attempt - self.max_failures), self.max_delay)
+        return min(self.failure_delay * (failures - self.max_failures), self.max_delay)
 
     def _live(self, entry: ThrottleEntry | None, now: float) -> ThrottleEntry | None:
+        """``entry`` as it stands at ``now``: None once forgotten, stale checks dropped."""
         if entry is None or not entry.live(now, now - self.forget_after):
             return None
+        if entry.in_flight and now - entry.last_seen > self.stale_after:
+            entry = ThrottleEntry(entry.failures, 0, entry.last_seen, entry.blocked_until)
         return entry
 
     def decide_admission(
         self, entry: ThrottleEntry | None, now: float
     ) -> tuple[ThrottleEntry | None, Admission]:
-        """Count one attempt, or refuse it: the new entry and the :class:`Admission`."""
-        live = self._live(entry, now)
-        if live is not None and (
-            live.blocked_until is not None or live.failures >= self.disconnect_after
-        ):
-            # Blocked, or the attempts still being checked fill the allowance.
-            return live, Admission(False, live.failures, 0.0, True)
-        attempt = 1 if live is None else live.failures + 1
-        admission = Admission(True, attempt, self.delay(attempt), attempt >= self.disconnect_after)
-        return ThrottleEntry(attempt, now, None), admission
+        """Admit one attempt (counted in flight), make it wait, or refuse it."""
+        live = self._live(entry, now) or ThrottleEntry(0, 0, now, None)
+        if live.blocked_until is not None or live.failures >= self.disconnect_after:
+            return entry, Admission.REFUSE
+        if live.failures + live.in_flight >= self.disconnect_after:
+            return entry, Admission.WAIT
+        admitted = ThrottleEntry(live.failures, live.in_flight + 1, now, None)
+        return admitted, Admission.CHECK
 
     def decide_failure(
-        self, entry: ThrottleEntry | None, now: float, admission: Admission
-    ) -> ThrottleEntry | None:
-        """The entry after an admitted attempt failed: the block starts at the limit."""
-        live = self._live(entry, now)
-        if live is None:
-            # Forgotten meanwhile (or pruned): count this failure again.
-            live = ThrottleEntry(admission.attempt, now, None)
-        if admission.disconnect and live.blocked_until is None:
-            return ThrottleEntry(live.failures, now, now + self.block_seconds)
-        return live
+        self, entry: ThrottleEntry | None, now: float
+    ) -> tuple[ThrottleEntry | None, ThrottleVerdict]:
+        """An admitted attempt failed: count it; the block starts at the limit."""
+        live = self._live(entry, now) or ThrottleEntry(0, 1, now, None)
+        failures = live.failures + 1
+        blocked_until = live.blocked_until
+        disconnect = failures >= self.disconnect_after
+        if disconnect and blocked_until is None:
+            blocked_until = now + self.block_seconds
+        new = ThrottleEntry(failures, max(0, live.in_flight - 1), now, blocked_until)
+        return new, ThrottleVerdict(failures, self.delay(failures), disconnect)
 
     def decide_success(self, entry: ThrottleEntry | None, now: float) -> ThrottleEntry | None:
-        """The entry after a success: cleared, unless the client is blocked."""
+        """An admitted attempt succeeded: failures cleared, unless the client is blocked."""
         live = self._live(entry, now)
-        if live is not None and live.blocked_until is not None:
-            return live
-        return None
+        if live is None:
+            return None
+        in_flight = max(0, live.in_flight - 1)
+        if live.blocked_until is not None:
+            return ThrottleEntry(live.failures, in_flight, live.last_seen, live.blocked_until)
+        if in_flight == 0:
+            return None
+        return ThrottleEntry(0, in_flight, live.last_seen, None)
 
     # ----------------------------------------------------------- the store
 
     async def admit(self, ip: str) -> Admission:
-        """Count an attempt from ``ip`` before its credential is checked."""
+        """Ask before checking a credential from ``ip`` (see :class:`Admission`)."""
         now = self._clock()
         await self._maybe_prune(now)
 
@@ -801,14 +821,14 @@ class AuthThrottle:
 
         return await self.store.throttle_update(self.key_for(ip), update)
 
-    async def failed(self, ip: str, admission: Admission) -> None:
-        """The admitted attempt failed (starts the block at the limit)."""
+    async def failed(self, ip: str) -> ThrottleVerdict:
+        """The admitted attempt failed: the verdict for this failure."""
         now = self._clock()
 
-        def update(entry: ThrottleEntry | None) -> tuple[ThrottleEntry | None, None]:
-            return self.decide_failure(entry, now, admission), None
+        def update(entry: ThrottleEntry | None) -> tuple[ThrottleEntry | None, ThrottleVerdict]:
+            return self.decide_failure(entry, now)
 
-        await self.store.throttle_update(self.key_for(ip), update)
+        return await self.store.throttle_update(self.key_for(ip), update)
 
     async def succeeded(self, ip: str) -> None:
         """The admitted attempt succeeded: forget ``ip``'s failures unless it is blocked."""
@@ -830,7 +850,7 @@ class AuthThrottle:
         return await self.store.throttle_update(self.key_for(ip), look, write=False)
 
     async def failures(self, ip: str) -> int:
-        """Attempts currently counted for ``ip`` (read only)."""
+        """Failures currently counted for ``ip`` (read only)."""
         now = self._clock()
 
         def look(entry: ThrottleEntry | None) -> tuple[ThrottleEntry | None, int]:

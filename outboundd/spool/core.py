@@ -753,7 +753,10 @@ class Spool:
                 None
                 if row is None
                 else ThrottleEntry(
-                    int(row[0]), float(row[1]), None if row[2] is None else float(row[2])
+                    int(row[0]),
+                    int(row[1]),
+                    float(row[2]),
+                    None if row[3] is None else float(row[3]),
                 )
             )
             new, result = update(current)
@@ -766,7 +769,8 @@ class Spool:
                         {
                             "client": key,
                             "failures": new.failures,
-                            "last_failure": new.last_failure,
+                            "in_flight": new.in_flight,
+                            "last_seen": new.last_seen,
                             "blocked_until": new.blocked_until,
                         },
                     )
@@ -776,7 +780,7 @@ class Spool:
         return result
 
     async def throttle_prune(self, now: float, forget_before: float, keep: int) -> int:
-        """Drop ended blocks, failures last seen before ``forget_before``, all but ``keep``."""
+        """Drop ended blocks, clients last seen before ``forget_before``, all but ``keep``."""
 
         def op(conn: sqlite3.Connection) -> int:
             stale = conn.execute(

@@ -25,6 +25,7 @@ import asyncio
 import base64
 import binascii
 import collections
+import random
 import ssl
 import time
 from collections.abc import Callable
@@ -35,7 +36,7 @@ from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, Session, _Missing
 
 from outboundd.config import Config
 from outboundd.log import Logger
-from outboundd.plugins.auth_flat_file import AuthThrottle, UserStore
+from outboundd.plugins.auth_flat_file import Admission, AuthThrottle, ThrottleVerdict, UserStore
 from outboundd.spool.errors import SpoolError
 from outboundd.submission import (
     fastinit,  # noqa: F401  (speeds up aiosmtpd's per-connection set-up)
@@ -58,6 +59,10 @@ IDENT = "outboundd ESMTP"
 _DATA_TIMER_STEP = 65536
 #: aiosmtpd's own limit for command lines other than MAIL/RCPT/AUTH.
 _COMMAND_LINE = 512
+#: Longest an AUTH waits for its turn while the client's other attempts are
+#: being checked, and the pause between two looks (seconds).
+_ADMISSION_WAIT = 30.0
+_ADMISSION_POLL = 0.05
 
 
 @dataclass(eq=False)
@@ -433,46 +438,47 @@ class SubmissionSMTP(SMTP):
         return replies.LINE_TOO_LONG_COMMAND.with_text(f"Line too long (more than {limit} octets)")
 
     async def _verify(self, login: bytes, password: bytes) -> AuthResult:
-        """Count the attempt, check the credentials, wait and maybe hang up.
+        """Admit the attempt, check the credentials, wait and maybe hang up.
 
-        The throttle counts the attempt *before* the password is checked,
-        in the spool every process shares: once the client has used up its
-        attempts (finished or still being checked, in any process) no
-        further credential is checked at all.  The password is never
-        logged; the user name is (it is what an operator needs to see who
-        is failing).
+        The throttle admits the attempt *before* the password is checked,
+        in the spool every process shares: failures plus attempts still
+        being checked never exceed ``auth_disconnect_after``, so a burst of
+        parallel attempts waits its turn instead of being checked at once,
+        and once the client is blocked nothing more is checked.  The
+        password is never logged; the user name is (it is what an operator
+        needs to see who is failing).
         """
         ip = self.client_ip() or "unknown"
-        throttle = self.ctx.throttle
         try:
             user = login.decode("utf-8")
             secret = password.decode("utf-8")
         except UnicodeDecodeError:
             user, secret = "", ""
         try:
-            admission = await throttle.admit(ip)
+            admission = await self._admit(ip)
         except SpoolError as exc:
             self.log.error("AUTH unavailable: cannot count the attempt", error=str(exc))
             await self.reply(replies.AUTH_TEMPORARY)
             return AuthResult(success=False, handled=True)
-        if not admission.allowed:
+        if admission is not Admission.CHECK:
             self.log.notice(
-                "AUTH refused unchecked: client used up its attempts",
+                "AUTH refused unchecked: client is blocked after repeated failures"
+                if admission is Admission.REFUSE
+                else "AUTH refused unchecked: attempts from this client still being checked",
                 user=replies.clean_text(user, 100),
                 client_ip=ip,
-                attempts=admission.attempt,
             )
-            await self._hang_up(replies.AUTH_BLOCKED)
-            return AuthResult(success=False, handled=True)
-        ok = bool(user) and bool(secret) and await self.ctx.users.averify(user, secret)
-        try:
-            if ok:
-                await throttle.succeeded(ip)
+            if admission is Admission.REFUSE:
+                await self._hang_up(replies.AUTH_BLOCKED)
             else:
-                await throttle.failed(ip, admission)
-        except SpoolError as exc:
-            # The attempt is counted already; only its outcome is not.
-            self.log.error("cannot record the AUTH outcome in the throttle", error=str(exc))
+                await self.reply(replies.AUTH_TEMPORARY)
+            return AuthResult(success=False, handled=True)
+        ok = False
+        try:
+            ok = bool(user) and bool(secret) and await self.ctx.users.averify(user, secret)
+        finally:
+            # Always settle the attempt in flight, even if the session was cut.
+            verdict = await self._settle(ip, ok)
         if ok:
             self.log.info("AUTH succeeded", user=user, client_ip=ip, tls=self.tls_version())
             return AuthResult(success=True, auth_data=user, message=replies.AUTH_OK)
@@ -480,16 +486,38 @@ class SubmissionSMTP(SMTP):
             "AUTH failed",
             user=replies.clean_text(user, 100),
             client_ip=ip,
-            failures=admission.attempt,
-            delay=admission.delay,
-            disconnect=admission.disconnect,
+            failures=verdict.failures,
+            delay=verdict.delay,
+            disconnect=verdict.disconnect,
         )
-        if admission.delay > 0:
-            await asyncio.sleep(admission.delay)
-        if admission.disconnect:
+        if verdict.delay > 0:
+            await asyncio.sleep(verdict.delay)
+        if verdict.disconnect:
             await self._hang_up(replies.AUTH_BLOCKED)
             return AuthResult(success=False, handled=True)
         return AuthResult(success=False, handled=False, message=str(replies.AUTH_INVALID))
+
+    async def _admit(self, ip: str) -> Admission:
+        """The throttle's admission, waiting (bounded) while the allowance is in use."""
+        deadline = self.loop.time() + _ADMISSION_WAIT
+        while True:
+            admission = await self.ctx.throttle.admit(ip)
+            if admission is not Admission.WAIT or self.loop.time() >= deadline:
+                return admission
+            await asyncio.sleep(_ADMISSION_POLL * (0.5 + random.random()))
+
+    async def _settle(self, ip: str, ok: bool) -> ThrottleVerdict:
+        """Record the outcome of an admitted attempt; the verdict for a failure."""
+        throttle = self.ctx.throttle
+        try:
+            if ok:
+                await throttle.succeeded(ip)
+                return ThrottleVerdict(0, 0.0, False)
+            return await throttle.failed(ip)
+        except SpoolError as exc:
+            # Counted in flight already; it stops counting after stale_after.
+            self.log.error("cannot record the AUTH outcome in the throttle", error=str(exc))
+            return ThrottleVerdict(0, 0.0, False)
 
     async def _hang_up(self, reply: Reply) -> None:
         await self.reply(reply)
