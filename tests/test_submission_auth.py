@@ -290,3 +290,25 @@ async def test_a_burst_of_parallel_auth_checks_no_more_than_the_allowance(tmp_pa
         assert (await client.cmd(f"AUTH PLAIN {plain('alice', PASSWORD)}")).startswith("421 4.7.0")
         await client.close()
         assert users.checked == 5
+
+
+async def test_hanging_up_during_an_auth_challenge_logs_no_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    async with running_relay(make_config(tmp_path)) as relay:
+        client = await LineClient.connect(relay.port())
+        await client.cmd("EHLO client.test")
+        assert (await client.cmd("AUTH LOGIN")).startswith("334 ")
+        await client.send(b"half-a-line")
+        await client.close()
+        for _ in range(100):
+            if not relay.listeners.context.sessions:
+                break
+            await asyncio.sleep(0.01)
+        assert not relay.listeners.context.sessions
+        # The relay still serves.
+        client = await LineClient.connect(relay.port())
+        assert (await client.cmd("EHLO client.test")).startswith("250")
+        await client.close()
+    out = capsys.readouterr().out
+    assert "[ERROR]" not in out and "Traceback" not in out and "exception" not in out.lower()

@@ -401,7 +401,10 @@ class SubmissionSMTP(SMTP):
         """
         data = challenge.encode() if isinstance(challenge, str) else challenge
         await self.push(b"334 " + (base64.b64encode(data) if encode_to_b64 else data))
-        line = await self._read_line()
+        try:
+            line = await self._read_line()
+        except asyncio.IncompleteReadError:
+            return MISSING  # the client hung up mid-answer: nobody to reply to
         if line is None:
             await self.reply(self._line_too_long_reply())
             return MISSING
@@ -416,7 +419,10 @@ class SubmissionSMTP(SMTP):
             return MISSING
 
     async def _read_line(self) -> bytes | None:
-        """One line from the client, or None (all of it read and dropped) when over-long."""
+        """One line from the client, or None (all of it read and dropped) when over-long.
+
+        Raises ``asyncio.IncompleteReadError`` when the client hangs up mid-line.
+        """
         limit = self.ctx.config.smtp.max_line_length
         too_long = False
         while True:
@@ -426,9 +432,6 @@ class SubmissionSMTP(SMTP):
                 await self._drain_overlong(exc.consumed)
                 too_long = True
                 continue
-            except asyncio.IncompleteReadError as exc:
-                # The client closed the connection mid-line: nothing to answer.
-                raise ConnectionResetError("connection closed during AUTH") from exc
             if too_long or len(line.rstrip(b"\r\n")) > limit:
                 return None
             return line
