@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from outboundd import log as logmod
+from outboundd import spool as spool_backend
 from outboundd.children import (
     ChildProcess,
     notify_parent,
@@ -30,7 +31,7 @@ from outboundd.delivery.engine import DeliveryEngine
 from outboundd.delivery.handoff import LocalDelivery
 from outboundd.delivery.scheduler import Scheduler
 from outboundd.hooks import HookRunner, PluginLoadError, load_plugins
-from outboundd.spool import Spool, SpoolError, lease_owner_id
+from outboundd.spool import SpoolError, lease_owner_id
 from outboundd.spool import admin as spool_admin
 from outboundd.submission import api as submission_api
 from outboundd.submission.queueing import SpoolSink
@@ -148,16 +149,18 @@ async def serve(config: Config, role: str = "all", inherited: Inherited | None =
     logmod.set_log_hook(hooks if hooks.has("log") else None)
     try:
         # Children leave the body-file scan to the first process.
-        spool = await Spool.open(config.outbound.queue_dir, recover_files=not is_child)
+        location = config.outbound.queue_location
+        spool = await spool_backend.open(location, recover_files=not is_child)
     except SpoolError as exc:
-        log.crit("cannot open the queue", queue_dir=str(config.outbound.queue_dir), error=str(exc))
+        shown = spool_backend.describe_location(location)
+        log.crit("cannot open the queue", queue=shown, error=str(exc))
         return 1
     report = spool.recovery
     if report is not None:
         log.info(
             "queue opened",
             role=role,
-            queue_dir=str(spool.queue_dir),
+            queue=spool.location,
             leases_released=report.leases_released,
             temp_files_removed=report.temp_files_removed,
             orphan_bodies_removed=report.orphan_bodies_removed,
@@ -268,7 +271,7 @@ async def serve(config: Config, role: str = "all", inherited: Inherited | None =
             "ready",
             listen=",".join(str(a) for a in config.smtp.listen),
             listen_tls=",".join(str(a) for a in config.smtp.listen_tls) or "-",
-            queue_dir=str(spool.queue_dir),
+            queue=spool.location,
             delivery=("disabled" if settings().disabled else "enabled")
             + (f" ({len(deliverers)} delivery process(es))" if deliverers else ""),
             smtp_processes=1 + len(nodes),
@@ -276,7 +279,7 @@ async def serve(config: Config, role: str = "all", inherited: Inherited | None =
     elif not listens:
         log.notice(
             "delivery ready",
-            queue_dir=str(spool.queue_dir),
+            queue=spool.location,
             delivery="disabled" if settings().disabled else "enabled",
         )
     status = 0
