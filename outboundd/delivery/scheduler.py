@@ -10,6 +10,10 @@ a change of ``disabled`` or ``outboundctl pause``.
 
 Leases are renewed while a delivery runs, so a lease only expires when its
 holder died; then another scheduler (or this one after a restart) retries it.
+
+When the spool fails (a PostgreSQL queue that cannot be reached), the
+scheduler says so at most once per ``ERROR_LOG_INTERVAL`` and tries again
+after ``poll_interval``: it never stops, and running deliveries go on.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from outboundd.spool import Claim, Lease, Spool
+from outboundd.spool import Claim, Lease, Spool, SpoolError
 
 
 class SchedulerSettings(Protocol):
@@ -58,6 +62,8 @@ class Reservation:
 
 #: How long a failed delivery task's recipients wait before they are retried.
 CRASH_RETRY_SECONDS = 60.0
+#: At most one log line per this many seconds while the spool keeps failing.
+ERROR_LOG_INTERVAL = 30.0
 
 
 class Scheduler:
@@ -85,6 +91,7 @@ class Scheduler:
         self._paused_cache: tuple[float, bool] = (0.0, False)
         #: When a claim that skipped busy domains last found nothing (monotonic).
         self._found_none_but_excluded = float("-inf")
+        self._error_logged_at = float("-inf")
         self.started = 0
 
     @property
@@ -143,7 +150,11 @@ class Scheduler:
         renewer = asyncio.create_task(self._renew_leases(), name="lease-renewer")
         try:
             while not self._stopping:
-                await self._step()
+                try:
+                    await self._step()
+                except SpoolError as exc:
+                    self._spool_failed(exc)
+                    await self._wait(self.poll_interval)
         finally:
             renewer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -202,6 +213,12 @@ class Scheduler:
             timeout = min(due - now, self.poll_interval)
         await self._wait(timeout)
 
+    def _spool_failed(self, exc: SpoolError) -> None:
+        now = time.monotonic()
+        if now - self._error_logged_at >= ERROR_LOG_INTERVAL:
+            self._error_logged_at = now
+            self.log.error("cannot claim from the queue; will retry", error=str(exc))
+
     def _start(self, claim: Claim) -> None:
         self._per_domain[claim.domain] += 1
         self.started += 1
@@ -254,7 +271,10 @@ class Scheduler:
             lease = self.settings().lease_seconds
             await asyncio.sleep(max(lease / 3, 0.05))
             if self._active:
-                await self.spool.renew_leases(self.owner, time.time() + lease)
+                try:
+                    await self.spool.renew_leases(self.owner, time.time() + lease)
+                except SpoolError as exc:
+                    self._spool_failed(exc)
 
     async def stop(self, grace: float) -> None:
         """Stop claiming, let running deliveries finish for up to ``grace``
@@ -267,6 +287,13 @@ class Scheduler:
                 task.cancel()
             if pending:
                 await asyncio.gather(*pending, return_exceptions=True)
-        released = await self.spool.release_owner(self.owner)
+        try:
+            released = await self.spool.release_owner(self.owner)
+        except SpoolError as exc:
+            self.log.error(
+                "cannot release leases at shutdown; they expire after lease_seconds",
+                error=str(exc),
+            )
+            return
         if released:
             self.log.info("released leases at shutdown", count=released)

@@ -12,6 +12,7 @@ from outboundd.spool.errors import (
     SchemaTooNewError,
     SpoolError,
     SpoolFullError,
+    SpoolUnavailableError,
     SpoolWriteError,
     UnknownMessageError,
 )
@@ -52,6 +53,7 @@ __all__ = [
     "Spool",
     "SpoolError",
     "SpoolFullError",
+    "SpoolUnavailableError",
     "SpoolWriteError",
     "SqliteSpool",
     "Status",

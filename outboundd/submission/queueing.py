@@ -23,7 +23,7 @@ from typing import Protocol
 
 from outboundd.hooks import HookFailure, HookRunner, ResultCode
 from outboundd.log import Logger
-from outboundd.spool.errors import SpoolError
+from outboundd.spool.errors import SpoolError, SpoolUnavailableError
 from outboundd.spool.types import NewMessage
 from outboundd.submission import replies
 from outboundd.submission.replies import Reply, clean_text
@@ -149,6 +149,12 @@ class Queuer:
                             "completes and the client will likely send it again",
                             qid=txn.queue_id)  # fmt: skip
             raise
+        except SpoolUnavailableError as exc:
+            # The spool logs the outage itself, once per interval: a line per
+            # refused message would flood the log while the database is away.
+            self.log.info("queue unreachable; message refused temporarily",
+                          qid=txn.queue_id, error=str(exc))  # fmt: skip
+            return replies.LOCAL_ERROR
         except (SpoolError, OSError, ValueError) as exc:
             self.log.error("queue write failed; message refused temporarily",
                            qid=txn.queue_id, error=f"{type(exc).__name__}: {exc}")  # fmt: skip
