@@ -111,6 +111,28 @@ def run_sql(location: str | Path, sql: str, params: tuple[Any, ...] = ()) -> lis
         con.close()
 
 
+def view_columns(location: str | Path, view: str) -> list[str]:
+    """A view's column names, in order, on either backend."""
+    if isinstance(location, str) and location.startswith("postgresql://"):
+        import asyncpg
+
+        async def names() -> list[str]:
+            conn = await asyncpg.connect(location)
+            try:
+                stmt = await conn.prepare(f"SELECT * FROM {view} LIMIT 0")
+                return [a.name for a in stmt.get_attributes()]
+            finally:
+                await conn.close()
+
+        with ThreadPoolExecutor(1) as pool:
+            return pool.submit(asyncio.run, names()).result()
+    con = sqlite3.connect(location)
+    try:
+        return [c[0] for c in con.execute(f"SELECT * FROM {view} LIMIT 0").description]
+    finally:
+        con.close()
+
+
 def smtp_port_of(config_dir: Path) -> int:
     text = (config_dir / "smtp.ini").read_text()
     match = re.search(r"listen=127\.0\.0\.1:(\d+)", text)
