@@ -112,9 +112,7 @@ async def run_asyncpg(url: str) -> None:
                 leased = await conn.fetch(
                     lease.text, *bind(lease, {"ids": ids, "owner": "bench", "expires": now + 60})
                 )
-                await conn.fetch(
-                    msgs.text, *bind(msgs, {"ids": sorted({r[1] for r in leased})})
-                )
+                await conn.fetch(msgs.text, *bind(msgs, {"ids": sorted({r[1] for r in leased})}))
                 taken += len(leased)
 
     await reset(url)
