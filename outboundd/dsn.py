@@ -140,7 +140,9 @@ class DsnRecipient:
     the action's class.  ``diagnostic_code``/``diagnostic_text`` are the
     remote server's reply (text after the code, enhanced code included if
     the server sent one); without a code no Diagnostic-Code is written,
-    because our own reasons are not SMTP replies.
+    because our own reasons are not SMTP replies.  ``reason`` is our own
+    sentence for a recipient without one (null MX, retries exhausted), for
+    the human part.
     """
 
     address: str
@@ -152,6 +154,7 @@ class DsnRecipient:
     diagnostic_text: str | None = None
     last_attempt_at: float | None = None
     will_retry_until: float | None = None
+    reason: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -393,12 +396,14 @@ def reason_operator(text: str | None = None) -> str:
 
 
 def describe_recipients(recipients: Iterable[DsnRecipient]) -> str:
-    """One line per recipient — ``addr: 550 5.1.1 text`` — for
-    ``{extended_reason}``."""
+    """One line per recipient — ``addr: 550 5.1.1 text``, or our own
+    reason when no server replied — for ``{extended_reason}``."""
     lines = []
     for r in recipients:
         if r.diagnostic_code is not None:
             detail = f"{r.diagnostic_code} {_one_line(r.diagnostic_text or '')}".strip()
+        elif r.reason:
+            detail = _one_line(r.reason)
         else:
             detail = f"{r.action} ({r.status})"
         lines.append(f"{r.address}: {detail}")

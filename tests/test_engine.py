@@ -312,8 +312,8 @@ async def test_get_mx_plugin_routes_and_refuses(rig: Rig) -> None:
     await rig.run_once()
     rows = rig.rows(qid)
     assert rows["a@routed.test"][0] == "delivered"
-    assert rows["b@denied.test"][:3] == ("bounced", 550, "5.1.2")
-    assert rows["c@later.test"][:3] == ("deferred", 451, "4.1.2")
+    assert rows["b@denied.test"][:3] == ("bounced", None, "5.1.2")  # our decision: no code
+    assert rows["c@later.test"][:3] == ("deferred", None, "4.1.2")
     assert rows["d@junk.test"][0] == "deferred"  # unusable plugin value: defer, never lose
 
 

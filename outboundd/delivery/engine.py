@@ -37,7 +37,7 @@ from outboundd.delivery.notices import (
     queue_notice,
 )
 from outboundd.delivery.pool import ConnectionPool
-from outboundd.delivery.replies import Reply, Stage, to_permanent
+from outboundd.delivery.replies import Reply, Stage, to_exhausted
 from outboundd.delivery.session import (
     ConnectionInfo,
     DeliveryJob,
@@ -102,8 +102,9 @@ def decide(
     """Apply the retry schedule to one recipient's verdict (pure).
 
     A temporary failure that counts is the recipient's ``failures + 1``-th;
-    when the schedule has no interval for it the recipient bounces with the
-    last reply turned permanent and a reason that says we gave up.
+    when the schedule has no interval for it the recipient bounces: the
+    status turns permanent (ours), the code and text stay the last reply's
+    (the remote's), and the reason says we gave up.
     """
     conn = verdict.conn
     if verdict.outcome is not Outcome.DEFERRED:
@@ -117,7 +118,7 @@ def decide(
         reason = dsn.reason_for_exhaustion(
             recipient.attempts + 1, received_at, str(verdict.reply), now
         )
-        return Decision(Outcome.BOUNCED, to_permanent(verdict.reply), None, True, reason, conn)
+        return Decision(Outcome.BOUNCED, to_exhausted(verdict.reply), None, True, reason, conn)
     return Decision(Outcome.DEFERRED, verdict.reply, when, True, verdict.reason, conn)
 
 
@@ -356,12 +357,12 @@ class DeliveryEngine:
                 port=d.conn.port if d.conn else None,
                 tls=d.conn.tls if d.conn else None,
                 auth=d.conn.auth if d.conn else None,
-                code=d.reply.code,
+                code=d.reply.recorded_code,
                 status=d.reply.status,
                 response=d.reply.text,
                 next_attempt_at=d.next_attempt_at,
                 count_failure=d.count_failure,
-                reason=d.reason,
+                reason=d.reason or d.reply.context,
                 delay_notified=rid in delay_noticed,
             )
             for rid, d in decisions.items()
@@ -618,7 +619,7 @@ class DeliveryEngine:
             domain=claim.domain,
             host=conn.mx_host,
             ip=conn.mx_ip,
-            code=d.reply.code,
+            code=d.reply.recorded_code,
             response=str(d.reply),
             delay=round(now - claim.received_at, 3),
             attempt=rcpt.attempts + 1,
@@ -662,12 +663,7 @@ def _original(claim: Claim) -> OriginalMessage:
     )
 
 
-_STATUS_OF_ACTION = {
-    "failed": "5.0.0",
-    "delayed": "4.0.0",
-    "delivered": "2.0.0",
-    "relayed": "2.0.0",
-}
+_CLASS_OF_ACTION = {"failed": "5", "delayed": "4", "delivered": "2", "relayed": "2"}
 
 
 def _report(
@@ -678,32 +674,38 @@ def _report(
     *,
     will_retry_until: float | None = None,
 ) -> dsn.DsnRecipient:
-    """One recipient's line in a DSN, from its decision in this attempt."""
+    """One recipient's line in a DSN, from its decision in this attempt.
+
+    ``Status`` is ours: the reply's enhanced code moved into the action's
+    class (a deferral that ran out reports ``5.x.y``).  ``Diagnostic-Code``
+    is the server's own reply line, verbatim (RFC 3464 §2.3.6), and only
+    when a server sent one; our own reasons are in the human part.
+    """
+    reply = decision.reply
     remote = _remote(decision)
+    first = _CLASS_OF_ACTION.get(action, "5")
+    status = reply.status or ""
+    if status[:1] != first or status[1:2] != ".":
+        status = f"{first}{status[1:]}" if status[:1] in ("2", "4", "5") else f"{first}.0.0"
     return dsn.DsnRecipient(
         address=rcpt.address,
         action=action,
-        status=decision.reply.status or _STATUS_OF_ACTION.get(action, "5.0.0"),
+        status=status,
         original_recipient=rcpt.orcpt,
         remote_mta=remote,
-        diagnostic_code=decision.reply.code if remote else None,
-        diagnostic_text=_diagnostic(decision),
+        diagnostic_code=reply.code if remote else None,
+        diagnostic_text=reply.sent if remote else None,
         last_attempt_at=now,
         will_retry_until=will_retry_until,
+        reason=decision.reason or (None if remote else str(reply)),
     )
 
 
-def _diagnostic(decision: Decision) -> str | None:
-    """The remote reply after its code (enhanced status included), for Diagnostic-Code."""
-    if _remote(decision) is None:
-        return None
-    reply = decision.reply
-    return " ".join(part for part in (reply.status, reply.text) if part)
-
-
 def _remote(decision: Decision) -> str | None:
-    """The remote host whose reply decided, if a remote decided."""
-    return decision.conn.mx_host if decision.conn is not None else None
+    """The remote host whose reply decided, if a remote's reply decided."""
+    if decision.conn is None or not decision.reply.remote:
+        return None
+    return decision.conn.mx_host
 
 
 def _connection(info: ConnectionInfo | None) -> Connection | None:

@@ -1,0 +1,178 @@
+"""What the record and the DSN say: only what happened.
+
+``attempts.code``/``deliveries.last_code`` hold a code a server sent, or
+NULL; our own reasons are text with no code.  A DSN's Diagnostic-Code is the
+server's reply line verbatim; Status may be ours.  Real spool, loopback DNS,
+scripted MX hosts (the rig of tests/test_engine.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import email
+import email.policy
+import sqlite3
+from collections.abc import AsyncIterator
+from email.message import EmailMessage
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from outboundd.hooks import MX, HookResult, ok
+from tests.dnsserver import SERVFAIL, DNSServer
+from tests.mxserver import MXScript, mx_server, refusing_address
+from tests.test_engine import SENDER, Rig, make_rig
+
+
+@pytest.fixture
+async def once(dns_server: DNSServer, tmp_path: Path) -> AsyncIterator[Rig]:
+    """A rig whose first temporary failure exhausts the schedule."""
+    dns_server.zones.update(
+        {
+            "dest.test": {"MX": [(10, "mx.dest.test")]},
+            "mx.dest.test": {"A": ["127.0.0.2"]},
+            "other.test": {"MX": [(10, "mx.other.test")]},
+            "mx.other.test": {"A": ["127.0.0.2"]},
+            "sender.test": {"MX": [(10, "mx.sender.test")]},
+            "mx.sender.test": {"A": ["127.0.0.3"]},
+            "nullmx.test": {"MX": [(0, ".")]},
+            "broken.test": SERVFAIL,
+        }
+    )
+    async with contextlib.AsyncExitStack() as stack:
+        mx = await stack.enter_async_context(mx_server(MXScript(), host="127.0.0.2"))
+        smx = await stack.enter_async_context(mx_server(MXScript(), host="127.0.0.3", port=mx.port))
+        r = await make_rig(tmp_path, dns_server, mx, smx, temp_fail_intervals="none")
+        try:
+            yield r
+        finally:
+            await r.engine.close()
+            await r.spool.close()
+
+
+def attempts(rig: Rig, qid: str) -> dict[str, tuple[Any, ...]]:
+    con = sqlite3.connect(rig.spool.db_path)
+    try:
+        return {
+            r[0]: r[1:]
+            for r in con.execute(
+                "SELECT recipient, outcome, code, status, response FROM attempts "
+                "WHERE queue_id = ? ORDER BY attempt",
+                (qid,),
+            )
+        }
+    finally:
+        con.close()
+
+
+def delivery_status(raw: bytes) -> list[dict[str, str]]:
+    """The per-recipient groups of a DSN, parsed by the standard library."""
+    msg = email.message_from_bytes(raw, policy=email.policy.default)
+    assert isinstance(msg, EmailMessage) and msg.get_content_type() == "multipart/report"
+    [part] = [p for p in msg.walk() if p.get_content_type() == "message/delivery-status"]
+    groups = part.get_payload()
+    assert isinstance(groups, list)
+    return [{k: str(v) for k, v in g.items()} for g in groups[1:]]
+
+
+async def dsn_of(rig: Rig) -> bytes:
+    """Deliver the queued DSN to the sender's MX and return it."""
+    await rig.run_once()
+    [txn] = rig.sender_mx.transactions
+    assert txn.rcpt_tos == [SENDER]
+    return txn.body
+
+
+async def test_connection_refused_records_no_code(once: Rig) -> None:
+    host, port = refusing_address()
+
+    async def route(hmail: Any, domain: str) -> HookResult | None:
+        return ok(MX(host, port=port)) if domain == "dest.test" else None
+
+    once.hooks.add("router", "get_mx", route)
+    qid = await once.send("a@dest.test")
+    await once.run_once()
+    status, code, last_status, response = once.rows(qid)["a@dest.test"]
+    assert (status, code, last_status) == ("bounced", None, "5.4.1")
+    assert "Connection refused" in response
+    assert attempts(once, qid)["a@dest.test"][:3] == ("bounced", None, "5.4.1")
+    [group] = delivery_status(await dsn_of(once))
+    assert "Diagnostic-Code" not in group and "Remote-MTA" not in group
+    assert group["Status"] == "5.4.1"
+
+
+async def test_dns_servfail_records_no_code(once: Rig) -> None:
+    qid = await once.send("a@broken.test")
+    await once.run_once()
+    status, code, last_status, response = once.rows(qid)["a@broken.test"]
+    assert (status, code, last_status) == ("bounced", None, "5.4.3")
+    assert response.startswith("DNS lookup for broken.test failed")
+
+
+async def test_null_mx_records_no_code_and_the_dsn_gives_our_reason(once: Rig) -> None:
+    qid = await once.send("a@nullmx.test")
+    await once.run_once()
+    assert once.rows(qid)["a@nullmx.test"] == (
+        "bounced",
+        None,
+        "5.1.10",
+        "null MX for nullmx.test: the domain does not accept mail (RFC 7505)",
+    )
+    raw = await dsn_of(once)
+    [group] = delivery_status(raw)
+    assert "Diagnostic-Code" not in group and group["Status"] == "5.1.10"
+    assert "Reason: null MX for nullmx.test: the domain does not accept mail" in raw.decode()
+    assert "556" not in raw.decode()
+
+
+async def test_exhausted_keeps_the_remote_reply_and_only_the_status_is_ours(once: Rig) -> None:
+    once.mx.script = MXScript(rcpt_default="451 4.7.1 greylisted, come back later")
+    qid = await once.send("a@dest.test")
+    await once.run_once()
+    assert once.rows(qid)["a@dest.test"] == (
+        "bounced",
+        451,
+        "5.7.1",
+        "greylisted, come back later",
+    )
+    assert attempts(once, qid)["a@dest.test"] == (
+        "bounced",
+        451,
+        "5.7.1",
+        "greylisted, come back later",
+    )
+    raw = await dsn_of(once)
+    [group] = delivery_status(raw)
+    assert group["Status"] == "5.7.1"
+    assert group["Diagnostic-Code"] == "smtp; 451 4.7.1 greylisted, come back later"
+    assert "last reply" not in raw.decode() and "554" not in raw.decode()
+    assert "Reason: gave up after 1 attempt" in raw.decode()
+
+
+async def test_exhausted_452_stays_452(once: Rig) -> None:
+    once.mx.script = MXScript(rcpt_default="452 mailbox full")
+    qid = await once.send("a@dest.test")
+    await once.run_once()
+    assert once.rows(qid)["a@dest.test"][:3] == ("bounced", 452, "5.0.0")
+    [group] = delivery_status(await dsn_of(once))
+    assert group["Diagnostic-Code"] == "smtp; 452 mailbox full"
+
+
+async def test_diagnostic_code_without_enhanced_status_is_verbatim(once: Rig) -> None:
+    once.mx.script = MXScript(rcpt_default="550 mailbox unavailable")
+    qid = await once.send("a@dest.test")
+    await once.run_once()
+    assert once.rows(qid)["a@dest.test"][:3] == ("bounced", 550, "5.0.0")
+    [group] = delivery_status(await dsn_of(once))
+    assert group["Diagnostic-Code"] == "smtp; 550 mailbox unavailable"
+    assert group["Status"] == "5.0.0"
+    assert group["Remote-MTA"] == "dns; mx.dest.test"
+
+
+async def test_a_refused_greeting_records_the_code_the_server_sent(once: Rig) -> None:
+    once.mx.script = MXScript(banner="554 5.7.1 no thanks")
+    qid = await once.send("a@dest.test")
+    await once.run_once()
+    outcome, code, status, response = attempts(once, qid)["a@dest.test"]
+    assert (outcome, code, status, response) == ("bounced", 554, "5.7.1", "no thanks")
