@@ -22,7 +22,10 @@ import pytest
 from outboundd.hooks import MX, HookResult, ok
 from tests.dnsserver import SERVFAIL, DNSServer
 from tests.mxserver import MXScript, mx_server, refusing_address
-from tests.test_engine import SENDER, Rig, make_rig
+from tests.test_engine import SENDER, Rig, make_rig, rig
+
+
+__all__ = ["rig"]  # the fixture is used by name below
 
 
 @pytest.fixture
@@ -123,7 +126,7 @@ async def test_null_mx_records_no_code_and_the_dsn_gives_our_reason(once: Rig) -
     [group] = delivery_status(raw)
     assert "Diagnostic-Code" not in group and group["Status"] == "5.1.10"
     assert "Reason: null MX for nullmx.test: the domain does not accept mail" in raw.decode()
-    assert "556" not in raw.decode()
+    assert " 556 " not in raw.decode()
 
 
 async def test_exhausted_keeps_the_remote_reply_and_only_the_status_is_ours(once: Rig) -> None:
@@ -146,7 +149,7 @@ async def test_exhausted_keeps_the_remote_reply_and_only_the_status_is_ours(once
     [group] = delivery_status(raw)
     assert group["Status"] == "5.7.1"
     assert group["Diagnostic-Code"] == "smtp; 451 4.7.1 greylisted, come back later"
-    assert "last reply" not in raw.decode() and "554" not in raw.decode()
+    assert "last reply" not in raw.decode() and " 554 " not in raw.decode()
     assert "Reason: gave up after 1 attempt" in raw.decode()
 
 
@@ -176,3 +179,55 @@ async def test_a_refused_greeting_records_the_code_the_server_sent(once: Rig) ->
     await once.run_once()
     outcome, code, status, response = attempts(once, qid)["a@dest.test"]
     assert (outcome, code, status, response) == ("bounced", 554, "5.7.1", "no thanks")
+
+
+# ---------------------------------------------------------------- every final row says why
+
+
+async def test_a_body_lost_while_running_drops_the_whole_message_at_once(once: Rig) -> None:
+    qid = await once.send("a@dest.test", "b@other.test", "c@dest.test")
+    once.spool.body_path(qid).unlink()
+    await once.run_once()
+    view = once.rows(qid)
+    reason = "message body file missing from the spool; cannot deliver"
+    assert view == {
+        "a@dest.test": ("dropped", None, "5.3.0", reason),
+        "b@other.test": ("dropped", None, "5.3.0", reason),
+        "c@dest.test": ("dropped", None, "5.3.0", reason),
+    }
+    assert {a[0] for a in attempts(once, qid).values()} == {"dropped"}
+    assert await once.run_once() == 0  # no retry, no DSN
+    con = sqlite3.connect(once.spool.db_path)
+    try:
+        assert con.execute("SELECT count(*) FROM messages WHERE dsn_of = ?", (qid,)).fetchone() == (
+            0,
+        )
+        [(finished,)] = con.execute("SELECT finished_at FROM messages WHERE queue_id = ?", (qid,))
+        assert finished is not None
+    finally:
+        con.close()
+
+
+async def test_a_body_lost_before_its_dsn_is_dropped_not_retried_forever(once: Rig) -> None:
+    # A null MX bounces without a session: the first read of the body is the DSN's.
+    qid = await once.send("a@nullmx.test")
+    once.spool.body_path(qid).unlink()
+    await once.run_once()
+    status, code, last_status, response = once.rows(qid)["a@nullmx.test"]
+    assert (status, code, last_status) == ("dropped", None, "5.3.0")
+    assert response == "message body file missing from the spool; cannot deliver"
+    assert await once.run_once() == 0  # nothing left to retry, no DSN queued
+
+
+async def test_a_deferred_hook_drop_shows_the_plugin_in_the_view(rig: Rig) -> None:
+    async def on_deferred(hmail: Any, info: dict[str, Any]) -> HookResult:
+        return ok()
+
+    rig.hooks.add("janitor", "deferred", on_deferred)
+    rig.mx.script = MXScript(rcpt_default="451 4.7.1 greylisted")
+    qid = await rig.send("a@dest.test")
+    await rig.run_once()
+    reason = "dropped by plugin janitor in the deferred hook"
+    assert rig.rows(qid)["a@dest.test"] == ("dropped", None, "5.0.0", reason)
+    # The attempt row keeps what the server really answered.
+    assert attempts(rig, qid)["a@dest.test"] == ("dropped", 451, "4.7.1", "greylisted")

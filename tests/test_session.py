@@ -158,7 +158,12 @@ def test_to_transient_keeps_the_remote_code_and_words() -> None:
     assert moved.context == "mx [1.2.3.4]:25 greeted"
     assert str(moved) == "mx [1.2.3.4]:25 greeted: 554 5.7.1 go away"
     kept = to_transient(parse_reply(421, "4.3.2 bye"), "ctx")
-    assert (kept.code, kept.status, kept.text, str(kept)) == (421, "4.3.2", "bye", "ctx: 421 4.3.2 bye")
+    assert (kept.code, kept.status, kept.text, str(kept)) == (
+        421,
+        "4.3.2",
+        "bye",
+        "ctx: 421 4.3.2 bye",
+    )
     ours = to_transient(Reply(550, "5.0.0", "made up here"), "ctx")
     assert (ours.status, ours.text, ours.recorded_code) == ("4.0.0", "ctx: made up here", None)
 

@@ -18,6 +18,7 @@ The per-recipient decisions are plain functions over values
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -46,7 +47,17 @@ from outboundd.delivery.session import (
     deliver_job,
 )
 from outboundd.hooks import HookFailure, HookRunner, ResultCode
-from outboundd.spool import AttemptRecord, Claim, ClaimedRecipient, Outcome, Spool, SpoolError
+from outboundd.spool import (
+    BODY_MISSING_REASON,
+    BODY_MISSING_STATUS,
+    AttemptRecord,
+    Claim,
+    ClaimedRecipient,
+    Outcome,
+    Spool,
+    SpoolError,
+    Status,
+)
 
 LOG = log.get_logger("delivery")
 
@@ -89,6 +100,8 @@ class Decision:
     count_failure: bool
     reason: str | None
     conn: Connection | None = None
+    #: For a drop (our decision, not the reply's): the status the views show.
+    final_status: str | None = None
 
 
 def decide(
@@ -341,6 +354,8 @@ class DeliveryEngine:
             )
             for rid, v in verdicts.items()
         }
+        if any(v.stage == Stage.LOCAL for v in verdicts.values()) and await _body_lost(claim):
+            decisions = _drop_for_lost_body(decisions)
         decisions = await self._deferred_hook(claim, hmail, decisions)
         decisions = await self._bounces(claim, hmail, decisions, now)
         delay_noticed = await self._delay_notice(claim, decisions, outbound, now)
@@ -364,10 +379,14 @@ class DeliveryEngine:
                 count_failure=d.count_failure,
                 reason=d.reason or d.reply.context,
                 delay_notified=rid in delay_noticed,
+                final_status=_final_status(d),
+                final_response=d.reason if d.outcome is Outcome.DROPPED else None,
             )
             for rid, d in decisions.items()
         ]
         result = await self.spool.record(self.owner, claim, records, now=now)
+        if any(d.final_status == BODY_MISSING_STATUS for d in decisions.values()):
+            await self._drop_lost_message(claim, now)
         for rid in result.lease_lost:
             LOG.warn(
                 "lost the lease before recording; state left to its new owner",
@@ -388,6 +407,27 @@ class DeliveryEngine:
                 LOG.error(
                     "delivered hook failed", qid=claim.queue_id, plugin=exc.plugin, error=exc.reason
                 )
+
+    async def _drop_lost_message(self, claim: Claim, now: float) -> None:
+        """The body is gone: the message's other unfinished recipients (other
+        domains, other leases) are dropped too, with the same reason."""
+        LOG.error(
+            "message body file is gone; its recipients are dropped",
+            qid=claim.queue_id,
+            path=str(claim.body_path),
+        )
+        try:
+            await self.spool.finalize_message(
+                claim.queue_id,
+                Status.DROPPED,
+                reason=BODY_MISSING_REASON,
+                status_code=BODY_MISSING_STATUS,
+                now=now,
+            )
+        except SpoolError as exc:
+            LOG.error(
+                "cannot drop the message's other recipients", qid=claim.queue_id, error=str(exc)
+            )
 
     async def _deferred_hook(
         self, claim: Claim, hmail: HMail, decisions: dict[int, Decision]
@@ -424,6 +464,7 @@ class DeliveryEngine:
                     outcome=Outcome.DROPPED,
                     next_attempt_at=None,
                     reason=f"dropped by plugin {outcome.plugin} in the deferred hook",
+                    final_status=dsn.STATUS_OPERATOR,
                 )
         elif result.code is ResultCode.DENYSOFT and result.delay_seconds is not None:
             for rid in deferred:
@@ -479,6 +520,10 @@ class DeliveryEngine:
                 self.spool, self.notice_settings, _original(claim), failed, reason=reason, now=now
             )
         except SpoolError as exc:
+            if await _body_lost(claim):
+                # No body, no DSN, ever: waiting would only loop.  Dropped,
+                # with the reason, as start-up recovery does.
+                return {**decisions, **_drop_for_lost_body({r: decisions[r] for r in bounced})}
             # The DSN could not be queued: keep the recipients unfinished so
             # the failure (and its notice) is not lost; try again soon.
             LOG.error(
@@ -649,6 +694,36 @@ class DeliveryEngine:
             "secured": conn.tls is not None,
             "authenticated": conn.auth is not None,
         }
+
+
+def _final_status(d: Decision) -> str | None:
+    """The status a drop shows in the views (the decision is ours, not a reply's)."""
+    if d.outcome is not Outcome.DROPPED:
+        return None
+    return d.final_status or dsn.STATUS_OPERATOR
+
+
+async def _body_lost(claim: Claim) -> bool:
+    """Whether the claim's body file is gone (asked only after a local failure)."""
+    return not await asyncio.to_thread(claim.body_path.exists)
+
+
+def _drop_for_lost_body(decisions: dict[int, Decision]) -> dict[int, Decision]:
+    """Every recipient not delivered is dropped: without its body the
+    message can neither be delivered nor returned in a DSN."""
+    return {
+        rid: d
+        if d.outcome is Outcome.DELIVERED
+        else replace(
+            d,
+            outcome=Outcome.DROPPED,
+            next_attempt_at=None,
+            count_failure=False,
+            reason=BODY_MISSING_REASON,
+            final_status=BODY_MISSING_STATUS,
+        )
+        for rid, d in decisions.items()
+    }
 
 
 def _original(claim: Claim) -> OriginalMessage:

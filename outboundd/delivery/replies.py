@@ -228,12 +228,11 @@ def to_transient(reply: Reply, context: str) -> Reply:
     made up ourselves gets the context in front of its text.
     """
     if reply.sent is None:
-        status = _with_class(reply.status, "4")
-        return Reply(reply.code, status, _clean(f"{context}: {reply.text}"))
-    status = reply.status if classify(reply.code) is ReplyClass.TEMPORARY else None
+        return Reply(reply.code, _with_class(reply.status, "4"), _clean(f"{context}: {reply.text}"))
+    kept = reply.status if classify(reply.code) is ReplyClass.TEMPORARY else None
     return Reply(
         reply.code,
-        status or _with_class(reply.status, "4"),
+        kept or _with_class(reply.status, "4"),
         reply.text,
         sent=reply.sent,
         context=context,

@@ -142,11 +142,11 @@ SELECT queue_id FROM messages
  WHERE queue_id IN (SELECT value FROM json_each(:ids)) AND finished_at IS NOT NULL
 
 -- name: drop_message_recipients
--- Final state for every unfinished recipient of one message (body lost, operator).
+-- Final state for every unfinished recipient of one message (body lost, operator): the
+-- decision is ours, so the row shows its status and reason and no remote reply code.
 UPDATE recipients
    SET status = :status, finished_at = :now, final_reason = :reason,
-       last_status = coalesce(:status_code, last_status),
-       last_response = coalesce(:response, last_response),
+       last_code = NULL, last_status = :status_code, last_response = :response,
        held_status = NULL, lease_owner = NULL, lease_expires_at = NULL
  WHERE queue_id = :queue_id AND status IN ('queued', 'sending', 'deferred')
 RETURNING id, recipient, notify, orcpt, attempts, last_code, last_status, last_response, last_mx
