@@ -80,6 +80,7 @@ __all__ = [
     "should_send_dsn",
     "subject_for",
     "success_action",
+    "utf8_addr_xtext",
 ]
 
 DsnAction = Literal["failed", "delayed", "delivered", "relayed", "expanded"]
@@ -601,12 +602,16 @@ def _escape_non_ascii(text: str) -> str:
     return "".join(c if ord(c) < 0x7F else f"\\x{{{ord(c):02X}}}" for c in text)
 
 
-def _utf8_addr_xtext(address: str) -> str:
-    """RFC 6533 utf-8-addr-xtext: QCHARs as is, everything else ``\\x{HEX}``."""
+def utf8_addr_xtext(address: str, *, unitext: bool = False) -> str:
+    """RFC 6533 utf-8-addr-xtext: QCHARs as is, everything else ``\\x{HEX}``.
+
+    With ``unitext`` (utf-8-addr-unitext, only where SMTPUTF8 is in use)
+    non-ASCII characters stay as they are.
+    """
     out = []
     for c in address:
         cp = ord(c)
-        if 0x21 <= cp <= 0x7E and c not in "+=\\":
+        if (0x21 <= cp <= 0x7E and c not in "+=\\") or (unitext and cp >= 0x80 and c.isprintable()):
             out.append(c)
         else:
             out.append(f"\\x{{{cp:02X}}}")
@@ -625,7 +630,7 @@ def _address_field(addr_type: str, address: str) -> str:
         addr_type = "rfc822"
     if address.isascii() and addr_type != "utf-8":
         return f"{addr_type}; {address}"
-    return f"utf-8; {_utf8_addr_xtext(address)}"
+    return f"utf-8; {utf8_addr_xtext(address)}"
 
 
 def _fold(name: str, value: str) -> str:

@@ -33,6 +33,7 @@ from outboundd.delivery.session import (
     deliver_job,
     dot_stuff,
     host_listed,
+    orcpt_param,
     plan_envelope,
     xtext,
 )
@@ -232,6 +233,24 @@ def test_plan_envelope_parameters(job_factory: Callable[..., DeliveryJob]) -> No
     assert plan.rcpt_params[2] == ()
     bare = plan_envelope(job, job.recipients, {}, peer="mx")
     assert bare.mail_params == () and bare.rcpt_params == {} and not bare.dsn
+
+
+def test_orcpt_goes_on_in_its_own_type_and_rfc_6533_encoding() -> None:
+    # rfc822 keeps xtext of the UTF-8 octets: the parameter goes on as it came.
+    assert orcpt_param("rfc822;jänedoe@dest.test", utf8=False) == (
+        "ORCPT=rfc822;j+C3+A4nedoe@dest.test"
+    )
+    assert orcpt_param("rfc822;jänedoe@dest.test", utf8=True) == (
+        "ORCPT=rfc822;j+C3+A4nedoe@dest.test"
+    )
+    # utf-8: utf-8-addr-xtext without SMTPUTF8, utf-8-addr-unitext with it.
+    assert orcpt_param("utf-8;jürgen@dest.test", utf8=False) == "ORCPT=utf-8;j\\x{FC}rgen@dest.test"
+    assert orcpt_param("utf-8;jürgen@dest.test", utf8=True) == "ORCPT=utf-8;jürgen@dest.test"
+    assert orcpt_param("utf-8;a+b=c@dest.test", utf8=True) == (
+        "ORCPT=utf-8;a\\x{2B}b\\x{3D}c@dest.test"
+    )
+    assert orcpt_param(None, utf8=False) is None
+    assert orcpt_param("rfc822; ", utf8=False) is None
 
 
 def test_plan_envelope_refusals(job_factory: Callable[..., DeliveryJob]) -> None:
