@@ -15,8 +15,9 @@ import email.policy
 from email.message import EmailMessage
 
 import aiosmtplib
+import pytest
 
-from tests.harness import Daemon, running
+from tests.harness import Daemon, running, submit
 from tests.mxserver import MXScript
 from tests.test_e2e_delivery import SENDER, World, world
 
@@ -120,3 +121,21 @@ async def test_orcpt_in_the_dsn_is_the_original_address(world: World) -> None:
         "utf-8; j\\x{FC}rgen@dest.test"
     )
     assert b"\xc3\x83" not in raw and b"+C3" not in raw  # no double encoding anywhere
+
+
+@pytest.mark.parametrize("processes", [0, 1])
+async def test_one_dsn_for_two_domains_refused_at_once(world: World, processes: int) -> None:
+    """0: the accepting process delivers its own mail; 1: a delivery process claims it."""
+    world.dns.zones["other.test"] = {"MX": [(10, "mx.dest.test")]}
+    world.mx1.script = MXScript(rcpt_default="550 5.1.1 no such user")
+    async with running(world.config(delivery_processes=processes)) as d:
+        qid = await submit(d.smtp_port, SENDER, ["bob@dest.test", "erin@other.test"])
+        await d.wait_for_status(qid, "bounced", count=2)
+        assert d.query("SELECT count(*) FROM messages WHERE dsn_of = ?", (qid,)) == [(1,)]
+        raw = await wait_for_dsn(d, world, qid)
+    groups = status_groups(raw)
+    assert sorted(g["Final-Recipient"] for g in groups) == [
+        "rfc822; bob@dest.test",
+        "rfc822; erin@other.test",
+    ]
+    assert {g["Diagnostic-Code"] for g in groups} == {"smtp; 550 5.1.1 no such user"}

@@ -8,6 +8,7 @@ scripted MX hosts (the rig of tests/test_engine.py).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import email
 import email.policy
@@ -23,7 +24,6 @@ from outboundd.hooks import MX, HookResult, ok
 from tests.dnsserver import SERVFAIL, DNSServer
 from tests.mxserver import MXScript, mx_server, refusing_address
 from tests.test_engine import SENDER, Rig, make_rig, rig
-
 
 __all__ = ["rig"]  # the fixture is used by name below
 
@@ -231,3 +231,67 @@ async def test_a_deferred_hook_drop_shows_the_plugin_in_the_view(rig: Rig) -> No
     assert rig.rows(qid)["a@dest.test"] == ("dropped", None, "5.0.0", reason)
     # The attempt row keeps what the server really answered.
     assert attempts(rig, qid)["a@dest.test"] == ("dropped", 451, "4.7.1", "greylisted")
+
+
+# ---------------------------------------------------------------- one DSN per message per round
+
+
+async def test_failures_in_two_domains_that_end_together_make_one_dsn(once: Rig) -> None:
+    once.mx.script = MXScript(rcpt_default="550 5.1.1 no such user")
+    qid = await once.send("bob@dest.test", "erin@other.test")
+    claims = await once.spool.claim(once.owner, limit=10, lease_seconds=60)
+    assert sorted(c.domain for c in claims) == ["dest.test", "other.test"]
+    # The scheduler runs claims side by side; so does this test.
+    await asyncio.gather(*(once.engine.deliver(c) for c in claims))
+    assert len(once.engine.rounds) == 0  # nothing left waiting
+    con = sqlite3.connect(once.spool.db_path)
+    try:
+        links = dict(
+            con.execute("SELECT recipient, dsn_queue_id FROM recipients WHERE queue_id = ?", (qid,))
+        )
+        [(dsns,)] = con.execute("SELECT count(*) FROM messages WHERE dsn_of = ?", (qid,))
+    finally:
+        con.close()
+    assert dsns == 1 and links["bob@dest.test"] == links["erin@other.test"] is not None
+    groups = delivery_status(await dsn_of(once))
+    assert sorted(g["Final-Recipient"] for g in groups) == [
+        "rfc822; bob@dest.test",
+        "rfc822; erin@other.test",
+    ]
+
+
+async def test_a_failure_waits_for_the_message_s_slower_claim(
+    once: Rig, dns_server: DNSServer
+) -> None:
+    dns_server.zones["slow.test"] = {"MX": [(10, "mx.slow.test")]}
+    dns_server.zones["mx.slow.test"] = {"A": ["127.0.0.4"]}
+    script = MXScript(rcpt_default="550 5.1.1 gone too", delays={"rcpt": 0.5})
+    async with mx_server(script, host="127.0.0.4", port=once.mx.port):
+        once.mx.script = MXScript(rcpt={"bob@dest.test": "550 5.1.1 no such user"})
+        qid = await once.send("bob@dest.test", "carol@dest.test", "slow@slow.test")
+        claims = await once.spool.claim(once.owner, limit=10, lease_seconds=60)
+        await asyncio.gather(*(once.engine.deliver(c) for c in claims))
+    view = once.rows(qid)
+    assert view["carol@dest.test"][0] == "delivered"
+    assert view["bob@dest.test"][0] == view["slow@slow.test"][0] == "bounced"
+    groups = delivery_status(await dsn_of(once))
+    assert sorted(g["Final-Recipient"] for g in groups) == [
+        "rfc822; bob@dest.test",
+        "rfc822; slow@slow.test",
+    ]
+    assert {g["Diagnostic-Code"] for g in groups} == {
+        "smtp; 550 5.1.1 no such user",
+        "smtp; 550 5.1.1 gone too",
+    }
+
+
+async def test_claims_one_after_the_other_are_separate_rounds(once: Rig) -> None:
+    once.mx.script = MXScript(rcpt_default="550 5.1.1 no such user")
+    qid = await once.send("bob@dest.test", "erin@other.test")
+    await once.run_once()  # one claim after the other: nothing to wait for
+    con = sqlite3.connect(once.spool.db_path)
+    try:
+        [(dsns,)] = con.execute("SELECT count(*) FROM messages WHERE dsn_of = ?", (qid,))
+    finally:
+        con.close()
+    assert dsns == 2 and len(once.engine.rounds) == 0

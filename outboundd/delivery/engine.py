@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
@@ -31,6 +31,7 @@ from outboundd.delivery.hmail import HMail
 from outboundd.delivery.mx import MXResolutionError, MXResolver, MXTarget, normalize_mx_result
 from outboundd.delivery.notices import (
     DOUBLE_BOUNCE_NOTE,
+    NoticeOutcome,
     NoticeRecipient,
     OriginalMessage,
     notice_settings,
@@ -39,6 +40,7 @@ from outboundd.delivery.notices import (
 )
 from outboundd.delivery.pool import ConnectionPool
 from outboundd.delivery.replies import Reply, Stage, to_exhausted
+from outboundd.delivery.rounds import FailureRounds, Ticket
 from outboundd.delivery.session import (
     ConnectionInfo,
     DeliveryJob,
@@ -176,6 +178,8 @@ class DeliveryEngine:
         )
         self.notice_settings = notice_settings(config)
         self._settings_cache: tuple[OutboundConfig, SessionSettings] | None = None
+        #: Failures of one message's claims that end together share one DSN.
+        self.rounds = FailureRounds()
 
     async def close(self) -> None:
         """Close the idle connections kept for reuse (QUIT)."""
@@ -197,19 +201,23 @@ class DeliveryEngine:
             size=claim.size,
             received_at=claim.received_at,
         )
-        verdicts: dict[int, Verdict] | None = None
-        postponed = await self._send_email_hook(claim, hmail)
-        if postponed is True:
-            return
-        if postponed is not None:
-            verdicts = postponed
-        if verdicts is None:
-            routed = await self._targets(claim, hmail, outbound)
-            if isinstance(routed, dict):
-                verdicts = routed
-            else:
-                verdicts = await self._session(claim, routed, outbound)
-        await self._conclude(claim, hmail, verdicts, outbound, started)
+        ticket = self.rounds.enter(claim.queue_id)
+        try:
+            verdicts: dict[int, Verdict] | None = None
+            postponed = await self._send_email_hook(claim, hmail)
+            if postponed is True:
+                return
+            if postponed is not None:
+                verdicts = postponed
+            if verdicts is None:
+                routed = await self._targets(claim, hmail, outbound)
+                if isinstance(routed, dict):
+                    verdicts = routed
+                else:
+                    verdicts = await self._session(claim, routed, outbound)
+            await self._conclude(claim, hmail, verdicts, outbound, started, ticket)
+        finally:
+            await self.rounds.leave(ticket)
 
     # ----------------------------------------------------------------- hooks
 
@@ -337,6 +345,7 @@ class DeliveryEngine:
         verdicts: dict[int, Verdict],
         outbound: OutboundConfig,
         started: float,
+        ticket: Ticket,
     ) -> None:
         now = self.clock()
         by_id = {r.id: r for r in claim.recipients}
@@ -357,7 +366,7 @@ class DeliveryEngine:
         if any(v.stage == Stage.LOCAL for v in verdicts.values()) and await _body_lost(claim):
             decisions = _drop_for_lost_body(decisions)
         decisions = await self._deferred_hook(claim, hmail, decisions)
-        decisions = await self._bounces(claim, hmail, decisions, now)
+        decisions = await self._bounces(claim, hmail, decisions, now, ticket)
         delay_noticed = await self._delay_notice(claim, decisions, outbound, now)
         await self._success_notice(claim, decisions, now)
 
@@ -407,6 +416,17 @@ class DeliveryEngine:
                 LOG.error(
                     "delivered hook failed", qid=claim.queue_id, plugin=exc.plugin, error=exc.reason
                 )
+
+    def _failure_sender(self, claim: Claim) -> Callable[..., Awaitable[NoticeOutcome]]:
+        """Queues the failure DSN of ``claim``'s message (for its delivery round)."""
+        original = _original(claim)
+
+        async def send(failed: Sequence[NoticeRecipient], reason: str) -> NoticeOutcome:
+            return await queue_failure_notice(
+                self.spool, self.notice_settings, original, failed, reason=reason, now=self.clock()
+            )
+
+        return send
 
     async def _drop_lost_message(self, claim: Claim, now: float) -> None:
         """The body is gone: the message's other unfinished recipients (other
@@ -481,6 +501,7 @@ class DeliveryEngine:
         hmail: HMail,
         decisions: dict[int, Decision],
         now: float,
+        ticket: Ticket,
     ) -> dict[int, Decision]:
         bounced = [rid for rid, d in decisions.items() if d.outcome is Outcome.BOUNCED]
         if not bounced:
@@ -516,9 +537,7 @@ class DeliveryEngine:
         ]
         reason = first.reason or str(first.reply)
         try:
-            notice = await queue_failure_notice(
-                self.spool, self.notice_settings, _original(claim), failed, reason=reason, now=now
-            )
+            notice = await self.rounds.report(ticket, failed, reason, self._failure_sender(claim))
         except SpoolError as exc:
             if await _body_lost(claim):
                 # No body, no DSN, ever: waiting would only loop.  Dropped,
