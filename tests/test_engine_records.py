@@ -73,7 +73,8 @@ def delivery_status(raw: bytes) -> list[dict[str, str]]:
     """The per-recipient groups of a DSN, parsed by the standard library."""
     msg = email.message_from_bytes(raw, policy=email.policy.default)
     assert isinstance(msg, EmailMessage) and msg.get_content_type() == "multipart/report"
-    [part] = [p for p in msg.walk() if p.get_content_type() == "message/delivery-status"]
+    # The report's own part comes first (a returned DSN may hold another).
+    part = next(p for p in msg.walk() if p.get_content_type() == "message/delivery-status")
     groups = part.get_payload()
     assert isinstance(groups, list)
     return [{k: str(v) for k, v in g.items()} for g in groups[1:]]
@@ -295,3 +296,62 @@ async def test_claims_one_after_the_other_are_separate_rounds(once: Rig) -> None
     finally:
         con.close()
     assert dsns == 2 and len(once.engine.rounds) == 0
+
+
+# ---------------------------------------------------------------- a DSN that needs SMTPUTF8
+
+
+@pytest.mark.parametrize("copy_to", [None, "postmaster@sender.test"])
+async def test_a_dsn_to_a_utf8_sender_whose_mx_lacks_smtputf8(
+    dns_server: DNSServer, tmp_path: Path, copy_to: str | None
+) -> None:
+    """The DSN to ``jörg@sender.test`` needs SMTPUTF8 (its To: is the
+    sender's address, which no downgrade can make ASCII, RFC 6531 §3.2).
+    The sender's MX does not offer it: the DSN bounces ``5.6.7`` with the
+    reason recorded, and, being a double bounce, is copied to
+    ``double_bounce_recipient`` when set (the copy is ASCII-addressed and
+    goes through) or dropped with the reason — never lost in silence."""
+    dns_server.zones.update(
+        {
+            "dest.test": {"MX": [(10, "mx.dest.test")]},
+            "mx.dest.test": {"A": ["127.0.0.2"]},
+            "sender.test": {"MX": [(10, "mx.sender.test")]},
+            "mx.sender.test": {"A": ["127.0.0.3"]},
+        }
+    )
+    refusing = MXScript(smtputf8=True, rcpt_default="550 5.1.1 no such user")
+    async with contextlib.AsyncExitStack() as stack:
+        mx = await stack.enter_async_context(mx_server(refusing, host="127.0.0.2"))
+        smx = await stack.enter_async_context(
+            mx_server(MXScript(smtputf8=False), host="127.0.0.3", port=mx.port)
+        )
+        extra = {"double_bounce_recipient": copy_to} if copy_to else {}
+        r = await make_rig(tmp_path, dns_server, mx, smx, **extra)
+        try:
+            qid = await r.send("bob@dest.test", sender="jörg@sender.test", smtputf8=True)
+            await r.run_once()
+            con = sqlite3.connect(r.spool.db_path)
+            [(dsn_qid, smtputf8)] = con.execute(
+                "SELECT queue_id, smtputf8 FROM messages WHERE dsn_of = ?", (qid,)
+            ).fetchall()
+            con.close()
+            assert smtputf8 == 1
+            await r.run_once()  # the DSN meets the sender's MX
+            status, code, last_status, response = r.rows(dsn_qid)["jörg@sender.test"]
+            assert (status, code, last_status) == ("bounced", None, "5.6.7")
+            assert "does not offer it" in response
+            await r.run_once()  # the double-bounce copy, if any
+            assert await r.run_once() == 0  # nothing loops
+            if copy_to is None:
+                assert "dropped" in r.reason(dsn_qid, "jörg@sender.test")
+                assert smx.transactions == []
+            else:
+                [copy] = smx.transactions
+                assert copy.rcpt_tos == [copy_to] and copy.mail_from in ("", "<>")
+                assert "SMTPUTF8" not in copy.mail_params
+                groups = delivery_status(copy.body)
+                assert groups[0]["Final-Recipient"] == "utf-8; j\\x{F6}rg@sender.test"
+                assert groups[0]["Status"] == "5.6.7"
+        finally:
+            await r.engine.close()
+            await r.spool.close()
