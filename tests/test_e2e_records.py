@@ -1,9 +1,10 @@
-"""End to end: what the DSN parameters and DSNs look like at the next hop.
+"""End to end: what the next hop, the DSN and the record say.
 
 The real outboundd, a loopback DNS server and scripted MX hosts (the world
 of tests/test_e2e_delivery.py).  ORCPT is submitted the way Postfix and a
-RFC 6533 client send it, and checked at the MX and in the DSN, parsed with
-the standard library's email package.
+RFC 6533 client send it, and checked at the MX and in the DSN (parsed with
+the standard library's email package); failures of one message end in one
+DSN; a body lost while running ends its recipients at once.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import asyncio
 import contextlib
 import email
 import email.policy
+import signal
 from email.message import EmailMessage
 
 import aiosmtplib
@@ -139,3 +141,23 @@ async def test_one_dsn_for_two_domains_refused_at_once(world: World, processes: 
         "rfc822; erin@other.test",
     ]
     assert {g["Diagnostic-Code"] for g in groups} == {"smtp; 550 5.1.1 no such user"}
+
+
+async def test_a_body_deleted_while_running_is_dropped_at_the_next_attempt(world: World) -> None:
+    world.mx1.script = MXScript(rcpt_default="451 4.7.1 greylisted")
+    async with running(world.config(temp_fail_intervals="1h")) as d:
+        qid = await submit(d.smtp_port, SENDER, ["bob@dest.test"])
+        await d.wait_for_status(qid, "deferred")
+        [body] = list((d.queue_dir / "bodies").glob(f"*/{qid}"))
+        body.unlink()
+        world.mx1.script = MXScript()
+        d.signal(signal.SIGHUP)  # due now: the next attempt finds no body
+        await d.wait_for_status(qid, "dropped")
+        assert d.query(
+            "SELECT last_code, last_status, last_response FROM deliveries WHERE queue_id = ?",
+            (qid,),
+        ) == [(None, "5.3.0", "message body file missing from the spool; cannot deliver")]
+        await d.wait_for(r"message body file is gone")
+        assert d.query("SELECT count(*) FROM messages WHERE dsn_of = ?", (qid,)) == [(0,)]
+    assert world.mx1.transactions == []
+    assert not any("cannot queue the DSN" in line for line in d.lines)
