@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 
 from outboundd.hooks import MX, HookResult, ok
+from outboundd.spool import NewMessage, NewRecipient
 from tests.dnsserver import SERVFAIL, DNSServer
 from tests.mxserver import MXScript, mx_server, refusing_address
 from tests.test_engine import SENDER, Rig, make_rig, rig
@@ -355,3 +356,27 @@ async def test_a_dsn_to_a_utf8_sender_whose_mx_lacks_smtputf8(
         finally:
             await r.engine.close()
             await r.spool.close()
+
+
+async def test_a_dsn_queued_before_a_crash_is_not_sent_again(once: Rig) -> None:
+    """The DSN links itself to its recipients in its own commit; when the
+    record that follows is lost (a crash), the recipients are retried with
+    that link in place, and their failure is not reported a second time."""
+    once.mx.script = MXScript(rcpt_default="550 5.1.1 no such user")
+    qid = await once.send("bob@dest.test")
+    # What the engine commits first: the DSN, linked to bob ...
+    earlier = await once.spool.accept(
+        NewMessage("", [NewRecipient(SENDER)], b"Subject: DSN\r\n\r\nx\r\n", dsn_of=qid,
+                   dsn_recipients=["bob@dest.test"])
+    )  # fmt: skip
+    # ... and then the process died before recording bob as bounced.
+    await once.run_once()
+    assert once.rows(qid)["bob@dest.test"][0] == "bounced"
+    assert once.reason(qid, "bob@dest.test") == f"DSN {earlier} (queued earlier)"
+    con = sqlite3.connect(once.spool.db_path)
+    try:
+        assert con.execute("SELECT queue_id FROM messages WHERE dsn_of = ?", (qid,)).fetchall() == [
+            (earlier,)
+        ]
+    finally:
+        con.close()

@@ -507,6 +507,18 @@ class DeliveryEngine:
         if not bounced:
             return decisions
         by_id = {r.id: r for r in claim.recipients}
+        reported_before = [rid for rid in bounced if by_id[rid].dsn_queue_id]
+        if reported_before:
+            # A DSN was queued for them and then the record was lost (a crash):
+            # that DSN stands, a second one would report the failure twice.
+            decisions = dict(decisions)
+            for rid in reported_before:
+                decisions[rid] = replace(
+                    decisions[rid], reason=f"DSN {by_id[rid].dsn_queue_id} (queued earlier)"
+                )
+            bounced = [rid for rid in bounced if not by_id[rid].dsn_queue_id]
+            if not bounced:
+                return decisions
         first = decisions[bounced[0]]
         if self.hooks.has("bounce"):
             hmail.rcpt_to = [by_id[rid].address for rid in bounced]

@@ -14,7 +14,8 @@ Durability does not change: the DSN is still queued (and linked to the
 recipients it reports) before any of those recipients is recorded final,
 and the message's body is still there, because its bounced recipients are
 not final yet.  A crash before the DSN is queued leaves the recipients
-leased, so they are retried — as before, never lost, never reported twice.
+leased, so they are retried (never lost); a crash after it leaves them
+linked to it, and the retry does not report them again (never twice).
 
 The wait is bounded by the other claims' sessions, which are bounded by the
 delivery timeouts.  Claims of one message in different delivery processes

@@ -597,6 +597,7 @@ class Spool:
                             last_response=r[11],
                             last_mx=r[12],
                             delay_notified=bool(r[13]),
+                            dsn_queue_id=r[14],
                         )
                         for r in group
                     ),

@@ -19,7 +19,7 @@ INSERT INTO recipients (queue_id, recipient, domain, notify, orcpt, status, next
 VALUES (:queue_id, :recipient, :domain, :notify, :orcpt, 'sending', :next_attempt_at,
         'queued', :owner, :expires)
 RETURNING id, queue_id, domain, recipient, notify, orcpt, attempts, failures, held_status,
-          last_code, last_status, last_response, last_mx, delay_notified
+          last_code, last_status, last_response, last_mx, delay_notified, dsn_queue_id
 
 -- name: link_dsn
 -- A DSN was queued for these recipients of the original message.
@@ -53,7 +53,7 @@ UPDATE recipients
    AND (queue_id, domain) IN (
         SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]') FROM json_each(:groups))
 RETURNING id, queue_id, domain, recipient, notify, orcpt, attempts, failures, held_status,
-          last_code, last_status, last_response, last_mx, delay_notified
+          last_code, last_status, last_response, last_mx, delay_notified, dsn_queue_id
 
 -- name: claim_chosen_recipients
 UPDATE recipients
@@ -62,7 +62,7 @@ UPDATE recipients
  WHERE status IN ('queued', 'deferred') AND next_attempt_at <= :now
    AND id IN (SELECT value FROM json_each(:ids))
 RETURNING id, queue_id, domain, recipient, notify, orcpt, attempts, failures, held_status,
-          last_code, last_status, last_response, last_mx, delay_notified
+          last_code, last_status, last_response, last_mx, delay_notified, dsn_queue_id
 
 -- name: messages_by_ids
 SELECT queue_id, mail_from, body_file, size, received_at, auth_user, env_id, ret, smtputf8,

@@ -93,6 +93,9 @@ class ClaimedRecipient:
     last_response: str | None = None
     last_mx: str | None = None
     delay_notified: bool = False  # a delay DSN was already sent for it
+    #: A failure DSN already reports it: queued just before a crash that lost
+    #: the record (the DSN links itself in its own commit).  Not reported twice.
+    dsn_queue_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
