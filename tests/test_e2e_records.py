@@ -18,6 +18,7 @@ from email.message import EmailMessage
 
 import aiosmtplib
 import pytest
+from flufl.bounce import all_failures
 
 from tests.harness import Daemon, running, submit
 from tests.mxserver import MXScript
@@ -141,6 +142,9 @@ async def test_one_dsn_for_two_domains_refused_at_once(world: World, processes: 
         "rfc822; erin@other.test",
     ]
     assert {g["Diagnostic-Code"] for g in groups} == {"smtp; 550 5.1.1 no such user"}
+    # A bounce processor (flufl.bounce, Mailman's) reads both as permanent failures.
+    message = email.message_from_bytes(raw, policy=email.policy.compat32)
+    assert all_failures(message) == (frozenset(), {b"bob@dest.test", b"erin@other.test"})
 
 
 async def test_a_body_deleted_while_running_is_dropped_at_the_next_attempt(world: World) -> None:

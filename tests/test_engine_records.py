@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from flufl.bounce import all_failures
 
 from outboundd.hooks import MX, HookResult, ok
 from outboundd.spool import NewMessage, NewRecipient
@@ -153,6 +154,9 @@ async def test_exhausted_keeps_the_remote_reply_and_only_the_status_is_ours(once
     assert group["Diagnostic-Code"] == "smtp; 451 4.7.1 greylisted, come back later"
     assert "last reply" not in raw.decode() and " 554 " not in raw.decode()
     assert "Reason: gave up after 1 attempt" in raw.decode()
+    # A bounce processor reads it as a permanent failure of the recipient.
+    message = email.message_from_bytes(raw, policy=email.policy.compat32)
+    assert all_failures(message) == (frozenset(), {b"a@dest.test"})
 
 
 async def test_exhausted_452_stays_452(once: Rig) -> None:
