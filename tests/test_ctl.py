@@ -447,6 +447,10 @@ async def test_bounce_queues_one_dsn_to_the_sender(queue: Queue) -> None:
         "SELECT status, final_reason LIKE '%spam complaint%' FROM recipients WHERE queue_id = ?",
         (queue.other,),
     ) == [("bounced", 1)]
+    assert queue.query(
+        "SELECT last_code, last_status, last_response FROM deliveries WHERE queue_id = ?",
+        (queue.other,),
+    ) == [(None, "5.0.0", "bounced by the operator: spam complaint")]
     assert queue.query("SELECT mail_from, dsn_of FROM messages WHERE queue_id = ?", (dsn_qid,)) == [
         ("", queue.other)
     ]
