@@ -30,11 +30,14 @@ fixture available everywhere without the import.)
 
 :class:`MXScript` fields (all optional; a reply is the full reply text, e.g.
 ``"451 4.3.0 try later"`` or a multi-line ``"250-a\\r\\n250 b"``; the
-special value :data:`DROP` closes the connection instead of answering):
+special value :data:`DROP` closes the connection instead of answering, and
+:data:`SILENT` never answers — the server keeps the connection open and
+says nothing, as a hung remote does):
 
 * ``banner`` — greeting (default ``220 <hostname> ESMTP scripted``)
 * ``ehlo``, ``helo``, ``lhlo`` — replace the answer (e.g. ``"502 5.5.1 no"``
-  to make the client fall back to HELO)
+  to make the client fall back to HELO); ``ehlo_tls`` replaces only the
+  answer to the EHLO after STARTTLS
 * ``starttls`` — answer to STARTTLS instead of starting TLS
 * ``auth`` — answer to AUTH instead of checking credentials
 * ``mail`` — answer to MAIL FROM
@@ -43,7 +46,14 @@ special value :data:`DROP` closes the connection instead of answering):
 * ``data`` — answer to DATA instead of 354
 * ``data_end`` — answer after the final dot (SMTP), or every recipient's
   answer (LMTP) unless ``lmtp_replies`` ``{address: reply}`` names it
-* ``rset`` — answer to RSET
+* ``rset`` — answer to RSET; ``quit`` — answer to QUIT (default ``221``,
+  then the server closes)
+* ``max_messages`` — per connection: the next MAIL after that many
+  messages gets ``421 4.7.0`` and the connection is closed (a server's
+  per-connection limit, or one that timed the idle connection out)
+* ``tls_silent`` — answer 220 to STARTTLS, then never take part in the
+  TLS handshake; ``body_silent`` — answer 354 to DATA, then stop reading
+  (the client's writes of the body block once the buffers are full)
 * ``delays`` — ``{stage: seconds}`` to wait before answering; stages are
   ``banner ehlo helo lhlo starttls auth mail rcpt data data_end rset quit``
 * ``tls`` — a :class:`tests.certs.TestPKI` (or server ``SSLContext``):
@@ -59,7 +69,10 @@ special value :data:`DROP` closes the connection instead of answering):
 * ``pipelining`` — advertise PIPELINING (default :data:`PIPELINING_DEFAULT`)
 
 What is recorded (read it from the test; appends happen on the server's
-thread): ``connections`` (TCP connections accepted), ``commands`` (every
+thread): ``connections`` (TCP connections accepted), ``open_connections``
+and ``max_open_connections`` (open now, and the most open at once; pass
+one :class:`ConnectionGauge` as ``gauge=`` to several servers to count
+them together), ``commands`` (every
 command verb in order, e.g. ``["EHLO", "STARTTLS", "EHLO", "MAIL", ...]``)
 ``pipelined`` (per MAIL: whether the commands after it came in the same
 segment), and ``transactions`` — a :class:`ReceivedTransaction` per message body
@@ -91,6 +104,8 @@ from tests.certs import TestPKI
 
 __all__ = [
     "DROP",
+    "SILENT",
+    "ConnectionGauge",
     "MXScript",
     "MXServer",
     "ReceivedTransaction",
@@ -101,6 +116,8 @@ __all__ = [
 
 #: Use as a scripted reply to close the connection instead of answering.
 DROP = "DROP"
+#: Use as a scripted reply to never answer (the connection stays open).
+SILENT = "SILENT"
 
 _STARTUP_TIMEOUT = 5.0
 _DSN_MAIL = ("RET", "ENVID")
@@ -119,6 +136,7 @@ class MXScript:
     hostname: str = "mx.test"
     banner: str | None = None
     ehlo: str | None = None
+    ehlo_tls: str | None = None
     helo: str | None = None
     lhlo: str | None = None
     starttls: str | None = None
@@ -130,9 +148,13 @@ class MXScript:
     data_end: str | None = None
     lmtp_replies: Mapping[str, str] = field(default_factory=dict)
     rset: str | None = None
+    quit: str | None = None
     delays: Mapping[str, float] = field(default_factory=dict)
     tls: TestPKI | ssl.SSLContext | None = None
     tls_broken: bool = False
+    tls_silent: bool = False
+    body_silent: bool = False
+    max_messages: int | None = None
     size_limit: int | None = None
     smtputf8: bool = False
     dsn: bool = False
@@ -141,6 +163,24 @@ class MXScript:
     auth_require_tls: bool = True
     lmtp: bool = False
     pipelining: bool | None = None  # None: PIPELINING_DEFAULT
+
+
+class ConnectionGauge:
+    """Connections open now and the most open at once, over one or more servers."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.open = 0
+        self.max_open = 0
+
+    def opened(self) -> None:
+        with self._lock:
+            self.open += 1
+            self.max_open = max(self.max_open, self.open)
+
+    def closed(self) -> None:
+        with self._lock:
+            self.open -= 1
 
 
 @dataclass
@@ -247,6 +287,7 @@ class _Handler:
             )
         )
         server.rcpt_params = {}
+        server.messages += 1
         if not script.lmtp:
             reply = script.data_end or "250 2.0.0 Ok: queued"
             await server.pause_or_drop("data_end", reply)
@@ -275,6 +316,7 @@ class _ScriptedSMTP(SMTP):
         self.pending_params: list[str] = []
         self.mail_params: list[str] = []
         self.rcpt_params: dict[str, list[str]] = {}
+        self.messages = 0  # bodies received on this connection
         self._greeted = False
         super().__init__(_Handler(mx), **kwargs)
 
@@ -292,6 +334,12 @@ class _ScriptedSMTP(SMTP):
             await asyncio.sleep(delay)
         if reply == DROP:
             await self.drop()
+        if reply == SILENT:
+            await self.silence()
+
+    async def silence(self) -> None:
+        """Say nothing more; the session task waits here until the connection ends."""
+        await asyncio.get_running_loop().create_future()  # cancelled by connection_lost
 
     def tls_version(self) -> str | None:
         if self._tls_protocol is None or self.transport is None:
@@ -324,10 +372,13 @@ class _ScriptedSMTP(SMTP):
         if self._original_transport is None:  # a new TCP connection, not STARTTLS
             self.mx.connections += 1
             self.mx._protocols.add(self)
+            self.mx.gauge.opened()
         super().connection_made(transport)
 
     def connection_lost(self, error: Exception | None) -> None:
-        self.mx._protocols.discard(self)
+        if self in self.mx._protocols:
+            self.mx._protocols.discard(self)
+            self.mx.gauge.closed()
         super().connection_lost(error)
 
     async def push(self, status: Any) -> None:
@@ -345,7 +396,9 @@ class _ScriptedSMTP(SMTP):
             self.mx.commands.append("EHLO")
             await self.push('500 Error: command "EHLO" not recognized')
             return
-        if not await self._scripted("ehlo", self.mx.script.ehlo):
+        script = self.mx.script
+        reply = script.ehlo_tls if self._tls_protocol is not None else None
+        if not await self._scripted("ehlo", reply or script.ehlo):
             await super().smtp_EHLO(hostname)
 
     async def smtp_LHLO(self, hostname: str) -> None:
@@ -368,6 +421,9 @@ class _ScriptedSMTP(SMTP):
     async def smtp_STARTTLS(self, arg: str) -> None:
         if await self._scripted("starttls", self.mx.script.starttls):
             return
+        if self.mx.script.tls_silent:
+            await self.push("220 2.0.0 Ready to start TLS")
+            await self.silence()
         if self.mx.script.tls_broken and self.tls_context is not None:
             await self.push("220 2.0.0 Ready to start TLS")
             await super().push(b"this is not a TLS handshake\r\n" * 4)
@@ -380,6 +436,11 @@ class _ScriptedSMTP(SMTP):
 
     async def smtp_MAIL(self, arg: str | None) -> None:
         self.mx.commands.append("MAIL")
+        limit = self.mx.script.max_messages
+        if limit is not None and self.messages >= limit and self.transport is not None:
+            await self.push("421 4.7.0 too many messages on this connection, closing")
+            self.transport.close()  # after the reply is written
+            await self.silence()
         if arg is not None:
             head, params = _split_params(arg)
             self.pending_params = params
@@ -397,8 +458,12 @@ class _ScriptedSMTP(SMTP):
         await super().smtp_RCPT(arg)
 
     async def smtp_DATA(self, arg: str) -> None:
-        if not await self._scripted("data", self.mx.script.data):
-            await super().smtp_DATA(arg)
+        if await self._scripted("data", self.mx.script.data):
+            return
+        if self.mx.script.body_silent and self.envelope.rcpt_tos:
+            await self.push("354 End data with <CR><LF>.<CR><LF>")
+            await self.silence()  # nothing read: the client's writes fill the buffers
+        await super().smtp_DATA(arg)
 
     async def smtp_RSET(self, arg: str) -> None:
         self.mail_params, self.rcpt_params = [], {}
@@ -407,7 +472,7 @@ class _ScriptedSMTP(SMTP):
 
     async def smtp_QUIT(self, arg: str) -> None:
         self.mx.commands.append("QUIT")
-        await self.pause_or_drop("quit", None)
+        await self.pause_or_drop("quit", self.mx.script.quit)
         await super().smtp_QUIT(arg)
 
 
@@ -442,12 +507,14 @@ class MXServer:
         *,
         host: str = "127.0.0.2",
         port: int = 0,
+        gauge: ConnectionGauge | None = None,
     ) -> None:
         _check_loopback(host)
         self.script = script or MXScript()
         self.host = host
         self.port = port
         self.connections = 0
+        self.gauge = gauge or ConnectionGauge()
         self.commands: list[str] = []
         self.transactions: list[ReceivedTransaction] = []
         #: Per MAIL: did more commands arrive with it (the client pipelined)?
@@ -459,6 +526,14 @@ class MXServer:
         self._error: BaseException | None = None
 
     # -- for tests -------------------------------------------------------------
+
+    @property
+    def open_connections(self) -> int:
+        return self.gauge.open
+
+    @property
+    def max_open_connections(self) -> int:
+        return self.gauge.max_open
 
     def target(self, **mx_options: Any) -> MXTarget:
         """An :class:`MXTarget` pointing here; ``mx_options`` go to :class:`MX`."""
@@ -579,10 +654,14 @@ class MXServer:
 
 @contextlib.asynccontextmanager
 async def mx_server(
-    script: MXScript | None = None, *, host: str = "127.0.0.2", port: int = 0
+    script: MXScript | None = None,
+    *,
+    host: str = "127.0.0.2",
+    port: int = 0,
+    gauge: ConnectionGauge | None = None,
 ) -> AsyncIterator[MXServer]:
     """Run a scripted MX for the duration of an ``async with`` block."""
-    server = MXServer(script, host=host, port=port)
+    server = MXServer(script, host=host, port=port, gauge=gauge)
     await asyncio.to_thread(server.start)
     try:
         yield server

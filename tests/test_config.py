@@ -255,6 +255,8 @@ def test_missing_directory_gives_every_default(
     assert out.mx_port == 25
     assert (out.greeting_timeout, out.mail_timeout, out.rcpt_timeout) == (300, 300, 300)
     assert (out.data_timeout, out.data_end_timeout) == (120, 600)
+    assert (out.ehlo_timeout, out.starttls_timeout, out.auth_timeout) == (300, 300, 120)
+    assert (out.data_block_timeout, out.rset_timeout, out.quit_timeout) == (180, 20, 5)
     assert out.pool_max_per_host == out.domain_concurrency_max == 10
     assert out.pool_idle_timeout == 10
     assert out.delay_warning_time == 14400
@@ -345,6 +347,12 @@ mail_timeout = 2
 rcpt_timeout = 3
 data_timeout = 4
 data_end_timeout = 5
+ehlo_timeout = 6
+starttls_timeout = 7
+auth_timeout = 8
+data_block_timeout = 9
+rset_timeout = 10
+quit_timeout = 0.5
 pool_max_per_host = 1
 pool_idle_timeout = 0
 delay_warning_time = 0
@@ -369,6 +377,8 @@ lease_seconds = 30
     assert out.mx_port == 2525
     assert (out.greeting_timeout, out.mail_timeout, out.rcpt_timeout) == (1, 2, 3)
     assert (out.data_timeout, out.data_end_timeout) == (4, 5)
+    assert (out.ehlo_timeout, out.starttls_timeout, out.auth_timeout) == (6, 7, 8)
+    assert (out.data_block_timeout, out.rset_timeout, out.quit_timeout) == (9, 10, 0.5)
     assert (out.pool_max_per_host, out.pool_idle_timeout) == (1, 0)
     assert out.delay_warning_time == 0
     assert out.bounce_max_original_size == 0
@@ -1288,3 +1298,33 @@ def test_bad_nodes_names_file_key_and_value(cfg: Path, value: str) -> None:
 
 def test_nodes_defaults_to_one(cfg: Path) -> None:
     assert load(cfg).smtp.nodes == 1
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        "greeting_timeout",
+        "ehlo_timeout",
+        "starttls_timeout",
+        "auth_timeout",
+        "mail_timeout",
+        "rcpt_timeout",
+        "data_timeout",
+        "data_block_timeout",
+        "data_end_timeout",
+        "rset_timeout",
+        "quit_timeout",
+    ],
+)
+def test_session_timeouts_accept_their_documented_range(cfg: Path, key: str) -> None:
+    """Each wait's bound: greater than 0, at most a year (docs/configuration.md)."""
+    for good, value in (("0.05", 0.05), ("31536000", 31536000.0)):
+        write(cfg, "outbound.ini", f"[main]\n{key}={good}\n")
+        assert getattr(load(cfg).outbound, key) == value
+    for bad, message in (
+        ("0", "must be greater than 0"),
+        ("31536001", "is more than 31536000 seconds (a year)"),
+        ("-1", "is not a number of seconds"),
+    ):
+        write(cfg, "outbound.ini", f"[main]\n{key}={bad}\n")
+        assert error_of(cfg).startswith(f"config/outbound.ini [main] {key}: '{bad}' {message}")

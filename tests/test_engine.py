@@ -23,6 +23,7 @@ from outboundd.daemon import OutboundSettings
 from outboundd.delivery.engine import DeliveryEngine
 from outboundd.hooks import MX, HookResult, HookRunner, delay, deny, denysoft, ok
 from outboundd.spool import NewMessage, NewRecipient, Spool, lease_owner_id
+from tests import certs
 from tests.dnsserver import DNSServer
 from tests.harness import write_config
 from tests.mxserver import MXScript, MXServer, mx_server
@@ -407,3 +408,39 @@ async def test_raising_plugin_defers_without_counting(rig: Rig) -> None:
     ).fetchone()
     assert row[0] == "deferred" and row[1] == 0
     assert "plugin broken failed" in row[2] and "database unreachable" in row[2]
+
+
+@pytest.mark.parametrize("auth_reply", [None, "SILENT"])
+async def test_attempt_row_keeps_tls_and_auth_after_a_refused_login(
+    dns_server: DNSServer, tmp_path: Path, pki: certs.TestPKI, auth_reply: str | None
+) -> None:
+    """STARTTLS succeeded, then AUTH failed (535, or no answer): the attempt row still
+    says the session was encrypted and which credentials were offered (item 19)."""
+    script = MXScript(tls=pki, credentials={"relayuser": "right"}, auth=auth_reply)
+    async with contextlib.AsyncExitStack() as stack:
+        mx = await stack.enter_async_context(mx_server(script, host="127.0.0.4"))
+        other = await stack.enter_async_context(mx_server(MXScript(), host="127.0.0.5"))
+        r = await make_rig(tmp_path, dns_server, mx, other, auth_timeout=0.3)
+
+        async def route(hmail: Any, domain: str) -> HookResult:
+            return ok(MX("127.0.0.4", port=mx.port, auth_user="relayuser", auth_pass="wrong"))
+
+        r.hooks.add("smarthost", "get_mx", route)
+        try:
+            qid = await r.send("a@far.test")
+            await r.run_once()
+            con = sqlite3.connect(r.spool.db_path)
+            try:
+                tls, auth, outcome, response = con.execute(
+                    "SELECT tls, auth, outcome, response FROM attempts WHERE queue_id = ?", (qid,)
+                ).fetchone()
+            finally:
+                con.close()
+        finally:
+            await r.engine.close()
+            await r.spool.close()
+    assert outcome == "deferred"
+    assert tls is not None and tls.startswith("TLS")
+    assert auth == "PLAIN relayuser"
+    assert "relayuser" in response if auth_reply is None else "at auth" in response
+    assert "MAIL" not in mx.commands

@@ -63,11 +63,15 @@ def settings(**overrides: object) -> SessionSettings:
         "helo": "outboundd.test",
         "connect_timeout": 1.0,
         "greeting_timeout": 1.0,
-        "command_timeout": 1.0,
+        "ehlo_timeout": 1.0,
+        "starttls_timeout": 1.0,
+        "auth_timeout": 1.0,
         "mail_timeout": 1.0,
         "rcpt_timeout": 1.0,
         "data_timeout": 1.0,
+        "data_block_timeout": 1.0,
         "data_end_timeout": 1.0,
+        "rset_timeout": 1.0,
         "quit_timeout": 0.5,
     }
     values.update(overrides)
@@ -712,6 +716,10 @@ async def test_auth_failure_defers_not_bounces(
     assert res.reply.context is not None and "relayuser" in res.reply.context
     assert res.reply.line is not None and res.reply.line.startswith("535 ")
     assert "MAIL" not in mx.commands
+    # What the connection did before the refusal stays on the record (item 19).
+    assert res.connection is not None and res.connection.tls is not None
+    assert (res.connection.auth_user, res.connection.auth_mechanism) == ("relayuser", "PLAIN")
+    assert result.tls == res.connection.tls and result.auth_user == "relayuser"
 
 
 async def test_auth_needs_tls_unless_the_mx_allows_plaintext(

@@ -14,6 +14,7 @@ from ipaddress import IPv4Network, IPv6Network
 from pathlib import Path
 from typing import Final, TypeVar, cast, get_args
 
+from outboundd import idn
 from outboundd.config.errors import ConfigError, _display, _shown
 from outboundd.config.ini import IniFile, parse_ini
 from outboundd.config.models import (
@@ -339,10 +340,16 @@ def _read_outbound(
         nameservers=_host_ports(main, "nameservers", [], 53, require_ip=True),
         mx_port=main.integer("mx_port", 25, minimum=1, maximum=65535),
         greeting_timeout=main.seconds("greeting_timeout", 300.0, zero_ok=False),
+        ehlo_timeout=main.seconds("ehlo_timeout", 300.0, zero_ok=False),
+        starttls_timeout=main.seconds("starttls_timeout", 300.0, zero_ok=False),
+        auth_timeout=main.seconds("auth_timeout", 120.0, zero_ok=False),
         mail_timeout=main.seconds("mail_timeout", 300.0, zero_ok=False),
         rcpt_timeout=main.seconds("rcpt_timeout", 300.0, zero_ok=False),
         data_timeout=main.seconds("data_timeout", 120.0, zero_ok=False),
+        data_block_timeout=main.seconds("data_block_timeout", 180.0, zero_ok=False),
         data_end_timeout=main.seconds("data_end_timeout", 600.0, zero_ok=False),
+        rset_timeout=main.seconds("rset_timeout", 20.0, zero_ok=False),
+        quit_timeout=main.seconds("quit_timeout", 5.0, zero_ok=False),
         # Unset: as many as may run to one domain at once, so a busy
         # destination's connections are reused rather than churned.
         pool_max_per_host=main.integer("pool_max_per_host", domain_concurrency, minimum=1),
@@ -536,7 +543,10 @@ def _read_tls(config_dir: Path, base_dir: Path, warnings: list[str]) -> TlsConfi
     main_reject = main.boolean("rejectUnauthorized", False)
     hosts: dict[str, list[str]] = {}
     for list_key in ("force_tls_hosts", "no_tls_hosts"):
-        hosts[list_key] = [h.lower() for h in out.items(list_key) or []]
+        try:
+            hosts[list_key] = [_tls_host(h) for h in out.items(list_key) or []]
+        except idn.InvalidDomain as exc:
+            raise out.error(list_key, str(exc)) from None
     tls_outbound = TlsOutbound(
         min_version=out.convert("minVersion", tls_main.min_version, _tls_version),
         ciphers=out.convert("ciphers", tls_main.ciphers, _ciphers),
@@ -548,6 +558,16 @@ def _read_tls(config_dir: Path, base_dir: Path, warnings: list[str]) -> TlsConfi
     main.finish(_HARAKA_TLS_MAIN)
     out.finish(_HARAKA_TLS_OUTBOUND)
     return TlsConfig(key=key, cert=cert, main=tls_main, outbound=tls_outbound)
+
+
+def _tls_host(entry: str) -> str:
+    """A ``force_tls_hosts``/``no_tls_hosts`` entry in the form delivery compares.
+
+    MX host names are compared in A-label form (that is what DNS gives and
+    what delivery connects to), so a U-label entry (``mx.bücher.test``) is
+    converted; IPs, CIDRs and ASCII names are only lower-cased.
+    """
+    return entry.lower() if entry.isascii() else idn.to_ascii(entry)
 
 
 def _check_key_pair(section: _Section, key: Path, cert: Path) -> None:

@@ -72,10 +72,16 @@ class OutboundConfig(BaseModel):
     nameservers: list[HostPort] = Field(default_factory=list)
     mx_port: int = 25
     greeting_timeout: float = 300.0
+    ehlo_timeout: float = 300.0
+    starttls_timeout: float = 300.0
+    auth_timeout: float = 120.0
     mail_timeout: float = 300.0
     rcpt_timeout: float = 300.0
     data_timeout: float = 120.0
+    data_block_timeout: float = 180.0
     data_end_timeout: float = 600.0
+    rset_timeout: float = 20.0
+    quit_timeout: float = 5.0
     pool_max_per_host: int = 10
     pool_idle_timeout: float = 10.0
     delay_warning_time: float = 14400.0

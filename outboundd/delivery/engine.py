@@ -38,7 +38,7 @@ from outboundd.delivery.notices import (
     queue_failure_notice,
     queue_notice,
 )
-from outboundd.delivery.pool import ConnectionPool
+from outboundd.delivery.pool import ConnectionPool, Limits
 from outboundd.delivery.replies import Reply, Stage, to_exhausted
 from outboundd.delivery.rounds import FailureRounds, Ticket
 from outboundd.delivery.session import (
@@ -303,8 +303,14 @@ class DeliveryEngine:
         self, claim: Claim, targets: list[MXTarget], outbound: OutboundConfig
     ) -> dict[int, Verdict]:
         job = DeliveryJob.from_claim(claim)
+        # Connections count against concurrency_max and domain_concurrency_max
+        # until they are closed, idle kept ones included (see pool.py).
+        limits = Limits(outbound.concurrency_max, outbound.domain_concurrency_max)
         result: SessionResult = await deliver_job(
-            job, targets, self._session_settings(outbound), pool=self.pool
+            job,
+            targets,
+            self._session_settings(outbound),
+            pool=self.pool.lane(claim.domain, limits),
         )
         return {
             rid: Verdict(rr.outcome, rr.reply, str(rr.stage), conn=_connection(rr.connection))
@@ -321,10 +327,16 @@ class DeliveryEngine:
             helo=self.config.me,
             connect_timeout=outbound.connect_timeout,
             greeting_timeout=outbound.greeting_timeout,
+            ehlo_timeout=outbound.ehlo_timeout,
+            starttls_timeout=outbound.starttls_timeout,
+            auth_timeout=outbound.auth_timeout,
             mail_timeout=outbound.mail_timeout,
             rcpt_timeout=outbound.rcpt_timeout,
             data_timeout=outbound.data_timeout,
+            data_block_timeout=outbound.data_block_timeout,
             data_end_timeout=outbound.data_end_timeout,
+            rset_timeout=outbound.rset_timeout,
+            quit_timeout=outbound.quit_timeout,
             enable_tls=outbound.enable_tls,
             tls_min_version=tls.min_version,
             tls_ciphers=tls.ciphers,
@@ -822,7 +834,8 @@ def _connection(info: ConnectionInfo | None) -> Connection | None:
         mx_ip=info.ip,
         port=info.port,
         tls=info.tls,
-        auth=info.auth_user,
+        # "PLAIN relayuser": the mechanism and user offered, accepted or not.
+        auth=" ".join(p for p in (info.auth_mechanism, info.auth_user) if p) or None,
         lmtp=info.lmtp,
         dsn_passed_on=info.dsn,
     )

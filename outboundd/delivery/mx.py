@@ -74,6 +74,7 @@ import dns.rdtypes.IN.A
 import dns.rdtypes.IN.AAAA
 import dns.resolver
 
+from outboundd import idn
 from outboundd.hooks import MX
 
 __all__ = [
@@ -97,7 +98,6 @@ DEFAULT_LMTP_PORT = 24
 #: Longest time a negative answer (NXDOMAIN, NODATA) is cached, in seconds.
 NEGATIVE_TTL_CAP = 60.0
 
-_IDNA = dns.name.IDNA_2008_Practical
 _LABEL_RE = re.compile(r"^[A-Za-z0-9_](?:[A-Za-z0-9_-]*[A-Za-z0-9_])?$")
 _THIS_NETWORK = ipaddress.ip_network("0.0.0.0/8")
 _MAX_REPR = 120
@@ -162,7 +162,15 @@ def _ip_literal(text: str) -> str | None:
 
     Cached: every delivery asks this of the same few MX names and addresses,
     and ``ipaddress`` parsing was 6% of the delivery process's time.
+
+    An IPv6 address with a zone ID (``fe80::1%eth0``, which ``ipaddress``
+    accepts) is not an address here: RFC 5321's ``IPv6-addr`` has no zone,
+    and a zone names an interface of whoever wrote it — connecting to one
+    from a recipient address, a DNS answer or a plugin would reach a
+    link-local neighbour of ours, or hang until the connect timeout.
     """
+    if "%" in text:
+        return None
     try:
         return str(ipaddress.ip_address(text))
     except ValueError:
@@ -188,15 +196,13 @@ def _to_name(host: str) -> dns.name.Name:
 
     Raises ``ValueError`` for anything that is not a plausible mail domain:
     empty, whitespace, the root, or a label outside letters/digits/hyphen
-    (underscore tolerated) after IDNA 2008 (UTS #46) conversion.
+    (underscore tolerated) after IDNA 2008 (UTS #46) conversion — the same
+    conversion submission applies at RCPT (:mod:`outboundd.idn`).
     """
     text = host.strip()
     if not text or text == "." or any(ch.isspace() for ch in text):
         raise ValueError(f"invalid domain name {host!r}")
-    try:
-        name = dns.name.from_text(text, idna_codec=_IDNA)
-    except (dns.exception.DNSException, UnicodeError) as exc:
-        raise ValueError(f"invalid domain name {host!r}: {exc}") from exc
+    name = idn.to_name(text)  # InvalidDomain is a ValueError
     labels = name.labels[:-1]
     if not labels:
         raise ValueError(f"invalid domain name {host!r}")
@@ -228,8 +234,10 @@ def is_local_address(address: str, local_addresses: frozenset[str] = frozenset()
     IPv4 reserved (240/4, including broadcast), and this host's own addresses
     (``local_addresses``, canonical text).  IPv4-mapped IPv6 addresses are
     judged by the IPv4 address they carry.  Anything that is not an address
-    at all counts as local: refusing is the safe answer.
+    at all (a zone ID included) counts as local: refusing is the safe answer.
     """
+    if "%" in address:
+        return True
     try:
         ip: ipaddress.IPv4Address | ipaddress.IPv6Address = ipaddress.ip_address(address)
     except ValueError:
@@ -750,12 +758,26 @@ class MXResolver:
             inner = inner[5:]
         address = _ip_literal(inner)
         if address is None or (tagged_v6 and ":" not in address):
+            why = " (an IPv6 zone ID is not allowed)" if "%" in inner else ""
             raise MXResolutionError(
-                f"invalid address literal {domain!r}", permanent=True, code=550, status="5.1.2"
+                f"invalid address literal {domain!r}{why}",
+                permanent=True,
+                code=550,
+                status="5.1.2",
             )
         if not self.local_mx_ok and is_local_address(address, await self._local()):
             raise MXResolutionError(
                 f"address literal {domain} is a local address and local_mx_ok is off",
+                permanent=True,
+                code=550,
+                status="5.4.4",
+            )
+        if ":" in address and ipaddress.IPv6Address(address).is_link_local:
+            # Even with local_mx_ok: fe80::/10 is reachable only through a zone
+            # ID, which a literal may not carry, so every connect would fail.
+            raise MXResolutionError(
+                f"address literal {domain} is IPv6 link-local: no host can be reached "
+                "by it without a zone ID",
                 permanent=True,
                 code=550,
                 status="5.4.4",

@@ -67,6 +67,8 @@ class Stage(StrEnum):
     RCPT = "rcpt"
     DATA = "data"
     DATA_END = "data_end"
+    #: RSET before the next message on a reused connection.
+    RSET = "rset"
     #: Our side failed (body file unreadable, internal error): not the remote's fault.
     LOCAL = "local"
 

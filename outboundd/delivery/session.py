@@ -61,7 +61,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO, Protocol, TypeAlias, cast
+from typing import BinaryIO, Protocol, TypeAlias, cast
 
 from aiosmtplib import (
     SMTP,
@@ -86,19 +86,18 @@ from outboundd.dsn import utf8_addr_xtext
 from outboundd.hooks import MX
 from outboundd.spool.types import Claim, Outcome
 
-if TYPE_CHECKING:
-    from outboundd.delivery.pool import ConnectionPool
-
 __all__ = [
     "BODY_CHUNK_SIZE",
     "Connection",
     "ConnectionInfo",
+    "ConnectionSource",
     "DeliveryJob",
     "EnvelopePlan",
     "JobRecipient",
     "RecipientResult",
     "SessionResult",
     "SessionSettings",
+    "SetupFailure",
     "Target",
     "TargetError",
     "Transaction",
@@ -191,10 +190,15 @@ class SessionSettings:
     """Timeouts (seconds) and TLS policy for outbound sessions.
 
     ``helo`` is this host's name (``config/me``), used unless the MX names
-    its own ``bind_helo``.  Timeout defaults follow RFC 5321 §4.5.3.2.
-    ``command_timeout`` covers EHLO, HELO, LHLO, STARTTLS (and its
-    handshake), AUTH and RSET; ``data_timeout`` the DATA command and each
-    block of body written.  TLS options are ``tls.ini [outbound]``'s
+    its own ``bind_helo``.  Every wait for the remote has its own bound
+    (``outbound.ini``'s keys of the same names); the defaults are RFC 5321
+    §4.5.3.2's where it gives one (greeting, MAIL, RCPT 5 min, DATA 2 min,
+    each data block 3 min, end of data 10 min).  ``ehlo_timeout`` covers
+    EHLO, HELO and LHLO; ``starttls_timeout`` the reply to STARTTLS and,
+    separately, the TLS handshake; ``auth_timeout`` each step of AUTH;
+    ``data_block_timeout`` each block of body written (the remote not
+    reading); ``rset_timeout`` RSET before a reused connection's next
+    message; ``quit_timeout`` the reply to QUIT.  TLS options are ``tls.ini [outbound]``'s
     (``tls_verify`` is ``reject_unauthorized``); ``tls_context`` overrides
     them with a ready context.  ``force_tls_hosts``/``no_tls_hosts``
     entries match the MX host name (case-insensitive), its IP address, or a
@@ -204,11 +208,15 @@ class SessionSettings:
     helo: str
     connect_timeout: float = 30.0
     greeting_timeout: float = 300.0
-    command_timeout: float = 300.0
+    ehlo_timeout: float = 300.0
+    starttls_timeout: float = 300.0
+    auth_timeout: float = 120.0
     mail_timeout: float = 300.0
     rcpt_timeout: float = 300.0
     data_timeout: float = 120.0
+    data_block_timeout: float = 180.0
     data_end_timeout: float = 600.0
+    rset_timeout: float = 20.0
     quit_timeout: float = 5.0
     enable_tls: bool = True
     tls_min_version: str | None = None
@@ -314,8 +322,12 @@ class ConnectionInfo:
 
     ``tls`` is the negotiated version (``"TLSv1.3"``) or ``None`` for
     plaintext; ``tls_error`` says why TLS was not used although it was
-    tried (handshake failure, STARTTLS refused).  ``dsn`` is true when the
-    remote offered DSN, i.e. our DSN parameters were passed on.
+    tried (handshake failure, STARTTLS refused).  ``auth_user`` and
+    ``auth_mechanism`` are the credentials offered to the remote, set as
+    AUTH starts, so a refused login is on the record too (the attempt's
+    reply says whether it was accepted).  ``dsn`` is true when the remote
+    offered DSN, i.e. our DSN parameters were passed on.  These facts stay
+    with the connection whatever fails after them.
     """
 
     host: str
@@ -323,6 +335,7 @@ class ConnectionInfo:
     port: int
     tls: str | None = None
     auth_user: str | None = None
+    auth_mechanism: str | None = None
     lmtp: bool = False
     dsn: bool = False
     tls_error: str | None = None
@@ -722,6 +735,18 @@ class _TlsFailed(Exception):
     """The STARTTLS handshake failed; the connection is gone."""
 
 
+class SetupFailure(TransientFailure):
+    """A target failed after its TCP connection was made (EHLO, STARTTLS, AUTH).
+
+    ``info`` keeps what the connection did before it failed — TLS
+    negotiated, the credentials offered — so the attempt's record says so.
+    """
+
+    def __init__(self, failure: TransientFailure, info: ConnectionInfo) -> None:
+        super().__init__(failure.reply, failure.stage, retry_elsewhere=failure.retry_elsewhere)
+        self.info = info
+
+
 # --------------------------------------------------------------------------
 # The DATA phase reader
 
@@ -807,6 +832,11 @@ class _DataPhase(asyncio.Protocol):
         self._fail(error)
         self.original.connection_lost(exc)
 
+    @property
+    def writing_paused(self) -> bool:
+        """True while the transport holds more than its high-water mark unsent."""
+        return self._paused
+
     def pause_writing(self) -> None:
         self._paused = True
 
@@ -865,6 +895,7 @@ class Connection:
         self.info = ConnectionInfo.for_target(target)
         self._needs_rset = False
         self._broken = False
+        self._on_closed: Callable[[Connection], None] | None = None
         # The TCP transport under any TLS layer: closing a TLS transport only
         # starts a close_notify exchange, which may never finish (a peer that
         # has gone, a loop that is shutting down) and would leak the socket.
@@ -915,7 +946,8 @@ class Connection:
                 Reply(451, "4.3.5", f"HELO name {helo!r} is not a valid host name"), Stage.LOCAL
             )
         sock = await _connect_socket(target, settings, info.peer)
-        client = SMTP(local_hostname=helo, timeout=settings.command_timeout, start_tls=False)
+        # Every call passes its own timeout; this default only bounds what might not.
+        client = SMTP(local_hostname=helo, timeout=settings.ehlo_timeout, start_tls=False)
         try:
             await client.connect(sock=sock, timeout=settings.greeting_timeout)
         except _Failure as exc:
@@ -929,6 +961,9 @@ class Connection:
         conn = cls(target, settings, client)
         try:
             await conn._setup(helo, try_tls=try_tls, require_tls=require_tls)
+        except TransientFailure as failure:
+            conn.abort()
+            raise SetupFailure(failure, conn.info) from failure
         except BaseException:
             conn.abort()
             raise
@@ -945,7 +980,7 @@ class Connection:
                 await client.starttls(
                     server_hostname=self.target.hostname,
                     tls_context=settings.ssl_context(),
-                    timeout=settings.command_timeout,
+                    timeout=settings.starttls_timeout,
                 )
             except SMTPResponseException as exc:
                 reply = parse_reply(exc.code, exc.message)
@@ -963,8 +998,13 @@ class Connection:
                 self.info = replace(self.info, tls_error=f"STARTTLS refused: {reply}")
             except _Failure as exc:
                 self.abort()
-                raise _TlsFailed(str(exc) or type(exc).__name__) from exc
+                detail = str(exc) or type(exc).__name__
+                if isinstance(exc, TimeoutError):
+                    detail = f"{detail} (starttls_timeout {settings.starttls_timeout:g}s)"
+                raise _TlsFailed(detail) from exc
             else:
+                # On the record before anything else can fail.
+                self.info = replace(self.info, tls=self._tls_version())
                 # RFC 3207 §4.2: forget what the plaintext EHLO said.
                 await self._hello(helo)
         elif require_tls:
@@ -987,7 +1027,7 @@ class Connection:
     async def _hello(self, helo: str) -> None:
         client = self._client
         name = helo.encode("ascii", "replace")
-        timeout = self.settings.command_timeout
+        timeout = self.settings.ehlo_timeout
         if self.target.mx.using_lmtp:
             response = await self._execute(Stage.EHLO, b"LHLO", name, seconds=timeout)
             if response.code != 250:
@@ -1038,7 +1078,8 @@ class Connection:
                 ),
                 Stage.AUTH,
             )
-        timeout = self.settings.command_timeout
+        timeout = self.settings.auth_timeout
+        self.info = replace(self.info, auth_user=user, auth_mechanism=mechanism.upper())
         try:
             if mechanism == "plain":
                 await self._client.auth_plain(user, password, timeout=timeout)
@@ -1058,7 +1099,6 @@ class Connection:
         except _Failure as exc:
             self.abort()
             raise _map_failure(exc, Stage.AUTH, peer, timeout) from exc
-        self.info = replace(self.info, auth_user=user)
 
     def _tls_version(self) -> str | None:
         transport = self._client.transport
@@ -1107,14 +1147,18 @@ class Connection:
 
     async def reset(self) -> None:
         """RSET: leave the server ready for a new transaction (for reuse)."""
-        response = await self._execute(Stage.MAIL, b"RSET", seconds=self.settings.command_timeout)
+        response = await self._execute(Stage.RSET, b"RSET", seconds=self.settings.rset_timeout)
         if response.code != 250:
             self.abort()
             reply = parse_reply(response.code, response.message)
             raise TransientFailure(
-                to_transient(reply, f"{self.info.peer} refused RSET"), Stage.MAIL
+                to_transient(reply, f"{self.info.peer} refused RSET"), Stage.RSET
             )
         self._needs_rset = False
+
+    def on_closed(self, callback: Callable[[Connection], None]) -> None:
+        """Call ``callback`` once, when the connection is closed (by any path)."""
+        self._on_closed = callback
 
     def abort(self) -> None:
         """Drop the connection at once (after a failure, or after QUIT)."""
@@ -1128,6 +1172,9 @@ class Connection:
                 abort()
             else:
                 raw.close()
+        callback, self._on_closed = self._on_closed, None
+        if callback is not None:
+            callback(self)
 
     async def close(self) -> None:
         """QUIT politely (bounded by ``quit_timeout``) and close."""
@@ -1331,7 +1378,7 @@ class Connection:
         """Write the body dot-stuffed and the dot via ``phase``; collect ``expected`` replies."""
         settings = self.settings
         dot_sent = False
-        timeout = settings.data_timeout
+        timeout = settings.data_block_timeout
         try:
             at_line_start = True
             tail = b"\r\n"
@@ -1359,6 +1406,16 @@ class Connection:
                 tail = (tail + chunk)[-2:]
             # One write (one segment) for a small body and its end marker.
             transport.write(pending + (b".\r\n" if tail == b"\r\n" else b"\r\n.\r\n"))
+            if phase.writing_paused:
+                # The remote has not read the last block, so the dot is still in
+                # our buffer: a remote that stopped reading gets the block timeout.
+                try:
+                    await phase.drain(timeout)
+                except TimeoutError:
+                    raise  # it never got the dot: the next MX may be tried
+                except _Failure:
+                    dot_sent = True  # it may have read the dot before it went away
+                    raise
             dot_sent = True
             timeout = settings.data_end_timeout
             for _ in range(expected):
@@ -1391,6 +1448,8 @@ async def _connect_socket(target: Target, settings: SessionSettings, peer: str) 
     ``greeting_timeout`` (the banner), which aiosmtplib would lump together.
     """
     try:
+        if "%" in target.address:  # a zone ID (fe80::1%eth0) names our interface, not a host
+            raise ValueError(target.address)
         ip = ipaddress.ip_address(target.address)
     except ValueError:
         raise TransientFailure(
@@ -1455,8 +1514,24 @@ class _Last:
     info: ConnectionInfo
 
 
+class ConnectionSource(Protocol):
+    """Where :func:`deliver_job` gets its connections: a pool (``delivery/pool.py``)."""
+
+    async def take(self, target: Target, settings: SessionSettings) -> Connection | None:
+        """An idle connection to ``target`` to reuse, or None."""
+        ...
+
+    async def open(self, target: Target, settings: SessionSettings) -> Connection:
+        """A new connection to ``target`` (raises :class:`TransientFailure`)."""
+        ...
+
+    async def give_back(self, conn: Connection, settings: SessionSettings) -> None:
+        """The transaction is over: keep ``conn`` for reuse or close it."""
+        ...
+
+
 async def _open(
-    target: Target, settings: SessionSettings, pool: ConnectionPool | None
+    target: Target, settings: SessionSettings, pool: ConnectionSource | None
 ) -> Connection:
     if pool is not None:
         return await pool.open(target, settings)
@@ -1469,7 +1544,7 @@ async def deliver_job(
     settings: SessionSettings,
     *,
     clock: Callable[[], float] = time.time,
-    pool: ConnectionPool | None = None,
+    pool: ConnectionSource | None = None,
 ) -> SessionResult:
     """Deliver ``job`` to the first target that takes it; see the module doc.
 
@@ -1491,7 +1566,7 @@ async def deliver_job(
         info = ConnectionInfo.for_target(target)
         conn: Connection | None = None
         try:
-            conn = pool.take(target, settings) if pool is not None else None
+            conn = await pool.take(target, settings) if pool is not None else None
             reused = conn is not None
             if conn is None:
                 conn = await _open(target, settings, pool)
@@ -1501,6 +1576,7 @@ async def deliver_job(
                 # The server closed the idle connection we kept: that says
                 # nothing about this message.  Try once more on a fresh one.
                 conn.abort()
+                conn = None
                 conn = await _open(target, settings, pool)
                 info = conn.info
                 tx = await conn.transact(job, pending)
@@ -1509,6 +1585,8 @@ async def deliver_job(
             else:
                 await conn.close()
         except TransientFailure as failure:
+            if isinstance(failure, SetupFailure):
+                info = failure.info
             tx = Transaction({}, pending, failure)
         except asyncio.CancelledError:
             if conn is not None:

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Final
 
+from outboundd import idn
 from outboundd.submission import replies
 from outboundd.submission.replies import Reply
 
@@ -170,6 +171,8 @@ def parse_address(text: str, *, utf8: bool, bad: Reply) -> Address:
     Non-ASCII without ``utf8`` is a 553 5.6.7 (RFC 6531 §3.7.4.1), not a
     syntax error, so a client learns that SMTPUTF8 is the fix.  Characters
     that are not valid UTF-8 (they arrive as surrogates) are a syntax error.
+    A non-ASCII domain must be valid IDNA 2008 (:mod:`outboundd.idn`); the
+    reply then says why not, in printable ASCII.
     """
     route = _ROUTE.match(text)
     if route is not None:
@@ -185,6 +188,13 @@ def parse_address(text: str, *, utf8: bool, bad: Reply) -> Address:
         raise PolicyError(bad.with_text(bad.text + " (address too long)"))
     if not _valid_local(local, utf8) or not _valid_domain(domain, utf8):
         raise PolicyError(bad)
+    if not domain.isascii():
+        # The same IDNA 2008 rules delivery resolves with (outboundd.idn):
+        # a U-label DNS cannot name is refused now, not bounced later.
+        try:
+            idn.to_name(domain)
+        except idn.InvalidDomain as exc:
+            raise PolicyError(bad.with_text(f"{bad.text} ({exc})")) from None
     return Address(local, domain)
 
 
