@@ -198,7 +198,11 @@ async def serve(config: Config, role: str = "all", inherited: Inherited | None =
         submission_api.install(sink, config, hooks)
         try:
             listeners = await start_listeners(
-                config, sink, hooks, inherited=inherited.listen_fds or None
+                config,
+                sink,
+                hooks,
+                inherited=inherited.listen_fds or None,
+                throttle_store=spool,  # shared by every process: one client is one client
             )
         except OSError as exc:
             log.crit("cannot listen", error=str(exc))

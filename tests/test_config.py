@@ -796,7 +796,7 @@ constrain_sender=yes
         ("max_message_size=10MB", "max_message_size: '10MB' is not an integer"),
         ("max_recipients=0", "max_recipients: '0' must be at least 1"),
         ("max_line_length=512", "max_line_length: '512' must be at least 1000"),
-        ("auth_disconnect_after=0", "auth_disconnect_after: '0' must be at least 1"),
+        ("auth_disconnect_after=0", "auth_disconnect_after: '0' is not between 1 and 1000000"),
         ("auth_require_tls=required", "auth_require_tls: 'required' is not a boolean"),
         ("inactivity_timeout=0", "inactivity_timeout: '0' must be greater than 0"),
     ],
@@ -1328,3 +1328,47 @@ def test_session_timeouts_accept_their_documented_range(cfg: Path, key: str) -> 
     ):
         write(cfg, "outbound.ini", f"[main]\n{key}={bad}\n")
         assert error_of(cfg).startswith(f"config/outbound.ini [main] {key}: '{bad}' {message}")
+
+
+@pytest.mark.parametrize(
+    ("line", "error"),
+    [
+        ("auth_max_failures=0", None),
+        ("auth_max_failures=1000000", None),
+        ("auth_max_failures=-1", "auth_max_failures: '-1' is not between 0 and 1000000"),
+        ("auth_max_failures=1000001", "auth_max_failures: '1000001' is not between 0 and 1000000"),
+        ("auth_disconnect_after=1", None),
+        ("auth_disconnect_after=1000000", None),
+        ("auth_disconnect_after=0", "auth_disconnect_after: '0' is not between 1 and 1000000"),
+        (
+            "auth_disconnect_after=1000001",
+            "auth_disconnect_after: '1000001' is not between 1 and 1000000",
+        ),
+        ("auth_failure_delay=0", None),
+        ("auth_failure_delay=31536000", None),
+        ("auth_failure_delay=-1", "auth_failure_delay: '-1' is not a number of seconds"),
+        ("auth_failure_delay=31536001", "auth_failure_delay: '31536001' is more than"),
+        ("auth_block_seconds=0", None),
+        ("auth_block_seconds=31536000", None),
+        ("auth_block_seconds=nan", "auth_block_seconds: 'nan' is not a number of seconds"),
+        ("auth_block_seconds=31536001", "auth_block_seconds: '31536001' is more than"),
+    ],
+)
+def test_auth_throttle_keys_accept_what_the_throttle_accepts(
+    cfg: Path, line: str, error: str | None
+) -> None:
+    """Every auth_* value that loads makes a throttle; every other one is a one-line error."""
+    from outboundd.plugins.auth_flat_file import AuthThrottle
+
+    write(cfg, "smtp.ini", f"[main]\n{line}\n")
+    if error is not None:
+        assert error_of(cfg).startswith(f"config/smtp.ini [main] {error}")
+        return
+    smtp = load(cfg).smtp
+    throttle = AuthThrottle(
+        max_failures=smtp.auth_max_failures,
+        failure_delay=smtp.auth_failure_delay,
+        disconnect_after=smtp.auth_disconnect_after,
+        block_seconds=smtp.auth_block_seconds,
+    )
+    assert throttle.disconnect_after >= 1

@@ -41,7 +41,12 @@ from outboundd.config.values import (
     parse_temp_fail_intervals,
 )
 from outboundd.log import Level, level_from_name
-from outboundd.plugins.auth_flat_file import is_plaintext, read_users
+from outboundd.plugins.auth_flat_file import (
+    AUTH_DISCONNECT_AFTER_RANGE,
+    AUTH_MAX_FAILURES_RANGE,
+    is_plaintext,
+    read_users,
+)
 
 # --------------------------------------------------------------------------
 # Reading files
@@ -437,9 +442,21 @@ def _read_smtp(config_dir: Path, warnings: list[str]) -> SmtpConfig:
         auth_require_tls=main.boolean("auth_require_tls", True),
         inactivity_timeout=main.seconds("inactivity_timeout", 300.0, zero_ok=False),
         max_line_length=main.integer("max_line_length", 4096, minimum=1000),
-        auth_max_failures=main.integer("auth_max_failures", 3, minimum=0),
+        # The throttle's own ranges (check_throttle_settings): a config that
+        # loads always makes a working throttle.
+        auth_max_failures=main.integer(
+            "auth_max_failures",
+            3,
+            minimum=AUTH_MAX_FAILURES_RANGE[0],
+            maximum=AUTH_MAX_FAILURES_RANGE[1],
+        ),
         auth_failure_delay=main.seconds("auth_failure_delay", 2.0, zero_ok=True),
-        auth_disconnect_after=main.integer("auth_disconnect_after", 10, minimum=1),
+        auth_disconnect_after=main.integer(
+            "auth_disconnect_after",
+            10,
+            minimum=AUTH_DISCONNECT_AFTER_RANGE[0],
+            maximum=AUTH_DISCONNECT_AFTER_RANGE[1],
+        ),
         auth_block_seconds=main.seconds("auth_block_seconds", 300.0, zero_ok=True),
         constrain_sender=main.boolean("constrain_sender", False),
         nodes=_nodes(main),

@@ -57,6 +57,7 @@ from outboundd.spool.types import (
     RecoveryReport,
     SpoolCounters,
     Status,
+    ThrottleEntry,
 )
 
 T = TypeVar("T")
@@ -731,6 +732,68 @@ class Spool:
 
     async def is_paused(self) -> bool:
         return await self.get_control("paused") == "1"
+
+    # -------------------------------------------------------- AUTH throttle
+
+    async def throttle_update(
+        self,
+        key: str,
+        update: Callable[[ThrottleEntry | None], tuple[ThrottleEntry | None, T]],
+        *,
+        write: bool = True,
+    ) -> T:
+        """Read ``key``'s AUTH throttle entry, store what ``update`` makes of it.
+
+        One transaction (``BEGIN IMMEDIATE``, behind the cross-process write
+        lock), so every process's updates of one client are serialised.
+        ``update`` runs on the database thread; it must be a pure function.
+        ``write=False`` only reads.  Returns ``update``'s second value.
+        """
+
+        def op(conn: sqlite3.Connection) -> T:
+            row = conn.execute(q("throttle_get"), {"client": key}).fetchone()
+            current = (
+                None
+                if row is None
+                else ThrottleEntry(
+                    int(row[0]),
+                    int(row[1]),
+                    float(row[2]),
+                    None if row[3] is None else float(row[3]),
+                )
+            )
+            new, result = update(current)
+            if write and new != current:
+                if new is None:
+                    conn.execute(q("throttle_delete"), {"client": key})
+                else:
+                    conn.execute(
+                        q("throttle_put"),
+                        {
+                            "client": key,
+                            "failures": new.failures,
+                            "in_flight": new.in_flight,
+                            "last_seen": new.last_seen,
+                            "blocked_until": new.blocked_until,
+                        },
+                    )
+            return result
+
+        result: T = await self.run(op, write=write)
+        return result
+
+    async def throttle_prune(self, now: float, forget_before: float, keep: int) -> int:
+        """Drop ended blocks, clients last seen before ``forget_before``, all but ``keep``."""
+
+        def op(conn: sqlite3.Connection) -> int:
+            stale = conn.execute(
+                q("throttle_prune_stale"), {"now": now, "forget_before": forget_before}
+            ).rowcount
+            excess = conn.execute(q("throttle_prune_excess"), {"keep": keep}).rowcount
+            return int(stale) + int(excess)
+
+        result: int = await self.run(op)
+        return result
 
     # ------------------------------------------------------------- recovery
 

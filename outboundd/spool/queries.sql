@@ -223,3 +223,29 @@ SELECT outcome, count(*) FROM attempt_log WHERE finished_at >= :since GROUP BY o
 
 -- name: stats_queue_bytes
 SELECT coalesce(sum(size), 0), count(*) FROM messages WHERE finished_at IS NULL
+
+-- name: throttle_get
+-- The AUTH throttle's entry for one client key.
+SELECT failures, in_flight, last_seen, blocked_until FROM auth_throttle WHERE client = :client
+
+-- name: throttle_put
+INSERT INTO auth_throttle (client, failures, in_flight, last_seen, blocked_until)
+VALUES (:client, :failures, :in_flight, :last_seen, :blocked_until)
+ON CONFLICT (client) DO UPDATE SET failures = excluded.failures,
+       in_flight = excluded.in_flight, last_seen = excluded.last_seen,
+       blocked_until = excluded.blocked_until
+
+-- name: throttle_delete
+DELETE FROM auth_throttle WHERE client = :client
+
+-- name: throttle_prune_stale
+-- Ended blocks and clients not seen for a long time.
+DELETE FROM auth_throttle
+ WHERE (blocked_until IS NOT NULL AND blocked_until <= :now)
+    OR (blocked_until IS NULL AND last_seen <= :forget_before)
+
+-- name: throttle_prune_excess
+-- Beyond :keep entries, the least recently seen go first.
+DELETE FROM auth_throttle
+ WHERE client IN (SELECT client FROM auth_throttle
+                   ORDER BY last_seen DESC LIMIT -1 OFFSET :keep)

@@ -189,3 +189,25 @@ class SpoolCounters:
     accepts: int = 0
     accept_commits: int = 0
     records: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class ThrottleEntry:
+    """One client's AUTH attempts as the throttle counts them (table ``auth_throttle``).
+
+    ``failures`` counts failed attempts, ``in_flight`` attempts admitted and
+    still being checked (as of ``last_seen``, the time of the latest
+    admission or failure); ``blocked_until`` is set once the client reached
+    the disconnect limit.  See ``outboundd.plugins.auth_flat_file.AuthThrottle``.
+    """
+
+    failures: int
+    in_flight: int
+    last_seen: float
+    blocked_until: float | None
+
+    def live(self, now: float, forget_before: float) -> bool:
+        """False once the block has ended, or (unblocked) the client was last seen too long ago."""
+        if self.blocked_until is not None:
+            return now < self.blocked_until
+        return self.last_seen > forget_before
