@@ -648,6 +648,7 @@ def _read_log(config_dir: Path, warnings: list[str]) -> LogConfig:
             stamps = parse_bool(stamps_text)
         except ValueError as exc:
             raise ConfigError(stamps_name, str(exc)) from None
+    main.declare("level", "integer", min(Level), max(Level))  # or a level's name
     log = LogConfig(
         level=main.convert("level", level, _level),
         timestamps=main.boolean("timestamps", stamps),
