@@ -152,7 +152,7 @@ async def serve(config: Config, role: str = "all", inherited: Inherited | None =
             # signal on top of the parent's own): the graceful stop goes on.
             log.info("already stopping", signal=signame, role=role)
             return
-        log.notice("stopping", signal=signame, role=role)
+        log.info("stopping", signal=signame, role=role)
         stop.set()
 
     # From the first moment: a stop signal during start-up stops gracefully
@@ -298,7 +298,9 @@ async def serve(config: Config, role: str = "all", inherited: Inherited | None =
 
     loop.add_signal_handler(signal.SIGHUP, request_flush)
 
-    if listens and not is_child:
+    if stop.is_set():
+        pass  # a stop signal came during start-up: stopping, not ready
+    elif listens and not is_child:
         log.notice(
             "ready",
             listen=",".join(str(a) for a in config.smtp.listen),
@@ -309,7 +311,8 @@ async def serve(config: Config, role: str = "all", inherited: Inherited | None =
             smtp_processes=1 + len(nodes),
         )
     elif not listens:
-        log.notice(
+        # INFO: the first process's "ready" (NOTICE) is the one an operator waits for.
+        log.info(
             "delivery ready",
             queue_dir=str(spool.queue_dir),
             delivery="disabled" if settings().disabled else "enabled",
@@ -349,7 +352,7 @@ async def serve(config: Config, role: str = "all", inherited: Inherited | None =
         if listens:
             submission_api.uninstall()
         await spool.close()
-        log.notice("stopped", role=role)
+        log.info("stopped", role=role)
         await logmod.drain_log_hooks()
         logmod.shutdown()
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
