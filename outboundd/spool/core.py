@@ -43,6 +43,7 @@ from outboundd.spool.errors import (
     SpoolWriteError,
 )
 from outboundd.spool.migrations import discover, migrate
+from outboundd.spool.reserve import SpaceReserve, is_disk_full
 from outboundd.spool.sql import q
 from outboundd.spool.types import (
     BODY_MISSING_REASON,
@@ -161,6 +162,8 @@ class Spool:
         #: waits on it instead of polling.
         self.new_work = asyncio.Event()
         self.recovery: RecoveryReport | None = None
+        #: Space held back for claims and records on a full disk (database thread only).
+        self._reserve = SpaceReserve(queue_dir)
 
     # ------------------------------------------------------------------ life
 
@@ -187,6 +190,7 @@ class Spool:
             await db.close()
             raise
         spool = cls(queue_dir, db)
+        await db.call(lambda _conn: spool._reserve.ensure())
         spool._writer = asyncio.create_task(spool._write_loop(), name="spool-writer")
         if recover:
             spool.recovery = await spool.recover(files=recover_files)
@@ -287,6 +291,13 @@ class Spool:
         """
         settled: dict[int, tuple[bool, Any]] = {}
         accepts = [j for j in batch if isinstance(j, _AcceptJob)]
+        if accepts and not self._reserve.held():
+            # The disk is full and its reserve was given to delivery: a new
+            # message would take the space results need (see reserve.py).
+            full = SpoolFullError("queue disk is full; new mail waits until delivery frees space")
+            for refused in accepts:
+                settled[id(refused)] = (False, full)
+            accepts = []
         for new in accepts:
             if new.body is not None and not new.written:
                 try:
@@ -337,6 +348,11 @@ class Spool:
         except Exception as exc:
             rollback_quietly(conn)
             self._after_commit.clear()
+            if is_disk_full(exc) and self._reserve.release():
+                # Disk full: free the reserve and run the batch again in that
+                # space; its accepts are now refused up front, its claims and
+                # records go through.
+                return self._execute_batch(conn, batch, isolate)
             if isolate and len(live) > 1:
                 # One bad job must not sink the others: retry each alone.
                 for single in live:
