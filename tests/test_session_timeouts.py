@@ -39,6 +39,8 @@ SLACK = 3.0
 BODY = b"From: a@sender.test\r\nSubject: silent\r\n\r\nhello\r\n"
 
 
+#: Every documented wait for a remote (docs/configuration.md), in session order;
+#: other tests import this list rather than keep their own.
 TIMEOUTS = (
     "connect_timeout",
     "greeting_timeout",
