@@ -11,9 +11,12 @@ a change of ``disabled`` or ``outboundctl pause``.
 Leases are renewed while a delivery runs, so a lease only expires when its
 holder died; then another scheduler (or this one after a restart) retries it.
 
-When the spool fails (a PostgreSQL queue that cannot be reached), the
-scheduler says so at most once per ``ERROR_LOG_INTERVAL`` and tries again
-after ``poll_interval``: it never stops, and running deliveries go on.
+A spool that cannot be written (a full disk, a database error, a PostgreSQL
+queue that cannot be reached) is a state to wait out, not a reason to die:
+the scheduler stops claiming, backs off
+(1 s doubling to 30 s), logs once per minute while it lasts and once when it
+is over, and the deliveries already running carry on and record their
+results (the spool keeps space back for that, see ``spool/reserve.py``).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from outboundd.spool import Claim, Lease, Spool, SpoolError
+from outboundd.spool import Claim, Lease, Spool, SpoolError, SpoolFullError
 
 
 class SchedulerSettings(Protocol):
@@ -46,6 +49,8 @@ class SchedulerSettings(Protocol):
 
 class Reporter(Protocol):
     def error(self, message: str, /, **fields: object) -> None: ...
+    def warn(self, message: str, /, **fields: object) -> None: ...
+    def notice(self, message: str, /, **fields: object) -> None: ...
     def info(self, message: str, /, **fields: object) -> None: ...
 
 
@@ -62,8 +67,11 @@ class Reservation:
 
 #: How long a failed delivery task's recipients wait before they are retried.
 CRASH_RETRY_SECONDS = 60.0
-#: At most one log line per this many seconds while the spool keeps failing.
-ERROR_LOG_INTERVAL = 30.0
+#: Back-off while the spool cannot be written: the first wait, and the longest.
+SPOOL_RETRY_FIRST = 1.0
+SPOOL_RETRY_MAX = 30.0
+#: While the spool stays unwritable, how often it is logged again.
+SPOOL_TROUBLE_LOG_INTERVAL = 60.0
 
 
 class Scheduler:
@@ -88,10 +96,14 @@ class Scheduler:
         #: Slots promised to messages being accepted in this process (see reserve()).
         self._reserved: Counter[str] = Counter()
         self._stopping = False
+        self._stopped = asyncio.Event()
+        #: Spool trouble: when it began (monotonic, None: none), last logged, next wait.
+        self._trouble_since: float | None = None
+        self._trouble_logged = float("-inf")
+        self._trouble_wait = SPOOL_RETRY_FIRST
         self._paused_cache: tuple[float, bool] = (0.0, False)
         #: When a claim that skipped busy domains last found nothing (monotonic).
         self._found_none_but_excluded = float("-inf")
-        self._error_logged_at = float("-inf")
         self.started = 0
 
     @property
@@ -153,8 +165,9 @@ class Scheduler:
                 try:
                     await self._step()
                 except SpoolError as exc:
-                    self._spool_failed(exc)
-                    await self._wait(self.poll_interval)
+                    await self._spool_trouble(exc)
+                else:
+                    self._spool_recovered()
         finally:
             renewer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -213,11 +226,33 @@ class Scheduler:
             timeout = min(due - now, self.poll_interval)
         await self._wait(timeout)
 
-    def _spool_failed(self, exc: SpoolError) -> None:
+    async def _spool_trouble(self, exc: SpoolError) -> None:
+        """Log (once per interval) that the spool cannot be written; back off."""
         now = time.monotonic()
-        if now - self._error_logged_at >= ERROR_LOG_INTERVAL:
-            self._error_logged_at = now
-            self.log.error("cannot claim from the queue; will retry", error=str(exc))
+        if self._trouble_since is None:
+            self._trouble_since = now
+        if now - self._trouble_logged >= SPOOL_TROUBLE_LOG_INTERVAL:
+            self._trouble_logged = now
+            what = "queue disk full" if isinstance(exc, SpoolFullError) else "queue unwritable"
+            self.log.warn(
+                f"{what}; not claiming new work, running deliveries go on",
+                error=str(exc),
+                retry_in=self._trouble_wait,
+                running=len(self._active),
+            )
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopped.wait(), self._trouble_wait)
+        self._trouble_wait = min(self._trouble_wait * 2, SPOOL_RETRY_MAX)
+
+    def _spool_recovered(self) -> None:
+        if self._trouble_since is None:
+            return
+        self.log.notice(
+            "queue writable again; claiming", after=round(time.monotonic() - self._trouble_since)
+        )
+        self._trouble_since = None
+        self._trouble_logged = float("-inf")
+        self._trouble_wait = SPOOL_RETRY_FIRST
 
     def _start(self, claim: Claim) -> None:
         self._per_domain[claim.domain] += 1
@@ -271,15 +306,16 @@ class Scheduler:
             lease = self.settings().lease_seconds
             await asyncio.sleep(max(lease / 3, 0.05))
             if self._active:
-                try:
+                # A failed renewal is tried again next round; the lease still
+                # runs for two more rounds (the run loop reports the trouble).
+                with contextlib.suppress(SpoolError):
                     await self.spool.renew_leases(self.owner, time.time() + lease)
-                except SpoolError as exc:
-                    self._spool_failed(exc)
 
     async def stop(self, grace: float) -> None:
         """Stop claiming, let running deliveries finish for up to ``grace``
         seconds, cancel the rest, and give back every lease still held."""
         self._stopping = True
+        self._stopped.set()
         self.spool.new_work.set()
         if self._active:
             _, pending = await asyncio.wait(set(self._active), timeout=grace)
@@ -290,7 +326,7 @@ class Scheduler:
         try:
             released = await self.spool.release_owner(self.owner)
         except SpoolError as exc:
-            self.log.error(
+            self.log.warn(
                 "cannot release leases at shutdown; they expire after lease_seconds",
                 error=str(exc),
             )

@@ -17,6 +17,8 @@ from outboundd.spool.errors import (
     UnknownMessageError,
 )
 from outboundd.spool.types import (
+    BODY_MISSING_REASON,
+    BODY_MISSING_STATUS,
     AttemptRecord,
     Claim,
     ClaimedRecipient,
@@ -41,6 +43,8 @@ async def open(
 
 
 __all__ = [
+    "BODY_MISSING_REASON",
+    "BODY_MISSING_STATUS",
     "AttemptRecord",
     "Claim",
     "ClaimedRecipient",

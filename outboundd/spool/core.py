@@ -44,8 +44,11 @@ from outboundd.spool.errors import (
     SpoolWriteError,
 )
 from outboundd.spool.migrations import discover, migrate
+from outboundd.spool.reserve import SpaceReserve, is_disk_full
 from outboundd.spool.sql import q
 from outboundd.spool.types import (
+    BODY_MISSING_REASON,
+    BODY_MISSING_STATUS,
     AttemptRecord,
     Claim,
     ClaimedRecipient,
@@ -163,6 +166,8 @@ class SqliteSpool(Spool):
         #: waits on it instead of polling.
         self.new_work = asyncio.Event()
         self.recovery: RecoveryReport | None = None
+        #: Space held back for claims and records on a full disk (database thread only).
+        self._reserve = SpaceReserve(queue_dir)
 
     # ------------------------------------------------------------------ life
 
@@ -199,6 +204,7 @@ class SqliteSpool(Spool):
             await db.close()
             raise
         spool = cls(queue_dir, db)
+        await db.call(lambda _conn: spool._reserve.ensure())
         spool._writer = asyncio.create_task(spool._write_loop(), name="spool-writer")
         if recover:
             spool.recovery = await spool.recover(files=recover_files)
@@ -299,6 +305,13 @@ class SqliteSpool(Spool):
         """
         settled: dict[int, tuple[bool, Any]] = {}
         accepts = [j for j in batch if isinstance(j, _AcceptJob)]
+        if accepts and not self._reserve.held():
+            # The disk is full and its reserve was given to delivery: a new
+            # message would take the space results need (see reserve.py).
+            full = SpoolFullError("queue disk is full; new mail waits until delivery frees space")
+            for refused in accepts:
+                settled[id(refused)] = (False, full)
+            accepts = []
         for new in accepts:
             if new.body is not None and not new.written:
                 try:
@@ -349,6 +362,11 @@ class SqliteSpool(Spool):
         except Exception as exc:
             rollback_quietly(conn)
             self._after_commit.clear()
+            if is_disk_full(exc) and self._reserve.release():
+                # Disk full: free the reserve and run the batch again in that
+                # space; its accepts are now refused up front, its claims and
+                # records go through.
+                return self._execute_batch(conn, batch, isolate)
             if isolate and len(live) > 1:
                 # One bad job must not sink the others: retry each alone.
                 for single in live:
@@ -610,6 +628,7 @@ class SqliteSpool(Spool):
                             last_response=r[11],
                             last_mx=r[12],
                             delay_notified=bool(r[13]),
+                            dsn_queue_id=r[14],
                         )
                         for r in group
                     ),
@@ -855,7 +874,8 @@ class SqliteSpool(Spool):
             await self.finalize_message(
                 qid,
                 Status.DROPPED,
-                reason="message body file missing from the spool; cannot deliver",
+                reason=BODY_MISSING_REASON,
+                status_code=BODY_MISSING_STATUS,
                 now=at,
             )
         return RecoveryReport(
@@ -879,8 +899,12 @@ class SqliteSpool(Spool):
         """Put every unfinished recipient of ``queue_id`` into a final state.
 
         Used for operator ``delete`` (dropped) and ``bounce`` (bounced) and
-        for a lost body.  Returns the recipients it changed; the message is
-        marked finished and its body removed when nothing is left.
+        for a lost body.  The decision is ours, so each changed row's
+        ``last_code`` becomes NULL, ``last_status`` ``status_code`` (default
+        ``5.0.0``) and ``last_response`` ``response`` (default ``reason``):
+        the accounting views show why.  Returns the recipients it changed
+        (as they were before); the message is marked finished and its body
+        removed when nothing is left.
         """
         if not status.is_final:
             raise ValueError(f"{status} is not a final status")
@@ -889,8 +913,8 @@ class SqliteSpool(Spool):
             "status": status.value,
             "now": at,
             "reason": reason,
-            "status_code": status_code,
-            "response": response,
+            "status_code": status_code or "5.0.0",
+            "response": reason if response is None else response,
             "queue_id": queue_id,
         }
 
@@ -1018,6 +1042,9 @@ def _attempt_row(rec: AttemptRecord, attempt: int) -> dict[str, Any]:
 
 def _update_row(rec: AttemptRecord, owner: str) -> dict[str, Any]:
     final = rec.outcome is not Outcome.DEFERRED
+    code, status, response = rec.code, rec.status, rec.response
+    if rec.final_response is not None:  # our decision, not the reply, is the row's last word
+        code, status, response = None, rec.final_status, rec.final_response
     return {
         "id": rec.recipient_id,
         "owner": owner,
@@ -1025,9 +1052,9 @@ def _update_row(rec: AttemptRecord, owner: str) -> dict[str, Any]:
         "failure": int(rec.outcome is Outcome.DEFERRED and rec.count_failure),
         "next_attempt_at": rec.finished_at if final else rec.next_attempt_at,
         "finished_at": rec.finished_at,
-        "code": rec.code,
-        "status_code": rec.status,
-        "response": rec.response,
+        "code": code,
+        "status_code": status,
+        "response": response,
         "mx_host": rec.mx_host,
         "final_at": rec.finished_at if final else None,
         "reason": rec.reason,

@@ -12,7 +12,8 @@ same rules:
 
 A plugin that raises, times out or returns a result the hook does not take
 gives ``451 4.3.0`` and an ERROR log line naming it.  A spool failure gives
-``451 4.3.0``; the spool guarantees nothing of the message remains.
+``451 4.3.0`` (``451 4.3.1``, mail system full, when the queue's disk is
+full); the spool guarantees nothing of the message remains.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import Protocol
 
 from outboundd.hooks import HookFailure, HookRunner, ResultCode
 from outboundd.log import Logger
-from outboundd.spool.errors import SpoolError, SpoolUnavailableError
+from outboundd.spool.errors import SpoolError, SpoolFullError, SpoolUnavailableError
 from outboundd.spool.types import NewMessage
 from outboundd.submission import replies
 from outboundd.submission.replies import Reply, clean_text
@@ -155,6 +156,10 @@ class Queuer:
             self.log.info("queue unreachable; message refused temporarily",
                           qid=txn.queue_id, error=str(exc))  # fmt: skip
             return replies.LOCAL_ERROR
+        except SpoolFullError as exc:
+            self.log.warn("queue disk full; message refused temporarily",
+                          qid=txn.queue_id, error=str(exc))  # fmt: skip
+            return replies.SYSTEM_FULL
         except (SpoolError, OSError, ValueError) as exc:
             self.log.error("queue write failed; message refused temporarily",
                            qid=txn.queue_id, error=f"{type(exc).__name__}: {exc}")  # fmt: skip

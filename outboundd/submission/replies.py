@@ -90,6 +90,8 @@ BARE_LINE_END: Final = Reply(
 LINE_TOO_LONG: Final = Reply(554, "5.6.0", "Line too long")
 DATA_SYNTAX: Final = Reply(501, "5.5.4", "Syntax: DATA")
 LOCAL_ERROR: Final = Reply(451, "4.3.0", "Temporary failure, please try again later")
+#: The queue's disk is full (RFC 3463 4.3.1, mail system full).
+SYSTEM_FULL: Final = Reply(451, "4.3.1", "Mail system full, please try again later")
 PLUGIN_DENY: Final = Reply(550, "5.7.1", "Message refused")
 PLUGIN_DENYSOFT: Final = Reply(451, "4.7.1", "Message temporarily refused, try again later")
 NO_RECIPIENTS_LEFT: Final = Reply(554, "5.5.1", "No recipients left to queue")
