@@ -186,7 +186,9 @@ async def serve(config: Config, role: str = "all", inherited: Inherited | None =
     try:
         # Children leave the body-file scan to the first process.
         location = config.outbound.queue_location
-        spool = await spool_backend.open(location, recover_files=not is_child)
+        # wait=True: a queue database that is down at start is waited for
+        # (logged once per interval), not a reason to exit and crash-loop.
+        spool = await spool_backend.open(location, recover_files=not is_child, wait=True)
     except SpoolError as exc:
         shown = spool_backend.describe_location(location)
         log.crit("cannot open the queue", queue=shown, error=str(exc))

@@ -29,7 +29,9 @@ from outboundd.spool import (
 )
 from outboundd.spool.postgres.link import BACKOFF_MAX, BACKOFF_MIN, Link
 from outboundd.spool.postgres.sql import to_positional
+from tests.harness import Daemon, free_port, submit, write_config
 from tests.pgcluster import PgCluster
+from tests.test_ctl import assert_failed, ctl
 
 BODY = b"Subject: x\r\n\r\nhello\r\n"
 
@@ -233,3 +235,51 @@ async def test_open_fails_in_words_when_the_server_is_not_there(
     own_cluster.kill()
     with pytest.raises(SpoolError, match="cannot connect to the queue"):
         await spool_backend.open(url)
+
+
+async def test_the_daemon_waits_for_the_database_at_start(
+    own_cluster: PgCluster, tmp_path: Path
+) -> None:
+    """Started while PostgreSQL is down: it says so and waits (no exit, no crash
+    loop), then becomes ready and queues mail once the server is up."""
+    url = own_cluster.create_database("queue")
+    own_cluster.kill()
+    config = write_config(
+        tmp_path / "config",
+        dns_port=free_port(),
+        mx_port=free_port(),
+        outbound={"queue_url": url, "disabled": "true"},
+    )
+    daemon = Daemon(config)
+    starting = asyncio.create_task(daemon.start(timeout=90))
+    try:
+        line = await daemon.wait_for(r"queue database unreachable", 30)
+        assert "postgresql://postgres@127.0.0.1" in line
+        assert daemon.proc is not None and daemon.proc.returncode is None
+        await asyncio.sleep(1.0)
+        assert not starting.done()
+        await asyncio.to_thread(own_cluster.start_server)
+        await starting
+        qid = await submit(daemon.smtp_port, "a@example.test", ["b@dest.test"])
+        assert daemon.query("SELECT status FROM deliveries WHERE queue_id = ?", (qid,)) == [
+            ("queued",)
+        ]
+        assert not any("Traceback" in text for text in daemon.lines)
+    finally:
+        if not starting.done():
+            starting.cancel()
+        if daemon.proc is not None and daemon.proc.returncode is None:
+            await daemon.stop()
+    assert daemon.returncode == 0
+
+
+async def test_outboundctl_says_in_one_line_when_the_database_is_down(tmp_path: Path) -> None:
+    url = f"postgresql://outboundd:s3cret@127.0.0.1:{free_port()}/queue"
+    config = write_config(
+        tmp_path / "config", dns_port=free_port(), mx_port=free_port(), outbound={"queue_url": url}
+    )
+    result = await ctl(config, "stats")
+    assert_failed(
+        result, r"^outboundctl: cannot connect to the queue postgresql://outboundd:\*\*\*@"
+    )
+    assert "s3cret" not in result.err

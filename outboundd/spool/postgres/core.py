@@ -137,25 +137,36 @@ class PostgresSpool(Spool):
 
     @classmethod
     async def open(  # type: ignore[override]
-        cls, url: str, *, recover: bool = True
+        cls, url: str, *, recover: bool = True, wait: bool = False
     ) -> PostgresSpool:
         """Connect, migrate, and (``recover``) release expired leases and listen for work.
 
-        ``recover=False`` (outboundctl) neither recovers nor listens.
-        Raises :class:`SpoolError` when the server cannot be reached or the
-        schema cannot be brought up to date.
+        ``recover=False`` (outboundctl) neither recovers nor listens.  With
+        ``wait`` a server that cannot be reached is waited for (back-off, one
+        log line per interval); otherwise, and for any other failure (bad
+        credentials, no such database, a schema too new), raises
+        :class:`SpoolError` at once.
         """
         location = describe_location(url)
-        try:
-            pool = await asyncpg.create_pool(
-                url,
-                min_size=1,
-                max_size=POOL_MAX,
-                timeout=CONNECT_TIMEOUT,
-                command_timeout=COMMAND_TIMEOUT,
-            )
-        except Exception as exc:
-            raise SpoolError(f"cannot connect to the queue {location}: {describe(exc)}") from exc
+        link = Link()
+        while True:
+            try:
+                pool = await asyncpg.create_pool(
+                    url,
+                    min_size=1,
+                    max_size=POOL_MAX,
+                    timeout=CONNECT_TIMEOUT,
+                    command_timeout=COMMAND_TIMEOUT,
+                )
+                break
+            except Exception as exc:
+                if not (wait and is_unreachable(exc)):
+                    raise SpoolError(
+                        f"cannot connect to the queue {location}: {describe(exc)}"
+                    ) from exc
+                link.failed(exc, location)
+                await asyncio.sleep(link.wait_time())
+        link.succeeded(location)
         try:
             async with pool.acquire() as conn:
                 await migrate(conn, postgres_migrations())
