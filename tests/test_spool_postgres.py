@@ -148,6 +148,29 @@ async def test_expired_leases_of_a_dead_host_are_taken_by_another(
     assert result.lease_lost == (again.recipients[0].id,)
 
 
+async def test_hosts_finishing_one_message_at_once_finish_it(
+    two_hosts: tuple[Spool, Spool],
+) -> None:
+    """Two hosts record the last recipients of one message (different domains) at
+    the same moment: the message must end finished and its body deleted, which
+    needs each to see the other's committed state."""
+    first, second = two_hosts
+    for _ in range(10):
+        qid = await first.accept(message("a@one.test", "b@two.test"))
+        a, b = lease_owner_id(), lease_owner_id()
+        [one] = await first.claim(a, limit=1, lease_seconds=60)
+        [two] = await second.claim(b, limit=1, lease_seconds=60)
+        t = time.time()
+        results = await asyncio.gather(
+            first.record(a, one, [AttemptRecord(one.recipients[0].id, Outcome.DELIVERED, t, t)]),
+            second.record(b, two, [AttemptRecord(two.recipients[0].id, Outcome.BOUNCED, t, t)]),
+        )
+        assert [r.finished_messages for r in results].count((qid,)) == 1
+        assert (await admin.show_message(first, qid)).finished_at is not None
+        with pytest.raises(SpoolError):
+            await first.read_body(qid)
+
+
 def test_link_backs_off_and_recovers() -> None:
     clock = [100.0]
     link = Link(clock=lambda: clock[0])

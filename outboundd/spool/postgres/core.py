@@ -52,6 +52,8 @@ from outboundd.spool.postgres.link import Link, describe, is_unreachable
 from outboundd.spool.postgres.migrate import migrate, postgres_migrations
 from outboundd.spool.postgres.sql import Statement, bind, pq
 from outboundd.spool.types import (
+    BODY_MISSING_REASON,
+    BODY_MISSING_STATUS,
     AttemptEntry,
     AttemptRecord,
     Claim,
@@ -518,6 +520,7 @@ class PostgresSpool(Spool):
             params[f"u_{key}"] = [row[key] for row in updates]
 
         async def op(conn: Conn) -> tuple[set[int], list[Any]]:
+            await self._fetch(conn, "lock_message", queue_id=claim.queue_id)
             held = {row[0] for row in await self._fetch(conn, "record_attempts", **params)}
             finished = await self._fetch(conn, "finish_messages", ids=[claim.queue_id], now=at)
             return held, finished
@@ -726,7 +729,8 @@ class PostgresSpool(Spool):
             await self.finalize_message(
                 qid,
                 Status.DROPPED,
-                reason="message body missing from the queue database; cannot deliver",
+                reason=BODY_MISSING_REASON,
+                status_code=BODY_MISSING_STATUS,
                 now=at,
             )
         return RecoveryReport(released, 0, 0, 0, tuple(missing))
@@ -746,14 +750,15 @@ class PostgresSpool(Spool):
         at = time.time() if now is None else now
 
         async def op(conn: Conn) -> list[Any]:
+            await self._fetch(conn, "lock_message", queue_id=queue_id)
             changed = await self._fetch(
                 conn,
                 "drop_message_recipients",
                 status=status.value,
                 now=at,
                 reason=reason,
-                status_code=status_code,
-                response=response,
+                status_code=status_code or "5.0.0",
+                response=reason if response is None else response,
                 queue_id=queue_id,
             )
             await self._fetch(conn, "finish_messages", ids=[queue_id], now=at)
@@ -922,15 +927,18 @@ def _attempt_row(rec: AttemptRecord, attempt: int) -> dict[str, Any]:
 
 def _update_row(rec: AttemptRecord) -> dict[str, Any]:
     final = rec.outcome is not Outcome.DEFERRED
+    code, status, response = rec.code, rec.status, rec.response
+    if rec.final_response is not None:  # our decision, not the reply, is the row's last word
+        code, status, response = None, rec.final_status, rec.final_response
     return {
         "id": rec.recipient_id,
         "status": rec.outcome.status.value,
         "failure": int(rec.outcome is Outcome.DEFERRED and rec.count_failure),
         "next_attempt_at": rec.finished_at if final else rec.next_attempt_at,
         "finished_at": rec.finished_at,
-        "code": rec.code,
-        "status_code": rec.status,
-        "response": rec.response,
+        "code": code,
+        "status_code": status,
+        "response": response,
         "mx_host": rec.mx_host,
         "final_at": rec.finished_at if final else None,
         "reason": rec.reason,
@@ -985,6 +993,7 @@ def _claims(
                         last_response=r[11],
                         last_mx=r[12],
                         delay_notified=bool(r[13]),
+                        dsn_queue_id=r[14],
                     )
                     for r in group
                 ),
