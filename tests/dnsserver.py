@@ -54,8 +54,9 @@ query with TC set and no records, so resolvers must retry over TCP.
 Records go out in the order the zone lists them (deterministic tests);
 ``shuffle = True`` sends each RRset in random order, as round-robin servers do.
 
-Only loopback: the server binds ``127.0.0.1``; keep zone data to
-127.0.0.0/8 and ``::1``.
+Only loopback: the server binds ``127.0.0.1`` (or the loopback ``host``
+given, with a fixed ``port`` for clients that only ask port 53); keep zone
+data to 127.0.0.0/8 and ``::1``.
 """
 
 from __future__ import annotations

@@ -143,7 +143,9 @@ def sign_message(
             (b"d", key.domain.encode("ascii")),
             (b"s", key.selector.encode("ascii")),
             (b"t", stamp),
-            (b"h", b":".join(include)),
+            # Spaces around the colons (FWS, RFC 6376 §3.5) give the folding
+            # places to break that are not inside a field name.
+            (b"h", b" : ".join(include)),
             (b"bh", body_hash),
             # A placeholder as long as a signature puts b= on its own line, so
             # folding the real value later moves no whitespace before it.
