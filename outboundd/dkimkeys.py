@@ -148,7 +148,7 @@ def _read_private(path: Path) -> PrivateKey:
         return key
     if isinstance(key, ed25519.Ed25519PrivateKey):
         return key
-    raise DkimKeyError(f"{path}: a {type(key).__name__} key; DKIM signs with RSA or Ed25519")
+    raise DkimKeyError(f"{path}: not an RSA or Ed25519 key (the two kinds DKIM signs with)")
 
 
 def load_domain_keys(
