@@ -20,6 +20,7 @@ from __future__ import annotations
 import base64
 import email.utils
 import hashlib
+import re
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Final, Literal
@@ -41,6 +42,7 @@ __all__ = [
     "DkimSigner",
     "KeyDomain",
     "domain_of_address",
+    "relaxed_header",
     "sign_message",
     "signature_fields",
     "signer_for",
@@ -68,13 +70,26 @@ class DkimSignError(Exception):
     """The message could not be signed; the text says why, for the log."""
 
 
+_PLAIN_ADDRESS: Final = re.compile(
+    r"\s*(?:[^<>\"(),;:@\\]*<)?[^\s<>\"(),;:@\\]+@([A-Za-z0-9][A-Za-z0-9.-]*)>?\s*"
+)
+
+
 def domain_of_address(text: str) -> str | None:
-    """The lower-case A-label domain of the first address in a header value."""
-    addresses = email.utils.getaddresses([text])
-    for _, address in addresses:
-        _, at, domain = address.rpartition("@")
-        domain = domain.strip().rstrip(".").lower()
-        if at and domain:
+    """The lower-case A-label domain of the first address in a header value.
+
+    ``Name <user@domain>`` and ``user@domain`` are read with one regular
+    expression; anything else (quotes, comments, groups, several addresses)
+    goes through ``email.utils.getaddresses``.
+    """
+    match = _PLAIN_ADDRESS.fullmatch(text)
+    if match is not None and (">" in text) == ("<" in text):
+        candidates = [match[1]]
+    else:
+        candidates = [a.rpartition("@")[2] for _, a in email.utils.getaddresses([text]) if "@" in a]
+    for candidate in candidates:
+        domain = candidate.strip().rstrip(".").lower()
+        if domain:
             try:
                 return idn.to_ascii(domain)
             except ValueError:
@@ -91,6 +106,37 @@ def _split(message: bytes) -> tuple[bytes, bytes]:
     if rest:
         raise DkimSignError("the header section does not end with a blank line")
     return message[:end], b""
+
+
+def canonical_body(body: bytes) -> bytes:
+    """The relaxed body canonicalisation (RFC 6376 §3.4.4), as dkimpy computes it.
+
+    dkimpy runs two regular expressions over the whole body; most bodies have
+    no tab, no double space and no space before a line end, and for those the
+    expressions change nothing, so three ``in`` tests (memchr speed) skip
+    them — the bulk of the signing cost of a 4 KB message otherwise.
+    """
+    if b"\t" in body or b"  " in body or b" \r\n" in body:
+        return _CANON.canonicalize_body(body)  # type: ignore[no-any-return]
+    return dkim.canonicalization.correct_empty_body(  # type: ignore[no-any-return]
+        dkim.canonicalization.strip_trailing_lines(body)
+    )
+
+
+_UNFOLD: Final = re.compile(rb"\r?\n")
+_WSP: Final = re.compile(rb"[\t ]+")
+
+
+def relaxed_header(name: bytes, value: bytes) -> tuple[bytes, bytes]:
+    """One field in relaxed canonical form (RFC 6376 §3.4.2), as dkimpy makes it:
+    lower-case name, unfolded, runs of WSP as one space, stripped, CRLF-terminated."""
+    if value.endswith(b"\r\n"):
+        value = value[:-2]
+    if b"\n" in value:
+        value = _UNFOLD.sub(b"", value)
+    if b"\t" in value or b"  " in value:
+        value = _WSP.sub(b" ", value)
+    return name.lower().rstrip(), value.strip() + b"\r\n"
 
 
 def signature_fields(header_names: Iterable[bytes], wanted: Sequence[bytes]) -> tuple[bytes, ...]:
@@ -131,8 +177,12 @@ def sign_message(
     if not any(name.lower() == b"from" for name in names):
         raise DkimSignError("the message has no From field (RFC 6376 §5.4 requires signing it)")
     include = signature_fields(names, wanted)
-    canonical = _CANON.canonicalize_headers(headers)
-    body_hash = base64.b64encode(hashlib.sha256(_CANON.canonicalize_body(body)).digest())
+    # Only the fields being signed are canonicalised (dkimpy would do them all).
+    signed = b"".join(
+        b"%s:%s" % relaxed_header(name, value)
+        for name, value in dkim.select_headers(headers, include)
+    )
+    body_hash = base64.b64encode(hashlib.sha256(canonical_body(body)).digest())
     stamp = str(int(now)).encode("ascii")
     out = []
     for key in keys:
@@ -153,8 +203,10 @@ def sign_message(
         ]
         value = dkim.fold(b"; ".join(b"=".join(f) for f in fields), namelen=len(_NAME))
         value = dkim.RE_BTAG.sub(b"\\1", value)
-        hasher = hashlib.sha256()
-        dkim.hash_headers(hasher, _CANON, canonical, include, (_NAME, b" " + value), None)
+        # RFC 6376 §3.7: the signed fields, then this field with b= empty and
+        # without its final CRLF.
+        name, canonical_value = relaxed_header(_NAME, b" " + value)
+        hasher = hashlib.sha256(signed + name + b":" + canonical_value.rstrip())
         signature = _raw_signature(key, hasher.digest())
         fields[-1] = (b"b", base64.b64encode(signature))
         value = dkim.fold(b"; ".join(b"=".join(f) for f in fields) + b"\r\n", namelen=len(_NAME))
