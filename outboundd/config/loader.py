@@ -841,7 +841,9 @@ def _read_dkim(config_dir: Path, warnings: list[str]) -> DkimConfig:
         try:
             keys = dict(load_keys(config_dir / "dkim", default_selector))
         except DkimKeyError as exc:
-            raise ConfigError(_display(config_dir / "dkim"), str(exc)) from None
+            # "config/dkim: example.com/private: ..." rather than the absolute path twice.
+            problem = str(exc).replace(f"{config_dir / 'dkim'}/", "")
+            raise ConfigError(_display(config_dir / "dkim"), problem) from None
         if default_domain is not None and default_domain not in keys:
             raise sign.error(
                 "domain", f"{default_domain} has no key in {_display(config_dir / 'dkim')}"
