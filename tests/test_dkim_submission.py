@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import base64
+import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import aiosmtplib
@@ -35,6 +37,18 @@ def keys(tmp_path_factory: pytest.TempPathFactory) -> tuple[DkimKey, DkimKey]:
         generate_key(base, DOMAIN, "rsa1", "rsa"),
         generate_key(base, DOMAIN, "ed1", "ed25519"),
     )
+
+
+@pytest.fixture(autouse=True)
+def mail_log_level() -> Iterator[None]:
+    """The listeners quieten aiosmtpd's global ``mail.log`` logger; put it back
+    for the test modules that run after this one (test_log reads it)."""
+    logger = logging.getLogger("mail.log")
+    level = logger.level
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def dkim_config(tmp_path: Path, keys: tuple[DkimKey, ...], **settings: object) -> Config:
