@@ -11,10 +11,19 @@ processes, and leases make claims exclusive):
 * **Delivery processes** (``outbound.ini delivery_processes=N``): children
   that only claim and deliver.
 
+A child starts from the parent's configuration, not from the directory: the
+parent passes its validated :class:`Config` (with the ``outbound.ini``
+settings in force at that moment) in an anonymous in-memory file
+(``--config-fd``).  A child restarted while a broken edit of a config file
+is in place therefore runs on the last good settings instead of exiting on
+the broken file and being restarted in a loop; it then follows
+``outbound.ini`` edits like every process.
+
 A child's stdin is a pipe from the parent.  A line on it means "new mail was
 committed": a delivering child wakes its scheduler at once, so delivery
 starts within milliseconds of the 250.  End of file means the parent has
 gone: the child stops as on SIGTERM (finishing sessions, releasing leases).
+This is also how the parent stops its children (see :meth:`ChildProcess.stop`).
 An SMTP node whose mail others deliver writes a line to its wake pipe after
 each commit; in the parent that sets the new-work event the delivery
 processes are woken by.
@@ -25,13 +34,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import pickle
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, Any
 
 from outboundd import log as logmod
+from outboundd.config import Config
 
 log = logmod.get_logger("outboundd")
 
@@ -48,11 +59,15 @@ class ChildProcess:
         *,
         role: str,
         stop_grace: float,
+        config: Callable[[], Config],
         listen_fds: Sequence[tuple[int, bool]] = (),
         wakes: asyncio.Event | None = None,
     ) -> None:
-        """``wakes``: set whenever the child reports new mail on its wake pipe."""
+        """``config``: the configuration a (re)started child runs on, asked at
+        each start.  ``wakes``: set whenever the child reports new mail on its
+        wake pipe."""
         self.config_dir = config_dir
+        self.config = config
         self.role = role
         self.stop_grace = stop_grace
         self.listen_fds = list(listen_fds)
@@ -60,6 +75,7 @@ class ChildProcess:
         self.proc: asyncio.subprocess.Process | None = None
         self._stopping = False
         self._restart_delay = 1.0
+        self._exit_reported = False
         self._wake_reader: asyncio.Task[None] | None = None
 
     @property
@@ -67,8 +83,10 @@ class ChildProcess:
         return "SMTP node" if self.listen_fds else "delivery process"
 
     async def start(self) -> None:
+        config_fd = config_memfd(self.config())
         argv = [sys.executable, "-m", "outboundd", "-c", str(self.config_dir), "--role", self.role]
-        fds: list[int] = []
+        argv += ["--config-fd", str(config_fd)]
+        fds: list[int] = [config_fd]
         for fd, implicit_tls in self.listen_fds:
             fds.append(fd)
             argv += ["--listen-fd", f"{fd}{':tls' if implicit_tls else ''}"]
@@ -82,8 +100,10 @@ class ChildProcess:
                 *argv, stdin=asyncio.subprocess.PIPE, pass_fds=fds
             )
         finally:
+            os.close(config_fd)
             if write_end >= 0:
                 os.close(write_end)
+        self._exit_reported = False
         if self.wakes is not None:
             pipe = os.fdopen(read_end, "rb", buffering=0)
             self._wake_reader = asyncio.create_task(
@@ -115,6 +135,7 @@ class ChildProcess:
             status = await self.proc.wait()
             if self._stopping:
                 return
+            self._exit_reported = True
             log.crit(
                 f"{self.kind} exited unexpectedly; restarting",
                 status=status,
@@ -126,14 +147,22 @@ class ChildProcess:
                 await self.start()
 
     async def stop(self) -> int:
-        """SIGTERM the child and wait (bounded); its exit status."""
+        """Ask the child to stop and wait (bounded); its exit status.
+
+        The request is the end of its stdin, which the child treats as
+        SIGTERM.  Not a signal: a child still starting up has no handler yet
+        and would die of it (status -15, an error), while the end of file
+        waits in the pipe until the child reads it.  A child that has not
+        stopped after ``stop_grace`` + 10 s is killed.  0 for a child that
+        exited while waiting to be restarted: that exit was already reported
+        when it happened.
+        """
         self._stopping = True
         proc = self.proc
-        if proc is None:
+        if proc is None or self._exit_reported:
             return 0
         if proc.stdin is not None:
             proc.stdin.close()
-        self.signal(signal.SIGTERM)
         try:
             status = await asyncio.wait_for(proc.wait(), self.stop_grace + 10)
         except TimeoutError:
@@ -145,6 +174,34 @@ class ChildProcess:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._wake_reader
         return status
+
+
+def config_memfd(config: Config) -> int:
+    """An anonymous in-memory file holding ``config``, positioned at its start.
+
+    Pickle, because the models hold values JSON does not (paths, networks,
+    the bounce image's bytes) and both ends are this program: the file goes
+    only from a parent to the child it starts.  A file, not a pipe, so a
+    large configuration never blocks the parent.
+    """
+    fd = os.memfd_create("outboundd-config")
+    try:
+        with os.fdopen(os.dup(fd), "wb") as out:
+            out.write(pickle.dumps(config, protocol=pickle.HIGHEST_PROTOCOL))
+        os.lseek(fd, 0, os.SEEK_SET)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def read_config_fd(fd: int) -> Config:
+    """In the child: the configuration the parent passed (see :func:`config_memfd`)."""
+    with os.fdopen(fd, "rb") as snapshot:
+        config = pickle.load(snapshot)
+    if not isinstance(config, Config):
+        raise TypeError(f"--config-fd {fd} does not hold a configuration")
+    return config
 
 
 async def wake_all(children: list[ChildProcess], new_work: asyncio.Event) -> None:

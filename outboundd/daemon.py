@@ -18,10 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from outboundd import early_stop
 from outboundd import log as logmod
 from outboundd.children import (
     ChildProcess,
     notify_parent,
+    read_config_fd,
     wake_all,
     watch_parent,
 )
@@ -45,11 +47,20 @@ log = logmod.get_logger("outboundd")
 
 
 class OutboundSettings:
-    """The live ``outbound.ini``: re-read when the file changes.
+    """The live ``outbound.ini``: re-read when the file's content changes.
 
     ``disabled``, ``concurrency_max`` and ``temp_fail_intervals`` (and the
     rest of the file) take effect without a restart.  A broken edit is
-    reported and the previous settings stay in force.
+    reported once and the previous settings stay in force.
+
+    Changes are found by comparing the file's *content* with the content
+    last looked at, never by mtime and size alone: an edit that lands
+    between reading the file and stamping it, or within the filesystem's
+    timestamp granularity with the same size, would otherwise be missed.
+    The content behind ``config`` is not known (the file was read before
+    this object existed, maybe by another process), so the first check
+    always parses the file; it only reports a change when the settings
+    differ.
     """
 
     def __init__(self, config: Config) -> None:
@@ -57,24 +68,25 @@ class OutboundSettings:
         self.base_dir = config.base_dir
         self.current: OutboundConfig = config.outbound
         self._path = config.config_dir / "outbound.ini"
-        self._stamp = self._file_stamp()
+        self._seen: bytes | None = None  # the content last looked at
 
     def __call__(self) -> OutboundConfig:
         return self.current
 
-    def _file_stamp(self) -> tuple[int, int] | None:
+    def _read(self) -> bytes:
+        """The file's bytes; empty when it is missing (then the defaults apply)."""
         try:
-            st = self._path.stat()
+            return self._path.read_bytes()
         except OSError:
-            return None
-        return (st.st_mtime_ns, st.st_size)
+            # Missing or unreadable: load_outbound says which, with the file's name.
+            return b""
 
     def check(self) -> bool:
-        """Reload if the file changed; True when new settings took effect."""
-        stamp = self._file_stamp()
-        if stamp == self._stamp:
+        """Reload if the file's content changed; True when new settings took effect."""
+        content = self._read()
+        if content == self._seen:
             return False
-        self._stamp = stamp
+        self._seen = content
         try:
             fresh = load_outbound(self.config_dir, self.base_dir)
         except ConfigError as exc:
@@ -83,6 +95,8 @@ class OutboundSettings:
         if fresh.queue_dir != self.current.queue_dir:
             log.warn("queue_dir changes need a restart; keeping the current queue")
             fresh = fresh.model_copy(update={"queue_dir": self.current.queue_dir})
+        if fresh == self.current:
+            return False
         self.current = fresh
         log.notice(
             "outbound.ini reloaded",
@@ -129,6 +143,26 @@ async def serve(config: Config, role: str = "all", inherited: Inherited | None =
     is_child = role == "delivery" or inherited.is_node
     if role == "all" and config.outbound.delivery_processes > 0:
         role = "submission"
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+
+    def request_stop(signame: str) -> None:
+        if stop.is_set():
+            # Another SIGTERM (an impatient operator, or a process-group
+            # signal on top of the parent's own): the graceful stop goes on.
+            log.info("already stopping", signal=signame, role=role)
+            return
+        log.info("stopping", signal=signame, role=role)
+        stop.set()
+
+    # From the first moment: a stop signal during start-up stops gracefully
+    # too, instead of killing the process with the signal's default action.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, request_stop, sig.name)
+    loop.add_signal_handler(signal.SIGHUP, lambda: None)  # a flush before there is work
+    early = early_stop.pending()
+    if early is not None:
+        request_stop(early)
     listens = role in ("all", "submission")
     delivers = role in ("all", "delivery")
     if not is_child:
@@ -165,8 +199,6 @@ async def serve(config: Config, role: str = "all", inherited: Inherited | None =
         for qid in report.missing_bodies:
             log.crit("message body file missing; its recipients were dropped", qid=qid)
 
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
     tasks: list[asyncio.Task[None]] = []
     settings = OutboundSettings(config)
     scheduler: Scheduler | None = None
@@ -181,6 +213,15 @@ async def serve(config: Config, role: str = "all", inherited: Inherited | None =
         scheduler = Scheduler(spool, settings, engine.deliver, owner=owner, log=log)
         tasks.append(asyncio.create_task(scheduler.run(), name="scheduler"))
         tasks.append(asyncio.create_task(settings.watch(spool.new_work), name="config-watch"))
+    elif not is_child:
+        # The first process follows outbound.ini even when it does not
+        # deliver: a child it (re)starts gets the settings now in force.
+        tasks.append(asyncio.create_task(settings.watch(asyncio.Event()), name="config-watch"))
+
+    def child_config() -> Config:
+        """The last good configuration, for a child being (re)started."""
+        return config.model_copy(update={"outbound": settings.current})
+
     if is_child:
         parent_gone = asyncio.Event()
         tasks.append(
@@ -198,7 +239,11 @@ async def serve(config: Config, role: str = "all", inherited: Inherited | None =
         submission_api.install(sink, config, hooks)
         try:
             listeners = await start_listeners(
-                config, sink, hooks, inherited=inherited.listen_fds or None
+                config,
+                sink,
+                hooks,
+                inherited=inherited.listen_fds or None,
+                throttle_store=spool,  # shared by every process: one client is one client
             )
         except OSError as exc:
             log.crit("cannot listen", error=str(exc))
@@ -218,6 +263,7 @@ async def serve(config: Config, role: str = "all", inherited: Inherited | None =
                 config.config_dir,
                 role=role,
                 stop_grace=SHUTDOWN_GRACE,
+                config=child_config,
                 listen_fds=listeners.listen_fds(),
                 # Its new mail must reach our delivery processes (see wake_all).
                 wakes=spool.new_work if role == "submission" else None,
@@ -227,21 +273,20 @@ async def serve(config: Config, role: str = "all", inherited: Inherited | None =
             tasks.append(asyncio.create_task(node.supervise(), name=f"supervise-node-{number}"))
     if role == "submission" and not is_child:
         for number in range(config.outbound.delivery_processes):
-            child = ChildProcess(config.config_dir, role="delivery", stop_grace=SHUTDOWN_GRACE)
+            child = ChildProcess(
+                config.config_dir, role="delivery", stop_grace=SHUTDOWN_GRACE, config=child_config
+            )
             await child.start()
             deliverers.append(child)
             tasks.append(asyncio.create_task(child.supervise(), name=f"supervise-{number}"))
         tasks.append(asyncio.create_task(wake_all(deliverers, spool.new_work), name="wake"))
     children = nodes + deliverers
 
-    def request_stop(signame: str) -> None:
-        if not stop.is_set():
-            log.notice("stopping", signal=signame, role=role)
-            stop.set()
-
     background: set[asyncio.Task[None]] = set()
 
     def request_flush() -> None:
+        if stop.is_set():
+            return  # stopping: nothing more will be delivered here
         for child in children:
             child.signal(signal.SIGHUP)
         if not delivers:
@@ -255,11 +300,11 @@ async def serve(config: Config, role: str = "all", inherited: Inherited | None =
         background.add(task)
         task.add_done_callback(background.discard)
 
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, request_stop, sig.name)
     loop.add_signal_handler(signal.SIGHUP, request_flush)
 
-    if listens and not is_child:
+    if stop.is_set():
+        pass  # a stop signal came during start-up: stopping, not ready
+    elif listens and not is_child:
         log.notice(
             "ready",
             listen=",".join(str(a) for a in config.smtp.listen),
@@ -270,7 +315,8 @@ async def serve(config: Config, role: str = "all", inherited: Inherited | None =
             smtp_processes=1 + len(nodes),
         )
     elif not listens:
-        log.notice(
+        # INFO: the first process's "ready" (NOTICE) is the one an operator waits for.
+        log.info(
             "delivery ready",
             queue_dir=str(spool.queue_dir),
             delivery="disabled" if settings().disabled else "enabled",
@@ -288,8 +334,8 @@ async def serve(config: Config, role: str = "all", inherited: Inherited | None =
                 stop.set()
         stopper.cancel()
     finally:
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            loop.remove_signal_handler(sig)
+        # The signal handlers stay in place while stopping: a second SIGTERM
+        # must not kill the process half-way through its graceful stop.
         # SMTP nodes stop accepting together with this process's listeners.
         node_stops = asyncio.gather(*(node.stop() for node in nodes))
         if listeners is not None:
@@ -310,9 +356,13 @@ async def serve(config: Config, role: str = "all", inherited: Inherited | None =
         if listens:
             submission_api.uninstall()
         await spool.close()
-        log.notice("stopped", role=role)
+        log.info("stopped", role=role)
         await logmod.drain_log_hooks()
         logmod.shutdown()
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.remove_signal_handler(sig)
+            # Stopped: a signal between here and the exit changes nothing.
+            signal.signal(sig, signal.SIG_IGN)
     return status
 
 
@@ -336,6 +386,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     # How the first process hands an SMTP node its listening sockets and wake pipe.
     parser.add_argument("--listen-fd", action="append", default=[], help=argparse.SUPPRESS)
     parser.add_argument("--wake-fd", type=int, help=argparse.SUPPRESS)
+    # How the first process hands a child its configuration (see children.config_memfd).
+    parser.add_argument("--config-fd", type=int, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
@@ -362,9 +414,15 @@ def tune_gc() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    early_stop.catch()
     args = parse_args(argv)
     try:
-        config = load_config(Path(args.config))
+        if args.config_fd is not None:
+            # A child runs on its parent's last good configuration, even
+            # while a broken edit sits in the directory.
+            config = read_config_fd(args.config_fd)
+        else:
+            config = load_config(Path(args.config))
     except ConfigError as exc:
         print(f"outboundd: {exc}", file=sys.stderr)
         return 1

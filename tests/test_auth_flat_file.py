@@ -14,9 +14,12 @@ import pytest
 
 from outboundd.plugins import auth_flat_file as aff
 from outboundd.plugins.auth_flat_file import (
+    Admission,
     AuthThrottle,
     InvalidPassword,
     InvalidUserName,
+    MemoryThrottleStore,
+    ThrottleVerdict,
     UserStore,
     add_user,
     delete_user,
@@ -360,99 +363,182 @@ class FakeClock:
         return self.now
 
 
-def test_throttle_delays_then_disconnects_then_blocks() -> None:
+async def fail(throttle: AuthThrottle, ip: str) -> ThrottleVerdict:
+    """One admitted attempt that fails, as the SMTP session runs it."""
+    assert await throttle.admit(ip) is Admission.CHECK
+    return await throttle.failed(ip)
+
+
+async def succeed(throttle: AuthThrottle, ip: str) -> None:
+    assert await throttle.admit(ip) is Admission.CHECK
+    await throttle.succeeded(ip)
+
+
+async def test_throttle_delays_beyond_max_failures_then_disconnects_then_blocks() -> None:
     clock = FakeClock()
     throttle = AuthThrottle(
         max_failures=3, failure_delay=2.0, disconnect_after=10, block_seconds=300, clock=clock
     )
     ip = "192.0.2.1"
     delays = []
-    for _ in range(9):
-        verdict = throttle.record_failure(ip)
-        assert not verdict.disconnect
-        assert verdict.delay == throttle.delay_for(ip)
+    for n in range(1, 10):
+        verdict = await fail(throttle, ip)
+        assert verdict.failures == n and not verdict.disconnect
         delays.append(verdict.delay)
-        assert not throttle.should_disconnect(ip) and not throttle.is_blocked(ip)
-    assert delays == [0.0, 0.0, 2.0, 4.0, 6.0, 8.0, 10.0, 12.0, 14.0]
-    verdict = throttle.record_failure(ip)
+        assert not await throttle.is_blocked(ip)
+    # The docs: each failure *beyond* auth_max_failures waits, the 4th first.
+    assert delays == [0.0, 0.0, 0.0, 2.0, 4.0, 6.0, 8.0, 10.0, 12.0]
+    verdict = await fail(throttle, ip)
     assert verdict.disconnect and verdict.failures == 10
-    assert throttle.should_disconnect(ip) and throttle.is_blocked(ip)
+    assert await throttle.is_blocked(ip)
+    assert await throttle.admit(ip) is Admission.REFUSE  # never checked while blocked
     clock.now += 299
-    assert throttle.is_blocked(ip)
-    throttle.record_success(ip)  # a success does not lift a block
-    assert throttle.is_blocked(ip)
+    assert await throttle.is_blocked(ip)
+    await throttle.succeeded(ip)  # a success does not lift a block
+    assert await throttle.is_blocked(ip)
     clock.now += 1
-    assert not throttle.is_blocked(ip)
-    assert throttle.failures(ip) == 0 and throttle.delay_for(ip) == 0.0
-    assert throttle.delay_for("198.51.100.7") == 0.0
+    assert not await throttle.is_blocked(ip)
+    assert await throttle.failures(ip) == 0
+    assert (await fail(throttle, ip)).failures == 1
 
 
-def test_throttle_delay_is_capped() -> None:
+async def test_the_delay_starts_after_max_failures() -> None:
+    """Issue item 4: max_failures=2, delay 1.5: the 2nd failure waits nothing, the 3rd 1.5 s."""
+    throttle = AuthThrottle(max_failures=2, failure_delay=1.5, clock=FakeClock())
+    assert [(await fail(throttle, "192.0.2.1")).delay for _ in range(4)] == [0.0, 0.0, 1.5, 3.0]
+    zero = AuthThrottle(max_failures=0, failure_delay=1.5, clock=FakeClock())
+    assert [(await fail(zero, "192.0.2.1")).delay for _ in range(2)] == [1.5, 3.0]
+
+
+async def test_a_burst_is_admitted_only_up_to_the_allowance() -> None:
+    """Failures plus checks in flight never exceed disconnect_after; the rest wait."""
+    throttle = AuthThrottle(disconnect_after=5, clock=FakeClock())
+    admissions = await asyncio.gather(*(throttle.admit("192.0.2.1") for _ in range(30)))
+    assert admissions.count(Admission.CHECK) == 5
+    assert admissions.count(Admission.WAIT) == 25
+    # A failure still uses its share of the allowance: the others keep waiting.
+    assert not (await throttle.failed("192.0.2.1")).disconnect
+    assert await throttle.admit("192.0.2.1") is Admission.WAIT
+    # The other four fail too: the fifth failure blocks; the waiting are refused.
+    verdicts = [await throttle.failed("192.0.2.1") for _ in range(4)]
+    assert [v.disconnect for v in verdicts] == [False, False, False, True]
+    assert await throttle.admit("192.0.2.1") is Admission.REFUSE
+
+
+async def test_successes_in_flight_only_make_a_burst_wait() -> None:
+    """Fifty right passwords at once from one IP: all are admitted in turn, none refused."""
+    throttle = AuthThrottle(disconnect_after=3, clock=FakeClock())
+    done = 0
+    for _ in range(50):
+        while (admission := await throttle.admit("192.0.2.1")) is Admission.WAIT:
+            await throttle.succeeded("192.0.2.1")
+            done += 1
+        assert admission is Admission.CHECK
+    assert done == 47
+
+
+async def test_a_check_whose_process_died_stops_counting() -> None:
+    clock = FakeClock()
+    throttle = AuthThrottle(disconnect_after=1, stale_after=120, clock=clock)
+    assert await throttle.admit("192.0.2.1") is Admission.CHECK  # ... and never settled
+    assert await throttle.admit("192.0.2.1") is Admission.WAIT
+    clock.now += 121
+    assert await throttle.admit("192.0.2.1") is Admission.CHECK
+
+
+async def test_throttle_delay_is_capped() -> None:
     throttle = AuthThrottle(
         max_failures=1, failure_delay=7.0, disconnect_after=100, max_delay=30, clock=FakeClock()
     )
-    for _ in range(20):
-        throttle.record_failure("192.0.2.1")
-    assert throttle.delay_for("192.0.2.1") == 30.0
+    delays = [(await fail(throttle, "192.0.2.1")).delay for _ in range(20)]
+    assert delays[-1] == 30.0 and max(delays) == 30.0
 
 
-def test_throttle_success_resets_and_ips_are_separate() -> None:
+async def test_throttle_success_resets_and_ips_are_separate() -> None:
     throttle = AuthThrottle(clock=FakeClock())
     for _ in range(5):
-        throttle.record_failure("192.0.2.1")
-    throttle.record_failure("192.0.2.2")
-    assert throttle.delay_for("192.0.2.1") == 6.0
-    assert throttle.delay_for("192.0.2.2") == 0.0
-    throttle.record_success("192.0.2.1")
-    assert throttle.failures("192.0.2.1") == 0
-    assert throttle.failures("192.0.2.2") == 1
+        await fail(throttle, "192.0.2.1")
+    await fail(throttle, "192.0.2.2")
+    assert await throttle.failures("192.0.2.1") == 5
+    assert await throttle.failures("192.0.2.2") == 1
+    await succeed(throttle, "192.0.2.1")
+    assert await throttle.failures("192.0.2.1") == 0
+    assert await throttle.failures("192.0.2.2") == 1
 
 
-def test_throttle_forgets_old_failures() -> None:
+async def test_throttle_forgets_old_failures() -> None:
     clock = FakeClock()
-    throttle = AuthThrottle(forget_after=600, clock=clock)
+    store = MemoryThrottleStore()
+    throttle = AuthThrottle(forget_after=600, clock=clock, store=store)
     for _ in range(5):
-        throttle.record_failure("192.0.2.1")
+        await fail(throttle, "192.0.2.1")
     clock.now += 599
-    assert throttle.failures("192.0.2.1") == 5
+    assert await throttle.failures("192.0.2.1") == 5
     clock.now += 1
-    assert throttle.failures("192.0.2.1") == 0
-    assert len(throttle) == 0
+    assert await throttle.failures("192.0.2.1") == 0
+    assert await store.throttle_prune(clock.now, clock.now - 600, 100) == 1
+    assert store.entries == {}
 
 
-def test_throttle_memory_is_bounded() -> None:
-    throttle = AuthThrottle(max_entries=100, clock=FakeClock())
+async def test_throttle_store_is_bounded() -> None:
+    store = MemoryThrottleStore()
+    clock = FakeClock()
+    throttle = AuthThrottle(max_entries=100, clock=clock, store=store)
     for i in range(1000):
-        throttle.record_failure(f"198.18.{i // 256}.{i % 256}")
-    assert len(throttle) == 100
-    assert throttle.failures("198.18.0.0") == 0  # oldest evicted
-    assert throttle.failures("198.18.3.231") == 1  # newest kept
+        clock.now += 0.001
+        await fail(throttle, f"198.18.{i // 256}.{i % 256}")
+    assert await store.throttle_prune(clock.now, clock.now - 3600, 100) == 900
+    assert len(store.entries) == 100
+    assert await throttle.failures("198.18.0.0") == 0  # oldest dropped
+    assert await throttle.failures("198.18.3.231") == 1  # newest kept
 
 
-def test_throttle_groups_ipv6_by_prefix_and_unmaps_ipv4() -> None:
+async def test_throttle_groups_ipv6_by_prefix_and_unmaps_ipv4() -> None:
     throttle = AuthThrottle(clock=FakeClock())
-    throttle.record_failure("2001:db8:1:2::1")
-    throttle.record_failure("2001:db8:1:2:ffff::9")
-    throttle.record_failure("2001:db8:1:3::1")
-    assert throttle.failures("2001:db8:1:2::abcd") == 2
-    assert throttle.failures("2001:db8:1:3::") == 1
-    throttle.record_failure("::ffff:192.0.2.9")
-    assert throttle.failures("192.0.2.9") == 1
+    await fail(throttle, "2001:db8:1:2::1")
+    await fail(throttle, "2001:db8:1:2:ffff::9")
+    await fail(throttle, "2001:db8:1:3::1")
+    assert await throttle.failures("2001:db8:1:2::abcd") == 2
+    assert await throttle.failures("2001:db8:1:3::") == 1
+    await fail(throttle, "::ffff:192.0.2.9")
+    assert await throttle.failures("192.0.2.9") == 1
     assert throttle.key_for("fe80::1%eth0") == "fe80::/64"
     assert throttle.key_for("unix-socket") == "unix-socket"
 
 
-def test_throttle_block_seconds_zero_still_disconnects() -> None:
+async def test_throttle_block_seconds_zero_still_disconnects() -> None:
     throttle = AuthThrottle(disconnect_after=2, block_seconds=0, clock=FakeClock())
-    assert not throttle.record_failure("192.0.2.1").disconnect
-    assert throttle.record_failure("192.0.2.1").disconnect
+    assert not (await fail(throttle, "192.0.2.1")).disconnect
+    assert (await fail(throttle, "192.0.2.1")).disconnect
+    assert (await fail(throttle, "192.0.2.1")).failures == 1  # a zero block ends at once
 
 
-def test_throttle_rejects_nonsense_settings() -> None:
-    with pytest.raises(ValueError):
-        AuthThrottle(max_failures=0)
-    with pytest.raises(ValueError):
-        AuthThrottle(failure_delay=-1)
+@pytest.mark.parametrize(
+    ("settings", "ok"),
+    [
+        ({"max_failures": 0}, True),
+        ({"max_failures": 1_000_000}, True),
+        ({"max_failures": -1}, False),
+        ({"max_failures": 1_000_001}, False),
+        ({"disconnect_after": 1}, True),
+        ({"disconnect_after": 0}, False),
+        ({"disconnect_after": 1_000_001}, False),
+        ({"failure_delay": 0}, True),
+        ({"failure_delay": -1}, False),
+        ({"failure_delay": float("nan")}, False),
+        ({"block_seconds": 0}, True),
+        ({"block_seconds": -0.5}, False),
+        ({"block_seconds": float("inf")}, False),
+    ],
+)
+def test_throttle_accepts_exactly_the_documented_ranges(
+    settings: dict[str, float], ok: bool
+) -> None:
+    if ok:
+        AuthThrottle(**settings)  # type: ignore[arg-type]
+    else:
+        with pytest.raises(ValueError):
+            AuthThrottle(**settings)  # type: ignore[arg-type]
 
 
 def test_store_follows_the_file(tmp_path: Path) -> None:

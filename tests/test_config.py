@@ -29,6 +29,7 @@ from outboundd.config import (
     parse_temp_fail_intervals,
 )
 from tests.certs import make_pki
+from tests.test_session_timeouts import TIMEOUTS as SESSION_TIMEOUTS
 
 REPO = Path(__file__).resolve().parent.parent
 HARAKA_DEFAULT = (64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
@@ -411,8 +412,8 @@ def test_received_header_disabled(cfg: Path) -> None:
     [
         ("concurrency_max=ten", "concurrency_max: 'ten' is not an integer"),
         ("concurrency_max=1.5", "concurrency_max: '1.5' is not an integer"),
-        ("concurrency_max=0", "concurrency_max: '0' must be at least 1"),
-        ("domain_concurrency_max=-1", "domain_concurrency_max: '-1' must be at least 1"),
+        ("concurrency_max=0", "concurrency_max: '0' is not between 1 and 10000"),
+        ("domain_concurrency_max=-1", "domain_concurrency_max: '-1' is not between 1 and 10000"),
         ("maxTempFailures=0", "maxTempFailures: '0' is not between 1 and 1000"),
         ("mx_port=70000", "mx_port: '70000' is not between 1 and 65535"),
         ("mx_port=smtp", "mx_port: 'smtp' is not an integer"),
@@ -422,12 +423,16 @@ def test_received_header_disabled(cfg: Path) -> None:
         ("connect_timeout=nan", "connect_timeout: 'nan' is not a number of seconds"),
         ("data_timeout=30s", "data_timeout: '30s' is not a number of seconds"),
         ("lease_seconds=0", "lease_seconds: '0' must be greater than 0"),
+        ("lease_seconds=9.5", "lease_seconds: '9.5' must be at least 10"),
         (
             "lease_seconds=99999999999",
             "lease_seconds: '99999999999' is more than 31536000 seconds (a year)",
         ),
         ("delay_warning_time=-5", "delay_warning_time: '-5' is not a number of seconds"),
-        ("bounce_max_original_size=-1", "bounce_max_original_size: '-1' must be at least 0"),
+        (
+            "bounce_max_original_size=-1",
+            "bounce_max_original_size: '-1' is not between 0 and 1099511627776",
+        ),
         ("inet_prefer=v5", "inet_prefer: 'v5' is not one of default, v4, v6"),
         ("local_mx_ok=sure", "local_mx_ok: 'sure' is not a boolean"),
         (
@@ -749,7 +754,7 @@ max_recipients=5
 auth_require_tls=false
 inactivity_timeout=30
 max_line_length=1000
-auth_max_failures=0
+auth_max_failures=1
 auth_failure_delay=0.5
 auth_disconnect_after=2
 auth_block_seconds=0
@@ -762,7 +767,7 @@ constrain_sender=yes
     assert smtp.auth_require_tls is False
     assert smtp.inactivity_timeout == 30
     assert smtp.max_line_length == 1000
-    assert (smtp.auth_max_failures, smtp.auth_failure_delay) == (0, 0.5)
+    assert (smtp.auth_max_failures, smtp.auth_failure_delay) == (1, 0.5)
     assert (smtp.auth_disconnect_after, smtp.auth_block_seconds) == (2, 0)
     assert smtp.constrain_sender is True
 
@@ -792,11 +797,11 @@ constrain_sender=yes
             "listen: 'my_host:25' is not a valid address: "
             "'my_host' is not an IP address or host name",
         ),
-        ("max_message_size=-1", "max_message_size: '-1' must be at least 0"),
+        ("max_message_size=-1", "max_message_size: '-1' is not between 0 and 1099511627776"),
         ("max_message_size=10MB", "max_message_size: '10MB' is not an integer"),
-        ("max_recipients=0", "max_recipients: '0' must be at least 1"),
-        ("max_line_length=512", "max_line_length: '512' must be at least 1000"),
-        ("auth_disconnect_after=0", "auth_disconnect_after: '0' must be at least 1"),
+        ("max_recipients=0", "max_recipients: '0' is not between 1 and 1000000"),
+        ("max_line_length=512", "max_line_length: '512' is not between 1000 and 1048576"),
+        ("auth_disconnect_after=0", "auth_disconnect_after: '0' is not between 1 and 1000000"),
         ("auth_require_tls=required", "auth_require_tls: 'required' is not a boolean"),
         ("inactivity_timeout=0", "inactivity_timeout: '0' must be greater than 0"),
     ],
@@ -1300,22 +1305,7 @@ def test_nodes_defaults_to_one(cfg: Path) -> None:
     assert load(cfg).smtp.nodes == 1
 
 
-@pytest.mark.parametrize(
-    "key",
-    [
-        "greeting_timeout",
-        "ehlo_timeout",
-        "starttls_timeout",
-        "auth_timeout",
-        "mail_timeout",
-        "rcpt_timeout",
-        "data_timeout",
-        "data_block_timeout",
-        "data_end_timeout",
-        "rset_timeout",
-        "quit_timeout",
-    ],
-)
+@pytest.mark.parametrize("key", [k for k in SESSION_TIMEOUTS if k != "connect_timeout"])
 def test_session_timeouts_accept_their_documented_range(cfg: Path, key: str) -> None:
     """Each wait's bound: greater than 0, at most a year (docs/configuration.md)."""
     for good, value in (("0.05", 0.05), ("31536000", 31536000.0)):
@@ -1328,3 +1318,47 @@ def test_session_timeouts_accept_their_documented_range(cfg: Path, key: str) -> 
     ):
         write(cfg, "outbound.ini", f"[main]\n{key}={bad}\n")
         assert error_of(cfg).startswith(f"config/outbound.ini [main] {key}: '{bad}' {message}")
+
+
+@pytest.mark.parametrize(
+    ("line", "error"),
+    [
+        ("auth_max_failures=0", None),
+        ("auth_max_failures=1000000", None),
+        ("auth_max_failures=-1", "auth_max_failures: '-1' is not between 0 and 1000000"),
+        ("auth_max_failures=1000001", "auth_max_failures: '1000001' is not between 0 and 1000000"),
+        ("auth_disconnect_after=1", None),
+        ("auth_disconnect_after=1000000", None),
+        ("auth_disconnect_after=0", "auth_disconnect_after: '0' is not between 1 and 1000000"),
+        (
+            "auth_disconnect_after=1000001",
+            "auth_disconnect_after: '1000001' is not between 1 and 1000000",
+        ),
+        ("auth_failure_delay=0", None),
+        ("auth_failure_delay=31536000", None),
+        ("auth_failure_delay=-1", "auth_failure_delay: '-1' is not a number of seconds"),
+        ("auth_failure_delay=31536001", "auth_failure_delay: '31536001' is more than"),
+        ("auth_block_seconds=0", None),
+        ("auth_block_seconds=31536000", None),
+        ("auth_block_seconds=nan", "auth_block_seconds: 'nan' is not a number of seconds"),
+        ("auth_block_seconds=31536001", "auth_block_seconds: '31536001' is more than"),
+    ],
+)
+def test_auth_throttle_keys_accept_what_the_throttle_accepts(
+    cfg: Path, line: str, error: str | None
+) -> None:
+    """Every auth_* value that loads makes a throttle; every other one is a one-line error."""
+    from outboundd.plugins.auth_flat_file import AuthThrottle
+
+    write(cfg, "smtp.ini", f"[main]\n{line}\n")
+    if error is not None:
+        assert error_of(cfg).startswith(f"config/smtp.ini [main] {error}")
+        return
+    smtp = load(cfg).smtp
+    throttle = AuthThrottle(
+        max_failures=smtp.auth_max_failures,
+        failure_delay=smtp.auth_failure_delay,
+        disconnect_after=smtp.auth_disconnect_after,
+        block_seconds=smtp.auth_block_seconds,
+    )
+    assert throttle.disconnect_after >= 1

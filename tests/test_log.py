@@ -558,3 +558,30 @@ def test_writes_to_sys_stdout_by_default(capsys: pytest.CaptureFixture[str]) -> 
     finally:
         log.shutdown()
     assert sys.stdout is not None
+
+
+def test_aiosmtpd_client_lines_are_logged_without_auth_data() -> None:
+    """Item 2: the filter on aiosmtpd's logger keeps commands, never AUTH data."""
+    import logging
+
+    from outboundd.submission.liblog import ClientDataFilter, describe_client_line
+
+    assert describe_client_line(b"MAIL FROM:<a@b.test> SIZE=10\r\n") == (
+        "MAIL FROM:<a@b.test> SIZE=10"
+    )
+    assert describe_client_line(b"auth plain AGFsaWNlAHNlY3JldA==") == "AUTH plain ********"
+    assert describe_client_line(b"AUTH LOGIN") == "AUTH LOGIN"
+    assert describe_client_line(b"s3cret-password") == "<15 octets>"
+    assert describe_client_line("c2VjcmV0\r\n") == "<8 octets>"
+
+    def record(msg: str, *args: object) -> logging.LogRecord:
+        return logging.LogRecord("mail.log", logging.INFO, __file__, 1, msg, args, None)
+
+    flt = ClientDataFilter()
+    line = record("%r >> %r", ("127.0.0.1", 1), b"hunter2hunter2")
+    assert flt.filter(line) and "hunter2" not in line.getMessage()
+    word = record("%r unrecognised: %s", ("127.0.0.1", 1), "HUNTER2")
+    assert flt.filter(word) and "HUNTER2" not in word.getMessage()
+    assert not flt.filter(record("%r can't decode base64: %s", ("127.0.0.1", 1), b"hunter2"))
+    other = record("%r connection lost", ("127.0.0.1", 1))
+    assert flt.filter(other) and other.getMessage() == "('127.0.0.1', 1) connection lost"

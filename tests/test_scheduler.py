@@ -23,6 +23,12 @@ class Log:
     def error(self, message: str, /, **fields: object) -> None:
         raise AssertionError(message)
 
+    def warn(self, message: str, /, **fields: object) -> None:
+        raise AssertionError(message)
+
+    def notice(self, message: str, /, **fields: object) -> None:
+        """Notices need no checking here."""
+
     def info(self, message: str, /, **fields: object) -> None:
         """Info lines (lease releases) need no checking here."""
 

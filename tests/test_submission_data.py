@@ -95,3 +95,18 @@ def test_long_line_and_bare_line_ends_are_refused() -> None:
 def test_too_big_is_reported_before_other_problems() -> None:
     wire = b"z" * 2000 + b"\n\r\n.\r\n"
     assert collect(wire, max_size=100, max_line=1000) == (None, DataProblem.TOO_BIG)
+
+
+def test_line_limit_is_exact_and_the_dot_allowance_only_for_stuffed_lines() -> None:
+    """max_line counts the message's line: 1000 fits, 1001 does not, stuffed or not."""
+    assert collect(b"z" * 1000 + b"\r\n.\r\n", max_line=1000)[1] is None
+    assert collect(b"z" * 1001 + b"\r\n.\r\n", max_line=1000)[1] is DataProblem.LINE_TOO_LONG
+    # A message line of 1000 octets starting with a dot is 1001 on the wire.
+    body, problem = collect(b"." + b"." + b"z" * 999 + b"\r\n.\r\n", max_line=1000)
+    assert problem is None and body == b"." + b"z" * 999 + b"\r\n"
+    # One more octet is a 1001-octet message line, dot or no dot.
+    stuffed = b".." + b"z" * 1000 + b"\r\n.\r\n"
+    assert collect(stuffed, max_line=1000)[1] is DataProblem.LINE_TOO_LONG
+    # A long line among short ones, not first and not last, is found.
+    wire = b"a\r\n" + b"y" * 1001 + b"\r\nb\r\n.\r\n"
+    assert collect(wire, max_line=1000)[1] is DataProblem.LINE_TOO_LONG

@@ -159,8 +159,17 @@ async def test_pre_send_trans_email_refusals(tmp_path: Path) -> None:
 
 async def test_spool_failure_is_451_and_leaves_nothing(tmp_path: Path) -> None:
     async with running_relay(make_config(tmp_path)) as relay:
+        client = await LineClient.connect(relay.port())
+        await client.cmd("EHLO client.test")
+        credentials = base64.b64encode(f"\0alice\0{PASSWORD}".encode()).decode()
+        assert (await client.cmd(f"AUTH PLAIN {credentials}")).startswith("235")
         await relay.spool.close()  # every accept now fails inside the real spool
-        reply = await submit(relay.port())
+        await client.cmd("MAIL FROM:<a@example.com>")
+        assert (await client.cmd("RCPT TO:<b@example.org>")).startswith("250")
+        assert (await client.cmd("DATA")).startswith("354")
+        await client.send(MESSAGE + b".\r\n")
+        reply = await client.reply()
+        await client.close()
         assert reply.startswith("451 4.3.0")
         assert relay.body_files() == []
         assert relay.query("SELECT count(*) FROM messages") == [(0,)]

@@ -175,6 +175,17 @@ def test_orcpt_is_decoded_and_typed() -> None:
         assert refused(rcpt, f"TO:<b@c.example> ORCPT={bad}").code == 501
 
 
+def test_orcpt_xtext_is_octets_read_as_utf8() -> None:
+    # What Postfix sends for jänedoe: the UTF-8 octets, each +XX (RFC 3461 §4).
+    _, params = rcpt("TO:<j@dest.test> ORCPT=rfc822;j+C3+A4nedoe@dest.test")
+    assert params.orcpt == "rfc822;jänedoe@dest.test"  # not Latin-1 "jÃ¤nedoe"
+    _, params = rcpt("TO:<j@dest.test> ORCPT=utf-8;j\\x{FC}rgen@dest.test")
+    assert params.orcpt == "utf-8;jürgen@dest.test"
+    # Octets that are not UTF-8 are a clear 501, not mojibake in the queue.
+    assert refused(rcpt, "TO:<j@dest.test> ORCPT=rfc822;j+E4nedoe@dest.test").code == 501
+    assert policy.xtext_decode("caf+C3+A9") == "café"
+
+
 def test_xtext_round_trip() -> None:
     text = "id+with=plus and space"
     encoded = policy.xtext_encode(text)
@@ -263,3 +274,51 @@ def test_enhanced_codes_are_added_where_missing(line: str, expected: str) -> Non
 def test_clean_text_cannot_forge_reply_lines() -> None:
     assert replies.clean_text("no\r\n250 fake") == "no  250 fake"
     assert replies.clean_text("\r\n") == "-"
+
+
+@pytest.mark.parametrize(
+    "literal",
+    [
+        "[192.0.2.1]",
+        "[0.0.0.0]",
+        "[255.255.255.255]",
+        "[IPv6:2001:db8::1]",
+        "[ipv6:2001:DB8::1]",
+        "[IPv6:::1]",
+        "[IPv6:2001:db8:0:0:0:0:0:1]",
+        "[IPv6:1:2:3:4:5:6::]",
+        "[IPv6:::ffff:192.0.2.1]",
+        "[IPv6:1:2:3:4:5:6:192.0.2.1]",
+    ],
+)
+def test_rfc5321_address_literals_are_accepted(literal: str) -> None:
+    """Item 23, the neighbours that must keep working: IPv4 and IPv6 literals."""
+    assert str(rcpt(f"TO:<bob@{literal}>")[0]) == f"bob@{literal}"
+    assert str(mail(f"FROM:<a@{literal}>")[0]) == f"a@{literal}"
+
+
+@pytest.mark.parametrize(
+    "literal",
+    [
+        "[IPv6:fe80::1%eth0]",  # a zone ID: the sender's interface, not an address
+        "[IPv6:fe80::1%25eth0]",
+        "[fe80::1]",  # an IPv6 address without its tag
+        "[IPv6:1:2:3:4:5:6:7::]",  # "::" must stand for at least two groups
+        "[IPv6:1::2::3]",
+        "[IPv6:]",
+        "[IPv6:192.0.2.1]",
+        "[IPv6: ::1]",
+        "[256.1.1.1]",
+        "[1.2.3]",
+        "[1.2.3.4.5]",
+        "[01234.1.1.1]",
+        "[x-tag:whatever]",  # a General-address-literal with an unregistered tag
+        "[]",
+        "[garbage]",
+    ],
+)
+def test_address_literals_outside_the_grammar_are_refused(literal: str) -> None:
+    bad_rcpt = refused(rcpt, f"TO:<bob@{literal}>")
+    assert (bad_rcpt.code, bad_rcpt.status) == (501, "5.1.3")
+    bad_mail = refused(mail, f"FROM:<a@{literal}>")
+    assert (bad_mail.code, bad_mail.status) == (501, "5.1.7")

@@ -147,6 +147,53 @@ async def test_long_line_is_refused(tmp_path: Path) -> None:
         assert relay.messages() == []
 
 
+@pytest.mark.parametrize(
+    ("line", "accepted"),
+    [
+        (b"h" * 4096, True),  # a header or body line of exactly max_line_length
+        (b"h" * 4097, False),
+        (b".." + b"h" * 4095, True),  # a 4096-octet line starting with a dot, stuffed
+        (b".." + b"h" * 4096, False),  # 4097 octets once unstuffed
+        (b"." + b"h" * 4096, True),  # a leading dot on the wire is always the stuffed one
+    ],
+)
+async def test_max_line_length_is_exact(tmp_path: Path, line: bytes, accepted: bool) -> None:
+    """Item 24: with max_line_length=4096, 4096 passes and 4097 does not, header or body."""
+    config = make_config(tmp_path, relay_acl=["127.0.0.0/8"], max_line_length=4096)
+    async with running_relay(config) as relay:
+        for data in (
+            b"X-Long: " + line[8:] + b"\r\n\r\nbody\r\n",
+            b"Subject: x\r\n\r\n" + line + b"\r\n",
+        ):
+            if line.startswith(b".") and data.startswith(b"X-Long"):
+                continue  # a header line cannot start with a dot
+            client = await LineClient.connect(relay.port())
+            await client.cmd("EHLO client.test")
+            await client.cmd("MAIL FROM:<a@example.com>")
+            await client.cmd("RCPT TO:<b@example.org>")
+            await client.cmd("DATA")
+            await client.send(data + b".\r\n")
+            reply = await client.reply()
+            assert reply.startswith("250 2.0.0" if accepted else "554 5.6.0"), (len(line), reply)
+            await client.close()
+
+
+async def test_command_line_limit_is_exact(tmp_path: Path) -> None:
+    config = make_config(tmp_path, relay_acl=["127.0.0.0/8"], max_line_length=4096)
+    async with running_relay(config) as relay:
+        client = await LineClient.connect(relay.port())
+        await client.cmd("EHLO client.test")
+        prefix = "MAIL FROM:<a@example.com> ENVID="
+        fits = prefix + "e" * (4096 - len(prefix))
+        assert len(fits) == 4096
+        reply = await client.cmd(fits)
+        assert not reply.startswith("500"), reply  # within the limit: judged on its content
+        assert (await client.cmd("RSET")).startswith("250")
+        assert (await client.cmd(fits + "e")).startswith("500 5.5.2")
+        assert (await client.cmd("NOOP")).startswith("250")
+        await client.close()
+
+
 async def test_max_recipients_is_452_4_5_3(tmp_path: Path) -> None:
     config = make_config(tmp_path, relay_acl=["127.0.0.0/8"], max_recipients=2)
     async with running_relay(config) as relay:

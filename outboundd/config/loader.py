@@ -9,10 +9,11 @@ import os
 import re
 import socket
 import ssl
+import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from ipaddress import IPv4Network, IPv6Network
 from pathlib import Path
-from typing import Final, TypeVar, cast, get_args
+from typing import Final, Literal, TypeVar, cast, get_args
 
 from outboundd import idn
 from outboundd.config.errors import ConfigError, _display, _shown
@@ -32,6 +33,7 @@ from outboundd.config.models import (
     TlsOutbound,
     _loopback_listen,
 )
+from outboundd.config.ranges import MAX_BYTES, MAX_COUNT, NumericSetting, declare, declared
 from outboundd.config.values import (
     MAX_SECONDS,
     MAX_TEMP_FAIL_ENTRIES,
@@ -43,7 +45,12 @@ from outboundd.config.values import (
 )
 from outboundd.dkimkeys import DkimKeyError, check_domain, check_selector, load_keys
 from outboundd.log import Level, level_from_name
-from outboundd.plugins.auth_flat_file import is_plaintext, read_users
+from outboundd.plugins.auth_flat_file import (
+    AUTH_DISCONNECT_AFTER_RANGE,
+    AUTH_MAX_FAILURES_RANGE,
+    is_plaintext,
+    read_users,
+)
 
 # --------------------------------------------------------------------------
 # Reading files
@@ -146,7 +153,17 @@ class _Section:
         except ValueError as exc:
             raise self.error(key, str(exc)) from None
 
-    def integer(self, key: str, default: int, *, minimum: int, maximum: int | None = None) -> int:
+    def declare(
+        self, key: str, kind: Literal["integer", "seconds"], minimum: float, maximum: float,
+        *, zero_ok: bool = True,
+    ) -> None:  # fmt: skip
+        """Record the key's accepted range (see :mod:`outboundd.config.ranges`)."""
+        name = self.name.replace("\\", "/").rsplit("/", 1)[-1]
+        declare(NumericSetting(name, self.section, key, kind, minimum, maximum, zero_ok))
+
+    def integer(self, key: str, default: int, *, minimum: int, maximum: int) -> int:
+        self.declare(key, "integer", minimum, maximum)
+
         def parse(text: str) -> int:
             if not re.fullmatch(r"[+-]?\d+", text):
                 raise ValueError(f"{_shown(text)} is not an integer")
@@ -154,7 +171,11 @@ class _Section:
 
         return self.convert(key, default, parse)
 
-    def seconds(self, key: str, default: float, *, zero_ok: bool) -> float:
+    def seconds(self, key: str, default: float, *, zero_ok: bool, minimum: float = 0.0) -> float:
+        """A duration in seconds, at most a year; at least ``minimum`` when that
+        is set, else greater than 0 (or 0 itself, with ``zero_ok``)."""
+        self.declare(key, "seconds", minimum, MAX_SECONDS, zero_ok=zero_ok)
+
         def parse(text: str) -> float:
             if not re.fullmatch(r"\+?(\d+(\.\d*)?|\.\d+)", text):
                 raise ValueError(f"{_shown(text)} is not a number of seconds")
@@ -165,6 +186,8 @@ class _Section:
                 return value
             if value <= 0:
                 raise ValueError(f"{_shown(text)} must be greater than 0")
+            if value < minimum:
+                raise ValueError(f"{_shown(text)} must be at least {minimum:g}")
             if value > MAX_SECONDS:
                 raise ValueError(f"{_shown(text)} is more than {int(MAX_SECONDS)} seconds (a year)")
             return value
@@ -238,6 +261,13 @@ def _warn_sections(
 
 # --------------------------------------------------------------------------
 # outbound.ini
+
+#: The most deliveries (or kept connections) a process may run at once.
+MAX_CONCURRENCY: Final = 10_000
+#: The shortest lease: it is renewed every third of it while a delivery
+#: runs, and a lease that lapses between renewals lets another process take
+#: work that is still being delivered.
+MIN_LEASE_SECONDS: Final = 10.0
 
 _HARAKA_OUTBOUND: Final = {
     "ipv6_enabled": "a Haraka setting replaced by inet_prefer",
@@ -324,11 +354,13 @@ def _read_outbound(
     queue_dir = main.convert("queue_dir", "queue", str)
     double_bounce: str | None = main.convert("double_bounce_recipient", None, _address)
 
-    domain_concurrency = main.integer("domain_concurrency_max", 10, minimum=1)
+    domain_concurrency = main.integer(
+        "domain_concurrency_max", 10, minimum=1, maximum=MAX_CONCURRENCY
+    )
     outbound = OutboundConfig(
         disabled=main.boolean("disabled", False),
         delivery_processes=main.integer("delivery_processes", 1, minimum=0, maximum=64),
-        concurrency_max=main.integer("concurrency_max", 100, minimum=1),
+        concurrency_max=main.integer("concurrency_max", 100, minimum=1, maximum=MAX_CONCURRENCY),
         domain_concurrency_max=domain_concurrency,
         enable_tls=main.boolean("enable_tls", True),
         max_temp_failures=max_failures,
@@ -354,12 +386,18 @@ def _read_outbound(
         quit_timeout=main.seconds("quit_timeout", 5.0, zero_ok=False),
         # Unset: as many as may run to one domain at once, so a busy
         # destination's connections are reused rather than churned.
-        pool_max_per_host=main.integer("pool_max_per_host", domain_concurrency, minimum=1),
+        pool_max_per_host=main.integer(
+            "pool_max_per_host", domain_concurrency, minimum=1, maximum=MAX_CONCURRENCY
+        ),
         pool_idle_timeout=main.seconds("pool_idle_timeout", 10.0, zero_ok=True),
         delay_warning_time=main.seconds("delay_warning_time", 14400.0, zero_ok=True),
-        bounce_max_original_size=main.integer("bounce_max_original_size", 10485760, minimum=0),
+        bounce_max_original_size=main.integer(
+            "bounce_max_original_size", 10485760, minimum=0, maximum=MAX_BYTES
+        ),
         double_bounce_recipient=double_bounce,
-        lease_seconds=main.seconds("lease_seconds", 120.0, zero_ok=False),
+        lease_seconds=main.seconds(
+            "lease_seconds", 120.0, zero_ok=False, minimum=MIN_LEASE_SECONDS
+        ),
     )
     main.finish(_HARAKA_OUTBOUND)
     return outbound, warnings
@@ -407,10 +445,14 @@ _HARAKA_SMTP_SECTIONS: Final = {"headers": "a Haraka section outboundd does not 
 
 #: Most SMTP processes ``nodes`` may ask for.
 MAX_NODES: Final = 64
+#: The longest line ``max_line_length`` may allow (1 MiB).
+MAX_LINE_LENGTH: Final = 1024 * 1024
 
 
 def _nodes(main: _Section) -> int:
     """``nodes``: how many processes accept SMTP; Haraka's ``cpus`` means one per CPU."""
+
+    main.declare("nodes", "integer", 1, MAX_NODES)
 
     def parse(text: str) -> int:
         if text.lower() == "cpus":
@@ -434,14 +476,28 @@ def _read_smtp(config_dir: Path, warnings: list[str]) -> SmtpConfig:
     smtp = SmtpConfig(
         listen=listen,
         listen_tls=listen_tls,
-        max_message_size=main.integer("max_message_size", 26214400, minimum=0),
-        max_recipients=main.integer("max_recipients", 1000, minimum=1),
+        max_message_size=main.integer("max_message_size", 26214400, minimum=0, maximum=MAX_BYTES),
+        max_recipients=main.integer("max_recipients", 1000, minimum=1, maximum=MAX_COUNT),
         auth_require_tls=main.boolean("auth_require_tls", True),
         inactivity_timeout=main.seconds("inactivity_timeout", 300.0, zero_ok=False),
-        max_line_length=main.integer("max_line_length", 4096, minimum=1000),
-        auth_max_failures=main.integer("auth_max_failures", 3, minimum=0),
+        max_line_length=main.integer(
+            "max_line_length", 4096, minimum=1000, maximum=MAX_LINE_LENGTH
+        ),
+        # The throttle's own ranges (check_throttle_settings): a config that
+        # loads always makes a working throttle.
+        auth_max_failures=main.integer(
+            "auth_max_failures",
+            3,
+            minimum=AUTH_MAX_FAILURES_RANGE[0],
+            maximum=AUTH_MAX_FAILURES_RANGE[1],
+        ),
         auth_failure_delay=main.seconds("auth_failure_delay", 2.0, zero_ok=True),
-        auth_disconnect_after=main.integer("auth_disconnect_after", 10, minimum=1),
+        auth_disconnect_after=main.integer(
+            "auth_disconnect_after",
+            10,
+            minimum=AUTH_DISCONNECT_AFTER_RANGE[0],
+            maximum=AUTH_DISCONNECT_AFTER_RANGE[1],
+        ),
         auth_block_seconds=main.seconds("auth_block_seconds", 300.0, zero_ok=True),
         constrain_sender=main.boolean("constrain_sender", False),
         nodes=_nodes(main),
@@ -629,6 +685,7 @@ def _read_log(config_dir: Path, warnings: list[str]) -> LogConfig:
             stamps = parse_bool(stamps_text)
         except ValueError as exc:
             raise ConfigError(stamps_name, str(exc)) from None
+    main.declare("level", "integer", min(Level), max(Level))  # or a level's name
     log = LogConfig(
         level=main.convert("level", level, _level),
         timestamps=main.boolean("timestamps", stamps),
@@ -917,3 +974,17 @@ def load_config(config_dir: Path) -> Config:
         dkim=dkim,
         warnings=tuple(warnings),
     )
+
+
+def numeric_settings() -> tuple[NumericSetting, ...]:
+    """Every numeric key of every file and its accepted range.
+
+    Loads an empty configuration, which reads (and so declares) every key;
+    see :mod:`outboundd.config.ranges`.
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        config_dir = Path(tmp) / "config"
+        config_dir.mkdir()
+        (config_dir / "me").write_text("ranges.invalid\n")
+        load_config(config_dir)
+    return declared()

@@ -10,6 +10,12 @@ a change of ``disabled`` or ``outboundctl pause``.
 
 Leases are renewed while a delivery runs, so a lease only expires when its
 holder died; then another scheduler (or this one after a restart) retries it.
+
+A spool that cannot be written (a full disk, a database error) is a state
+to wait out, not a reason to die: the scheduler stops claiming, backs off
+(1 s doubling to 30 s), logs once per minute while it lasts and once when it
+is over, and the deliveries already running carry on and record their
+results (the spool keeps space back for that, see ``spool/reserve.py``).
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from outboundd.spool import Claim, Lease, Spool
+from outboundd.spool import Claim, Lease, Spool, SpoolError, SpoolFullError
 
 
 class SchedulerSettings(Protocol):
@@ -42,6 +48,8 @@ class SchedulerSettings(Protocol):
 
 class Reporter(Protocol):
     def error(self, message: str, /, **fields: object) -> None: ...
+    def warn(self, message: str, /, **fields: object) -> None: ...
+    def notice(self, message: str, /, **fields: object) -> None: ...
     def info(self, message: str, /, **fields: object) -> None: ...
 
 
@@ -58,6 +66,11 @@ class Reservation:
 
 #: How long a failed delivery task's recipients wait before they are retried.
 CRASH_RETRY_SECONDS = 60.0
+#: Back-off while the spool cannot be written: the first wait, and the longest.
+SPOOL_RETRY_FIRST = 1.0
+SPOOL_RETRY_MAX = 30.0
+#: While the spool stays unwritable, how often it is logged again.
+SPOOL_TROUBLE_LOG_INTERVAL = 60.0
 
 
 class Scheduler:
@@ -82,6 +95,11 @@ class Scheduler:
         #: Slots promised to messages being accepted in this process (see reserve()).
         self._reserved: Counter[str] = Counter()
         self._stopping = False
+        self._stopped = asyncio.Event()
+        #: Spool trouble: when it began (monotonic, None: none), last logged, next wait.
+        self._trouble_since: float | None = None
+        self._trouble_logged = float("-inf")
+        self._trouble_wait = SPOOL_RETRY_FIRST
         self._paused_cache: tuple[float, bool] = (0.0, False)
         #: When a claim that skipped busy domains last found nothing (monotonic).
         self._found_none_but_excluded = float("-inf")
@@ -143,7 +161,12 @@ class Scheduler:
         renewer = asyncio.create_task(self._renew_leases(), name="lease-renewer")
         try:
             while not self._stopping:
-                await self._step()
+                try:
+                    await self._step()
+                except SpoolError as exc:
+                    await self._spool_trouble(exc)
+                else:
+                    self._spool_recovered()
         finally:
             renewer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -202,6 +225,34 @@ class Scheduler:
             timeout = min(due - now, self.poll_interval)
         await self._wait(timeout)
 
+    async def _spool_trouble(self, exc: SpoolError) -> None:
+        """Log (once per interval) that the spool cannot be written; back off."""
+        now = time.monotonic()
+        if self._trouble_since is None:
+            self._trouble_since = now
+        if now - self._trouble_logged >= SPOOL_TROUBLE_LOG_INTERVAL:
+            self._trouble_logged = now
+            what = "queue disk full" if isinstance(exc, SpoolFullError) else "queue unwritable"
+            self.log.warn(
+                f"{what}; not claiming new work, running deliveries go on",
+                error=str(exc),
+                retry_in=self._trouble_wait,
+                running=len(self._active),
+            )
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopped.wait(), self._trouble_wait)
+        self._trouble_wait = min(self._trouble_wait * 2, SPOOL_RETRY_MAX)
+
+    def _spool_recovered(self) -> None:
+        if self._trouble_since is None:
+            return
+        self.log.notice(
+            "queue writable again; claiming", after=round(time.monotonic() - self._trouble_since)
+        )
+        self._trouble_since = None
+        self._trouble_logged = float("-inf")
+        self._trouble_wait = SPOOL_RETRY_FIRST
+
     def _start(self, claim: Claim) -> None:
         self._per_domain[claim.domain] += 1
         self.started += 1
@@ -254,12 +305,16 @@ class Scheduler:
             lease = self.settings().lease_seconds
             await asyncio.sleep(max(lease / 3, 0.05))
             if self._active:
-                await self.spool.renew_leases(self.owner, time.time() + lease)
+                # A failed renewal is tried again next round; the lease still
+                # runs for two more rounds (the run loop reports the trouble).
+                with contextlib.suppress(SpoolError):
+                    await self.spool.renew_leases(self.owner, time.time() + lease)
 
     async def stop(self, grace: float) -> None:
         """Stop claiming, let running deliveries finish for up to ``grace``
         seconds, cancel the rest, and give back every lease still held."""
         self._stopping = True
+        self._stopped.set()
         self.spool.new_work.set()
         if self._active:
             _, pending = await asyncio.wait(set(self._active), timeout=grace)

@@ -31,9 +31,11 @@ atomically (temporary file, fsync, rename, fsync of the directory) with mode
 0600, keeping comments, blank lines and other sections as they were.
 Concurrent writers are serialised with ``flock`` on the directory.
 
-:class:`AuthThrottle` is the per-client-IP failure policy, a pure object with
-an injected clock; the SMTP session asks it how long to wait and when to hang
-up.
+:class:`AuthThrottle` is the per-client-IP failure policy: pure decisions over
+a :class:`ThrottleEntry` with an injected clock, kept in a
+:class:`ThrottleStore` (the spool, shared by every process); the SMTP session
+asks it before checking a credential, how long to wait after a failure and
+when to hang up.
 """
 
 from __future__ import annotations
@@ -41,32 +43,44 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import enum
 import fcntl
 import hashlib
 import hmac
 import ipaddress
+import math
 import os
 import re
 import secrets
 import tempfile
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import Final, Protocol, TypeVar, runtime_checkable
+
+from outboundd.spool.types import ThrottleEntry
+
+_T = TypeVar("_T")
 
 __all__ = [
+    "AUTH_DISCONNECT_AFTER_RANGE",
+    "AUTH_MAX_FAILURES_RANGE",
     "SCRYPT_N",
     "SCRYPT_P",
     "SCRYPT_R",
+    "Admission",
     "AuthThrottle",
     "InvalidPassword",
     "InvalidUserName",
+    "MemoryThrottleStore",
+    "ThrottleEntry",
+    "ThrottleStore",
     "ThrottleVerdict",
     "UserStore",
     "add_user",
+    "check_throttle_settings",
     "delete_user",
     "hash_password",
     "is_plaintext",
@@ -586,11 +600,16 @@ def _file_stamp(path: Path) -> tuple[int, int] | None:
 # Failure throttling
 
 
-@dataclass(slots=True)
-class _Entry:
-    failures: int
-    last_failure: float
-    blocked_until: float | None
+class Admission(enum.Enum):
+    """The throttle's answer before a credential is checked."""
+
+    #: Check it now (the attempt is counted as in flight).
+    CHECK = "check"
+    #: The client's remaining allowance is taken by attempts still being
+    #: checked: ask again shortly (a burst waits instead of being checked).
+    WAIT = "wait"
+    #: Blocked: do not check it, say 421 and hang up.
+    REFUSE = "refuse"
 
 
 @dataclass(frozen=True, slots=True)
@@ -602,23 +621,91 @@ class ThrottleVerdict:
     disconnect: bool
 
 
+@runtime_checkable
+class ThrottleStore(Protocol):
+    """Where the per-client counts live, shared by every process that uses it.
+
+    ``throttle_update(key, update)`` reads ``key``'s entry, calls
+    ``update(entry)`` and stores the entry it returns (None deletes it),
+    atomically with respect to every other caller in every process; it
+    returns ``update``'s second value.  With ``write=False`` nothing is
+    stored.  ``throttle_prune`` drops entries :class:`AuthThrottle` no
+    longer needs.  :class:`outboundd.spool.Spool` is the shared store.
+    """
+
+    async def throttle_update(
+        self,
+        key: str,
+        update: Callable[[ThrottleEntry | None], tuple[ThrottleEntry | None, _T]],
+        *,
+        write: bool = True,
+    ) -> _T: ...
+
+    async def throttle_prune(self, now: float, forget_before: float, keep: int) -> int: ...
+
+
+class MemoryThrottleStore:
+    """A :class:`ThrottleStore` in this process's memory (tests, a process without a spool)."""
+
+    def __init__(self) -> None:
+        self.entries: dict[str, ThrottleEntry] = {}
+
+    async def throttle_update(
+        self,
+        key: str,
+        update: Callable[[ThrottleEntry | None], tuple[ThrottleEntry | None, _T]],
+        *,
+        write: bool = True,
+    ) -> _T:
+        # No await between the read and the write: atomic on the event loop.
+        new, result = update(self.entries.get(key))
+        if write:
+            if new is None:
+                self.entries.pop(key, None)
+            else:
+                self.entries[key] = new
+        return result
+
+    async def throttle_prune(self, now: float, forget_before: float, keep: int) -> int:
+        stale = [k for k, entry in self.entries.items() if not entry.live(now, forget_before)]
+        for key in stale:
+            del self.entries[key]
+        oldest_first = sorted(self.entries, key=lambda k: self.entries[k].last_seen)
+        dropped = oldest_first[: max(0, len(oldest_first) - keep)]
+        for key in dropped:
+            del self.entries[key]
+        return len(stale) + len(dropped)
+
+
 class AuthThrottle:
     """Slows down, then disconnects and blocks, a client that keeps failing AUTH.
 
     Per client key (the IP; an IPv6 address counts as its /64, since one
-    host usually owns the whole prefix):
+    host usually owns the whole prefix), counted in a :class:`ThrottleStore`
+    that every process of the daemon shares, so one client spread over
+    several SMTP processes is one client:
 
-    * ``delay_for`` is 0 for the first ``max_failures - 1`` failures, then
-      ``failure_delay * (failures - max_failures + 1)`` seconds, at most
-      ``max_delay`` — the session waits that long before answering 535.
-    * after ``disconnect_after`` failures ``should_disconnect`` is true and
-      the client ``is_blocked`` for ``block_seconds``; when the block ends
-      the client starts again from zero.
-    * failures are forgotten ``forget_after`` seconds after the last one, and
-      a success clears them (but never lifts a block).
+    * an attempt is admitted (:meth:`admit`) before its credential is
+      checked, and counted as in flight until it is decided; the failures
+      so far plus the attempts in flight never exceed ``disconnect_after``,
+      so a burst of parallel connections gets no more checks than a
+      patient client — the rest wait their turn (``Admission.WAIT``), and
+      are refused unchecked once the client is blocked;
+    * failure number ``n`` waits ``failure_delay * (n - max_failures)``
+      seconds (at most ``max_delay``) before its 535 when
+      ``n > max_failures``, none otherwise;
+    * the failure that reaches ``disconnect_after`` hangs up with 421 and
+      blocks the client for ``block_seconds``; when the block ends the
+      client starts again from zero;
+    * failures are forgotten ``forget_after`` seconds after the client was
+      last seen, and a success clears them (but never lifts a block).
 
-    At most ``max_entries`` clients are remembered; the least recently
-    failing one is forgotten first.  Pure: the time comes from ``clock``.
+    An attempt in flight for longer than ``stale_after`` seconds (its
+    process died while checking) no longer counts.  At most
+    ``max_entries`` clients are kept (pruned at most once a minute, least
+    recently seen first).  The decisions (``decide_*``) are pure functions
+    of an entry and the time; the time comes from ``clock`` (wall time:
+    entries are shared between processes).
     """
 
     def __init__(
@@ -628,16 +715,19 @@ class AuthThrottle:
         disconnect_after: int = 10,
         block_seconds: float = 300.0,
         *,
+        store: ThrottleStore | None = None,
         max_delay: float = 30.0,
         forget_after: float = 3600.0,
+        stale_after: float = 120.0,
         max_entries: int = 10_000,
         ipv6_prefix: int = 64,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Callable[[], float] = time.time,
     ) -> None:
-        if max_failures < 1 or disconnect_after < 1 or max_entries < 1:
-            raise ValueError("max_failures, disconnect_after and max_entries must be >= 1")
-        if failure_delay < 0 or block_seconds < 0 or max_delay < 0 or forget_after <= 0:
-            raise ValueError("delays and durations must not be negative")
+        check_throttle_settings(max_failures, failure_delay, disconnect_after, block_seconds)
+        if max_entries < 1:
+            raise ValueError("max_entries must be at least 1")
+        if max_delay < 0 or forget_after <= 0 or stale_after <= 0:
+            raise ValueError("max_delay must not be negative; forget_after, stale_after positive")
         if not 0 <= ipv6_prefix <= 128:
             raise ValueError("ipv6_prefix must be between 0 and 128")
         self.max_failures = max_failures
@@ -646,13 +736,12 @@ class AuthThrottle:
         self.block_seconds = block_seconds
         self.max_delay = max_delay
         self.forget_after = forget_after
+        self.stale_after = stale_after
         self.max_entries = max_entries
         self.ipv6_prefix = ipv6_prefix
+        self.store: ThrottleStore = store if store is not None else MemoryThrottleStore()
         self._clock = clock
-        self._entries: OrderedDict[str, _Entry] = OrderedDict()
-
-    def __len__(self) -> int:
-        return len(self._entries)
+        self._next_prune = 0.0
 
     def key_for(self, ip: str) -> str:
         """The key failures are counted under: the address, or its IPv6 prefix."""
@@ -667,68 +756,138 @@ class AuthThrottle:
             return str(network)
         return str(address)
 
-    def _live(self, key: str, now: float) -> _Entry | None:
-        """The entry for ``key``, dropped first when its block or memory has expired."""
-        entry = self._entries.get(key)
-        if entry is None:
-            return None
-        if entry.blocked_until is not None:
-            if now < entry.blocked_until:
-                return entry
-        elif now - entry.last_failure < self.forget_after:
-            return entry
-        del self._entries[key]
-        return None
+    # ------------------------------------------------------------ decisions
 
-    def record_failure(self, ip: str) -> ThrottleVerdict:
-        """Count one failed AUTH from ``ip``; starts the block at ``disconnect_after``.
-
-        Returns the verdict for this very failure, so a session needs no
-        second look-up (and ``block_seconds=0`` still disconnects).
-        """
-        now = self._clock()
-        key = self.key_for(ip)
-        entry = self._live(key, now)
-        if entry is None:
-            entry = _Entry(0, now, None)
-            self._entries[key] = entry
-            while len(self._entries) > self.max_entries:
-                self._entries.popitem(last=False)
-        else:
-            self._entries.move_to_end(key)
-        entry.failures += 1
-        entry.last_failure = now
-        disconnect = entry.failures >= self.disconnect_after
-        if disconnect and entry.blocked_until is None:
-            entry.blocked_until = now + self.block_seconds
-        return ThrottleVerdict(entry.failures, self._delay(entry.failures), disconnect)
-
-    def record_success(self, ip: str) -> None:
-        """Forget ``ip``'s failures, unless it is blocked."""
-        key = self.key_for(ip)
-        entry = self._live(key, self._clock())
-        if entry is not None and entry.blocked_until is None:
-            del self._entries[key]
-
-    def failures(self, ip: str) -> int:
-        """Failures currently counted for ``ip``."""
-        entry = self._live(self.key_for(ip), self._clock())
-        return 0 if entry is None else entry.failures
-
-    def delay_for(self, ip: str) -> float:
-        """Seconds to wait before answering ``ip``'s failed AUTH (0 below ``max_failures``)."""
-        return self._delay(self.failures(ip))
-
-    def _delay(self, failures: int) -> float:
-        if failures < self.max_failures:
+    def delay(self, failures: int) -> float:
+        """Seconds failure number ``failures`` waits before its 535."""
+        if failures <= self.max_failures:
             return 0.0
-        return min(self.failure_delay * (failures - self.max_failures + 1), self.max_delay)
+        return min(self.failure_delay * (failures - self.max_failures), self.max_delay)
 
-    def should_disconnect(self, ip: str) -> bool:
-        """True once ``ip`` has reached ``disconnect_after`` failures (and is blocked)."""
-        return self.is_blocked(ip)
+    def _live(self, entry: ThrottleEntry | None, now: float) -> ThrottleEntry | None:
+        """``entry`` as it stands at ``now``: None once forgotten, stale checks dropped."""
+        if entry is None or not entry.live(now, now - self.forget_after):
+            return None
+        if entry.in_flight and now - entry.last_seen > self.stale_after:
+            entry = ThrottleEntry(entry.failures, 0, entry.last_seen, entry.blocked_until)
+        return entry
 
-    def is_blocked(self, ip: str) -> bool:
-        """True while ``ip`` must not be served (refuse the connection or AUTH)."""
-        entry = self._live(self.key_for(ip), self._clock())
-        return entry is not None and entry.blocked_until is not None
+    def decide_admission(
+        self, entry: ThrottleEntry | None, now: float
+    ) -> tuple[ThrottleEntry | None, Admission]:
+        """Admit one attempt (counted in flight), make it wait, or refuse it."""
+        live = self._live(entry, now) or ThrottleEntry(0, 0, now, None)
+        if live.blocked_until is not None or live.failures >= self.disconnect_after:
+            return entry, Admission.REFUSE
+        if live.failures + live.in_flight >= self.disconnect_after:
+            return entry, Admission.WAIT
+        admitted = ThrottleEntry(live.failures, live.in_flight + 1, now, None)
+        return admitted, Admission.CHECK
+
+    def decide_failure(
+        self, entry: ThrottleEntry | None, now: float
+    ) -> tuple[ThrottleEntry | None, ThrottleVerdict]:
+        """An admitted attempt failed: count it; the block starts at the limit."""
+        live = self._live(entry, now) or ThrottleEntry(0, 1, now, None)
+        failures = live.failures + 1
+        blocked_until = live.blocked_until
+        disconnect = failures >= self.disconnect_after
+        if disconnect and blocked_until is None:
+            blocked_until = now + self.block_seconds
+        new = ThrottleEntry(failures, max(0, live.in_flight - 1), now, blocked_until)
+        return new, ThrottleVerdict(failures, self.delay(failures), disconnect)
+
+    def decide_success(self, entry: ThrottleEntry | None, now: float) -> ThrottleEntry | None:
+        """An admitted attempt succeeded: failures cleared, unless the client is blocked."""
+        live = self._live(entry, now)
+        if live is None:
+            return None
+        in_flight = max(0, live.in_flight - 1)
+        if live.blocked_until is not None:
+            return ThrottleEntry(live.failures, in_flight, live.last_seen, live.blocked_until)
+        if in_flight == 0:
+            return None
+        return ThrottleEntry(0, in_flight, live.last_seen, None)
+
+    # ----------------------------------------------------------- the store
+
+    async def admit(self, ip: str) -> Admission:
+        """Ask before checking a credential from ``ip`` (see :class:`Admission`)."""
+        now = self._clock()
+        await self._maybe_prune(now)
+
+        def update(entry: ThrottleEntry | None) -> tuple[ThrottleEntry | None, Admission]:
+            return self.decide_admission(entry, now)
+
+        return await self.store.throttle_update(self.key_for(ip), update)
+
+    async def failed(self, ip: str) -> ThrottleVerdict:
+        """The admitted attempt failed: the verdict for this failure."""
+        now = self._clock()
+
+        def update(entry: ThrottleEntry | None) -> tuple[ThrottleEntry | None, ThrottleVerdict]:
+            return self.decide_failure(entry, now)
+
+        return await self.store.throttle_update(self.key_for(ip), update)
+
+    async def succeeded(self, ip: str) -> None:
+        """The admitted attempt succeeded: forget ``ip``'s failures unless it is blocked."""
+        now = self._clock()
+
+        def update(entry: ThrottleEntry | None) -> tuple[ThrottleEntry | None, None]:
+            return self.decide_success(entry, now), None
+
+        await self.store.throttle_update(self.key_for(ip), update)
+
+    async def is_blocked(self, ip: str) -> bool:
+        """True while ``ip`` must not be served AUTH (read only)."""
+        now = self._clock()
+
+        def look(entry: ThrottleEntry | None) -> tuple[ThrottleEntry | None, bool]:
+            live = self._live(entry, now)
+            return entry, live is not None and live.blocked_until is not None
+
+        return await self.store.throttle_update(self.key_for(ip), look, write=False)
+
+    async def failures(self, ip: str) -> int:
+        """Failures currently counted for ``ip`` (read only)."""
+        now = self._clock()
+
+        def look(entry: ThrottleEntry | None) -> tuple[ThrottleEntry | None, int]:
+            live = self._live(entry, now)
+            return entry, 0 if live is None else live.failures
+
+        return await self.store.throttle_update(self.key_for(ip), look, write=False)
+
+    async def _maybe_prune(self, now: float) -> None:
+        if now < self._next_prune:
+            return
+        self._next_prune = now + _PRUNE_INTERVAL
+        await self.store.throttle_prune(now, now - self.forget_after, self.max_entries)
+
+
+#: Seconds between two prunings of the throttle's store by one process.
+_PRUNE_INTERVAL: Final = 60.0
+
+#: The accepted ranges of the smtp.ini throttle keys (the config reader uses them).
+AUTH_MAX_FAILURES_RANGE: Final = (0, 1_000_000)
+AUTH_DISCONNECT_AFTER_RANGE: Final = (1, 1_000_000)
+
+
+def check_throttle_settings(
+    max_failures: int, failure_delay: float, disconnect_after: int, block_seconds: float
+) -> None:
+    """Raise ValueError unless the four ``smtp.ini`` throttle values are usable.
+
+    The same ranges the config reader enforces, so a config that loads
+    always makes a throttle.
+    """
+    low, high = AUTH_MAX_FAILURES_RANGE
+    if not low <= max_failures <= high:
+        raise ValueError(f"max_failures must be between {low} and {high}")
+    low, high = AUTH_DISCONNECT_AFTER_RANGE
+    if not low <= disconnect_after <= high:
+        raise ValueError(f"disconnect_after must be between {low} and {high}")
+    for name, value in (("failure_delay", failure_delay), ("block_seconds", block_seconds)):
+        if not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"{name} must be a finite number of seconds, at least 0")

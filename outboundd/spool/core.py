@@ -43,8 +43,11 @@ from outboundd.spool.errors import (
     SpoolWriteError,
 )
 from outboundd.spool.migrations import discover, migrate
+from outboundd.spool.reserve import SpaceReserve, is_disk_full
 from outboundd.spool.sql import q
 from outboundd.spool.types import (
+    BODY_MISSING_REASON,
+    BODY_MISSING_STATUS,
     AttemptRecord,
     Claim,
     ClaimedRecipient,
@@ -55,6 +58,7 @@ from outboundd.spool.types import (
     RecoveryReport,
     SpoolCounters,
     Status,
+    ThrottleEntry,
 )
 
 T = TypeVar("T")
@@ -158,6 +162,8 @@ class Spool:
         #: waits on it instead of polling.
         self.new_work = asyncio.Event()
         self.recovery: RecoveryReport | None = None
+        #: Space held back for claims and records on a full disk (database thread only).
+        self._reserve = SpaceReserve(queue_dir)
 
     # ------------------------------------------------------------------ life
 
@@ -184,6 +190,7 @@ class Spool:
             await db.close()
             raise
         spool = cls(queue_dir, db)
+        await db.call(lambda _conn: spool._reserve.ensure())
         spool._writer = asyncio.create_task(spool._write_loop(), name="spool-writer")
         if recover:
             spool.recovery = await spool.recover(files=recover_files)
@@ -284,6 +291,13 @@ class Spool:
         """
         settled: dict[int, tuple[bool, Any]] = {}
         accepts = [j for j in batch if isinstance(j, _AcceptJob)]
+        if accepts and not self._reserve.held():
+            # The disk is full and its reserve was given to delivery: a new
+            # message would take the space results need (see reserve.py).
+            full = SpoolFullError("queue disk is full; new mail waits until delivery frees space")
+            for refused in accepts:
+                settled[id(refused)] = (False, full)
+            accepts = []
         for new in accepts:
             if new.body is not None and not new.written:
                 try:
@@ -334,6 +348,11 @@ class Spool:
         except Exception as exc:
             rollback_quietly(conn)
             self._after_commit.clear()
+            if is_disk_full(exc) and self._reserve.release():
+                # Disk full: free the reserve and run the batch again in that
+                # space; its accepts are now refused up front, its claims and
+                # records go through.
+                return self._execute_batch(conn, batch, isolate)
             if isolate and len(live) > 1:
                 # One bad job must not sink the others: retry each alone.
                 for single in live:
@@ -595,6 +614,7 @@ class Spool:
                             last_response=r[11],
                             last_mx=r[12],
                             delay_notified=bool(r[13]),
+                            dsn_queue_id=r[14],
                         )
                         for r in group
                     ),
@@ -729,6 +749,68 @@ class Spool:
     async def is_paused(self) -> bool:
         return await self.get_control("paused") == "1"
 
+    # -------------------------------------------------------- AUTH throttle
+
+    async def throttle_update(
+        self,
+        key: str,
+        update: Callable[[ThrottleEntry | None], tuple[ThrottleEntry | None, T]],
+        *,
+        write: bool = True,
+    ) -> T:
+        """Read ``key``'s AUTH throttle entry, store what ``update`` makes of it.
+
+        One transaction (``BEGIN IMMEDIATE``, behind the cross-process write
+        lock), so every process's updates of one client are serialised.
+        ``update`` runs on the database thread; it must be a pure function.
+        ``write=False`` only reads.  Returns ``update``'s second value.
+        """
+
+        def op(conn: sqlite3.Connection) -> T:
+            row = conn.execute(q("throttle_get"), {"client": key}).fetchone()
+            current = (
+                None
+                if row is None
+                else ThrottleEntry(
+                    int(row[0]),
+                    int(row[1]),
+                    float(row[2]),
+                    None if row[3] is None else float(row[3]),
+                )
+            )
+            new, result = update(current)
+            if write and new != current:
+                if new is None:
+                    conn.execute(q("throttle_delete"), {"client": key})
+                else:
+                    conn.execute(
+                        q("throttle_put"),
+                        {
+                            "client": key,
+                            "failures": new.failures,
+                            "in_flight": new.in_flight,
+                            "last_seen": new.last_seen,
+                            "blocked_until": new.blocked_until,
+                        },
+                    )
+            return result
+
+        result: T = await self.run(op, write=write)
+        return result
+
+    async def throttle_prune(self, now: float, forget_before: float, keep: int) -> int:
+        """Drop ended blocks, clients last seen before ``forget_before``, all but ``keep``."""
+
+        def op(conn: sqlite3.Connection) -> int:
+            stale = conn.execute(
+                q("throttle_prune_stale"), {"now": now, "forget_before": forget_before}
+            ).rowcount
+            excess = conn.execute(q("throttle_prune_excess"), {"keep": keep}).rowcount
+            return int(stale) + int(excess)
+
+        result: int = await self.run(op)
+        return result
+
     # ------------------------------------------------------------- recovery
 
     async def recover(self, now: float | None = None, *, files: bool = True) -> RecoveryReport:
@@ -786,7 +868,8 @@ class Spool:
             await self.finalize_message(
                 qid,
                 Status.DROPPED,
-                reason="message body file missing from the spool; cannot deliver",
+                reason=BODY_MISSING_REASON,
+                status_code=BODY_MISSING_STATUS,
                 now=at,
             )
         return RecoveryReport(
@@ -810,8 +893,12 @@ class Spool:
         """Put every unfinished recipient of ``queue_id`` into a final state.
 
         Used for operator ``delete`` (dropped) and ``bounce`` (bounced) and
-        for a lost body.  Returns the recipients it changed; the message is
-        marked finished and its body removed when nothing is left.
+        for a lost body.  The decision is ours, so each changed row's
+        ``last_code`` becomes NULL, ``last_status`` ``status_code`` (default
+        ``5.0.0``) and ``last_response`` ``response`` (default ``reason``):
+        the accounting views show why.  Returns the recipients it changed
+        (as they were before); the message is marked finished and its body
+        removed when nothing is left.
         """
         if not status.is_final:
             raise ValueError(f"{status} is not a final status")
@@ -820,8 +907,8 @@ class Spool:
             "status": status.value,
             "now": at,
             "reason": reason,
-            "status_code": status_code,
-            "response": response,
+            "status_code": status_code or "5.0.0",
+            "response": reason if response is None else response,
             "queue_id": queue_id,
         }
 
@@ -906,6 +993,9 @@ def _attempt_row(rec: AttemptRecord, attempt: int) -> dict[str, Any]:
 
 def _update_row(rec: AttemptRecord, owner: str) -> dict[str, Any]:
     final = rec.outcome is not Outcome.DEFERRED
+    code, status, response = rec.code, rec.status, rec.response
+    if rec.final_response is not None:  # our decision, not the reply, is the row's last word
+        code, status, response = None, rec.final_status, rec.final_response
     return {
         "id": rec.recipient_id,
         "owner": owner,
@@ -913,9 +1003,9 @@ def _update_row(rec: AttemptRecord, owner: str) -> dict[str, Any]:
         "failure": int(rec.outcome is Outcome.DEFERRED and rec.count_failure),
         "next_attempt_at": rec.finished_at if final else rec.next_attempt_at,
         "finished_at": rec.finished_at,
-        "code": rec.code,
-        "status_code": rec.status,
-        "response": rec.response,
+        "code": code,
+        "status_code": status,
+        "response": response,
         "mx_host": rec.mx_host,
         "final_at": rec.finished_at if final else None,
         "reason": rec.reason,

@@ -9,6 +9,7 @@ a schema it does not understand.
 
 from __future__ import annotations
 
+import importlib.resources
 import re
 import sqlite3
 import time
@@ -17,8 +18,25 @@ from pathlib import Path
 
 from outboundd.spool.errors import MigrationError, SchemaTooNewError
 
-#: Where the migration files live: the repository's top-level ``migrations/``.
-MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "migrations"
+#: The repository's top-level ``migrations/`` (a checkout or an editable install).
+SOURCE_MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "migrations"
+
+
+def default_migrations_dir() -> Path:
+    """Where the migration files are: inside the installed package, else the source tree.
+
+    A wheel carries the top-level ``migrations/`` as ``outboundd/migrations/``
+    (``setup.py`` copies it at build time); a checkout or an editable install
+    has only the top-level directory.
+    """
+    packaged = importlib.resources.files("outboundd").joinpath("migrations")
+    if isinstance(packaged, Path) and packaged.is_dir():
+        return packaged
+    return SOURCE_MIGRATIONS_DIR
+
+
+#: Where the migration files live (see :func:`default_migrations_dir`).
+MIGRATIONS_DIR = default_migrations_dir()
 
 _FILE = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 

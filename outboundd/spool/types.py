@@ -32,6 +32,11 @@ class Status(StrEnum):
 
 FINAL_STATUSES = frozenset({Status.DELIVERED, Status.BOUNCED, Status.DROPPED})
 
+#: Why, and with which status, a message whose body file is gone is dropped
+#: (at start-up recovery and at the first failed open while running).
+BODY_MISSING_REASON = "message body file missing from the spool; cannot deliver"
+BODY_MISSING_STATUS = "5.3.0"
+
 
 class Outcome(StrEnum):
     """What one attempt did to one recipient."""
@@ -88,6 +93,9 @@ class ClaimedRecipient:
     last_response: str | None = None
     last_mx: str | None = None
     delay_notified: bool = False  # a delay DSN was already sent for it
+    #: A failure DSN already reports it: queued just before a crash that lost
+    #: the record (the DSN links itself in its own commit).  Not reported twice.
+    dsn_queue_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,6 +157,11 @@ class AttemptRecord:
     count_failure: bool = True
     reason: str | None = None
     delay_notified: bool = False  # a delay DSN was queued for it in this attempt
+    #: A final decision of ours (a plugin's drop, a lost body): when set, the
+    #: recipient's last_status/last_response show it and last_code is NULL,
+    #: while the attempt row keeps the reply the attempt really got.
+    final_status: str | None = None
+    final_response: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,3 +189,25 @@ class SpoolCounters:
     accepts: int = 0
     accept_commits: int = 0
     records: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class ThrottleEntry:
+    """One client's AUTH attempts as the throttle counts them (table ``auth_throttle``).
+
+    ``failures`` counts failed attempts, ``in_flight`` attempts admitted and
+    still being checked (as of ``last_seen``, the time of the latest
+    admission or failure); ``blocked_until`` is set once the client reached
+    the disconnect limit.  See ``outboundd.plugins.auth_flat_file.AuthThrottle``.
+    """
+
+    failures: int
+    in_flight: int
+    last_seen: float
+    blocked_until: float | None
+
+    def live(self, now: float, forget_before: float) -> bool:
+        """False once the block has ended, or (unblocked) the client was last seen too long ago."""
+        if self.blocked_until is not None:
+            return now < self.blocked_until
+        return self.last_seen > forget_before

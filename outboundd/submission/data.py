@@ -21,6 +21,22 @@ _CRLF_END = b"\r\n.\r\n"
 _STUFFED = re.compile(rb"^\.", re.MULTILINE)
 
 
+def _has_long_line(raw: bytes, limit: int) -> bool:
+    """True when a line of ``raw`` (wire form) is longer than ``limit`` unstuffed.
+
+    The usual message has no line near the limit: one C-level pass decides.
+    """
+    if len(raw) <= limit:
+        return False
+    lines = raw.split(b"\r\n")
+    if max(map(len, lines)) <= limit:
+        return False
+    return any(
+        len(line) > limit + 1 or (len(line) == limit + 1 and not line.startswith(b"."))
+        for line in lines
+    )
+
+
 class DataProblem(enum.Enum):
     """Why a message is refused, in the order they are reported."""
 
@@ -33,10 +49,12 @@ class DataCollector:
     """Collects one message's DATA pieces; judges it once the end has come.
 
     ``max_size`` is the limit on the unstuffed message (0 = none);
-    ``max_line`` the longest line allowed on the wire, dot and all, without
-    its CRLF.  Past what could still be a message within ``max_size``
-    nothing more is kept (unstuffing removes at most one octet in four, so
-    that bound is 4/3 of the limit), so an oversized message never costs
+    ``max_line`` the longest line of the message, without its CRLF: on the
+    wire a line may be one octet longer only when that octet is the
+    transparency dot of a dot-stuffed line (RFC 5321 §4.5.2).  Past what
+    could still be a message within ``max_size`` nothing more is kept
+    (unstuffing removes at most one octet in four, so that bound is 4/3 of
+    the limit), so an oversized message never costs
     more memory than that.
     """
 
@@ -78,7 +96,7 @@ class DataCollector:
             return None, DataProblem.TOO_BIG
         raw = b"".join(self._pieces)[: -len(_END)]
         self._pieces.clear()
-        too_long = len(raw) > self.max_line and max(map(len, raw.split(b"\r\n"))) > self.max_line
+        too_long = _has_long_line(raw, self.max_line)
         crlf = raw.count(b"\r\n")
         bare = raw.count(b"\r") != crlf or raw.count(b"\n") != crlf
         body = self._unstuff(raw)

@@ -25,17 +25,19 @@ import asyncio
 import base64
 import binascii
 import collections
+import random
 import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import AnyStr, cast
 
-from aiosmtpd.smtp import SMTP, AuthResult, Envelope, Session
+from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, Session, _Missing
 
 from outboundd.config import Config
 from outboundd.log import Logger
-from outboundd.plugins.auth_flat_file import AuthThrottle, UserStore
+from outboundd.plugins.auth_flat_file import Admission, AuthThrottle, ThrottleVerdict, UserStore
+from outboundd.spool.errors import SpoolError
 from outboundd.submission import (
     fastinit,  # noqa: F401  (speeds up aiosmtpd's per-connection set-up)
     policy,
@@ -57,6 +59,10 @@ IDENT = "outboundd ESMTP"
 _DATA_TIMER_STEP = 65536
 #: aiosmtpd's own limit for command lines other than MAIL/RCPT/AUTH.
 _COMMAND_LINE = 512
+#: Longest an AUTH waits for its turn while the client's other attempts are
+#: being checked, and the pause between two looks (seconds).
+_ADMISSION_WAIT = 30.0
+_ADMISSION_POLL = 0.05
 
 
 @dataclass(eq=False)
@@ -150,7 +156,7 @@ class SubmissionSMTP(SMTP):
         # 4954 allows long AUTH lines; per instance so sessions don't share it.
         limits: collections.defaultdict[str, int] = collections.defaultdict(lambda: _COMMAND_LINE)
         for command in ("MAIL", "RCPT", "AUTH"):
-            limits[command] = self.line_length_limit
+            limits[command] = smtp.max_line_length
         self.command_size_limits = limits
         self._raw_replies = False
         self._busy = False
@@ -258,10 +264,16 @@ class SubmissionSMTP(SMTP):
     # -------------------------------------------------------------- replies
 
     async def push(self, status: AnyStr) -> None:
-        if isinstance(status, str) and not self._raw_replies:
-            await super().push(replies.with_enhanced_code(status))
-        else:
-            await super().push(status)
+        # Every reply line passes here, aiosmtpd's own included (which echo
+        # the client's unknown command): RFC 5321 §4.2 reply text is
+        # printable ASCII, so nothing a client sent can put a control
+        # character, a bare CR or raw UTF-8 into a reply.
+        if isinstance(status, str):
+            if not (status.isascii() and status.isprintable()):
+                status = replies.printable_ascii(status)
+            if not self._raw_replies:
+                status = replies.with_enhanced_code(status)
+        await super().push(status)
 
     async def reply(self, reply: Reply) -> None:
         await self.push(str(reply))
@@ -322,7 +334,13 @@ class SubmissionSMTP(SMTP):
             await self.reply(replies.AUTH_IN_TRANSACTION)
             return
         ip = self.client_ip() or "unknown"
-        if self.ctx.throttle.is_blocked(ip):
+        try:
+            blocked = await self.ctx.throttle.is_blocked(ip)
+        except SpoolError as exc:
+            self.log.error("AUTH unavailable: cannot read the AUTH throttle", error=str(exc))
+            await self.reply(replies.AUTH_TEMPORARY)
+            return
+        if blocked:
             self.log.notice("AUTH refused: client is blocked after repeated failures", client_ip=ip)
             await self._hang_up(replies.AUTH_BLOCKED)
             return
@@ -340,7 +358,7 @@ class SubmissionSMTP(SMTP):
             try:
                 blob = _b64decode(args[1])
             except ValueError:
-                await self.reply(Reply(501, "5.5.2", "Cannot decode base64"))
+                await self.reply(replies.AUTH_BAD_BASE64)
                 return AuthResult(success=False, handled=True)
         parts = blob.split(b"\x00")
         if len(parts) != 3:
@@ -358,18 +376,80 @@ class SubmissionSMTP(SMTP):
             try:
                 login = _b64decode(args[1])
             except ValueError:
-                await self.reply(Reply(501, "5.5.2", "Cannot decode base64"))
+                await self.reply(replies.AUTH_BAD_BASE64)
                 return AuthResult(success=False, handled=True)
         password = await self.challenge_auth(self.AuthLoginPasswordChallenge)
         if not isinstance(password, bytes):
             return AuthResult(success=False, handled=True)
         return await self._verify(login, password)
 
-    async def _verify(self, login: bytes, password: bytes) -> AuthResult:
-        """Check the credentials; on failure wait as the throttle says, maybe hang up.
+    async def challenge_auth(
+        self,
+        challenge: str | bytes,
+        encode_to_b64: bool = True,
+        log_client_response: bool = False,
+    ) -> _Missing | bytes:
+        """Send a ``334`` challenge and read the client's base64 answer.
 
-        The password is never logged; the user name is (it is what an
-        operator needs to see who is failing).
+        Replaces aiosmtpd's version, which logs an undecodable answer (often
+        the raw password) and lets an over-long line escape as a
+        ``ValueError`` (a 500 with Python's text and an ERROR log).  Here:
+        ``*`` cancels (``501 5.7.0``), a line over ``max_line_length`` gets
+        ``500 5.5.2``, bad base64 ``501 5.5.2``; the answer is never logged
+        (``log_client_response`` is ignored).  Returns the decoded octets,
+        or ``MISSING`` after such a reply.
+        """
+        data = challenge.encode() if isinstance(challenge, str) else challenge
+        await self.push(b"334 " + (base64.b64encode(data) if encode_to_b64 else data))
+        try:
+            line = await self._read_line()
+        except asyncio.IncompleteReadError:
+            return MISSING  # the client hung up mid-answer: nobody to reply to
+        if line is None:
+            await self.reply(self._line_too_long_reply())
+            return MISSING
+        blob = line.strip()
+        if blob == b"*":
+            await self.reply(replies.AUTH_CANCELLED)
+            return MISSING
+        try:
+            return base64.b64decode(blob, validate=True)
+        except (binascii.Error, ValueError):
+            await self.reply(replies.AUTH_BAD_BASE64)
+            return MISSING
+
+    async def _read_line(self) -> bytes | None:
+        """One line from the client, or None (all of it read and dropped) when over-long.
+
+        Raises ``asyncio.IncompleteReadError`` when the client hangs up mid-line.
+        """
+        limit = self.ctx.config.smtp.max_line_length
+        too_long = False
+        while True:
+            try:
+                line: bytes = await self._reader.readuntil(b"\n")
+            except asyncio.LimitOverrunError as exc:
+                await self._drain_overlong(exc.consumed)
+                too_long = True
+                continue
+            if too_long or len(line.rstrip(b"\r\n")) > limit:
+                return None
+            return line
+
+    def _line_too_long_reply(self) -> Reply:
+        limit = self.ctx.config.smtp.max_line_length
+        return replies.LINE_TOO_LONG_COMMAND.with_text(f"Line too long (more than {limit} octets)")
+
+    async def _verify(self, login: bytes, password: bytes) -> AuthResult:
+        """Admit the attempt, check the credentials, wait and maybe hang up.
+
+        The throttle admits the attempt *before* the password is checked,
+        in the spool every process shares: failures plus attempts still
+        being checked never exceed ``auth_disconnect_after``, so a burst of
+        parallel attempts waits its turn instead of being checked at once,
+        and once the client is blocked nothing more is checked.  The
+        password is never logged; the user name is (it is what an operator
+        needs to see who is failing).
         """
         ip = self.client_ip() or "unknown"
         try:
@@ -377,12 +457,34 @@ class SubmissionSMTP(SMTP):
             secret = password.decode("utf-8")
         except UnicodeDecodeError:
             user, secret = "", ""
-        ok = bool(user) and bool(secret) and await self.ctx.users.averify(user, secret)
+        try:
+            admission = await self._admit(ip)
+        except SpoolError as exc:
+            self.log.error("AUTH unavailable: cannot count the attempt", error=str(exc))
+            await self.reply(replies.AUTH_TEMPORARY)
+            return AuthResult(success=False, handled=True)
+        if admission is not Admission.CHECK:
+            self.log.notice(
+                "AUTH refused unchecked: client is blocked after repeated failures"
+                if admission is Admission.REFUSE
+                else "AUTH refused unchecked: attempts from this client still being checked",
+                user=replies.clean_text(user, 100),
+                client_ip=ip,
+            )
+            if admission is Admission.REFUSE:
+                await self._hang_up(replies.AUTH_BLOCKED)
+            else:
+                await self.reply(replies.AUTH_TEMPORARY)
+            return AuthResult(success=False, handled=True)
+        ok = False
+        try:
+            ok = bool(user) and bool(secret) and await self.ctx.users.averify(user, secret)
+        finally:
+            # Always settle the attempt in flight, even if the session was cut.
+            verdict = await self._settle(ip, ok)
         if ok:
-            self.ctx.throttle.record_success(ip)
             self.log.info("AUTH succeeded", user=user, client_ip=ip, tls=self.tls_version())
             return AuthResult(success=True, auth_data=user, message=replies.AUTH_OK)
-        verdict = self.ctx.throttle.record_failure(ip)
         self.log.notice(
             "AUTH failed",
             user=replies.clean_text(user, 100),
@@ -397,6 +499,28 @@ class SubmissionSMTP(SMTP):
             await self._hang_up(replies.AUTH_BLOCKED)
             return AuthResult(success=False, handled=True)
         return AuthResult(success=False, handled=False, message=str(replies.AUTH_INVALID))
+
+    async def _admit(self, ip: str) -> Admission:
+        """The throttle's admission, waiting (bounded) while the allowance is in use."""
+        deadline = self.loop.time() + _ADMISSION_WAIT
+        while True:
+            admission = await self.ctx.throttle.admit(ip)
+            if admission is not Admission.WAIT or self.loop.time() >= deadline:
+                return admission
+            await asyncio.sleep(_ADMISSION_POLL * (0.5 + random.random()))
+
+    async def _settle(self, ip: str, ok: bool) -> ThrottleVerdict:
+        """Record the outcome of an admitted attempt; the verdict for a failure."""
+        throttle = self.ctx.throttle
+        try:
+            if ok:
+                await throttle.succeeded(ip)
+                return ThrottleVerdict(0, 0.0, False)
+            return await throttle.failed(ip)
+        except SpoolError as exc:
+            # Counted in flight already; it stops counting after stale_after.
+            self.log.error("cannot record the AUTH outcome in the throttle", error=str(exc))
+            return ThrottleVerdict(0, 0.0, False)
 
     async def _hang_up(self, reply: Reply) -> None:
         await self.reply(reply)
@@ -536,7 +660,7 @@ class SubmissionSMTP(SMTP):
         nothing more is kept.
         """
         smtp = self.ctx.config.smtp
-        collector = DataCollector(max_size=smtp.max_message_size, max_line=self.line_length_limit)
+        collector = DataCollector(max_size=smtp.max_message_size, max_line=smtp.max_line_length)
         next_touch = _DATA_TIMER_STEP
         while True:
             try:

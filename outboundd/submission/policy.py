@@ -83,7 +83,8 @@ _QUOTED_UTF8: Final = re.compile(rf'"(?:[{_QTEXT}{_NON_ASCII}]|\\[\x20-\x7e])*"'
 _LABEL: Final = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
 _LDH_UTF8: Final = "A-Za-z0-9" + _NON_ASCII
 _LABEL_UTF8: Final = re.compile(rf"[{_LDH_UTF8}](?:[{_LDH_UTF8}-]*[{_LDH_UTF8}])?")
-_GENERAL_LITERAL: Final = re.compile(r"[A-Za-z0-9-]*[A-Za-z0-9]:[\x21-\x5a\x5e-\x7e]+")
+_IPV4_LITERAL: Final = re.compile(r"(\d{1,3})\.(\d{1,3})\.(\d{1,3})\.(\d{1,3})")
+_IPV6_CHARS: Final = re.compile(r"[0-9A-Fa-f:.]+")
 _ROUTE: Final = re.compile(r"@[^,:]+(?:,@[^,:]+)*:")
 
 
@@ -115,18 +116,7 @@ def _valid_domain(domain: str, utf8: bool) -> bool:
     # Cached: recipients of a relay share a few domains, and the per-label
     # checks were 2% of the listener's time with ten recipients a message.
     if domain.startswith("[") and domain.endswith("]"):
-        inner = domain[1:-1]
-        if inner[:5].lower() == "ipv6:":
-            try:
-                ipaddress.IPv6Address(inner[5:])
-            except ValueError:
-                return False
-            return True
-        try:
-            ipaddress.IPv4Address(inner)
-        except ValueError:
-            return _GENERAL_LITERAL.fullmatch(inner) is not None
-        return True
+        return valid_address_literal(domain[1:-1])
     if not domain or len(domain.encode("utf-8")) > MAX_DOMAIN_OCTETS:
         return False
     label = _LABEL_UTF8 if utf8 else _LABEL
@@ -134,6 +124,37 @@ def _valid_domain(domain: str, utf8: bool) -> bool:
         label.fullmatch(part) is not None and len(part.encode("utf-8")) <= 63
         for part in domain.split(".")
     )
+
+
+def valid_address_literal(inner: str) -> bool:
+    """RFC 5321 §4.1.3: ``inner`` (between the brackets) is an address literal we can use.
+
+    * IPv4-address-literal: four decimal numbers 0-255;
+    * IPv6-address-literal: ``IPv6:`` and an IPv6 address in RFC 5321's
+      forms — hex digits, colons and a dotted IPv4 tail only (no zone ID
+      like ``%eth0``: that names an interface of the *sender's* host), and
+      a ``::`` that stands for at least two groups;
+    * General-address-literal: ``tag:content``, refused unless the tag is
+      registered with IANA — and the only registered tag is ``IPv6``, so
+      anything else could never be delivered.
+    """
+    ipv4 = _IPV4_LITERAL.fullmatch(inner)
+    if ipv4 is not None:
+        return all(int(octet) <= 255 for octet in ipv4.groups())
+    tag, colon, rest = inner.partition(":")
+    if not colon or tag.lower() != "ipv6" or _IPV6_CHARS.fullmatch(rest) is None:
+        return False
+    try:
+        ipaddress.IPv6Address(rest)
+    except ValueError:
+        return False
+    if "::" in rest:
+        head, _, tail = rest.partition("::")
+        groups = [g for g in (head.split(":") + tail.split(":")) if g]
+        explicit = len(groups) + (1 if "." in rest else 0)  # a dotted tail is two groups
+        if explicit > 6:
+            return False
+    return True
 
 
 def _valid_local(local: str, utf8: bool) -> bool:
@@ -232,10 +253,13 @@ _HEX: Final = frozenset("0123456789ABCDEFabcdef")
 def xtext_decode(text: str) -> str:
     """Decode RFC 3461 §4 ``xtext`` (``+XX`` escapes); ValueError when malformed.
 
-    Hex digits are accepted in either case (the RFC says upper case; some
+    xtext encodes octets: the decoded octets are read as UTF-8 (what
+    Postfix and every current client mean by ``+C3+A4``), never one
+    character per octet.  Octets that are not UTF-8 are an error.  Hex
+    digits are accepted in either case (the RFC says upper case; some
     clients write lower case, and refusing them would help nobody).
     """
-    out: list[str] = []
+    out = bytearray()
     i = 0
     while i < len(text):
         ch = text[i]
@@ -243,14 +267,17 @@ def xtext_decode(text: str) -> str:
             pair = text[i + 1 : i + 3]
             if len(pair) != 2 or not set(pair) <= _HEX:
                 raise ValueError("'+' must be followed by two hex digits")
-            out.append(chr(int(pair, 16)))
+            out.append(int(pair, 16))
             i += 3
             continue
         if not "!" <= ch <= "~" or ch == "=":
             raise ValueError(f"character {ch!r} is not allowed in xtext")
-        out.append(ch)
+        out.append(ord(ch))
         i += 1
-    return "".join(out)
+    try:
+        return out.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValueError("the encoded octets are not UTF-8") from None
 
 
 def xtext_encode(text: str) -> str:

@@ -15,7 +15,8 @@ same rules:
 
 A plugin that raises, times out or returns a result the hook does not take
 gives ``451 4.3.0`` and an ERROR log line naming it.  A spool failure gives
-``451 4.3.0``; the spool guarantees nothing of the message remains.
+``451 4.3.0`` (``451 4.3.1``, mail system full, when the queue's disk is
+full); the spool guarantees nothing of the message remains.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from typing import Protocol
 
 from outboundd.hooks import HookFailure, HookRunner, ResultCode
 from outboundd.log import Logger
-from outboundd.spool.errors import SpoolError
+from outboundd.spool.errors import SpoolError, SpoolFullError
 from outboundd.spool.types import NewMessage
 from outboundd.submission import replies
 from outboundd.submission.dkim import DkimSigner, DkimSignError
@@ -180,6 +181,10 @@ class Queuer:
                             "completes and the client will likely send it again",
                             qid=txn.queue_id)  # fmt: skip
             raise
+        except SpoolFullError as exc:
+            self.log.warn("queue disk full; message refused temporarily",
+                          qid=txn.queue_id, error=str(exc))  # fmt: skip
+            return replies.SYSTEM_FULL
         except (SpoolError, OSError, ValueError) as exc:
             self.log.error("queue write failed; message refused temporarily",
                            qid=txn.queue_id, error=f"{type(exc).__name__}: {exc}")  # fmt: skip

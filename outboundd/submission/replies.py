@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass
 from typing import Final
 
-__all__ = ["Reply", "with_enhanced_code"]
+__all__ = ["Reply", "printable_ascii", "with_enhanced_code"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +49,17 @@ def clean_text(text: str, limit: int = 400) -> str:
     return flat[:limit] or "-"
 
 
+def printable_ascii(text: str) -> str:
+    """``text`` with every character outside printable ASCII replaced by ``?``.
+
+    RFC 5321 §4.2: reply text is printable ASCII.  Used on every reply
+    line, since some echo what the client sent (an unknown command, a bad
+    parameter): an ESC, NUL, DEL, bare CR or UTF-8 from the client must not
+    reach the client's terminal or log as it was.
+    """
+    return "".join(ch if " " <= ch <= "~" else "?" for ch in text)
+
+
 # --- MAIL / RCPT -----------------------------------------------------------
 
 OK_SENDER: Final = Reply(250, "2.1.0", "Sender OK")
@@ -79,6 +90,8 @@ BARE_LINE_END: Final = Reply(
 LINE_TOO_LONG: Final = Reply(554, "5.6.0", "Line too long")
 DATA_SYNTAX: Final = Reply(501, "5.5.4", "Syntax: DATA")
 LOCAL_ERROR: Final = Reply(451, "4.3.0", "Temporary failure, please try again later")
+#: The queue's disk is full (RFC 3463 4.3.1, mail system full).
+SYSTEM_FULL: Final = Reply(451, "4.3.1", "Mail system full, please try again later")
 PLUGIN_DENY: Final = Reply(550, "5.7.1", "Message refused")
 PLUGIN_DENYSOFT: Final = Reply(451, "4.7.1", "Message temporarily refused, try again later")
 NO_RECIPIENTS_LEFT: Final = Reply(554, "5.5.1", "No recipients left to queue")
@@ -93,6 +106,10 @@ AUTH_IN_TRANSACTION: Final = Reply(503, "5.5.1", "AUTH not permitted during a ma
 AUTH_BLOCKED: Final = Reply(
     421, "4.7.0", "Too many failed authentications from your address, closing connection"
 )
+AUTH_TEMPORARY: Final = Reply(454, "4.7.0", "Temporary authentication failure, try again later")
+AUTH_CANCELLED: Final = Reply(501, "5.7.0", "Authentication cancelled")
+AUTH_BAD_BASE64: Final = Reply(501, "5.5.2", "Cannot decode base64")
+LINE_TOO_LONG_COMMAND: Final = Reply(500, "5.5.2", "Line too long")
 ALREADY_TLS: Final = Reply(503, "5.5.1", "TLS already active")
 
 

@@ -19,7 +19,13 @@ from dataclasses import dataclass
 from outboundd.config import Config, HostPort
 from outboundd.hooks import HookRunner
 from outboundd.log import Level, Logger, get_logger
-from outboundd.plugins.auth_flat_file import AuthThrottle, UserStore
+from outboundd.plugins.auth_flat_file import (
+    AuthThrottle,
+    MemoryThrottleStore,
+    ThrottleStore,
+    UserStore,
+)
+from outboundd.submission import liblog
 from outboundd.submission.dkim import signer_for
 from outboundd.submission.handler import SubmissionContext, make_session_factory
 from outboundd.submission.queueing import Queuer, SpoolSink
@@ -70,7 +76,9 @@ def _quiet_aiosmtpd(log: Logger) -> None:
     """aiosmtpd logs every command (and a deprecation warning per AUTH) on its
     ``mail.log`` logger; show that chatter only when we log at PROTOCOL."""
     level = logging.DEBUG if log.enabled(Level.PROTOCOL) else logging.ERROR
-    logging.getLogger("mail.log").setLevel(level)
+    library_log = logging.getLogger("mail.log")
+    library_log.setLevel(level)
+    liblog.install(library_log)  # never a client's AUTH data, at any level
 
 
 @dataclass(eq=False)
@@ -129,6 +137,10 @@ class Listeners:
         await ctx.queuer.drain(grace)
 
 
+def _default_store(spool: SpoolSink) -> ThrottleStore:
+    return spool if isinstance(spool, ThrottleStore) else MemoryThrottleStore()
+
+
 async def start_listeners(
     config: Config,
     spool: SpoolSink,
@@ -136,11 +148,15 @@ async def start_listeners(
     logger: Logger | None = None,
     *,
     inherited: Sequence[tuple[int, bool]] | None = None,
+    throttle_store: ThrottleStore | None = None,
 ) -> Listeners:
     """Bind every ``listen`` and ``listen_tls`` address and start serving.
 
     ``inherited`` — ``(fd, implicit TLS)`` of sockets the first process
     bound — makes an SMTP node serve those instead of binding its own.
+    ``throttle_store`` keeps the AUTH failure counts; the daemon passes its
+    :class:`~outboundd.spool.Spool`, which every process shares.  Without
+    it, ``spool`` is used when it is such a store, else this process's memory.
     Raises ``OSError`` (a :class:`ListenerError` for configuration problems)
     when any address cannot be used; nothing is left listening then.
     """
@@ -161,6 +177,7 @@ async def start_listeners(
             failure_delay=config.smtp.auth_failure_delay,
             disconnect_after=config.smtp.auth_disconnect_after,
             block_seconds=config.smtp.auth_block_seconds,
+            store=throttle_store or _default_store(spool),
         ),
         log=log,
         starttls_context=tls_context,
