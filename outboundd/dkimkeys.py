@@ -77,10 +77,27 @@ class DkimKey:
     private_key: PrivateKey
     path: Path
 
+    def __reduce__(self) -> tuple[object, tuple[str, str, KeyType, bytes, Path]]:
+        """Pickled as PEM: the daemon hands its whole configuration to its child
+        processes by pickle, and OpenSSL key objects cannot be pickled."""
+        pem = self.private_key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        return (_unpickle_key, (self.domain, self.selector, self.type, pem, self.path))
+
     @property
     def algorithm(self) -> bytes:
         """The ``a=`` tag: ``rsa-sha256`` (RFC 8301) or ``ed25519-sha256`` (RFC 8463)."""
         return b"rsa-sha256" if self.type == "rsa" else b"ed25519-sha256"
+
+
+def _unpickle_key(domain: str, selector: str, key_type: KeyType, pem: bytes, path: Path) -> DkimKey:
+    key = serialization.load_pem_private_key(pem, password=None)
+    if not isinstance(key, rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey):
+        raise TypeError(f"a pickled DKIM key for {domain} is not RSA or Ed25519")
+    return DkimKey(domain, selector, key_type, key, path)
 
 
 def key_files(key_type: KeyType) -> tuple[str, str]:

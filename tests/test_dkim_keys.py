@@ -202,3 +202,22 @@ def test_broken_key_stops_start_only_when_signing_is_enabled(config_dir: Path) -
     (config_dir / "dkim.ini").write_text("[sign]\nenabled = true\n")
     with pytest.raises(ConfigError, match=re.escape("mail.example/private: not a PEM private key")):
         load_config(config_dir)
+
+
+def test_config_with_keys_pickles_for_child_processes(config_dir: Path) -> None:
+    """The daemon hands its configuration to children by pickle (children.config_memfd)."""
+    import pickle
+
+    generate_key(config_dir / "dkim", DOMAIN, "s1", "rsa")
+    generate_key(config_dir / "dkim", DOMAIN, "e1", "ed25519")
+    (config_dir / "dkim.ini").write_text("[sign]\nenabled = true\n")
+    config = load_config(config_dir)
+    copy = pickle.loads(pickle.dumps(config, protocol=pickle.HIGHEST_PROTOCOL))
+    for before, after in zip(config.dkim.keys[DOMAIN], copy.dkim.keys[DOMAIN], strict=True):
+        assert (after.domain, after.selector, after.type, after.path) == (
+            before.domain,
+            before.selector,
+            before.type,
+            before.path,
+        )
+        assert public_key_text(after) == public_key_text(before)
