@@ -310,10 +310,12 @@ async def test_the_daemon_waits_for_the_database_at_start(
         line = await daemon.wait_for(r"queue database unreachable", 30)
         assert "postgresql://postgres@127.0.0.1" in line
         assert daemon.proc is not None and daemon.proc.returncode is None
-        await asyncio.sleep(1.0)
+        await asyncio.sleep(2.0)  # several attempts (0.5 s, 1 s, ...), one log line
         assert not starting.done()
+        assert sum("queue database unreachable" in text for text in daemon.lines) == 1
         await asyncio.to_thread(own_cluster.start_server)
         await starting
+        await daemon.wait_for(r"queue database reachable again")
         qid = await submit(daemon.smtp_port, "a@example.test", ["b@dest.test"])
         assert daemon.query("SELECT status FROM deliveries WHERE queue_id = ?", (qid,)) == [
             ("queued",)
