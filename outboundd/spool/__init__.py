@@ -21,6 +21,7 @@ from outboundd.spool.types import (
     Outcome,
     RecordResult,
     Status,
+    StoredStsPolicy,
 )
 
 __all__ = [
@@ -38,6 +39,7 @@ __all__ = [
     "SpoolFullError",
     "SpoolWriteError",
     "Status",
+    "StoredStsPolicy",
     "UnknownMessageError",
     "domain_of",
     "lease_owner_id",
