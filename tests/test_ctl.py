@@ -419,6 +419,13 @@ async def test_delete_drops_without_dsn(queue: Queue) -> None:
         ("bob@dest.test", "dropped", "deleted by operator"),
         ("carol@other.test", "delivered", None),
     ]
+    # The reason is in the accounting view, not only in `show`; the old remote
+    # reply (a 451 greylisting) no longer stands as the row's last word.
+    assert queue.query(
+        "SELECT last_code, last_status, last_response FROM deliveries "
+        "WHERE queue_id = ? AND recipient = 'bob@dest.test'",
+        (queue.greylisted,),
+    ) == [(None, "5.0.0", "deleted by operator")]
     assert queue.query("SELECT count(*) FROM messages WHERE dsn_of IS NOT NULL") == [(0,)]
     assert queue.query(
         "SELECT finished_at IS NOT NULL FROM messages WHERE queue_id = ?", (queue.greylisted,)
@@ -440,6 +447,10 @@ async def test_bounce_queues_one_dsn_to_the_sender(queue: Queue) -> None:
         "SELECT status, final_reason LIKE '%spam complaint%' FROM recipients WHERE queue_id = ?",
         (queue.other,),
     ) == [("bounced", 1)]
+    assert queue.query(
+        "SELECT last_code, last_status, last_response FROM deliveries WHERE queue_id = ?",
+        (queue.other,),
+    ) == [(None, "5.0.0", "bounced by the operator: spam complaint")]
     assert queue.query("SELECT mail_from, dsn_of FROM messages WHERE queue_id = ?", (dsn_qid,)) == [
         ("", queue.other)
     ]

@@ -12,6 +12,8 @@ from outboundd.spool.errors import (
     UnknownMessageError,
 )
 from outboundd.spool.types import (
+    BODY_MISSING_REASON,
+    BODY_MISSING_STATUS,
     AttemptRecord,
     Claim,
     ClaimedRecipient,
@@ -25,6 +27,8 @@ from outboundd.spool.types import (
 )
 
 __all__ = [
+    "BODY_MISSING_REASON",
+    "BODY_MISSING_STATUS",
     "AttemptRecord",
     "Claim",
     "ClaimedRecipient",
