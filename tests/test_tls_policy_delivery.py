@@ -10,6 +10,7 @@ is checked at the MX (what it received) and in the ``attempts`` view.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import datetime
 import hashlib
@@ -25,7 +26,8 @@ import trustme
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from outboundd.spool import StoredStsPolicy
+from outboundd.delivery.tlslookup import TlsPolicyOptions, TlsPolicySource
+from outboundd.spool import Spool, StoredStsPolicy
 from tests import certs
 from tests.delivery_rig import Rig, delivery_rig
 from tests.dnsserver import SERVFAIL, DNSServer
@@ -353,3 +355,96 @@ async def test_switched_off_no_policy_is_looked_up(
         assert w.dns.count("_mta-sts.dest.test", "TXT") == 0
         assert w.dns.count(w.tlsa_name, "TLSA") == 0
     assert w.web.requests == []
+
+
+async def test_a_kept_connection_is_not_reused_once_a_policy_applies(
+    dns_server: DNSServer, tmp_path: Path, pki: certs.TestPKI
+) -> None:
+    """The pool keys connections by policy: a DANE host gets a new, checked connection."""
+    leaf = issue(pki.ca)
+    dns_server.negative_ttl = 0  # the "no TLSA record" answer is not cached
+    async with world(dns_server, tmp_path, pki, leaf, policy=None, pool_idle_timeout=30) as w:
+        qid, delivery = await send_one(w)
+        assert delivery[0] == "delivered"
+        assert w.policy_rows(qid) == [("opportunistic", 1, "delivered", "2.0.0")]
+        assert w.rig.engine.pool.idle == 1
+        w.set_tlsa("3 1 1 " + "00" * 32)
+        qid2, (status, _code, enhanced, _response) = await send_one(w)
+        assert (status, enhanced) == ("deferred", "4.7.5")
+        assert w.policy_rows(qid2) == [("dane", 0, "deferred", "4.7.5")]
+    assert w.mx.connections == 2 and len(w.mx.transactions) == 1
+
+
+# ------------------------------------------------- the policy source alone
+
+
+@contextlib.asynccontextmanager
+async def source(
+    dns: DNSServer, tmp: Path, pki: certs.TestPKI, body: str = ENFORCE
+) -> AsyncIterator[tuple[TlsPolicySource, PolicyServer, TlsPolicyOptions]]:
+    dns.zones.update(
+        {
+            "_mta-sts.dest.test": {"TXT": ["v=STSv1; id=1"]},
+            "mta-sts.dest.test": {"A": ["127.0.0.1"]},
+        }
+    )
+    spool = await Spool.open(tmp / "queue")
+    try:
+        async with PolicyServer(pki.ca, "dest.test", body) as web:
+            policies = TlsPolicySource(spool, [dns.nameserver])
+            options = TlsPolicyOptions(fetch_timeout=2, https_port=web.port, ca_file=pki.ca_pem)
+            try:
+                yield policies, web, options
+            finally:
+                await policies.close()
+    finally:
+        await spool.close()
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        ({"status": 404}, "HTTP 404"),
+        ({"status": 301}, "HTTP 301"),  # redirects are not followed (RFC 8461 §3.3)
+        ({"content_type": "text/html"}, "not text/plain"),
+        ({"body": "x" * (64 * 1024 + 1)}, "larger than"),
+        ({"body": "version: STSv1\nmode: enforce\nmax_age: 60\n"}, "mx pattern"),
+    ],
+)
+async def test_an_unusable_policy_answer_gives_no_policy_and_is_not_refetched_at_once(
+    dns_server: DNSServer,
+    tmp_path: Path,
+    pki: certs.TestPKI,
+    capsys: pytest.CaptureFixture[str],
+    change: dict[str, Any],
+    reason: str,
+) -> None:
+    async with source(dns_server, tmp_path, pki) as (policies, web, options):
+        for key, value in change.items():
+            setattr(web, key, value)
+        assert await policies.sts_policy("dest.test", options) is None
+        assert await policies.sts_policy("dest.test", options) is None
+        assert len(web.requests) == 1  # a failed fetch waits a minute
+    out = capsys.readouterr().out
+    assert "MTA-STS policy fetch failed" in out and reason in out
+
+
+async def test_a_wrong_certificate_on_the_policy_server_gives_no_policy(
+    dns_server: DNSServer, tmp_path: Path, pki: certs.TestPKI
+) -> None:
+    """The policy server's certificate must verify: here the relay trusts another CA."""
+    async with source(dns_server, tmp_path, pki) as (policies, web, options):
+        other = certs.make_pki(tmp_path / "other")
+        untrusting = TlsPolicyOptions(https_port=web.port, ca_file=other.ca_pem)
+        assert await policies.sts_policy("dest.test", untrusting) is None
+        assert await policies.sts_policy("other.test", options) is None  # no TXT record
+        assert web.requests == []  # the TLS handshake failed before any request
+
+
+async def test_concurrent_deliveries_share_one_policy_fetch(
+    dns_server: DNSServer, tmp_path: Path, pki: certs.TestPKI
+) -> None:
+    async with source(dns_server, tmp_path, pki) as (policies, web, options):
+        found = await asyncio.gather(*(policies.sts_policy("dest.test", options) for _ in range(5)))
+        assert all(p is not None and p.mode == "enforce" for p in found)
+        assert len(web.requests) == 1

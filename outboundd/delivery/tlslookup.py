@@ -24,8 +24,8 @@ are the pure functions of :mod:`outboundd.delivery.tlspolicy`):
   them and they survive restarts; a fetch that fails keeps using a cached
   policy that has not expired, and is not retried for a minute.
 
-DNS answers are cached in-process for their TTL (negative answers and
-failures for at most a minute), so a busy domain costs no lookups per
+DNS answers are cached in-process for their TTL (negative answers for
+their SOA's negative TTL, failures and both at most a minute), so a busy domain costs no lookups per
 message.  Nothing here raises for what DNS or a web server does.
 """
 
@@ -43,8 +43,10 @@ from typing import Literal, TypeVar
 import dns.asyncresolver
 import dns.exception
 import dns.flags
+import dns.message
 import dns.nameserver
 import dns.rdata
+import dns.rdtypes.ANY.SOA
 import dns.rdtypes.ANY.TLSA
 import dns.rdtypes.ANY.TXT
 import dns.rdtypes.IN.A
@@ -360,9 +362,9 @@ class TlsPolicySource:
                 name, rdtype, raise_on_no_answer=False, search=False
             )
         except dns.resolver.NXDOMAIN as exc:
-            responses = (exc.kwargs.get("responses") or {}).values()
+            responses = list((exc.kwargs.get("responses") or {}).values())
             secure = any(r.flags & dns.flags.AD for r in responses)
-            return _Answer("nxdomain", secure=secure), NEGATIVE_TTL
+            return _Answer("nxdomain", secure=secure), _negative_ttl(responses)
         except dns.resolver.LifetimeTimeout:
             return _Answer("failure", error="timed out"), NEGATIVE_TTL
         except dns.resolver.NoNameservers as exc:
@@ -371,12 +373,24 @@ class TlsPolicySource:
             return _Answer("failure", error=f"{type(exc).__name__}: {exc}"), NEGATIVE_TTL
         secure = bool(result.response.flags & dns.flags.AD)
         if result.rrset is None:
-            return _Answer("nodata", secure=secure), NEGATIVE_TTL
+            return _Answer("nodata", secure=secure), _negative_ttl([result.response])
         ttl = float(result.rrset.ttl)
         return _Answer("answer", tuple(result.rrset), secure), ttl
 
 
 _MODES: dict[str, StsMode] = {"enforce": "enforce", "testing": "testing", "none": "none"}
+
+
+def _negative_ttl(responses: Sequence[dns.message.Message]) -> float:
+    """RFC 2308: the SOA's TTL or minimum, whichever is less, at most NEGATIVE_TTL; no SOA: 0."""
+    ttls = [
+        min(rrset.ttl, rdata.minimum)
+        for response in responses
+        for rrset in response.authority
+        for rdata in rrset
+        if isinstance(rdata, dns.rdtypes.ANY.SOA.SOA)
+    ]
+    return min([NEGATIVE_TTL, *ttls]) if ttls else 0.0
 
 
 def _policy_of(stored: StoredStsPolicy | None) -> StsPolicy | None:
