@@ -26,7 +26,10 @@ import trustme
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
+from outboundd.delivery.mx import MXTarget
 from outboundd.delivery.tlslookup import TlsPolicyOptions, TlsPolicySource
+from outboundd.delivery.tlspolicy import TargetPolicy
+from outboundd.hooks import MX
 from outboundd.spool import Spool, StoredStsPolicy
 from tests import certs
 from tests.delivery_rig import Rig, delivery_rig
@@ -447,4 +450,24 @@ async def test_concurrent_deliveries_share_one_policy_fetch(
     async with source(dns_server, tmp_path, pki) as (policies, web, options):
         found = await asyncio.gather(*(policies.sts_policy("dest.test", options) for _ in range(5)))
         assert all(p is not None and p.mode == "enforce" for p in found)
+        assert len(web.requests) == 1
+
+
+async def test_a_warm_cache_decides_without_dns_or_spool(
+    dns_server: DNSServer, tmp_path: Path, pki: certs.TestPKI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The hot path: the second delivery to a domain asks nobody (answers cached for their TTL)."""
+    target = MXTarget(MX("mx.dest.test"), "127.0.0.2", 25, "mx.dest.test")
+    async with source(dns_server, tmp_path, pki) as (policies, web, options):
+        [first] = await policies.apply("dest.test", [target], options)
+        assert first.tls_policy == TargetPolicy("mta-sts", True)
+        queries = dns_server.total_queries()
+        assert queries >= 3  # TXT, TLSA, the policy host's A and AAAA
+
+        async def no_spool(*_args: object) -> None:
+            raise AssertionError("the spool was asked")
+
+        monkeypatch.setattr(policies.spool, "get_sts_policy", no_spool)
+        assert await policies.apply("dest.test", [target], options) == [first]
+        assert dns_server.total_queries() == queries
         assert len(web.requests) == 1

@@ -149,6 +149,9 @@ class TlsPolicySource:
         self._dns_cache: dict[tuple[str, str], tuple[float, _Answer]] = {}
         self._memo: dict[str, tuple[float, StoredStsPolicy | None]] = {}
         self._failed: dict[str, float] = {}
+        # domain -> (until, policy): the MTA-STS answer while nothing it rests
+        # on (the TXT answer, the memo, the policy's age, a fetch pause) changes.
+        self._sts_decided: dict[str, tuple[float, StsPolicy | None]] = {}
         self._inflight: dict[str, asyncio.Task[StsPolicy | None]] = {}
         self._http: tuple[Path | None, httpx.AsyncClient] | None = None
 
@@ -168,29 +171,50 @@ class TlsPolicySource:
         if not targets or not (options.mta_sts or options.dane):
             return list(targets)
         domain = domain.lower().rstrip(".")
-        sts_task = (
-            asyncio.ensure_future(self.sts_policy(domain, options)) if options.mta_sts else None
-        )
-        dane: dict[tuple[str, int], DaneLookup] = {}
+        # Usually every answer is cached: decide without a task or an await.
+        now = self.clock()
+        sts: StsPolicy | None = None
+        sts_known = not options.mta_sts
+        if options.mta_sts:
+            decided = self._sts_decided.get(domain)
+            if decided is not None and decided[0] > now:
+                sts, sts_known = decided[1], True
+        dane: dict[tuple[str, int], DaneLookup | None] = {}
+        if options.dane:
+            for t in targets:
+                key = (t.hostname, t.port)
+                if key not in dane and not _is_ip(t.hostname):
+                    dane[key] = self._dane_cached(*key, now)
+        if not sts_known or None in dane.values():
+            sts, dane = await self._look_up(domain, sts_known, sts, dane, options)
+        policies = [
+            target_policy(t.hostname, domain=domain, dane=dane.get((t.hostname, t.port)), sts=sts)
+            for t in targets
+        ]
+        if not any(policies):
+            return list(targets)
+        return [replace(t, tls_policy=p) for t, p in zip(targets, policies, strict=True)]
+
+    async def _look_up(
+        self,
+        domain: str,
+        sts_known: bool,
+        sts: StsPolicy | None,
+        dane: dict[tuple[str, int], DaneLookup | None],
+        options: TlsPolicyOptions,
+    ) -> tuple[StsPolicy | None, dict[tuple[str, int], DaneLookup | None]]:
+        """The answers :meth:`apply` did not find cached, looked up concurrently."""
+        sts_task = None if sts_known else asyncio.ensure_future(self.sts_policy(domain, options))
         try:
-            if options.dane:
-                keys = list(dict.fromkeys((t.hostname, t.port) for t in targets))
-                keys = [k for k in keys if not _is_ip(k[0])]
-                found = await asyncio.gather(*(self.dane_lookup(h, p) for h, p in keys))
-                dane = dict(zip(keys, found, strict=True))
-            sts = await sts_task if sts_task is not None else None
+            missing = [key for key, found in dane.items() if found is None]
+            looked = await asyncio.gather(*(self.dane_lookup(h, p) for h, p in missing))
+            dane = {**dane, **dict(zip(missing, looked, strict=True))}
+            if sts_task is not None:
+                sts = await sts_task
         finally:
             if sts_task is not None and not sts_task.done():
                 sts_task.cancel()
-        return [
-            replace(
-                t,
-                tls_policy=target_policy(
-                    t.hostname, domain=domain, dane=dane.get((t.hostname, t.port)), sts=sts
-                ),
-            )
-            for t in targets
-        ]
+        return sts, dane
 
     # ---------------------------------------------------------------- DANE
 
@@ -202,19 +226,22 @@ class TlsPolicySource:
             if probe.kind != "failure" and probe.secure:
                 return DaneLookup("bogus", error=answer.error)
             return DaneLookup("insecure")
-        if not answer.secure:
-            return DaneLookup("insecure")
-        records = tuple(
-            Tlsa(r.usage, r.selector, r.mtype, bytes(r.cert))
-            for r in answer.records
-            if isinstance(r, dns.rdtypes.ANY.TLSA.TLSA)
-        )
-        return DaneLookup("secure", records)
+        return _dane_of(answer)
+
+    def _dane_cached(self, host: str, port: int, now: float) -> DaneLookup | None:
+        """The DANE lookup from the cache alone; None when it needs DNS."""
+        hit = self._dns_cache.get((f"_{port}._tcp.{host}".lower(), "TLSA"))
+        if hit is None or hit[0] <= now or hit[1].kind == "failure":
+            return None
+        return _dane_of(hit[1])
 
     # ------------------------------------------------------------- MTA-STS
 
     async def sts_policy(self, domain: str, options: TlsPolicyOptions) -> StsPolicy | None:
         """The MTA-STS policy that applies to ``domain`` now, or None."""
+        decided = self._sts_decided.get(domain)
+        if decided is not None and decided[0] > self.clock():
+            return decided[1]
         task = self._inflight.get(domain)
         if task is None:
             task = asyncio.ensure_future(self._sts_policy(domain, options))
@@ -223,6 +250,20 @@ class TlsPolicySource:
         return await asyncio.shield(task)
 
     async def _sts_policy(self, domain: str, options: TlsPolicyOptions) -> StsPolicy | None:
+        now = self.clock()
+        policy, until = await self._sts_resolve(domain, options, now)
+        txt = self._dns_cache.get((f"_mta-sts.{domain}".lower(), "TXT"))
+        until = min(until, txt[0] if txt is not None else now, now + MEMO_SECONDS)
+        if until > now:
+            self._sts_decided[domain] = (until, policy)
+            _bound(self._sts_decided)
+        return policy
+
+    async def _sts_resolve(
+        self, domain: str, options: TlsPolicyOptions, now: float
+    ) -> tuple[StsPolicy | None, float]:
+        """The policy for ``domain`` and until when that answer holds at most."""
+        forever = now + MEMO_SECONDS
         txt = await self._dns(f"_mta-sts.{domain}", "TXT")
         policy_id = None
         if txt.kind == "answer":
@@ -233,15 +274,15 @@ class TlsPolicySource:
                     if isinstance(r, dns.rdtypes.ANY.TXT.TXT)
                 ]
             )
-        now = self.clock()
         cached = await self._cached(domain, now)
         fresh = cached if cached is not None and cached.expires_at > now else None
+        holds = min(forever, fresh.expires_at) if fresh is not None else forever
         if policy_id is None or (fresh is not None and fresh.policy_id == policy_id):
             # RFC 8461 §5.1: without a TXT record (or with the same id) a
             # cached policy that has not expired still applies.
-            return _policy_of(fresh)
+            return _policy_of(fresh), holds
         if self._failed.get(domain, 0.0) > now:
-            return _policy_of(fresh)
+            return _policy_of(fresh), min(holds, self._failed[domain])
         try:
             policy = await self._fetch(domain, options)
         except PolicyFetchError as exc:
@@ -253,7 +294,7 @@ class TlsPolicySource:
                 error=str(exc),
                 cached=fresh is not None,
             )
-            return _policy_of(fresh)
+            return _policy_of(fresh), min(holds, self._failed[domain])
         self._failed.pop(domain, None)
         stored = StoredStsPolicy(
             domain, policy_id, policy.mode, policy.mx, policy.max_age, now, now + policy.max_age
@@ -265,7 +306,7 @@ class TlsPolicySource:
         except SpoolError as exc:
             LOG.warn("cannot cache the MTA-STS policy", domain=domain, error=str(exc))
         LOG.info("MTA-STS policy fetched", domain=domain, mode=policy.mode, id=policy_id)
-        return policy
+        return policy, min(forever, stored.expires_at)
 
     async def _cached(self, domain: str, now: float) -> StoredStsPolicy | None:
         memo = self._memo.get(domain)
@@ -379,6 +420,18 @@ class TlsPolicySource:
 
 
 _MODES: dict[str, StsMode] = {"enforce": "enforce", "testing": "testing", "none": "none"}
+
+
+def _dane_of(answer: _Answer) -> DaneLookup:
+    """A TLSA answer (not a failure) as DANE sees it: secure records, or insecure."""
+    if not answer.secure:
+        return DaneLookup("insecure")
+    records = tuple(
+        Tlsa(r.usage, r.selector, r.mtype, bytes(r.cert))
+        for r in answer.records
+        if isinstance(r, dns.rdtypes.ANY.TLSA.TLSA)
+    )
+    return DaneLookup("secure", records)
 
 
 def _negative_ttl(responses: Sequence[dns.message.Message]) -> float:
