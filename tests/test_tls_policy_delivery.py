@@ -186,7 +186,7 @@ async def test_enforce_refuses_an_mx_outside_the_policy_without_connecting(
 
 
 async def test_testing_mode_delivers_anyway_and_records_the_policy_as_not_met(
-    dns_server: DNSServer, tmp_path: Path, pki: certs.TestPKI
+    dns_server: DNSServer, tmp_path: Path, pki: certs.TestPKI, capsys: pytest.CaptureFixture[str]
 ) -> None:
     async with world(
         dns_server, tmp_path, pki, issue(pki.ca, "mx.other.test"), policy=TESTING
@@ -196,6 +196,9 @@ async def test_testing_mode_delivers_anyway_and_records_the_policy_as_not_met(
         assert w.policy_rows(qid) == [("mta-sts", 0, "delivered", "2.0.0")]
     # The verified handshake failed; the fallback connection still used TLS.
     assert w.mx.connections == 2 and w.mx.transactions[0].tls == "TLSv1.3"
+    out = capsys.readouterr().out
+    assert "[WARN]" in out and "delivered although the TLS policy was not met" in out
+    assert "policy=mta-sts" in out
 
 
 async def test_a_policy_fetch_that_times_out_leaves_opportunistic_tls(
