@@ -337,14 +337,19 @@ async def test_a_failed_tlsa_lookup_defers_only_in_a_signed_zone(
             assert w.policy_rows(qid) == [("opportunistic", 1, "delivered", "2.0.0")]
 
 
+@pytest.mark.parametrize("refused", [False, True], ids=["not-offered", "refused-454"])
 async def test_dane_requires_starttls(
-    dns_server: DNSServer, tmp_path: Path, pki: certs.TestPKI
+    dns_server: DNSServer, tmp_path: Path, pki: certs.TestPKI, refused: bool
 ) -> None:
-    async with world(dns_server, tmp_path, pki, None, policy=None) as w:
+    async with world(
+        dns_server, tmp_path, pki, issue(pki.ca) if refused else None, policy=None
+    ) as w:
+        if refused:
+            w.mx.script.starttls = "454 4.7.0 TLS not available"
         w.set_tlsa("3 1 1 " + "00" * 32)
         qid, (status, _code, enhanced, response) = await send_one(w)
         assert (status, enhanced) == ("deferred", "4.7.5")
-        assert "does not offer STARTTLS" in response
+        assert ("refused STARTTLS" if refused else "does not offer STARTTLS") in response
         assert w.policy_rows(qid) == [("dane", 0, "deferred", "4.7.5")]
     assert "MAIL" not in w.mx.commands
 

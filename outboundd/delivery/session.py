@@ -1106,6 +1106,8 @@ class Connection:
             except SMTPResponseException as exc:
                 reply = parse_reply(exc.code, exc.message)
                 if exc.code < 0 or exc.code == 421 or require_tls:
+                    if require_tls:
+                        self.info = replace(self.info, tls_policy_met=False)
                     self.abort()
                     raise TransientFailure(
                         Reply(
