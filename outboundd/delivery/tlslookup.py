@@ -154,12 +154,14 @@ class TlsPolicySource:
         self._sts_decided: dict[str, tuple[float, StsPolicy | None]] = {}
         self._inflight: dict[str, asyncio.Task[StsPolicy | None]] = {}
         self._http: tuple[Path | None, httpx.AsyncClient] | None = None
+        self._retired: list[httpx.AsyncClient] = []  # made for an older mta_sts_ca_file
 
     async def close(self) -> None:
         """Close the HTTP client (its kept-alive connections)."""
-        if self._http is not None:
-            client = self._http[1]
-            self._http = None
+        clients = self._retired + ([self._http[1]] if self._http is not None else [])
+        self._http = None
+        self._retired = []
+        for client in clients:
             await client.aclose()
 
     # ------------------------------------------------------------- targets
@@ -374,8 +376,7 @@ class TlsPolicySource:
         if self._http is not None and self._http[0] == ca_file:
             return self._http[1]
         if self._http is not None:
-            old = self._http[1]
-            asyncio.get_running_loop().create_task(old.aclose())
+            self._retired.append(self._http[1])
         context = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
         client = httpx.AsyncClient(verify=context, follow_redirects=False, trust_env=False)
         self._http = (ca_file, client)
