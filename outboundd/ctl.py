@@ -26,6 +26,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
 
+from outboundd import dkimctl
 from outboundd.config import Config, ConfigError, load_config
 from outboundd.plugins import auth_flat_file
 from outboundd.spool import Spool, SpoolError, Status, UnknownMessageError, admin
@@ -488,6 +489,8 @@ def build_parser() -> argparse.ArgumentParser:
     u = usub.add_parser("del", help="delete a user")
     u.add_argument("name")
     usub.add_parser("list", help="list user names")
+
+    dkimctl.add_parser(sub)
     return parser
 
 
@@ -562,6 +565,8 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
             raise CtlError(f"no configuration directory {config_dir} (give one with -c DIR)")
         if args.command == "user":
             return cmd_user(config_dir, args, stream)
+        if args.command == "dkim":
+            return dkimctl.run(config_dir, args, stream)
         config = load_config(config_dir)
         return asyncio.run(run_queue_command(config, args, stream))
     except BrokenPipeError:
