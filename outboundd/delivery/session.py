@@ -81,6 +81,7 @@ from outboundd.delivery.replies import (
     classify,
     outcome_of,
     parse_reply,
+    rcpt_refusal,
     to_transient,
 )
 from outboundd.delivery.tlspolicy import PolicyKind, TargetPolicy, dane_verify
@@ -741,8 +742,8 @@ def _rcpt_taken(response: SMTPResponse, r: JobRecipient, settle: Settle) -> bool
     """True when RCPT was accepted (250, 251 and 252 all accept); otherwise it settles ``r``."""
     if response.code // 100 == 2:
         return True
-    reply = parse_reply(response.code, response.message)
-    settle(r, outcome_of(reply), reply, Stage.RCPT)
+    outcome, reply = rcpt_refusal(parse_reply(response.code, response.message))
+    settle(r, outcome, reply, Stage.RCPT)
     return False
 
 
