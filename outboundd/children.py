@@ -39,7 +39,7 @@ import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Final
 
 from outboundd import log as logmod
 from outboundd.config import Config
@@ -84,7 +84,8 @@ class ChildProcess:
 
     async def start(self) -> None:
         config_fd = config_memfd(self.config())
-        argv = [sys.executable, "-m", "outboundd", "-c", str(self.config_dir), "--role", self.role]
+        argv = [*_IGNORING_STOP_SIGNALS, sys.executable, "-m", "outboundd"]
+        argv += ["-c", str(self.config_dir), "--role", self.role]
         argv += ["--config-fd", str(config_fd)]
         fds: list[int] = [config_fd]
         for fd, implicit_tls in self.listen_fds:
@@ -133,7 +134,16 @@ class ChildProcess:
         while not self._stopping:
             assert self.proc is not None
             status = await self.proc.wait()
+            if status in _STOP_STATUSES and not self._stopping:
+                # Killed by a stop signal: one sent to the whole process group
+                # (Ctrl-C, systemctl stop) that reached this child before its
+                # handler was in place.  We got it too; give our own handler
+                # a moment to begin the stop before calling the exit a crash.
+                await asyncio.sleep(_SAME_SIGNAL_WAIT)
             if self._stopping:
+                if status in _STOP_STATUSES:
+                    self._exit_reported = True  # part of this stop, not an error
+                    log.info(f"{self.kind} stopped by the stop signal", pid=self.proc.pid)
                 return
             self._exit_reported = True
             log.crit(
@@ -145,6 +155,10 @@ class ChildProcess:
             self._restart_delay = min(self._restart_delay * 2, MAX_RESTART_DELAY)
             if not self._stopping:
                 await self.start()
+
+    def stopping(self) -> None:
+        """The parent has begun to stop: an exit from now on is no crash to restart."""
+        self._stopping = True
 
     async def stop(self) -> int:
         """Ask the child to stop and wait (bounded); its exit status.
@@ -174,6 +188,21 @@ class ChildProcess:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._wake_reader
         return status
+
+
+#: The child is exec'd by a shell that first sets SIGTERM and SIGINT to
+#: "ignore", a disposition that survives exec (a signal mask or a handler
+#: would not: libuv, under uvloop, resets both in the child).  So a stop of
+#: the whole process group (Ctrl-C, ``systemctl stop``) during the child's
+#: interpreter start-up no longer kills it mid-start (status -15, a Python
+#: "Fatal error" on stderr, an ERROR in our log): it is ignored until
+#: ``early_stop.catch()`` installs the handler, and the parent, which got
+#: the same signal, stops the child with the end of its stdin anyway.
+_IGNORING_STOP_SIGNALS: Final = ("/bin/sh", "-c", 'trap "" TERM INT; exec "$@"', "outboundd")
+#: Exit statuses of a child killed by SIGTERM or SIGINT.
+_STOP_STATUSES: Final = frozenset({-signal.SIGTERM, -signal.SIGINT})
+#: How long a child's death by a stop signal waits for our own stop to begin.
+_SAME_SIGNAL_WAIT: Final = 0.5
 
 
 def config_memfd(config: Config) -> int:

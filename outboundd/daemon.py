@@ -344,6 +344,8 @@ async def serve(config: Config, role: str = "all", inherited: Inherited | None =
         # The signal handlers stay in place while stopping: a second SIGTERM
         # must not kill the process half-way through its graceful stop.
         # SMTP nodes stop accepting together with this process's listeners.
+        for child in children:
+            child.stopping()  # none of them is restarted from now on
         node_stops = asyncio.gather(*(node.stop() for node in nodes))
         if listeners is not None:
             await listeners.close()

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import importlib.util
+import math
 import sys
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ from typing import Any
 
 __all__ = [
     "HOOK_NAMES",
+    "MAX_DELAY_SECONDS",
     "MX",
     "HookFailure",
     "HookOutcome",
@@ -65,14 +67,35 @@ class ResultCode(StrEnum):
     DELAY = "delay"
 
 
+#: The longest delay a plugin may ask for (a year, the longest step of
+#: ``temp_fail_intervals``): a retry time further out cannot be shown as a
+#: date, and infinity or NaN would never (or constantly) be due.
+MAX_DELAY_SECONDS: float = 365 * 86400.0
+
+
 @dataclass(frozen=True, slots=True)
 class HookResult:
-    """A plugin's decision: a code plus an optional message/value/delay."""
+    """A plugin's decision: a code plus an optional message/value/delay.
+
+    ``delay_seconds`` is checked here, where the plugin builds its result,
+    so a bad delay raises in the plugin (its hook fails, naming it) instead
+    of reaching the queue.
+    """
 
     code: ResultCode
     value: Any = None
     message: str | None = None
     delay_seconds: float | None = None
+
+    def __post_init__(self) -> None:
+        seconds = self.delay_seconds
+        if seconds is not None and not (
+            math.isfinite(seconds) and 0 <= seconds <= MAX_DELAY_SECONDS
+        ):
+            raise ValueError(
+                f"a delay must be a number of seconds from 0 to {MAX_DELAY_SECONDS:.0f},"
+                f" not {seconds!r}"
+            )
 
 
 def ok(value: Any = None) -> HookResult:
@@ -90,16 +113,14 @@ def denysoft(message_or_delay: str | float | None = None) -> HookResult:
     if isinstance(message_or_delay, bool):
         raise TypeError("denysoft() takes a message or a delay in seconds, not a bool")
     if isinstance(message_or_delay, int | float):
-        if message_or_delay < 0:
-            raise ValueError("denysoft() delay must not be negative")
         return HookResult(ResultCode.DENYSOFT, delay_seconds=float(message_or_delay))
     return HookResult(ResultCode.DENYSOFT, message=message_or_delay)
 
 
 def delay(seconds: float) -> HookResult:
     """Postpone delivery without counting a failure (``send_email`` hook)."""
-    if isinstance(seconds, bool) or not isinstance(seconds, int | float) or seconds < 0:
-        raise ValueError("delay() takes a non-negative number of seconds")
+    if isinstance(seconds, bool) or not isinstance(seconds, int | float):
+        raise ValueError("delay() takes a number of seconds")
     return HookResult(ResultCode.DELAY, delay_seconds=float(seconds))
 
 

@@ -41,6 +41,10 @@ of that name, or a dict from record type to records::
 * ``CNAME``: ``"target"`` or ``("target", ttl)``; followed inside ``zones``.
 * ``TTL``: the default TTL for the name's records (else ``default_ttl``,
   300).  An RRset's TTL is the smallest of its records'.
+* ``AD``: ``True`` sets the AD bit on every answer for the name (records
+  and NODATA alike), as a validating resolver does for a DNSSEC-signed
+  zone; ``"TLSA": ["3 1 1 <hex>"]`` serves TLSA records and
+  ``"TXT": ["v=STSv1; id=1"]`` TXT records, like any other type.
 * A name present without the queried type answers NODATA; a name absent
   answers NXDOMAIN.  Both carry an SOA (owner: the name's last label, TTL
   and minimum ``negative_ttl``, default 60) in the authority section, so
@@ -271,6 +275,8 @@ class DNSServer:
             if isinstance(entry, Behaviour):
                 return self._behave(response, name, entry)
             default_ttl = int(entry.get("TTL", self.default_ttl))
+            if entry.get("AD"):
+                response.flags |= dns.flags.AD
             wanted = dns.rdatatype.to_text(rdtype)
             records = entry.get(wanted)
             if records is None and wanted != "CNAME" and "CNAME" in entry:

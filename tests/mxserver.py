@@ -368,17 +368,25 @@ class _ScriptedSMTP(SMTP):
 
     # -- connection ----------------------------------------------------------
 
+    #: Counted in the gauge as open (from connect until QUIT or loss).
+    _gauged = False
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         if self._original_transport is None:  # a new TCP connection, not STARTTLS
             self.mx.connections += 1
             self.mx._protocols.add(self)
+            self._gauged = True
             self.mx.gauge.opened()
         super().connection_made(transport)
 
-    def connection_lost(self, error: Exception | None) -> None:
-        if self in self.mx._protocols:
-            self.mx._protocols.discard(self)
+    def _ungauge(self) -> None:
+        if self._gauged:
+            self._gauged = False
             self.mx.gauge.closed()
+
+    def connection_lost(self, error: Exception | None) -> None:
+        self.mx._protocols.discard(self)
+        self._ungauge()
         super().connection_lost(error)
 
     async def push(self, status: Any) -> None:
@@ -473,6 +481,11 @@ class _ScriptedSMTP(SMTP):
     async def smtp_QUIT(self, arg: str) -> None:
         self.mx.commands.append("QUIT")
         await self.pause_or_drop("quit", self.mx.script.quit)
+        # Closed from here on, before the client can read our 221: under
+        # load this thread may run connection_lost only after the client,
+        # having read the 221, has opened its next connection, and the
+        # gauge would count both.
+        self._ungauge()
         await super().smtp_QUIT(arg)
 
 

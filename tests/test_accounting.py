@@ -216,6 +216,21 @@ def check_tls_share(f: Filled, rows: list[tuple[Any, ...]]) -> None:
     assert tls[0][0].startswith("TLSv1.")
 
 
+def check_tls_policy_outcomes(f: Filled, rows: list[tuple[Any, ...]]) -> None:
+    # The test domains publish neither MTA-STS nor DANE: every connection is
+    # opportunistic, and it met that policy exactly when TLS was negotiated.
+    assert {r[0] for r in rows} == {"opportunistic"}
+    for _policy, met, outcome, n in rows:
+        [(expected,)] = f.query(
+            "SELECT count(*) FROM attempts WHERE tls_policy = 'opportunistic' "
+            "AND (tls IS NOT NULL) = ? AND outcome = ?",
+            (met, outcome),
+        )
+        assert n == expected
+    assert ("opportunistic", 1, "delivered", 2) in rows  # the two tls.test recipients
+    assert ("opportunistic", 0, "delivered", 3) in rows
+
+
 def check_retry_distribution(f: Filled, rows: list[tuple[Any, ...]]) -> None:
     assert rows == [(1, "bounced", 1), (1, "delivered", 4), (2, "delivered", 1)]
 
@@ -240,6 +255,7 @@ CHECKS: dict[str, Callable[[Filled, list[tuple[Any, ...]]], None]] = {
     "stuck_over_a_day": check_stuck_over_a_day,
     "volume_per_auth_user": check_volume_per_auth_user,
     "tls_share": check_tls_share,
+    "tls_policy_outcomes": check_tls_policy_outcomes,
     "retry_distribution": check_retry_distribution,
     "mx_hosts_4xx": check_mx_hosts_4xx,
     "bounces_and_their_dsns": check_bounces_and_their_dsns,

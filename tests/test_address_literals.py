@@ -77,6 +77,7 @@ async def test_a_session_never_connects_to_a_zoned_target(tmp_path: Path) -> Non
         address = "fe80::1%eth0"
         port = 25
         hostname = "fe80::1%eth0"
+        tls_policy = None
 
     started = time.monotonic()
     result = await deliver_job(job, [Zoned()], SessionSettings(helo="me.test"))

@@ -1362,3 +1362,30 @@ def test_auth_throttle_keys_accept_what_the_throttle_accepts(
         block_seconds=smtp.auth_block_seconds,
     )
     assert throttle.disconnect_after >= 1
+
+
+# --------------------------------------------------------------------------
+# TLS policy keys (outbound.ini)
+
+
+def test_tls_policy_keys_default_on_and_read_their_values(cfg: Path) -> None:
+    outbound = load(cfg).outbound
+    assert (outbound.mta_sts, outbound.dane, outbound.mta_sts_timeout) == (True, True, 10.0)
+    assert (outbound.mta_sts_port, outbound.mta_sts_ca_file) == (443, None)
+    (cfg.parent / "ca.pem").write_text("-----BEGIN CERTIFICATE-----\n")
+    write(
+        cfg,
+        "outbound.ini",
+        "mta_sts=false\ndane=no\nmta_sts_timeout=2.5\nmta_sts_port=8443\nmta_sts_ca_file=ca.pem\n",
+    )
+    outbound = load(cfg).outbound
+    assert (outbound.mta_sts, outbound.dane, outbound.mta_sts_timeout) == (False, False, 2.5)
+    assert outbound.mta_sts_port == 8443
+    assert outbound.mta_sts_ca_file == (cfg.parent / "ca.pem").resolve()
+
+
+def test_a_missing_mta_sts_ca_file_is_an_error_naming_the_key(cfg: Path) -> None:
+    write(cfg, "outbound.ini", "mta_sts_ca_file=missing.pem\n")
+    message = error_of(cfg)
+    assert "outbound.ini" in message and "mta_sts_ca_file" in message
+    assert "missing.pem" in message and "no such file" in message

@@ -39,6 +39,7 @@ DELIVERIES_COLUMNS = [
 ATTEMPTS_COLUMNS = [
     "queue_id", "recipient", "attempt", "started_at", "finished_at", "mx_host", "mx_ip", "port",
     "tls", "auth", "code", "status", "response", "outcome", "duration_ms",
+    "tls_policy", "tls_policy_met",
 ]  # fmt: skip
 ISO = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 

@@ -36,7 +36,7 @@ from outboundd.spool import (
     is_postgres_url,
     lease_owner_id,
 )
-from outboundd.spool.types import ThrottleEntry
+from outboundd.spool.types import StoredStsPolicy, ThrottleEntry
 
 BODY = b"From: a@example.test\r\nSubject: hi\r\n\r\nHello\r\n.dot line\r\n"
 ISO = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
@@ -47,6 +47,7 @@ DELIVERIES_COLUMNS = [
 ATTEMPTS_COLUMNS = [
     "queue_id", "recipient", "attempt", "started_at", "finished_at", "mx_host", "mx_ip", "port",
     "tls", "auth", "code", "status", "response", "outcome", "duration_ms",
+    "tls_policy", "tls_policy_met",
 ]  # fmt: skip
 
 
@@ -466,6 +467,24 @@ async def test_throttle_updates_from_two_spools_are_serialised(queue_location: s
         assert peek is not None and peek.failures == 30
         await second.throttle_update("gone", bump)
         assert await first.throttle_prune(time.time(), time.time() + 1, 10) == 2
+    finally:
+        await first.close()
+        await second.close()
+
+
+async def test_sts_policies_are_cached_and_replaced(queue_location: str | Path) -> None:
+    first = await spool_backend.open(queue_location)
+    second = await spool_backend.open(queue_location)
+    try:
+        assert await first.get_sts_policy("dest.test") is None
+        t = time.time()
+        policy = StoredStsPolicy("dest.test", "id1", "enforce", ("mx.dest.test", "*.dest.test"),
+                                 86400, t, t + 86400)  # fmt: skip
+        await first.put_sts_policy(policy)
+        assert await second.get_sts_policy("dest.test") == policy  # shared by every process
+        newer = StoredStsPolicy("dest.test", "id2", "testing", ("mx2.dest.test",), 600, t, t + 600)
+        await second.put_sts_policy(newer)
+        assert await first.get_sts_policy("dest.test") == newer
     finally:
         await first.close()
         await second.close()

@@ -263,6 +263,7 @@ def test_constrain_sender_like_haraka() -> None:
         ("221 Bye", "221 2.0.0 Bye"),
         ("535 5.7.8 Credentials invalid", "535 5.7.8 Credentials invalid"),
         ("220 relay.test outboundd ESMTP", "220 relay.test outboundd ESMTP"),
+        ("220 Ready to start TLS", "220 2.0.0 Ready to start TLS"),  # not the greeting
         ("354 End data", "354 End data"),
         ("334 VXNlcm5hbWU6", "334 VXNlcm5hbWU6"),
     ],

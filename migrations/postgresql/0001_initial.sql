@@ -1,5 +1,5 @@
 -- outboundd spool schema for PostgreSQL, version 1: the same tables, columns
--- and views as the SQLite schema's versions 1 to 3 (migrations/000N_*.sql),
+-- and views as the SQLite schema's versions 1 to 4 (migrations/000N_*.sql),
 -- plus the bodies table (bodies live in the database so that no message
 -- lives only on one host's disk).
 --
@@ -93,11 +93,26 @@ CREATE TABLE attempt_log (
     status        text,
     response      text,
     outcome       text    NOT NULL CHECK (outcome IN ('delivered', 'deferred', 'bounced', 'dropped')),
-    reason        text
+    reason        text,
+    -- Which TLS policy applied to the attempt and whether the connection met it.
+    tls_policy    text CHECK (tls_policy IN ('none', 'opportunistic', 'mta-sts', 'dane')),
+    tls_policy_met integer
 );
 
 CREATE INDEX attempt_log_recipient ON attempt_log (recipient_id);
 CREATE INDEX attempt_log_finished ON attempt_log (finished_at);
+
+-- The MTA-STS policy cache (RFC 8461 §5.1), one row per recipient domain,
+-- shared by every host (see the SQLite schema's version 4).
+CREATE TABLE sts_policies (
+    domain      text    PRIMARY KEY,
+    policy_id   text    NOT NULL,
+    mode        text    NOT NULL CHECK (mode IN ('enforce', 'testing', 'none')),
+    mx          text    NOT NULL,
+    max_age     integer NOT NULL,
+    fetched_at  double precision NOT NULL,
+    expires_at  double precision NOT NULL
+);
 
 -- Operator switches shared by every host on this queue (pause, ...).
 CREATE TABLE control (
@@ -153,7 +168,9 @@ SELECT r.queue_id                                               AS queue_id,
        a.status                                                 AS status,
        a.response                                               AS response,
        a.outcome                                                AS outcome,
-       CAST(round((a.finished_at - a.started_at) * 1000) AS integer) AS duration_ms
+       CAST(round((a.finished_at - a.started_at) * 1000) AS integer) AS duration_ms,
+       a.tls_policy                                             AS tls_policy,
+       a.tls_policy_met                                         AS tls_policy_met
   FROM attempt_log a
   JOIN recipients r ON r.id = a.recipient_id;
 

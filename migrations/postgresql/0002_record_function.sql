@@ -26,6 +26,8 @@ CREATE FUNCTION outboundd_record(
     p_response         text[],
     p_outcome          text[],
     p_reason           text[],
+    p_tls_policy       text[],
+    p_tls_policy_met   integer[],
     p_new_status       text[],
     p_failure          integer[],
     p_next_attempt_at  double precision[],
@@ -44,11 +46,13 @@ BEGIN
     WITH x AS (
         SELECT * FROM unnest(p_recipient_id, p_owner, p_attempt, p_started_at, p_finished_at,
                              p_mx_host, p_mx_ip, p_port, p_tls, p_auth, p_code, p_status,
-                             p_response, p_outcome, p_reason, p_new_status, p_failure,
+                             p_response, p_outcome, p_reason, p_tls_policy,
+                             p_tls_policy_met, p_new_status, p_failure,
                              p_next_attempt_at, p_last_code, p_last_status, p_last_response,
                              p_final_at, p_delay_notified)
             AS x(id, owner, attempt, started_at, finished_at, mx_host, mx_ip, port, tls, auth,
-                 code, status, response, outcome, reason, new_status, failure,
+                 code, status, response, outcome, reason, tls_policy, tls_policy_met,
+                 new_status, failure,
                  next_attempt_at, last_code, last_status, last_response, final_at,
                  delay_notified)
     ), held AS (
@@ -57,9 +61,11 @@ BEGIN
            FOR UPDATE OF r
     ), a AS (
         INSERT INTO attempt_log (recipient_id, attempt, started_at, finished_at, mx_host, mx_ip,
-                                 port, tls, auth, code, status, response, outcome, reason)
+                                 port, tls, auth, code, status, response, outcome, reason,
+                                 tls_policy, tls_policy_met)
         SELECT x.id, x.attempt, x.started_at, x.finished_at, x.mx_host, x.mx_ip, x.port, x.tls,
-               x.auth, x.code, x.status, x.response, x.outcome, x.reason
+               x.auth, x.code, x.status, x.response, x.outcome, x.reason, x.tls_policy,
+               x.tls_policy_met
           FROM x
     ), u AS (
         UPDATE recipients r

@@ -325,6 +325,17 @@ def _host_ports(
     return result
 
 
+def _ca_file(section: _Section, key: str, base_dir: Path) -> Path | None:
+    """A CA bundle (PEM) to trust instead of the system's; unset or empty: None."""
+    text = section.convert(key, "", str).strip()
+    if not text:
+        return None
+    path = _resolve(base_dir, text)
+    if not path.is_file():
+        raise section.error(key, f"{_shown(text)}: no such file ({path})")
+    return path
+
+
 def _read_outbound(
     config_dir: Path, base_dir: Path, warnings: list[str]
 ) -> tuple[OutboundConfig, list[str]]:
@@ -413,6 +424,11 @@ def _read_outbound(
         lease_seconds=main.seconds(
             "lease_seconds", 120.0, zero_ok=False, minimum=MIN_LEASE_SECONDS
         ),
+        mta_sts=main.boolean("mta_sts", True),
+        dane=main.boolean("dane", True),
+        mta_sts_timeout=main.seconds("mta_sts_timeout", 10.0, zero_ok=False),
+        mta_sts_port=main.integer("mta_sts_port", 443, minimum=1, maximum=65535),
+        mta_sts_ca_file=_ca_file(main, "mta_sts_ca_file", base_dir),
     )
     main.finish(_HARAKA_OUTBOUND)
     return outbound, warnings

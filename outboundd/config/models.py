@@ -97,6 +97,11 @@ class OutboundConfig(BaseModel):
     bounce_max_original_size: int = 10485760
     double_bounce_recipient: str | None = None
     lease_seconds: float = 120.0
+    mta_sts: bool = True
+    dane: bool = True
+    mta_sts_timeout: float = 10.0
+    mta_sts_port: int = 443
+    mta_sts_ca_file: Path | None = None
 
 
 class TlsMain(BaseModel):

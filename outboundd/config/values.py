@@ -187,7 +187,14 @@ def parse_temp_fail_intervals(text: str) -> tuple[float, ...]:
 def default_temp_fail_intervals(max_temp_failures: int) -> tuple[float, ...]:
     """Haraka's schedule when ``temp_fail_intervals`` is unset: ``2**(i+5)``
     seconds for i in 1..maxTempFailures-1, so the ``maxTempFailures``-th
-    temporary failure bounces (13 → 64, 128, … 131072 s; 1 → none)."""
+    temporary failure bounces (13 → 64, 128, … 131072 s; 1 → none).
+
+    Each step is capped at a year (``MAX_TEMP_FAIL_INTERVAL``, the longest
+    step the explicit grammar allows): from the 20th step on, Haraka's
+    formula would reach centuries, then times past year 9999 that no date
+    can hold, and ``maxTempFailures`` goes up to 1000."""
     if max_temp_failures < 1:
         raise ValueError("maxTempFailures must be at least 1")
-    return tuple(float(2 ** (i + 5)) for i in range(1, max_temp_failures))
+    return tuple(
+        min(float(2 ** (i + 5)), MAX_TEMP_FAIL_INTERVAL) for i in range(1, max_temp_failures)
+    )

@@ -48,6 +48,7 @@ from outboundd.delivery.session import (
     SessionSettings,
     deliver_job,
 )
+from outboundd.delivery.tlslookup import TlsPolicyOptions, TlsPolicySource
 from outboundd.hooks import HookFailure, HookRunner, ResultCode
 from outboundd.spool import (
     BODY_MISSING_REASON,
@@ -78,6 +79,8 @@ class Connection:
     auth: str | None = None
     lmtp: bool = False
     dsn_passed_on: bool = False
+    tls_policy: str | None = None
+    tls_policy_met: bool | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,6 +175,9 @@ class DeliveryEngine:
             inet_prefer=outbound.inet_prefer,
             local_mx_ok=outbound.local_mx_ok,
         )
+        self.tls_policies = TlsPolicySource(
+            spool, [(ns.host, ns.port) for ns in outbound.nameservers] or None, clock=clock
+        )
         self.pool = ConnectionPool(
             idle_timeout=outbound.pool_idle_timeout,
             max_idle_per_host=outbound.pool_max_per_host,
@@ -182,8 +188,9 @@ class DeliveryEngine:
         self.rounds = FailureRounds()
 
     async def close(self) -> None:
-        """Close the idle connections kept for reuse (QUIT)."""
+        """Close the idle connections kept for reuse (QUIT) and the policy fetcher."""
         await self.pool.close()
+        await self.tls_policies.close()
 
     # ------------------------------------------------------------------ main
 
@@ -286,7 +293,10 @@ class DeliveryEngine:
                         f"(plugin {outcome.plugin})",
                     )
                     return all_recipients(claim, Verdict(Outcome.DEFERRED, reply, "get_mx"))
-            return await self.resolver.resolve(claim.domain)
+            targets = await self.resolver.resolve(claim.domain)
+            if claim.domain.startswith("["):
+                return targets  # a domain literal has no MTA-STS or DANE
+            return await self._with_tls_policy(claim, targets, outbound)
         except HookFailure as exc:
             LOG.error("get_mx hook failed", qid=claim.queue_id, plugin=exc.plugin, error=exc.reason)
             return all_recipients(claim, _plugin_failure(exc))
@@ -299,6 +309,27 @@ class DeliveryEngine:
             reply = local_reply(exc.code, exc.status, exc.message)
             outcome_kind = Outcome.BOUNCED if exc.permanent else Outcome.DEFERRED
             return all_recipients(claim, Verdict(outcome_kind, reply, "dns"))
+
+    async def _with_tls_policy(
+        self, claim: Claim, targets: list[MXTarget], outbound: OutboundConfig
+    ) -> list[MXTarget] | dict[int, Verdict]:
+        """DNS-routed targets with their DANE / MTA-STS policy (plugin routes get none)."""
+        options = TlsPolicyOptions(
+            mta_sts=outbound.mta_sts,
+            dane=outbound.dane,
+            fetch_timeout=outbound.mta_sts_timeout,
+            https_port=outbound.mta_sts_port,
+            ca_file=outbound.mta_sts_ca_file,
+        )
+        try:
+            return await self.tls_policies.apply(claim.domain, targets, options)
+        except Exception as exc:  # a bug must defer, never downgrade or lose, the mail
+            LOG.error(
+                "TLS policy lookup failed", qid=claim.queue_id, domain=claim.domain, error=str(exc)
+            )
+            reply = local_reply(451, "4.3.0", f"TLS policy lookup for {claim.domain} failed: {exc}")
+            verdict = Verdict(Outcome.DEFERRED, reply, "tls_policy", count_failure=False)
+            return all_recipients(claim, verdict)
 
     async def _session(
         self, claim: Claim, targets: list[MXTarget], outbound: OutboundConfig
@@ -345,6 +376,7 @@ class DeliveryEngine:
             force_tls=tls.force_tls,
             force_tls_hosts=tuple(tls.force_tls_hosts),
             no_tls_hosts=tuple(tls.no_tls_hosts),
+            sts_cafile=outbound.mta_sts_ca_file,
         )
         self._settings_cache = (outbound, made)
         return made
@@ -394,6 +426,8 @@ class DeliveryEngine:
                 port=d.conn.port if d.conn else None,
                 tls=d.conn.tls if d.conn else None,
                 auth=d.conn.auth if d.conn else None,
+                tls_policy=d.conn.tls_policy if d.conn else None,
+                tls_policy_met=d.conn.tls_policy_met if d.conn else None,
                 code=d.reply.recorded_code,
                 status=d.reply.status,
                 response=d.reply.text,
@@ -698,9 +732,22 @@ class DeliveryEngine:
     # ------------------------------------------------------------------- log
 
     def _log_outcome(self, claim: Claim, rcpt: ClaimedRecipient, d: Decision, now: float) -> None:
+        conn = d.conn or Connection()
+        if (
+            conn.tls_policy in ("mta-sts", "dane")
+            and conn.tls_policy_met is False
+            and d.outcome is Outcome.DELIVERED
+        ):
+            # MTA-STS testing mode: the mail went, the operator should know.
+            LOG.warn(
+                "delivered although the TLS policy was not met",
+                qid=claim.queue_id,
+                rcpt=rcpt.address,
+                host=conn.mx_host,
+                policy=conn.tls_policy,
+            )
         if not LOG.enabled(log.Level.NOTICE):
             return
-        conn = d.conn or Connection()
         LOG.notice(
             d.outcome.value,
             qid=claim.queue_id,
@@ -845,6 +892,8 @@ def _connection(info: ConnectionInfo | None) -> Connection | None:
         auth=" ".join(p for p in (info.auth_mechanism, info.auth_user) if p) or None,
         lmtp=info.lmtp,
         dsn_passed_on=info.dsn,
+        tls_policy=info.tls_policy,
+        tls_policy_met=info.tls_policy_met,
     )
 
 

@@ -75,6 +75,7 @@ import dns.rdtypes.IN.AAAA
 import dns.resolver
 
 from outboundd import idn
+from outboundd.delivery.tlspolicy import TargetPolicy
 from outboundd.hooks import MX
 
 __all__ = [
@@ -131,13 +132,15 @@ class MXTarget:
 
     ``hostname`` is the MX host in ASCII (A-label) form without the final
     dot — the name for SNI and log lines; for an IP-literal MX it is the
-    address itself.
+    address itself.  ``tls_policy`` is the DANE or MTA-STS policy the host
+    must meet (set by ``tlslookup.TlsPolicySource``), None for none.
     """
 
     mx: MX
     address: str
     port: int
     hostname: str
+    tls_policy: TargetPolicy | None = None
 
 
 class _HostPort(Protocol):

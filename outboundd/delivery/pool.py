@@ -51,6 +51,7 @@ def pool_key(target: Target, settings: SessionSettings) -> PoolKey:
         mx.using_lmtp,
         settings.helo,
         settings.enable_tls,
+        target.tls_policy,
     )
 
 

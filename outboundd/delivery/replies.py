@@ -44,6 +44,7 @@ __all__ = [
     "default_status",
     "outcome_of",
     "parse_reply",
+    "rcpt_refusal",
     "to_exhausted",
     "to_transient",
 ]
@@ -150,6 +151,23 @@ def outcome_of(reply: Reply) -> Outcome:
     if cls is ReplyClass.PERMANENT:
         return Outcome.BOUNCED
     return Outcome.DEFERRED
+
+
+def rcpt_refusal(reply: Reply) -> tuple[Outcome, Reply]:
+    """What a refused RCPT does to its recipient, and the reply to record.
+
+    As :func:`outcome_of`, except ``552`` (RFC 5321 §4.5.3.1.10: "clients
+    SHOULD treat a 552 code in this case as a temporary ... failure", the
+    old "too many recipients" code; Postfix does the same): the recipient is
+    deferred, the server's code, text and line kept as sent, the status
+    moved into class 4 (``5.2.2`` → ``4.2.2``) so a deferral carries a 4.x.y.
+    """
+    if reply.code != 552:
+        return outcome_of(reply), reply
+    status = _with_class(reply.status, "4")
+    return Outcome.DEFERRED, Reply(
+        reply.code, status, reply.text, sent=reply.sent, context=reply.context
+    )
 
 
 def default_status(code: int) -> str:

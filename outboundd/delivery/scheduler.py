@@ -97,6 +97,10 @@ class Scheduler:
         self._reserved: Counter[str] = Counter()
         self._stopping = False
         self._stopped = asyncio.Event()
+        #: Set while the claim loop is not inside a step (a claim in flight
+        #: commits after it), so stop() gives back leases only after that.
+        self._loop_idle = asyncio.Event()
+        self._loop_idle.set()
         #: Spool trouble: when it began (monotonic, None: none), last logged, next wait.
         self._trouble_since: float | None = None
         self._trouble_logged = float("-inf")
@@ -159,6 +163,9 @@ class Scheduler:
 
     async def run(self) -> None:
         """Claim and start deliveries until :meth:`stop` is called."""
+        if self._stopping:
+            return
+        self._loop_idle.clear()
         renewer = asyncio.create_task(self._renew_leases(), name="lease-renewer")
         try:
             while not self._stopping:
@@ -169,6 +176,7 @@ class Scheduler:
                 else:
                     self._spool_recovered()
         finally:
+            self._loop_idle.set()
             renewer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await renewer
@@ -205,6 +213,10 @@ class Scheduler:
             domain_room=cap,
             room=room,
         )
+        if self._stopping and claims:
+            # stop() began while the claim ran: start nothing, give it all back.
+            await self.spool.release(self.owner, [r.id for c in claims for r in c.recipients])
+            return
         if exclude and not claims:
             self._found_none_but_excluded = time.monotonic()
         excess: list[int] = []
@@ -317,6 +329,10 @@ class Scheduler:
         self._stopping = True
         self._stopped.set()
         self.spool.new_work.set()
+        # A step in progress may be awaiting a claim that commits later:
+        # its leases must be given back (by it, or below), never left behind.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._loop_idle.wait(), grace)
         if self._active:
             _, pending = await asyncio.wait(set(self._active), timeout=grace)
             for task in pending:

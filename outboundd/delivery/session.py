@@ -50,6 +50,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import datetime
 import functools
 import io
 import ipaddress
@@ -80,8 +81,10 @@ from outboundd.delivery.replies import (
     classify,
     outcome_of,
     parse_reply,
+    rcpt_refusal,
     to_transient,
 )
+from outboundd.delivery.tlspolicy import PolicyKind, TargetPolicy, dane_verify
 from outboundd.dsn import utf8_addr_xtext
 from outboundd.hooks import MX
 from outboundd.spool.types import Claim, Outcome
@@ -130,7 +133,9 @@ class Target(Protocol):
 
     ``address`` is an IP literal, ``hostname`` the MX name (used for SNI,
     ``force_tls_hosts``/``no_tls_hosts`` and in texts), ``mx`` the
-    :class:`~outboundd.hooks.MX` it came from (bind, HELO, AUTH, LMTP).
+    :class:`~outboundd.hooks.MX` it came from (bind, HELO, AUTH, LMTP),
+    ``tls_policy`` the DANE or MTA-STS policy it must meet (None:
+    opportunistic TLS as configured).
     """
 
     @property
@@ -144,6 +149,9 @@ class Target(Protocol):
 
     @property
     def hostname(self) -> str: ...
+
+    @property
+    def tls_policy(self) -> TargetPolicy | None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -231,6 +239,7 @@ class SessionSettings:
     force_tls: bool = False
     force_tls_hosts: tuple[str, ...] = ()
     no_tls_hosts: tuple[str, ...] = ()
+    sts_cafile: Path | None = None
 
     def ssl_context(self) -> ssl.SSLContext:
         """The client context for STARTTLS (built once per distinct options)."""
@@ -239,6 +248,14 @@ class SessionSettings:
         return _cached_tls_context(
             self.tls_min_version, self.tls_ciphers, self.tls_verify, self.tls_cafile
         )
+
+    def unverified_context(self) -> ssl.SSLContext:
+        """For DANE: any chain is taken in the handshake, then checked against TLSA."""
+        return _cached_tls_context(self.tls_min_version, self.tls_ciphers, False, None)
+
+    def sts_context(self) -> ssl.SSLContext:
+        """For MTA-STS: the chain verified (system CAs or ``sts_cafile``) and the MX name."""
+        return _cached_tls_context(self.tls_min_version, self.tls_ciphers, True, self.sts_cafile)
 
 
 def _tls_version(name: str) -> ssl.TLSVersion:
@@ -330,8 +347,11 @@ class ConnectionInfo:
     ``auth_mechanism`` are the credentials offered to the remote, set as
     AUTH starts, so a refused login is on the record too (the attempt's
     reply says whether it was accepted).  ``dsn`` is true when the remote
-    offered DSN, i.e. our DSN parameters were passed on.  These facts stay
-    with the connection whatever fails after them.
+    offered DSN, i.e. our DSN parameters were passed on.  ``tls_policy``
+    is the policy that applied (``none``, ``opportunistic``, ``mta-sts``,
+    ``dane``) and ``tls_policy_met`` whether the connection met it (None
+    for ``none``, or while undecided).  These facts stay with the
+    connection whatever fails after them.
     """
 
     host: str
@@ -343,10 +363,19 @@ class ConnectionInfo:
     lmtp: bool = False
     dsn: bool = False
     tls_error: str | None = None
+    tls_policy: PolicyKind | None = None
+    tls_policy_met: bool | None = None
 
     @classmethod
     def for_target(cls, target: Target) -> ConnectionInfo:
-        return cls(target.hostname, target.address, target.port, lmtp=target.mx.using_lmtp)
+        policy = target.tls_policy
+        return cls(
+            target.hostname,
+            target.address,
+            target.port,
+            lmtp=target.mx.using_lmtp,
+            tls_policy=policy.kind if policy is not None else None,
+        )
 
     @property
     def peer(self) -> str:
@@ -717,8 +746,8 @@ def _rcpt_taken(response: SMTPResponse, r: JobRecipient, settle: Settle) -> bool
     """True when RCPT was accepted (250, 251 and 252 all accept); otherwise it settles ``r``."""
     if response.code // 100 == 2:
         return True
-    reply = parse_reply(response.code, response.message)
-    settle(r, outcome_of(reply), reply, Stage.RCPT)
+    outcome, reply = rcpt_refusal(parse_reply(response.code, response.message))
+    settle(r, outcome, reply, Stage.RCPT)
     return False
 
 
@@ -737,6 +766,25 @@ def _settle_data_refusal(
 
 class _TlsFailed(Exception):
     """The STARTTLS handshake failed; the connection is gone."""
+
+
+@dataclass(frozen=True, slots=True)
+class _TlsPlan:
+    """How one connection does TLS, and what its attempt records about policy.
+
+    ``kind`` is the ``tls_policy`` recorded; ``require``: no TLS, no mail
+    (refusals carry ``status``); ``check`` looks at the chain the handshake
+    saw and returns why it is not good enough (DANE); ``met`` false marks a
+    connection made although the policy could not be met (MTA-STS testing).
+    """
+
+    kind: PolicyKind
+    try_tls: bool
+    require: bool
+    context: ssl.SSLContext
+    status: str = "4.7.10"
+    check: Callable[[Sequence[bytes]], str | None] | None = None
+    met: bool = True
 
 
 class SetupFailure(TransientFailure):
@@ -912,9 +960,14 @@ class Connection:
         """Connect, greet, STARTTLS and AUTH as policy says.
 
         Raises :class:`TransientFailure` (``retry_elsewhere`` true) when
-        this target cannot be used.  A failed TLS handshake is retried once
-        on the same host in plaintext unless TLS is required for it.
+        this target cannot be used.  Without a DANE or MTA-STS policy on the
+        target, a failed TLS handshake is retried once on the same host in
+        plaintext unless TLS is required for it; with one, see
+        :meth:`_open_with_policy`.
         """
+        policy = target.tls_policy
+        if policy is not None:
+            return await cls._open_with_policy(target, settings, policy)
         required = settings.force_tls or host_listed(
             target.hostname, target.address, settings.force_tls_hosts
         )
@@ -922,8 +975,11 @@ class Connection:
             settings.enable_tls
             and not host_listed(target.hostname, target.address, settings.no_tls_hosts)
         )
+        plan = _TlsPlan(
+            "opportunistic" if wanted else "none", wanted, required, settings.ssl_context()
+        )
         try:
-            return await cls._open(target, settings, try_tls=wanted, require_tls=required)
+            return await cls._open(target, settings, plan)
         except _TlsFailed as exc:
             peer = ConnectionInfo.for_target(target).peer
             if required:
@@ -935,14 +991,78 @@ class Connection:
                     ),
                     Stage.STARTTLS,
                 ) from exc
-            conn = await cls._open(target, settings, try_tls=False, require_tls=False)
-            conn.info = replace(conn.info, tls_error=f"TLS handshake failed: {exc}")
+            conn = await cls._open(target, settings, replace(plan, try_tls=False))
+            conn.info = replace(
+                conn.info, tls_error=f"TLS handshake failed: {exc}", tls_policy_met=False
+            )
             return conn
 
     @classmethod
-    async def _open(
-        cls, target: Target, settings: SessionSettings, *, try_tls: bool, require_tls: bool
+    async def _open_with_policy(
+        cls, target: Target, settings: SessionSettings, policy: TargetPolicy
     ) -> Connection:
+        """Open a connection that must meet a DANE or MTA-STS policy.
+
+        DANE: TLS is required; the handshake accepts any certificate and
+        the chain it saw is then checked against the TLSA records.
+        MTA-STS: the handshake verifies the certificate chain (system CAs or
+        ``mta_sts_ca_file``) and the MX name.  When the policy is enforced,
+        a host that cannot meet it is refused ``4.7.5`` (and the next MX is
+        tried); in MTA-STS ``testing`` mode the connection falls back to
+        opportunistic TLS and the attempt records the policy as not met.
+        """
+        info = ConnectionInfo.for_target(target)
+        peer = info.peer
+        if policy.refusal is not None:
+            if policy.enforce:
+                raise SetupFailure(
+                    TransientFailure(Reply(451, "4.7.5", policy.refusal), Stage.CONNECT),
+                    replace(info, tls_policy_met=False),
+                )
+            return await cls._open_degraded(target, settings, policy, policy.refusal)
+        if policy.kind == "dane":
+            tlsa = policy.tlsa
+            hostname = target.hostname
+
+            def check(chain: Sequence[bytes]) -> str | None:
+                return dane_verify(tlsa, chain, hostname, datetime.datetime.now(datetime.UTC))
+
+            plan = _TlsPlan("dane", True, True, settings.unverified_context(), "4.7.5", check)
+        else:
+            plan = _TlsPlan(
+                "mta-sts",
+                True,
+                policy.enforce,
+                settings.sts_context(),
+                "4.7.5" if policy.enforce else "4.7.10",
+            )
+        try:
+            return await cls._open(target, settings, plan)
+        except _TlsFailed as exc:
+            reason = f"TLS with {peer} failed under its {policy.kind} policy: {exc}"
+            if policy.enforce:
+                raise SetupFailure(
+                    TransientFailure(Reply(451, "4.7.5", reason), Stage.STARTTLS),
+                    replace(info, tls_policy_met=False),
+                ) from exc
+            return await cls._open_degraded(target, settings, policy, reason)
+
+    @classmethod
+    async def _open_degraded(
+        cls, target: Target, settings: SessionSettings, policy: TargetPolicy, reason: str
+    ) -> Connection:
+        """MTA-STS ``testing``: deliver opportunistically, the policy marked as not met."""
+        plan = _TlsPlan(policy.kind, True, False, settings.ssl_context(), met=False)
+        try:
+            conn = await cls._open(target, settings, plan)
+        except _TlsFailed as exc:
+            conn = await cls._open(target, settings, replace(plan, try_tls=False))
+            reason = f"{reason}; TLS handshake failed: {exc}"
+        conn.info = replace(conn.info, tls_error=reason, tls_policy_met=False)
+        return conn
+
+    @classmethod
+    async def _open(cls, target: Target, settings: SessionSettings, plan: _TlsPlan) -> Connection:
         info = ConnectionInfo.for_target(target)
         helo = (target.mx.bind_helo or settings.helo).strip()
         if not helo or any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in helo):
@@ -963,8 +1083,9 @@ class Connection:
             sock.close()
             raise
         conn = cls(target, settings, client)
+        conn.info = replace(conn.info, tls_policy=plan.kind)
         try:
-            await conn._setup(helo, try_tls=try_tls, require_tls=require_tls)
+            await conn._setup(helo, plan)
         except TransientFailure as failure:
             conn.abort()
             raise SetupFailure(failure, conn.info) from failure
@@ -973,27 +1094,30 @@ class Connection:
             raise
         return conn
 
-    async def _setup(self, helo: str, *, try_tls: bool, require_tls: bool) -> None:
+    async def _setup(self, helo: str, plan: _TlsPlan) -> None:
         settings = self.settings
         await self._hello(helo)
         client = self._client
-        if try_tls and client.supports_extension("starttls"):
+        require_tls = plan.require
+        if plan.try_tls and client.supports_extension("starttls"):
             try:
                 # SNI is the MX name; for an IP-literal MX the ssl module
                 # sends no SNI (RFC 6066 §3 forbids literals) by itself.
                 await client.starttls(
                     server_hostname=self.target.hostname,
-                    tls_context=settings.ssl_context(),
+                    tls_context=plan.context,
                     timeout=settings.starttls_timeout,
                 )
             except SMTPResponseException as exc:
                 reply = parse_reply(exc.code, exc.message)
                 if exc.code < 0 or exc.code == 421 or require_tls:
+                    if require_tls:
+                        self.info = replace(self.info, tls_policy_met=False)
                     self.abort()
                     raise TransientFailure(
                         Reply(
                             451,
-                            "4.7.10" if require_tls else "4.4.2",
+                            plan.status if require_tls else "4.4.2",
                             f"{self.info.peer} refused STARTTLS: {reply}",
                         ),
                         Stage.STARTTLS,
@@ -1009,22 +1133,34 @@ class Connection:
             else:
                 # On the record before anything else can fail.
                 self.info = replace(self.info, tls=self._tls_version())
+                if plan.check is not None:
+                    problem = plan.check(self._peer_chain())
+                    if problem is not None:
+                        self.info = replace(self.info, tls_policy_met=False)
+                        self.abort()
+                        raise TransientFailure(
+                            Reply(451, plan.status, f"{plan.kind} policy not met: {problem}"),
+                            Stage.STARTTLS,
+                        )
                 # RFC 3207 §4.2: forget what the plaintext EHLO said.
                 await self._hello(helo)
         elif require_tls:
+            self.info = replace(self.info, tls_policy_met=False)
             await self.close()
             raise TransientFailure(
                 Reply(
                     451,
-                    "4.7.10",
+                    plan.status,
                     f"TLS is required for {self.info.peer} but it does not offer STARTTLS",
                 ),
                 Stage.STARTTLS,
             )
+        tls = self._tls_version()
         self.info = replace(
             self.info,
-            tls=self._tls_version(),
+            tls=tls,
             dsn=client.supports_extension("dsn"),
+            tls_policy_met=None if plan.kind == "none" else (tls is not None and plan.met),
         )
         await self._authenticate()
 
@@ -1103,6 +1239,25 @@ class Connection:
         except _Failure as exc:
             self.abort()
             raise _map_failure(exc, Stage.AUTH, peer, timeout) from exc
+
+    def _peer_chain(self) -> list[bytes]:
+        """The certificates the server presented (DER, leaf first), unverified."""
+        transport = self._client.transport
+        ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
+        if ssl_object is None:
+            return []
+        # Python 3.13 has get_unverified_chain(); 3.10-3.12 have it one level down.
+        getter = getattr(ssl_object, "get_unverified_chain", None) or getattr(
+            getattr(ssl_object, "_sslobj", None), "get_unverified_chain", None
+        )
+        if getter is not None:
+            # 3.13 gives DER bytes; 3.11's Certificate objects give PEM text.
+            return [
+                c if isinstance(c, bytes) else ssl.PEM_cert_to_DER_cert(c.public_bytes())
+                for c in getter() or []
+            ]
+        leaf = ssl_object.getpeercert(binary_form=True)
+        return [leaf] if leaf else []
 
     def _tls_version(self) -> str | None:
         transport = self._client.transport

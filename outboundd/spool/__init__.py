@@ -28,6 +28,7 @@ from outboundd.spool.types import (
     Outcome,
     RecordResult,
     Status,
+    StoredStsPolicy,
 )
 
 
@@ -64,6 +65,7 @@ __all__ = [
     "SpoolWriteError",
     "SqliteSpool",
     "Status",
+    "StoredStsPolicy",
     "UnknownMessageError",
     "describe_location",
     "domain_of",

@@ -29,6 +29,7 @@ from outboundd.spool.types import (
     RecoveryReport,
     SpoolCounters,
     Status,
+    StoredStsPolicy,
     ThrottleEntry,
 )
 
@@ -210,6 +211,17 @@ class Spool(abc.ABC):
 
     async def is_paused(self) -> bool:
         return await self.get_control("paused") == "1"
+
+    # ------------------------------------------------------ MTA-STS policies
+
+    @abc.abstractmethod
+    async def get_sts_policy(self, domain: str) -> StoredStsPolicy | None:
+        """The cached MTA-STS policy of ``domain`` (lower-case), if any."""
+
+    @abc.abstractmethod
+    async def put_sts_policy(self, policy: StoredStsPolicy) -> None:
+        """Store (or replace) ``policy.domain``'s cached MTA-STS policy (shared by every
+        process, and on a shared backend every host)."""
 
     # -------------------------------------------------------- AUTH throttle
 

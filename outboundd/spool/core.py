@@ -62,6 +62,7 @@ from outboundd.spool.types import (
     RecoveryReport,
     SpoolCounters,
     Status,
+    StoredStsPolicy,
     ThrottleEntry,
 )
 
@@ -755,6 +756,46 @@ class SqliteSpool(Spool):
         result: str | None = await self.run(op, write=False)
         return result
 
+    # ------------------------------------------------------ MTA-STS policies
+
+    async def get_sts_policy(self, domain: str) -> StoredStsPolicy | None:
+        """The cached MTA-STS policy of ``domain`` (lower-case), if any."""
+
+        def op(conn: sqlite3.Connection) -> StoredStsPolicy | None:
+            row = conn.execute(q("sts_policy_get"), {"domain": domain}).fetchone()
+            if row is None:
+                return None
+            policy_id, mode, mx, max_age, fetched_at, expires_at = row
+            return StoredStsPolicy(
+                domain,
+                str(policy_id),
+                str(mode),
+                tuple(line for line in str(mx).split("\n") if line),
+                int(max_age),
+                float(fetched_at),
+                float(expires_at),
+            )
+
+        result: StoredStsPolicy | None = await self.run(op, write=False)
+        return result
+
+    async def put_sts_policy(self, policy: StoredStsPolicy) -> None:
+        """Store (or replace) ``policy.domain``'s cached MTA-STS policy."""
+        row = {
+            "domain": policy.domain,
+            "policy_id": policy.policy_id,
+            "mode": policy.mode,
+            "mx": "\n".join(policy.mx),
+            "max_age": policy.max_age,
+            "fetched_at": policy.fetched_at,
+            "expires_at": policy.expires_at,
+        }
+
+        def op(conn: sqlite3.Connection) -> None:
+            conn.execute(q("sts_policy_put"), row)
+
+        await self.run(op)
+
     # -------------------------------------------------------- AUTH throttle
 
     async def throttle_update(
@@ -1037,6 +1078,8 @@ def _attempt_row(rec: AttemptRecord, attempt: int) -> dict[str, Any]:
         "response": rec.response,
         "outcome": rec.outcome.value,
         "reason": rec.reason,
+        "tls_policy": rec.tls_policy,
+        "tls_policy_met": None if rec.tls_policy_met is None else int(rec.tls_policy_met),
     }
 
 

@@ -77,9 +77,11 @@ SELECT id FROM recipients
 
 -- name: insert_attempt
 INSERT INTO attempt_log (recipient_id, attempt, started_at, finished_at, mx_host, mx_ip, port,
-                         tls, auth, code, status, response, outcome, reason)
+                         tls, auth, code, status, response, outcome, reason,
+                         tls_policy, tls_policy_met)
 VALUES (:recipient_id, :attempt, :started_at, :finished_at, :mx_host, :mx_ip, :port,
-        :tls, :auth, :code, :status, :response, :outcome, :reason)
+        :tls, :auth, :code, :status, :response, :outcome, :reason,
+        :tls_policy, :tls_policy_met)
 
 -- name: update_after_attempt
 UPDATE recipients
@@ -150,6 +152,18 @@ UPDATE recipients
        held_status = NULL, lease_owner = NULL, lease_expires_at = NULL
  WHERE queue_id = :queue_id AND status IN ('queued', 'sending', 'deferred')
 RETURNING id, recipient, notify, orcpt, attempts, last_code, last_status, last_response, last_mx
+
+-- name: sts_policy_get
+SELECT policy_id, mode, mx, max_age, fetched_at, expires_at FROM sts_policies
+ WHERE domain = :domain
+
+-- name: sts_policy_put
+INSERT INTO sts_policies (domain, policy_id, mode, mx, max_age, fetched_at, expires_at)
+VALUES (:domain, :policy_id, :mode, :mx, :max_age, :fetched_at, :expires_at)
+    ON CONFLICT (domain) DO UPDATE SET
+       policy_id = excluded.policy_id, mode = excluded.mode, mx = excluded.mx,
+       max_age = excluded.max_age, fetched_at = excluded.fetched_at,
+       expires_at = excluded.expires_at
 
 -- name: control_get
 SELECT value FROM control WHERE key = :key

@@ -163,6 +163,28 @@ class AttemptRecord:
     #: while the attempt row keeps the reply the attempt really got.
     final_status: str | None = None
     final_response: str | None = None
+    # Which outbound TLS policy applied ("none", "opportunistic", "mta-sts",
+    # "dane"; None when no connection was tried) and whether it was met.
+    tls_policy: str | None = None
+    tls_policy_met: bool | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StoredStsPolicy:
+    """A cached MTA-STS policy (RFC 8461 §5.1) as the spool keeps it.
+
+    ``policy_id`` is the ``id`` of the ``_mta-sts`` TXT record it was
+    fetched under; ``mx`` the policy's ``mx`` patterns; times are POSIX
+    seconds, ``expires_at`` = ``fetched_at`` + ``max_age``.
+    """
+
+    domain: str
+    policy_id: str
+    mode: str
+    mx: tuple[str, ...]
+    max_age: int
+    fetched_at: float
+    expires_at: float
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,7 +14,10 @@ before any handler sees them, at every level:
 * a command line keeps its verb only when it is a known SMTP command, and
   its argument only when that command carries no secret (``AUTH`` keeps
   the mechanism name); anything else becomes ``<N octets>``;
-* an unrecognised command word becomes ``<N octets>``;
+* an unrecognised command word becomes ``<N octets>``, in the log line that
+  names it and in the logged reply that quotes it back to the client
+  (``500 … command "<N octets>" not recognized``): a password sent out
+  of step arrives as such a word;
 * lines that exist only to show a client's AUTH answer are dropped.
 
 Our own session code never logs a password either (see
@@ -24,9 +27,10 @@ Our own session code never logs a password either (see
 from __future__ import annotations
 
 import logging
+import re
 from typing import Final
 
-__all__ = ["ClientDataFilter", "describe_client_line", "install"]
+__all__ = ["ClientDataFilter", "describe_client_line", "describe_reply", "install"]
 
 #: Commands whose whole line may be logged.
 _PLAIN_COMMANDS: Final = frozenset(
@@ -40,6 +44,10 @@ _PLAIN_COMMANDS: Final = frozenset(
 _LINE_FORMATS: Final = frozenset({"%r >> %r", "_handle_client readline: %r"})
 #: Formats whose last argument is an unrecognised command word.
 _WORD_FORMATS: Final = frozenset({"%r unrecognised: %s"})
+#: The format of a reply sent to the client (bytes or str), logged at debug level.
+_REPLY_FORMATS: Final = frozenset({"%r << %r"})
+#: The part of the unknown-command reply that quotes the client's word back.
+_QUOTED_COMMAND: Final = re.compile(r'command "(.*)" not recognized', re.DOTALL)
 #: Formats that only ever show an AUTH answer: never logged.
 _DROPPED_FORMATS: Final = frozenset({"%r can't decode base64: %s"})
 
@@ -65,6 +73,22 @@ def describe_client_line(line: bytes | str) -> str:
     return f"<{len(raw)} octets>"
 
 
+def describe_reply(reply: bytes | str) -> str:
+    """A reply as it may appear in a log: the quoted unknown command masked.
+
+    ``500 5.5.2 Error: command "HUNTER2" not recognized`` becomes
+    ``500 5.5.2 Error: command "<7 octets>" not recognized``; every other
+    reply is our own text and stays as it is.
+    """
+    text = reply.decode("utf-8", "replace") if isinstance(reply, bytes) else reply
+
+    def mask(match: re.Match[str]) -> str:
+        octets = len(match[1].encode("utf-8", "surrogateescape"))
+        return f'command "<{octets} octets>" not recognized'
+
+    return _QUOTED_COMMAND.sub(mask, text)
+
+
 class ClientDataFilter(logging.Filter):
     """Rewrites (or drops) ``mail.log`` records that would show client data."""
 
@@ -85,6 +109,10 @@ class ClientDataFilter(logging.Filter):
             last = args[-1]
             if isinstance(last, bytes | str):
                 record.args = (*args[:-1], f"<{len(last)} octets>")
+        elif msg in _REPLY_FORMATS:
+            last = args[-1]
+            if isinstance(last, bytes | str):
+                record.args = (*args[:-1], describe_reply(last))
         return True
 
 

@@ -139,16 +139,23 @@ _DEFAULT_STATUS: Final = {
 }
 
 
+#: The text of aiosmtpd's 220 answer to STARTTLS (any other 220 is the greeting).
+_STARTTLS_READY: Final = "Ready to start TLS"
+
+
 def with_enhanced_code(line: str) -> str:
     """``line`` with an enhanced status code inserted when it has none.
 
     Leaves 1xx/3xx replies and the 220 greeting (where RFC 2034 has no
-    code) alone, and never touches a line that already carries one.
+    code) alone, and never touches a line that already carries one.  The
+    only other 220, aiosmtpd's answer to STARTTLS, gets ``2.0.0`` (RFC 2034
+    exempts only the greeting and the answers to HELO/EHLO).
     """
     if len(line) < 4 or not line[:3].isdigit() or line[3] not in " -":
         return line
     code = int(line[:3])
-    if code == 220 or code < 200 or 300 <= code < 400 or _HAS_STATUS.match(line):
+    greeting = code == 220 and line[4:] != _STARTTLS_READY
+    if greeting or code < 200 or 300 <= code < 400 or _HAS_STATUS.match(line):
         return line
     status = _DEFAULT_STATUS.get(code, f"{code // 100}.0.0")
     return f"{line[:4]}{status} {line[4:]}".rstrip()

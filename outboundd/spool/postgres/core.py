@@ -73,6 +73,7 @@ from outboundd.spool.types import (
     RecoveryReport,
     SpoolCounters,
     Status,
+    StoredStsPolicy,
     ThrottleEntry,
 )
 
@@ -733,6 +734,42 @@ class PostgresSpool(Spool):
         rows = await self._run(op, transaction=False)
         return str(rows[0][0]) if rows else None
 
+    # ------------------------------------------------------ MTA-STS policies
+
+    async def get_sts_policy(self, domain: str) -> StoredStsPolicy | None:
+        async def op(conn: Conn) -> list[Any]:
+            return await self._fetch(conn, "sts_policy_get", domain=domain)
+
+        rows = await self._run(op, transaction=False)
+        if not rows:
+            return None
+        policy_id, mode, mx, max_age, fetched_at, expires_at = tuple(rows[0])
+        return StoredStsPolicy(
+            domain,
+            str(policy_id),
+            str(mode),
+            tuple(line for line in str(mx).split("\n") if line),
+            int(max_age),
+            float(fetched_at),
+            float(expires_at),
+        )
+
+    async def put_sts_policy(self, policy: StoredStsPolicy) -> None:
+        async def op(conn: Conn) -> None:
+            await self._execute(
+                conn,
+                "sts_policy_put",
+                domain=policy.domain,
+                policy_id=policy.policy_id,
+                mode=policy.mode,
+                mx="\n".join(policy.mx),
+                max_age=policy.max_age,
+                fetched_at=policy.fetched_at,
+                expires_at=policy.expires_at,
+            )
+
+        await self._run(op, transaction=False)
+
     # -------------------------------------------------------- AUTH throttle
 
     async def throttle_update(
@@ -984,9 +1021,9 @@ _MESSAGE_KEYS = (
 _RECIPIENT_KEYS = ("queue_id", "recipient", "domain", "notify", "orcpt", "next_attempt_at")
 _RECORD_KEYS = (
     "recipient_id", "owner", "attempt", "started_at", "finished_at", "mx_host", "mx_ip", "port",
-    "tls", "auth", "code", "status", "response", "outcome", "reason", "new_status", "failure",
-    "next_attempt_at", "last_code", "last_status", "last_response", "final_at",
-    "delay_notified",
+    "tls", "auth", "code", "status", "response", "outcome", "reason", "tls_policy",
+    "tls_policy_met", "new_status", "failure", "next_attempt_at", "last_code", "last_status",
+    "last_response", "final_at", "delay_notified",
 )  # fmt: skip
 
 
@@ -1012,6 +1049,8 @@ def _record_row(rec: AttemptRecord, owner: str, attempt: int) -> dict[str, Any]:
         "response": rec.response,
         "outcome": rec.outcome.value,
         "reason": rec.reason,
+        "tls_policy": rec.tls_policy,
+        "tls_policy_met": None if rec.tls_policy_met is None else int(rec.tls_policy_met),
         "new_status": rec.outcome.status.value,
         "failure": int(rec.outcome is Outcome.DEFERRED and rec.count_failure),
         "next_attempt_at": rec.finished_at if final else rec.next_attempt_at,

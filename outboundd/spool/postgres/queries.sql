@@ -98,7 +98,8 @@ SELECT kind, ref FROM outboundd_record(
     :now, :queue_ids::text[], :recipient_id::bigint[], :owner::text[], :attempt::integer[],
     :started_at::float8[], :finished_at::float8[], :mx_host::text[], :mx_ip::text[],
     :port::integer[], :tls::text[], :auth::text[], :code::integer[], :status::text[],
-    :response::text[], :outcome::text[], :reason::text[], :new_status::text[],
+    :response::text[], :outcome::text[], :reason::text[], :tls_policy::text[],
+    :tls_policy_met::integer[], :new_status::text[],
     :failure::integer[], :next_attempt_at::float8[], :last_code::integer[],
     :last_status::text[], :last_response::text[], :final_at::float8[],
     :delay_notified::integer[])
@@ -165,6 +166,18 @@ UPDATE recipients
        held_status = NULL, lease_owner = NULL, lease_expires_at = NULL
  WHERE queue_id = :queue_id AND status IN ('queued', 'sending', 'deferred')
 RETURNING id, recipient, notify, orcpt, attempts, last_code, last_status, last_response, last_mx
+
+-- name: sts_policy_get
+SELECT policy_id, mode, mx, max_age, fetched_at, expires_at FROM sts_policies
+ WHERE domain = :domain
+
+-- name: sts_policy_put
+INSERT INTO sts_policies (domain, policy_id, mode, mx, max_age, fetched_at, expires_at)
+VALUES (:domain, :policy_id, :mode, :mx, :max_age, :fetched_at, :expires_at)
+    ON CONFLICT (domain) DO UPDATE SET
+       policy_id = excluded.policy_id, mode = excluded.mode, mx = excluded.mx,
+       max_age = excluded.max_age, fetched_at = excluded.fetched_at,
+       expires_at = excluded.expires_at
 
 -- name: control_get
 SELECT value FROM control WHERE key = :key
