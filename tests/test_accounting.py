@@ -223,7 +223,7 @@ def check_tls_policy_outcomes(f: Filled, rows: list[tuple[Any, ...]]) -> None:
     for _policy, met, outcome, n in rows:
         [(expected,)] = f.query(
             "SELECT count(*) FROM attempts WHERE tls_policy = 'opportunistic' "
-            "AND (tls IS NOT NULL) = ? AND outcome = ?",
+            "AND (CASE WHEN tls IS NULL THEN 0 ELSE 1 END) = ? AND outcome = ?",
             (met, outcome),
         )
         assert n == expected
