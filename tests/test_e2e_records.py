@@ -147,6 +147,28 @@ async def test_one_dsn_for_two_domains_refused_at_once(world: World, processes: 
     assert all_failures(message) == (frozenset(), {b"bob@dest.test", b"erin@other.test"})
 
 
+@pytest.mark.parametrize("processes", [0, 1])
+async def test_one_dsn_when_two_domains_run_out_of_retries_together(
+    world: World, processes: int
+) -> None:
+    """Greylisted in two domains until the schedule ends: the groups' last
+    attempts fall milliseconds apart, and still make one round, one DSN."""
+    world.dns.zones["other.test"] = {"MX": [(10, "mx.dest.test")]}
+    world.mx1.script = MXScript(rcpt_default="451 4.7.1 greylisted")
+    config = world.config(delivery_processes=processes, temp_fail_intervals="5s")
+    async with running(config) as d:
+        qid = await submit(d.smtp_port, SENDER, ["bob@dest.test", "erin@other.test"])
+        await d.wait_for_status(qid, "bounced", count=2)
+        assert d.query("SELECT count(*) FROM messages WHERE dsn_of = ?", (qid,)) == [(1,)]
+        raw = await wait_for_dsn(d, world, qid)
+    groups = status_groups(raw)
+    assert sorted(g["Final-Recipient"] for g in groups) == [
+        "rfc822; bob@dest.test",
+        "rfc822; erin@other.test",
+    ]
+    assert {g["Diagnostic-Code"] for g in groups} == {"smtp; 451 4.7.1 greylisted"}
+
+
 async def test_a_body_deleted_while_running_is_dropped_at_the_next_attempt(world: World) -> None:
     world.mx1.script = MXScript(rcpt_default="451 4.7.1 greylisted")
     async with running(world.config(temp_fail_intervals="1h")) as d:

@@ -72,6 +72,13 @@ SPOOL_RETRY_FIRST = 1.0
 SPOOL_RETRY_MAX = 30.0
 #: While the spool stays unwritable, how often it is logged again.
 SPOOL_TROUBLE_LOG_INTERVAL = 60.0
+#: Once the earliest retry is due, a claim also takes work due up to this many
+#: seconds later.  The groups of one message (one per domain) are recorded a
+#: few milliseconds apart, so their next attempts fall that far apart too;
+#: claimed together they run as one delivery round, and failures that end in
+#: it share one DSN (rounds.py).  Work is at most this much early, which no
+#: retry schedule notices.
+ROUND_WINDOW = 1.0
 
 
 class Scheduler:
@@ -108,6 +115,8 @@ class Scheduler:
         self._paused_cache: tuple[float, bool] = (0.0, False)
         #: When a claim that skipped busy domains last found nothing (monotonic).
         self._found_none_but_excluded = float("-inf")
+        #: The earliest next attempt the last empty claim saw (None: unknown).
+        self._due_at: float | None = None
         self.started = 0
 
     @property
@@ -204,8 +213,15 @@ class Scheduler:
             # found nothing else lately, look again only after poll_interval.
             await self._wait(self.poll_interval)
             return
+        at = time.time()
+        if self._due_at is not None and at >= self._due_at:
+            # A retry came due: take its siblings due a moment later with it.
+            # (Not on every wake: a wake just before one sibling's window
+            # would split the round it is meant to keep together.)
+            at += ROUND_WINDOW
         claims = await self.spool.claim(
             self.owner,
+            now=at,
             limit=free,
             lease_seconds=settings.lease_seconds,
             always_split=settings.always_split,
@@ -230,7 +246,7 @@ class Scheduler:
             await self.spool.release(self.owner, excess)
         if claims:
             return  # more may be due: claim again straight away
-        due = await self.spool.next_due_at()
+        due = self._due_at = await self.spool.next_due_at()
         now = time.time()
         if due is None or due <= now:
             timeout = self.poll_interval
