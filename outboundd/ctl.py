@@ -26,10 +26,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
 
+from outboundd import spool as spool_backend
 from outboundd.config import Config, ConfigError, load_config
 from outboundd.plugins import auth_flat_file
 from outboundd.spool import Spool, SpoolError, Status, UnknownMessageError, admin
-from outboundd.spool.core import DB_NAME
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 #: ``list`` output never needs more columns than this.
@@ -249,7 +249,7 @@ async def cmd_list(spool: Spool, args: argparse.Namespace, out: TextIO) -> int:
 
 async def cmd_show(spool: Spool, args: argparse.Namespace, out: TextIO) -> int:
     detail = await admin.show_message(spool, args.id)
-    headers = _header_summary(detail.body_path)
+    headers = await _header_summary(spool, detail.queue_id)
     if args.json:
         data = to_json(detail)
         for key in ("received_at", "finished_at"):
@@ -297,12 +297,11 @@ async def cmd_show(spool: Spool, args: argparse.Namespace, out: TextIO) -> int:
     return EXIT_OK
 
 
-def _header_summary(path: Path) -> dict[str, str]:
+async def _header_summary(spool: Spool, queue_id: str) -> dict[str, str]:
     """Subject, Message-ID, From, To, Date of a queued body (empty when gone)."""
     try:
-        with path.open("rb") as fh:
-            head = fh.read(64 * 1024)
-    except OSError:
+        head = (await spool.read_body(queue_id))[: 64 * 1024]
+    except SpoolError:
         return {}
     block = head.split(b"\r\n\r\n", 1)[0].decode("utf-8", "replace")
     unfolded = re.sub(r"\r\n[ \t]+", " ", block)
@@ -503,28 +502,15 @@ SwitchCommand = Callable[[Spool, Config, TextIO], Coroutine[Any, Any, int]]
 SWITCH_COMMANDS: dict[str, SwitchCommand] = {"pause": cmd_pause, "resume": cmd_resume}
 
 
-def check_queue(queue_dir: Path) -> None:
-    """Refuse early, in words, when there is no queue to work on.
-
-    Opening the spool would otherwise create an empty queue (a typo in ``-c``
-    must not make a second queue) or fail deep inside SQLite.
-    """
-    db = queue_dir / DB_NAME
-    if not db.is_file():
-        raise CtlError(f"no queue at {queue_dir} (has outboundd run with this config?)")
-    if not os.access(db, os.R_OK | os.W_OK) or not os.access(queue_dir, os.R_OK | os.W_OK):
-        raise CtlError(
-            f"cannot open the queue {db}: permission denied (run as the user outboundd runs as)"
-        )
-
-
 async def run_queue_command(config: Config, args: argparse.Namespace, out: TextIO) -> int:
-    queue_dir = config.outbound.queue_dir
-    check_queue(queue_dir)
+    location = config.outbound.queue_location
     try:
-        spool = await Spool.open(queue_dir, recover=False)
+        # create=False: a typo in -c must not make a second, empty queue.
+        spool = await spool_backend.open(location, recover=False, create=False)
     except sqlite3.Error as exc:
-        raise CtlError(f"cannot open the queue {queue_dir / DB_NAME}: {exc}") from exc
+        raise CtlError(
+            f"cannot open the queue {spool_backend.describe_location(location)}: {exc}"
+        ) from exc
     except SpoolError as exc:
         raise CtlError(str(exc)) from exc
     try:

@@ -20,6 +20,7 @@ from typing import Any
 
 from outboundd import early_stop
 from outboundd import log as logmod
+from outboundd import spool as spool_backend
 from outboundd.children import (
     ChildProcess,
     notify_parent,
@@ -93,9 +94,11 @@ class OutboundSettings:
         except ConfigError as exc:
             log.error("outbound.ini not reloaded; keeping the previous settings", error=str(exc))
             return False
-        if fresh.queue_dir != self.current.queue_dir:
-            log.warn("queue_dir changes need a restart; keeping the current queue")
-            fresh = fresh.model_copy(update={"queue_dir": self.current.queue_dir})
+        queue = {"queue_dir": self.current.queue_dir, "queue_url": self.current.queue_url}
+        if {"queue_dir": fresh.queue_dir, "queue_url": fresh.queue_url} != queue:
+            # A child restarted later must open the queue this process has open.
+            log.warn("queue_dir and queue_url changes need a restart; keeping the current queue")
+            fresh = fresh.model_copy(update=queue)
         if fresh == self.current:
             return False
         self.current = fresh
@@ -252,16 +255,17 @@ def warn_about(config: Config) -> None:
 async def open_spool(plan: ProcessPlan) -> Spool | None:
     """The queue, recovered as the plan says; None (and the reason logged) if it cannot open."""
     try:
-        spool = await Spool.open(plan.queue, recover_files=plan.recovers_files)
+        spool = await spool_backend.open(plan.queue, recover_files=plan.recovers_files)
     except SpoolError as exc:
-        log.crit("cannot open the queue", queue_dir=str(plan.queue), error=str(exc))
+        shown = spool_backend.describe_location(plan.queue)
+        log.crit("cannot open the queue", queue=shown, error=str(exc))
         return None
     report = spool.recovery
     if report is not None:
         log.info(
             "queue opened",
             role=plan.role,
-            queue_dir=str(spool.queue_dir),
+            queue=spool.location,
             leases_released=report.leases_released,
             temp_files_removed=report.temp_files_removed,
             orphan_bodies_removed=report.orphan_bodies_removed,
@@ -390,7 +394,7 @@ def log_ready(run: Running, config: Config) -> None:
             "ready",
             listen=",".join(str(a) for a in config.smtp.listen),
             listen_tls=",".join(str(a) for a in config.smtp.listen_tls) or "-",
-            queue_dir=str(run.spool.queue_dir),
+            queue=run.spool.location,
             delivery=("disabled" if disabled else "enabled")
             + (f" ({len(run.deliverers)} delivery process(es))" if run.deliverers else ""),
             smtp_processes=1 + len(run.nodes),
@@ -399,7 +403,7 @@ def log_ready(run: Running, config: Config) -> None:
         # INFO: the first process's "ready" (NOTICE) is the one an operator waits for.
         log.info(
             "delivery ready",
-            queue_dir=str(run.spool.queue_dir),
+            queue=run.spool.location,
             delivery="disabled" if disabled else "enabled",
         )
 

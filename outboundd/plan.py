@@ -43,8 +43,8 @@ class ProcessPlan:
     smtp_nodes: int
     #: Delivery children this process starts.
     delivery_processes: int
-    #: Where the queue lives (what the spool opens).
-    queue: Path
+    #: Where the queue lives: ``queue_url``, else the ``queue_dir`` (what ``spool.open`` takes).
+    queue: str | Path
 
     @property
     def listens(self) -> bool:
@@ -110,5 +110,5 @@ def plan_processes(
         delivery_processes=(
             config.outbound.delivery_processes if starts_children and role is Role.SUBMISSION else 0
         ),
-        queue=config.outbound.queue_dir,
+        queue=config.outbound.queue_location,
     )

@@ -121,3 +121,10 @@ def test_the_queue_follows_outbound_ini(base: Config, tmp_path: Path) -> None:
         update={"outbound": base.outbound.model_copy(update={"queue_dir": tmp_path})}
     )
     assert plan_processes(elsewhere).queue == tmp_path
+    url = "postgresql://outboundd@db.example/outboundd"
+    shared = base.model_copy(
+        update={"outbound": base.outbound.model_copy(update={"queue_url": url})}
+    )
+    # Every process of every host opens the same queue; the plan only carries it.
+    assert plan_processes(shared).queue == url
+    assert plan_processes(shared, Role.DELIVERY).queue == url

@@ -281,6 +281,19 @@ def _address(text: str) -> str:
     return text
 
 
+def _queue_url(text: str) -> str | None:
+    """``queue_url``: empty means SQLite in ``queue_dir``; else a ``postgresql://`` URL."""
+    text = text.strip()
+    if not text or text.lower() == "sqlite":
+        return None
+    if not text.startswith(("postgresql://", "postgres://")):
+        raise ValueError(
+            f"{_shown(text)} is not a queue URL (postgresql://USER@HOST/DB, or empty for "
+            "SQLite in queue_dir)"
+        )
+    return text
+
+
 def _header_text(text: str) -> str:
     if any(not c.isprintable() for c in text):
         raise ValueError(f"{_shown(text)} contains control characters (it becomes a header)")
@@ -350,6 +363,7 @@ def _read_outbound(
     received_text = main.convert("received_header", "outboundd", _header_text)
     received = None if received_text.lower() == "disabled" else received_text
     queue_dir = main.convert("queue_dir", "queue", str)
+    queue_url = main.convert("queue_url", None, _queue_url)
     double_bounce: str | None = main.convert("double_bounce_recipient", None, _address)
 
     domain_concurrency = main.integer(
@@ -369,6 +383,7 @@ def _read_outbound(
         local_mx_ok=main.boolean("local_mx_ok", False),
         inet_prefer=inet_prefer,
         queue_dir=_resolve(base_dir, queue_dir),
+        queue_url=queue_url,
         nameservers=_host_ports(main, "nameservers", [], 53, require_ip=True),
         mx_port=main.integer("mx_port", 25, minimum=1, maximum=65535),
         greeting_timeout=main.seconds("greeting_timeout", 300.0, zero_ok=False),

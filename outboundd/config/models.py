@@ -69,6 +69,14 @@ class OutboundConfig(BaseModel):
     local_mx_ok: bool = False
     inet_prefer: InetPrefer = "default"
     queue_dir: Path
+    #: None: SQLite in ``queue_dir``; else the PostgreSQL queue's URL (restart to change).
+    queue_url: str | None = None
+
+    @property
+    def queue_location(self) -> str | Path:
+        """What ``outboundd.spool.open`` takes: the queue URL, else the queue directory."""
+        return self.queue_url or self.queue_dir
+
     nameservers: list[HostPort] = Field(default_factory=list)
     mx_port: int = 25
     greeting_timeout: float = 300.0

@@ -182,6 +182,7 @@ class DeliveryEngine:
             path=claim.body_path,
             size=claim.size,
             received_at=claim.received_at,
+            body=claim.body,
         )
         verdicts: dict[int, Verdict] | None = None
         postponed = await self._send_email_hook(claim, hmail)
@@ -666,7 +667,7 @@ def _original(claim: Claim) -> OriginalMessage:
     return OriginalMessage(
         queue_id=claim.queue_id,
         mail_from=claim.mail_from,
-        body_path=claim.body_path,
+        body=claim.body,
         received_at=claim.received_at,
         env_id=claim.env_id,
         ret=claim.ret,

@@ -16,7 +16,8 @@ class HMail:
     current hook is about), ``num_failures`` (the highest failure count among
     them), ``notes`` (a dict plugins may use to pass values between hooks of
     this delivery; its starting value was given at submission) and ``path``
-    (the body file, CRLF, read-only).
+    (the body file, CRLF, read-only; None when the queue is in PostgreSQL,
+    whose bodies live in the database: read them with ``hmail.body``).
     """
 
     queue_id: str
@@ -25,6 +26,7 @@ class HMail:
     rcpt_to: list[str]
     num_failures: int
     notes: dict[str, Any] = field(default_factory=dict)
-    path: Path = field(default_factory=Path)
+    path: Path | None = field(default_factory=Path)
     size: int = 0
     received_at: float = 0.0
+    body: bytes | None = None  # the body (PostgreSQL queue); None on SQLite: read ``path``

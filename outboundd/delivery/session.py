@@ -156,16 +156,19 @@ class JobRecipient:
 
 @dataclass(frozen=True, slots=True)
 class DeliveryJob:
-    """What one attempt delivers.  The body file is CRLF and not dot-stuffed."""
+    """What one attempt delivers.  The body is CRLF and not dot-stuffed: the
+    file at ``body_path``, or ``body`` itself when the spool keeps bodies in
+    its database (PostgreSQL)."""
 
     mail_from: str
     recipients: tuple[JobRecipient, ...]
-    body_path: Path
+    body_path: Path | None
     size: int
     env_id: str | None = None
     ret: str | None = None
     smtputf8: bool = False
     body_8bit: bool = False
+    body: bytes | None = None
 
     @classmethod
     def from_claim(cls, claim: Claim) -> DeliveryJob:
@@ -180,6 +183,7 @@ class DeliveryJob:
             ret=claim.ret,
             smtputf8=claim.smtputf8,
             body_8bit=claim.body_8bit,
+            body=claim.body,
         )
 
 
@@ -1214,7 +1218,7 @@ class Connection:
         candidates = [r for r in rcpts if r.id not in plan.refused]
         if not candidates:
             return
-        body = await _open_body(job.body_path, job.size)
+        body = io.BytesIO(job.body) if job.body is not None else await _open_body(job)
         try:
             self._needs_rset = True
             if "pipelining" in self._client.esmtp_extensions:
@@ -1462,7 +1466,7 @@ async def _connect_socket(target: Target, settings: SessionSettings, peer: str) 
     return sock
 
 
-async def _open_body(path: Path, size: int) -> BinaryIO:
+async def _open_body(job: DeliveryJob) -> BinaryIO:
     """The body, ready to stream.
 
     A small body (at most ``INLINE_BODY_MAX``, the common case) was written
@@ -1471,9 +1475,16 @@ async def _open_body(path: Path, size: int) -> BinaryIO:
     than the read (it was 17% of the delivery process's Python time).
     Larger bodies are opened and read in a thread, chunk by chunk.
     """
+    path, size = job.body_path, job.size
+    if path is None:
+        raise TransientFailure(
+            Reply(451, "4.3.0", "the message body is not available"),
+            Stage.LOCAL,
+            retry_elsewhere=False,
+        )
     try:
         if size <= INLINE_BODY_MAX:
-            return io.BytesIO(path.read_bytes())  # noqa: ASYNC240 (see docstring)
+            return io.BytesIO(path.read_bytes())
         return await asyncio.to_thread(_open_binary, path)
     except OSError as exc:
         raise TransientFailure(

@@ -1,9 +1,13 @@
-"""The durable spool: message bodies on disk, envelopes and state in SQLite.
+"""The durable spool: envelopes, state and bodies, in SQLite (default) or PostgreSQL.
 
-Everything that touches SQLite goes through this package.
+Everything that touches the queue's database goes through this package;
+:func:`open` chooses the backend from ``outbound.ini queue_url``.
 """
 
-from outboundd.spool.core import Spool, domain_of, lease_owner_id, new_queue_id
+from pathlib import Path
+
+from outboundd.spool.base import Spool, describe_location, is_postgres_url
+from outboundd.spool.core import SqliteSpool, domain_of, lease_owner_id, new_queue_id
 from outboundd.spool.errors import (
     SchemaTooNewError,
     SpoolError,
@@ -23,6 +27,18 @@ from outboundd.spool.types import (
     Status,
 )
 
+
+async def open(
+    location: str | Path,
+    *,
+    recover: bool = True,
+    recover_files: bool = True,
+    create: bool = True,
+) -> Spool:
+    """Open the queue at ``location``: a queue directory, or a ``postgresql://`` URL."""
+    return await Spool.open(location, recover=recover, recover_files=recover_files, create=create)
+
+
 __all__ = [
     "AttemptRecord",
     "Claim",
@@ -37,9 +53,13 @@ __all__ = [
     "SpoolError",
     "SpoolFullError",
     "SpoolWriteError",
+    "SqliteSpool",
     "Status",
     "UnknownMessageError",
+    "describe_location",
     "domain_of",
+    "is_postgres_url",
     "lease_owner_id",
     "new_queue_id",
+    "open",
 ]

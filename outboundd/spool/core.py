@@ -1,4 +1,4 @@
-"""The spool: SQLite (WAL) for envelopes and state, files for bodies.
+"""The SQLite spool backend: SQLite (WAL) for envelopes and state, files for bodies.
 
 One :class:`Spool` owns one SQLite connection (on its own thread, see
 :mod:`.database`), and one writer task feeds that connection.  Every
@@ -34,7 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from outboundd.spool import bodies
+from outboundd.spool import bodies, sqlite_admin
+from outboundd.spool.base import Spool
 from outboundd.spool.database import Database, rollback_quietly
 from outboundd.spool.errors import (
     SpoolClosedError,
@@ -50,8 +51,11 @@ from outboundd.spool.types import (
     Claim,
     ClaimedRecipient,
     Lease,
+    MessageDetail,
     NewMessage,
     Outcome,
+    QueueEntry,
+    QueueStats,
     RecordResult,
     RecoveryReport,
     SpoolCounters,
@@ -142,8 +146,8 @@ class _Stop:
     )
 
 
-class Spool:
-    """The durable queue.  Create with :meth:`open`; always :meth:`close`."""
+class SqliteSpool(Spool):
+    """The durable queue in one directory.  Create with :meth:`open`; always :meth:`close`."""
 
     def __init__(self, queue_dir: Path, db: Database) -> None:
         self.queue_dir = queue_dir
@@ -166,11 +170,21 @@ class Spool:
     # ------------------------------------------------------------------ life
 
     @classmethod
-    async def open(
-        cls, queue_dir: Path, *, recover: bool = True, recover_files: bool = True
-    ) -> Spool:
-        """Open (creating if needed) the spool in ``queue_dir``: migrate, then recover."""
+    async def open(  # type: ignore[override]
+        cls,
+        queue_dir: Path,
+        *,
+        recover: bool = True,
+        recover_files: bool = True,
+        create: bool = True,
+    ) -> SqliteSpool:
+        """Open (creating if needed) the spool in ``queue_dir``: migrate, then recover.
+
+        ``create=False``: refuse, in words, a directory without a queue.
+        """
         queue_dir = await asyncio.to_thread(queue_dir.resolve)
+        if not create:
+            await asyncio.to_thread(_check_exists, queue_dir)
         try:
             await asyncio.to_thread(bodies.prepare_tree, queue_dir)
         except OSError as exc:
@@ -206,23 +220,23 @@ class Spool:
             await self._writer
         await self._db.close()
 
-    async def __aenter__(self) -> Spool:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
+    @property
+    def location(self) -> str:
+        return self._queue_dir_text
 
     @property
     def counters(self) -> SpoolCounters:
         c = self._counters
         return SpoolCounters(accepts=c.accepts, accept_commits=c.accept_commits, records=c.records)
 
-    @staticmethod
-    def new_queue_id() -> str:
-        return new_queue_id()
-
     def body_path(self, queue_id: str) -> Path:
         return self.queue_dir / bodies.relative_body_path(queue_id)
+
+    async def read_body(self, queue_id: str) -> bytes:
+        try:
+            return await asyncio.to_thread(self.body_path(queue_id).read_bytes)
+        except OSError as exc:
+            raise SpoolError(f"cannot read the body of {queue_id}: {exc.strerror or exc}") from exc
 
     # ---------------------------------------------------------------- writer
 
@@ -738,14 +752,6 @@ class Spool:
         result: str | None = await self.run(op, write=False)
         return result
 
-    async def set_paused(self, paused: bool) -> None:
-        await self.set_control("paused", "1" if paused else "0")
-        if not paused:
-            self.new_work.set()
-
-    async def is_paused(self) -> bool:
-        return await self.get_control("paused") == "1"
-
     # -------------------------------------------------------- AUTH throttle
 
     async def throttle_update(
@@ -922,6 +928,49 @@ class Spool:
             "last_mx",
         )
         return [dict(zip(keys, row, strict=True)) for row in changed]
+
+    # ---------------------------------------------------------- admin reads
+
+    async def list_queue(
+        self,
+        *,
+        status: str | None,
+        domain: str | None,
+        sender: str | None,
+        received_before: float | None,
+        limit: int | None,
+    ) -> list[QueueEntry]:
+        return await sqlite_admin.list_queue(
+            self,
+            status=status,
+            domain=domain,
+            sender=sender,
+            received_before=received_before,
+            limit=limit,
+        )
+
+    async def show_message(self, queue_id: str) -> MessageDetail:
+        return await sqlite_admin.show_message(self, queue_id)
+
+    async def flush(self, queue_ids: Sequence[str], domain: str | None, now: float) -> int:
+        return await sqlite_admin.flush(self, queue_ids, domain, now)
+
+    async def message_exists(self, queue_id: str) -> bool:
+        return await sqlite_admin.message_exists(self, queue_id)
+
+    async def stats(self, now: float, top: int) -> QueueStats:
+        return await sqlite_admin.stats(self, now, top)
+
+
+def _check_exists(queue_dir: Path) -> None:
+    """Refuse a directory that holds no queue, or one we may not write."""
+    db = queue_dir / DB_NAME
+    if not db.is_file():
+        raise SpoolError(f"no queue at {queue_dir} (has outboundd run with this config?)")
+    if not os.access(db, os.R_OK | os.W_OK) or not os.access(queue_dir, os.R_OK | os.W_OK):
+        raise SpoolError(
+            f"cannot open the queue {db}: permission denied (run as the user outboundd runs as)"
+        )
 
 
 def _within_room(due: list[Any], domain_room: int, room: Mapping[str, int]) -> list[Any]:

@@ -35,3 +35,11 @@ class UnknownMessageError(SpoolError):
 
 class SpoolClosedError(SpoolError):
     """The spool was closed while work was still being submitted."""
+
+
+class SpoolUnavailableError(SpoolWriteError):
+    """The queue's database cannot be reached right now (PostgreSQL down, network cut).
+
+    Nothing was kept; submission answers ``451 4.3.0``; the spool retries
+    the connection with back-off on its own.
+    """

@@ -97,7 +97,7 @@ class Claim:
     queue_id: str
     domain: str
     mail_from: str
-    body_path: Path
+    body_path: Path | None  # the body file (SQLite); None: ``body`` holds it
     size: int
     received_at: float
     auth_user: str | None
@@ -110,6 +110,7 @@ class Claim:
     recipients: tuple[ClaimedRecipient, ...]
     lease_owner: str
     lease_expires_at: float
+    body: bytes | None = None  # the body itself, when the backend keeps it in the database
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,3 +199,95 @@ class ThrottleEntry:
         if self.blocked_until is not None:
             return now < self.blocked_until
         return self.last_seen > forget_before
+
+
+@dataclass(frozen=True, slots=True)
+class QueueEntry:
+    """One recipient as ``outboundctl list`` shows it."""
+
+    queue_id: str
+    mail_from: str
+    recipient: str
+    domain: str
+    status: str
+    attempts: int
+    next_attempt_at: float | None
+    last_code: int | None
+    last_status: str | None
+    last_response: str | None
+    last_mx: str | None
+    received_at: float
+    finished_at: float | None
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptEntry:
+    recipient_id: int
+    attempt: int
+    started_at: float
+    finished_at: float
+    mx_host: str | None
+    mx_ip: str | None
+    port: int | None
+    tls: str | None
+    auth: str | None
+    code: int | None
+    status: str | None
+    response: str | None
+    outcome: str
+    reason: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class RecipientDetail:
+    id: int
+    recipient: str
+    domain: str
+    notify: str | None
+    orcpt: str | None
+    status: str
+    attempts: int
+    failures: int
+    next_attempt_at: float | None
+    last_attempt_at: float | None
+    last_code: int | None
+    last_status: str | None
+    last_response: str | None
+    last_mx: str | None
+    lease_owner: str | None
+    lease_expires_at: float | None
+    finished_at: float | None
+    final_reason: str | None
+    dsn_queue_id: str | None
+    history: tuple[AttemptEntry, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class MessageDetail:
+    queue_id: str
+    mail_from: str
+    body_path: Path | None  # the body file (SQLite); None when the body is in the database
+    size: int
+    received_at: float
+    auth_user: str | None
+    client_ip: str | None
+    env_id: str | None
+    ret: str | None
+    smtputf8: bool
+    body_8bit: bool
+    notes: dict[str, Any]
+    dsn_of: str | None
+    finished_at: float | None
+    recipients: tuple[RecipientDetail, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class QueueStats:
+    by_status: dict[str, int]
+    top_domains: tuple[tuple[str, int], ...]
+    oldest_deferred_received_at: float | None
+    last_hour: dict[str, int]
+    queue_bytes: int
+    queued_messages: int
+    paused: bool

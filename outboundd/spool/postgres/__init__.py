@@ -1,0 +1,5 @@
+"""The PostgreSQL spool backend (``outbound.ini queue_url = postgresql://...``)."""
+
+from outboundd.spool.postgres.core import PostgresSpool
+
+__all__ = ["PostgresSpool"]

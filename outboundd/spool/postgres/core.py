@@ -1,0 +1,1015 @@
+"""The PostgreSQL spool backend: one queue for many outboundd hosts.
+
+Envelopes, state and bodies all live in PostgreSQL (bodies in their own
+table), so no message lives only on the disk of the host that accepted it.
+Driver: asyncpg with its pool (docs/scaling.md says why).
+
+- **Accept, group commit.**  Accepts are queued to one writer task, which
+  sends every waiting accept as ONE statement (messages, bodies,
+  recipients, DSN links and a NOTIFY, bound as arrays): one round trip and
+  one commit for the batch, and each ``accept()`` returns only after that
+  commit (``synchronous_commit`` on: the WAL is flushed).
+- **Claims** lock due rows ``FOR UPDATE SKIP LOCKED`` (hosts claiming at the
+  same moment take different rows instead of waiting), count the slots each
+  domain holds on every host under a per-domain advisory lock, and lease
+  what ``domain_concurrency_max`` allows, in one transaction.
+- **Leases** are owned by ``host:pid:token``; every state change is guarded
+  by it.  Expired leases (a host that died or lost the database) are made
+  due again by any host's claim, every ``EXPIRY_SWEEP_INTERVAL``; recovery
+  treats a lease as a dead local process's only when its host is ours.
+- **Wake-ups**: accepts, flushes, releases and resumes ``NOTIFY
+  outboundd_work``; every host's listener sets ``new_work``.
+- **Unreachable server**: operations fail fast with
+  :class:`SpoolUnavailableError` while :class:`Link` backs off (submission
+  answers 451); ``record()`` instead waits for the server, holding the
+  result in memory (each waiting delivery keeps its slot, so at most
+  ``concurrency_max`` results wait), and writes it when the server is back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import socket
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeAlias, TypeVar
+
+import asyncpg
+
+from outboundd.spool.base import Spool, describe_location
+from outboundd.spool.core import _owner_is_dead_local, domain_of, new_queue_id
+from outboundd.spool.errors import (
+    SpoolClosedError,
+    SpoolError,
+    SpoolUnavailableError,
+    SpoolWriteError,
+    UnknownMessageError,
+)
+from outboundd.spool.postgres.link import Link, describe, is_unreachable
+from outboundd.spool.postgres.migrate import migrate, postgres_migrations
+from outboundd.spool.postgres.sql import Statement, bind, pq
+from outboundd.spool.types import (
+    AttemptEntry,
+    AttemptRecord,
+    Claim,
+    ClaimedRecipient,
+    Lease,
+    MessageDetail,
+    NewMessage,
+    Outcome,
+    QueueEntry,
+    QueueStats,
+    RecipientDetail,
+    RecordResult,
+    RecoveryReport,
+    SpoolCounters,
+    Status,
+    ThrottleEntry,
+)
+
+T = TypeVar("T")
+#: A pooled connection, as every operation gets one.
+Conn: TypeAlias = "asyncpg.pool.PoolConnectionProxy[Any]"
+
+#: Connections one process keeps (the writer, claims, records, admin reads).
+POOL_MAX = 10
+CONNECT_TIMEOUT = 10.0
+#: A statement that takes longer means the server or the network is gone.
+COMMAND_TIMEOUT = 30.0
+#: Most accepts one group commit takes.
+MAX_BATCH = 512
+#: How often a claim first makes expired leases (of any host) due again.
+EXPIRY_SWEEP_INTERVAL = 5.0
+#: Rows a claim looks at per group it may take (a group is all due
+#: recipients of one message and domain).
+SCAN_FACTOR = 4
+#: The NOTIFY channel that wakes idle schedulers on every host.
+CHANNEL = "outboundd_work"
+#: How often the listener checks that its connection is alive.
+LISTEN_CHECK_INTERVAL = 10.0
+
+
+@dataclass(eq=False)
+class _AcceptJob:
+    future: asyncio.Future[None]
+    message: dict[str, Any]
+    body: bytes
+    recipients: list[dict[str, Any]]
+    links: list[dict[str, Any]]
+
+
+@dataclass
+class _Counters:
+    accepts: int = 0
+    accept_commits: int = 0
+    records: int = 0
+    round_trips: int = 0
+
+
+@dataclass
+class _Stop:
+    done: asyncio.Future[None] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+
+
+class PostgresSpool(Spool):
+    """The queue in a PostgreSQL database.  Create with :meth:`open`; always :meth:`close`."""
+
+    def __init__(self, url: str, pool: asyncpg.Pool) -> None:
+        self.url = url
+        self._location = describe_location(url)
+        self._pool = pool
+        self._link = Link()
+        self._counters = _Counters()
+        self._queue: asyncio.Queue[_AcceptJob | _Stop] = asyncio.Queue()
+        self._writer: asyncio.Task[None] | None = None
+        self._listener: asyncio.Task[None] | None = None
+        self._closed = False
+        self._swept_at = float("-inf")
+        self.new_work = asyncio.Event()
+        self.recovery: RecoveryReport | None = None
+
+    # ------------------------------------------------------------------ life
+
+    @classmethod
+    async def open(  # type: ignore[override]
+        cls, url: str, *, recover: bool = True
+    ) -> PostgresSpool:
+        """Connect, migrate, and (``recover``) release expired leases and listen for work.
+
+        ``recover=False`` (outboundctl) neither recovers nor listens.
+        Raises :class:`SpoolError` when the server cannot be reached or the
+        schema cannot be brought up to date.
+        """
+        location = describe_location(url)
+        try:
+            pool = await asyncpg.create_pool(
+                url,
+                min_size=1,
+                max_size=POOL_MAX,
+                timeout=CONNECT_TIMEOUT,
+                command_timeout=COMMAND_TIMEOUT,
+            )
+        except Exception as exc:
+            raise SpoolError(f"cannot connect to the queue {location}: {describe(exc)}") from exc
+        try:
+            async with pool.acquire() as conn:
+                await migrate(conn, postgres_migrations())
+        except SpoolError:
+            await pool.close()
+            raise
+        except Exception as exc:
+            await pool.close()
+            raise SpoolError(f"cannot open the queue {location}: {describe(exc)}") from exc
+        spool = cls(url, pool)
+        spool._writer = asyncio.create_task(spool._write_loop(), name="spool-writer")
+        if recover:
+            spool._listener = asyncio.create_task(spool._listen_loop(), name="spool-listener")
+            try:
+                spool.recovery = await spool.recover()
+            except BaseException:
+                await spool.close()
+                raise
+        return spool
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._writer is not None and not self._writer.done():
+            stop = _Stop()
+            await self._queue.put(stop)
+            await stop.done
+            await self._writer
+        if self._listener is not None:
+            self._listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._listener
+        await self._pool.close()
+
+    @property
+    def location(self) -> str:
+        return self._location
+
+    @property
+    def counters(self) -> SpoolCounters:
+        c = self._counters
+        return SpoolCounters(accepts=c.accepts, accept_commits=c.accept_commits, records=c.records)
+
+    @property
+    def round_trips(self) -> int:
+        """Statements sent to the server so far (for the benchmark's per-message figures)."""
+        return self._counters.round_trips
+
+    # ------------------------------------------------------------ plumbing
+
+    async def _run(
+        self,
+        op: Callable[[Conn], Awaitable[T]],
+        *,
+        transaction: bool = True,
+        write_error: bool = False,
+    ) -> T:
+        """Run ``op`` on a pooled connection (in a transaction); map errors to the spool's."""
+        if self._closed:
+            raise SpoolClosedError("the spool is closed")
+        if self._link.wait_time() > 0:
+            raise SpoolUnavailableError(
+                f"queue database {self._location} unreachable; retrying in "
+                f"{self._link.wait_time():.1f}s"
+            )
+        try:
+            async with self._pool.acquire(timeout=CONNECT_TIMEOUT) as conn:
+                if transaction:
+                    async with conn.transaction():
+                        self._counters.round_trips += 2  # BEGIN, COMMIT
+                        result = await op(conn)
+                else:
+                    result = await op(conn)
+        except (SpoolError, ValueError):
+            raise
+        except Exception as exc:
+            if is_unreachable(exc):
+                self._link.failed(exc, self._location)
+                raise SpoolUnavailableError(
+                    f"queue database {self._location} unreachable: {describe(exc)}"
+                ) from exc
+            error = SpoolWriteError if write_error else SpoolError
+            raise error(f"queue database error: {describe(exc)}") from exc
+        self._link.succeeded(self._location)
+        return result
+
+    async def _fetch(self, conn: Conn, name: str, **params: Any) -> list[Any]:
+        stmt = pq(name)
+        self._counters.round_trips += 1
+        rows: list[Any] = await conn.fetch(stmt.text, *bind(stmt, params))
+        return rows
+
+    async def _execute(self, conn: Conn, name: str, **params: Any) -> int:
+        """Run a statement; the number of rows it changed."""
+        stmt = pq(name)
+        self._counters.round_trips += 1
+        status: str = await conn.execute(stmt.text, *bind(stmt, params))
+        return _rowcount(status)
+
+    async def _notify(self, conn: Conn) -> None:
+        await self._fetch(conn, "notify_work")
+
+    # ---------------------------------------------------------------- accept
+
+    async def accept(self, message: NewMessage, *, queue_id: str | None = None) -> str:
+        if not message.recipients:
+            raise ValueError("a message needs at least one recipient")
+        if message.ret not in (None, "FULL", "HDRS"):
+            raise ValueError(f"RET must be FULL or HDRS, not {message.ret!r}")
+        if self._closed:
+            raise SpoolClosedError("the spool is closed")
+        qid = queue_id or new_queue_id()
+        now = time.time()
+        job = _AcceptJob(
+            future=asyncio.get_running_loop().create_future(),
+            message={
+                "queue_id": qid,
+                "mail_from": message.mail_from,
+                "size": len(message.body),
+                "received_at": now,
+                "auth_user": message.auth_user,
+                "client_ip": message.client_ip,
+                "env_id": message.env_id,
+                "ret": message.ret,
+                "smtputf8": int(message.smtputf8),
+                "body_8bit": int(message.body_8bit),
+                "notes": (
+                    json.dumps(dict(message.notes), default=str, separators=(",", ":"))
+                    if message.notes
+                    else "{}"
+                ),
+                "dsn_of": message.dsn_of,
+            },
+            body=bytes(message.body),
+            recipients=[
+                {
+                    "queue_id": qid,
+                    "recipient": rcpt.address,
+                    "domain": domain_of(rcpt.address),
+                    "notify": rcpt.notify,
+                    "orcpt": rcpt.orcpt,
+                    "next_attempt_at": now,
+                }
+                for rcpt in message.recipients
+            ],
+            links=[
+                {"queue_id": message.dsn_of, "recipient": address, "dsn_queue_id": qid}
+                for address in (message.dsn_recipients if message.dsn_of is not None else ())
+            ],
+        )
+        await self._queue.put(job)
+        # shield: a client that hangs up must not cancel a commit others share.
+        await asyncio.shield(job.future)
+        self.new_work.set()
+        return qid
+
+    async def accept_leased(
+        self, message: NewMessage, lease: Lease, *, queue_id: str | None = None
+    ) -> tuple[str, list[Claim]]:
+        """Accept without leasing: every host's claim counts per-domain slots in the
+        database, so new mail goes through :meth:`claim` like any other (the NOTIFY
+        of the commit wakes this host's scheduler at once)."""
+        return await self.accept(message, queue_id=queue_id), []
+
+    async def _write_loop(self) -> None:
+        while True:
+            item = await self._queue.get()
+            if isinstance(item, _Stop):
+                item.done.set_result(None)
+                return
+            batch = [item]
+            stop: _Stop | None = None
+            while len(batch) < MAX_BATCH:
+                try:
+                    nxt = self._queue.get_nowait()
+                except asyncio.QueueEmpty:
+                    break
+                if isinstance(nxt, _Stop):
+                    stop = nxt
+                    break
+                batch.append(nxt)
+            await self._commit_accepts(batch)
+            if stop is not None:
+                stop.done.set_result(None)
+                return
+
+    async def _commit_accepts(self, batch: list[_AcceptJob]) -> None:
+        """One statement, one commit for ``batch``; a failing batch is retried one by one
+        so one bad message (a duplicate queue ID) does not sink the others."""
+        try:
+            await self._accept_batch(batch)
+        except SpoolUnavailableError as exc:
+            for job in batch:
+                _settle(job.future, exc)
+            return
+        except Exception as exc:
+            if len(batch) == 1:
+                _settle(batch[0].future, _write_error(exc))
+                return
+            for job in batch:
+                try:
+                    await self._accept_batch([job])
+                except Exception as single:
+                    _settle(job.future, _write_error(single))
+                else:
+                    _settle(job.future, None)
+            return
+        for job in batch:
+            _settle(job.future, None)
+
+    async def _accept_batch(self, batch: list[_AcceptJob]) -> None:
+        params: dict[str, Any] = {}
+        for key in _MESSAGE_KEYS:
+            params[f"m_{key}"] = [job.message[key] for job in batch]
+        params["b_body"] = [job.body for job in batch]
+        rcpts = [row for job in batch for row in job.recipients]
+        for key in _RECIPIENT_KEYS:
+            params[f"r_{key}"] = [row[key] for row in rcpts]
+        links = [row for job in batch for row in job.links]
+        for key in ("queue_id", "recipient", "dsn_queue_id"):
+            params[f"l_{key}"] = [row[key] for row in links]
+        stmt = pq("accept_batch")
+
+        async def op(conn: Conn) -> None:
+            # One statement outside an explicit transaction: it is its own
+            # transaction, committed (and the WAL flushed) when it returns.
+            self._counters.round_trips += 1
+            await conn.fetchval(stmt.text, *bind(stmt, params))
+
+        await self._run(op, transaction=False, write_error=True)
+        self._counters.accepts += len(batch)
+        self._counters.accept_commits += 1
+
+    # ----------------------------------------------------------------- claim
+
+    async def claim(
+        self,
+        owner: str,
+        *,
+        limit: int,
+        lease_seconds: float,
+        now: float | None = None,
+        always_split: bool = False,
+        exclude_domains: Sequence[str] = (),
+        domain_room: int | None = None,
+        room: Mapping[str, int] | None = None,
+    ) -> list[Claim]:
+        if limit <= 0:
+            return []
+        at = time.time() if now is None else now
+        expires = at + lease_seconds
+        if time.monotonic() - self._swept_at >= EXPIRY_SWEEP_INTERVAL:
+            await self._sweep_expired(at)
+
+        async def op(conn: Conn) -> tuple[list[Any], list[Any]]:
+            due = await self._fetch(
+                conn,
+                "due_rows",
+                now=at,
+                exclude=list(exclude_domains),
+                limit=limit * SCAN_FACTOR,
+            )
+            if not due:
+                return [], []
+            groups: dict[Any, list[Any]] = {}
+            for row in due:
+                key = row[0] if always_split else (row[1], row[2])
+                groups.setdefault(key, []).append(row)
+            left: dict[str, int] | None = None
+            if domain_room is not None:
+                domains = sorted({row[2] for row in due})
+                await self._fetch(conn, "lock_domains", domains=domains)
+                counted = await self._fetch(
+                    conn,
+                    "sending_recipients" if always_split else "sending_groups",
+                    domains=domains,
+                )
+                taken = {row[0]: int(row[1]) for row in counted}
+                mine = room or {}
+                left = {
+                    d: min(mine.get(d, domain_room), domain_room - taken.get(d, 0)) for d in domains
+                }
+            ids: list[int] = []
+            chosen = 0
+            for group in groups.values():
+                if chosen >= limit:
+                    break
+                domain = group[0][2]
+                if left is not None:
+                    if left[domain] <= 0:
+                        continue
+                    left[domain] -= 1
+                chosen += 1
+                ids.extend(row[0] for row in group)
+            if not ids:
+                return [], []
+            rows = await self._fetch(conn, "lease_ids", ids=ids, owner=owner, expires=expires)
+            if not rows:
+                return [], []
+            msgs = await self._fetch(
+                conn, "messages_with_bodies", ids=sorted({row[1] for row in rows})
+            )
+            return rows, msgs
+
+        rows, msgs = await self._run(op)
+        return _claims(rows, msgs, owner, expires, always_split=always_split)
+
+    async def _sweep_expired(self, at: float) -> None:
+        """Expired leases of any host become due again (its own short transaction)."""
+        self._swept_at = time.monotonic()
+
+        async def op(conn: Conn) -> int:
+            return await self._execute(conn, "release_expired", now=at)
+
+        if await self._run(op, transaction=False):
+            self.new_work.set()
+
+    # ---------------------------------------------------------------- record
+
+    async def record(
+        self,
+        owner: str,
+        claim: Claim,
+        records: Sequence[AttemptRecord],
+        *,
+        now: float | None = None,
+    ) -> RecordResult:
+        """Write the attempts and new states in one transaction, guarded by the lease.
+
+        While the server is unreachable this waits (with the link's back-off)
+        and writes once it is back: the delivery happened, and its result is
+        kept in memory until then.  Only closing the spool gives up; the
+        lease then expires and the recipients are delivered again.
+        """
+        at = time.time() if now is None else now
+        attempt_numbers = {r.id: r.attempts + 1 for r in claim.recipients}
+        for rec in records:
+            if rec.recipient_id not in attempt_numbers:
+                raise ValueError(f"recipient {rec.recipient_id} is not part of this claim")
+            if rec.outcome is Outcome.DEFERRED and rec.next_attempt_at is None:
+                raise ValueError("a deferred outcome needs next_attempt_at")
+        params: dict[str, Any] = {"ids": [r.recipient_id for r in records], "owner": owner}
+        attempts = [_attempt_row(rec, attempt_numbers[rec.recipient_id]) for rec in records]
+        for key in _ATTEMPT_KEYS:
+            params[f"a_{key}"] = [row[key] for row in attempts]
+        updates = [_update_row(rec) for rec in records]
+        for key in _UPDATE_KEYS:
+            params[f"u_{key}"] = [row[key] for row in updates]
+
+        async def op(conn: Conn) -> tuple[set[int], list[Any]]:
+            held = {row[0] for row in await self._fetch(conn, "record_attempts", **params)}
+            finished = await self._fetch(conn, "finish_messages", ids=[claim.queue_id], now=at)
+            return held, finished
+
+        while True:
+            try:
+                held, finished = await self._run(op)
+                break
+            except SpoolUnavailableError:
+                if self._closed:
+                    raise
+                await asyncio.sleep(max(self._link.wait_time(), 0.1))
+        self._counters.records += 1
+        ordered = [r.recipient_id for r in records]
+        return RecordResult(
+            updated=tuple(i for i in ordered if i in held),
+            lease_lost=tuple(i for i in ordered if i not in held),
+            finished_messages=tuple(row[0] for row in finished),
+        )
+
+    async def release(
+        self, owner: str, recipient_ids: Iterable[int], *, next_attempt_at: float | None = None
+    ) -> int:
+        ids = [int(i) for i in recipient_ids]
+
+        async def op(conn: Conn) -> int:
+            count = await self._execute(
+                conn, "release", ids=ids, owner=owner, next_attempt_at=next_attempt_at
+            )
+            if count and next_attempt_at is None:
+                await self._notify(conn)
+            return count
+
+        count = await self._run(op)
+        if next_attempt_at is None:
+            self.new_work.set()
+        return count
+
+    async def release_owner(self, owner: str) -> int:
+        async def op(conn: Conn) -> int:
+            count = await self._execute(conn, "release_owner", owner=owner)
+            if count:
+                await self._notify(conn)
+            return count
+
+        return await self._run(op)
+
+    async def renew_leases(self, owner: str, until: float) -> int:
+        async def op(conn: Conn) -> int:
+            return await self._execute(conn, "renew_leases", owner=owner, expires=until)
+
+        return await self._run(op, transaction=False)
+
+    async def next_due_at(self) -> float | None:
+        async def op(conn: Conn) -> Any:
+            return (await self._fetch(conn, "next_due"))[0][0]
+
+        value = await self._run(op, transaction=False)
+        return None if value is None else float(value)
+
+    async def read_body(self, queue_id: str) -> bytes:
+        async def op(conn: Conn) -> list[Any]:
+            return await self._fetch(conn, "body", queue_id=queue_id)
+
+        rows = await self._run(op, transaction=False)
+        if not rows:
+            raise SpoolError(f"the body of {queue_id} is not in the queue")
+        return bytes(rows[0][0])
+
+    # ------------------------------------------------------------ wake-ups
+
+    async def _listen_loop(self) -> None:
+        """Keep one connection LISTENing on ``CHANNEL``; reconnect with back-off.
+
+        Each (re)connection sets ``new_work``: notifications sent while we
+        were away are lost, so the scheduler looks once for itself.
+        """
+        backoff = 0.5
+        while True:
+            try:
+                conn = await asyncpg.connect(self.url, timeout=CONNECT_TIMEOUT)
+            except Exception as exc:
+                self._link.failed(exc, self._location)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 30.0)
+                continue
+            backoff = 0.5
+            lost = asyncio.Event()
+            try:
+                conn.add_termination_listener(_setter(lost))
+                await conn.add_listener(CHANNEL, self._woken)
+                self.new_work.set()
+                while not lost.is_set():
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(lost.wait(), LISTEN_CHECK_INTERVAL)
+                    if not lost.is_set():
+                        # A cut network sends no FIN: ask, with a deadline.
+                        await conn.fetchval("SELECT 1", timeout=CONNECT_TIMEOUT)
+            except asyncio.CancelledError:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(conn.close(), 2.0)
+                raise
+            except Exception as exc:
+                self._link.failed(exc, self._location)
+            conn.terminate()
+
+    def _woken(self, *_args: object) -> None:
+        self.new_work.set()
+
+    # -------------------------------------------------------------- control
+
+    async def set_control(self, key: str, value: str) -> None:
+        async def op(conn: Conn) -> None:
+            await self._execute(conn, "control_set", key=key, value=value)
+            if key == "paused" and value == "0":
+                await self._notify(conn)
+
+        await self._run(op)
+
+    async def get_control(self, key: str) -> str | None:
+        async def op(conn: Conn) -> list[Any]:
+            return await self._fetch(conn, "control_get", key=key)
+
+        rows = await self._run(op, transaction=False)
+        return str(rows[0][0]) if rows else None
+
+    # -------------------------------------------------------- AUTH throttle
+
+    async def throttle_update(
+        self,
+        key: str,
+        update: Callable[[ThrottleEntry | None], tuple[ThrottleEntry | None, T]],
+        *,
+        write: bool = True,
+    ) -> T:
+        """One transaction under a per-client advisory lock: every host's updates of one
+        client are serialised, so a client spread over hosts is counted once."""
+
+        async def op(conn: Conn) -> T:
+            if write:
+                await self._fetch(conn, "throttle_lock", client=key)
+            rows = await self._fetch(conn, "throttle_get", client=key)
+            current = (
+                None
+                if not rows
+                else ThrottleEntry(
+                    int(rows[0][0]),
+                    int(rows[0][1]),
+                    float(rows[0][2]),
+                    None if rows[0][3] is None else float(rows[0][3]),
+                )
+            )
+            new, result = update(current)
+            if write and new != current:
+                if new is None:
+                    await self._execute(conn, "throttle_delete", client=key)
+                else:
+                    await self._execute(
+                        conn,
+                        "throttle_put",
+                        client=key,
+                        failures=new.failures,
+                        in_flight=new.in_flight,
+                        last_seen=new.last_seen,
+                        blocked_until=new.blocked_until,
+                    )
+            return result
+
+        return await self._run(op, transaction=write)
+
+    async def throttle_prune(self, now: float, forget_before: float, keep: int) -> int:
+        async def op(conn: Conn) -> int:
+            stale = await self._execute(
+                conn, "throttle_prune_stale", now=now, forget_before=forget_before
+            )
+            return stale + await self._execute(conn, "throttle_prune_excess", keep=keep)
+
+        return await self._run(op)
+
+    # ------------------------------------------------------------- recovery
+
+    async def recover(self, now: float | None = None, *, files: bool = True) -> RecoveryReport:
+        """Expired leases (any host's) and this host's dead processes' leases become due;
+        unfinished messages without a body are dropped with a reason.  ``files`` is
+        ignored: there are no body files."""
+        at = time.time() if now is None else now
+        host = socket.gethostname()
+
+        async def leases(conn: Conn) -> tuple[int, list[str]]:
+            released = await self._execute(conn, "release_expired", now=at)
+            for (owner,) in await self._fetch(conn, "lease_owners"):
+                if _owner_is_dead_local(owner, host):
+                    released += await self._execute(
+                        conn, "release_owner_crashed", owner=owner, now=at
+                    )
+            if released:
+                await self._notify(conn)
+            missing = [row[0] for row in await self._fetch(conn, "unfinished_without_body")]
+            return released, missing
+
+        released, missing = await self._run(leases)
+        self._swept_at = time.monotonic()
+        if released:
+            self.new_work.set()
+        for qid in missing:
+            await self.finalize_message(
+                qid,
+                Status.DROPPED,
+                reason="message body missing from the queue database; cannot deliver",
+                now=at,
+            )
+        return RecoveryReport(released, 0, 0, 0, tuple(missing))
+
+    async def finalize_message(
+        self,
+        queue_id: str,
+        status: Status,
+        *,
+        reason: str,
+        status_code: str | None = None,
+        response: str | None = None,
+        now: float | None = None,
+    ) -> list[dict[str, Any]]:
+        if not status.is_final:
+            raise ValueError(f"{status} is not a final status")
+        at = time.time() if now is None else now
+
+        async def op(conn: Conn) -> list[Any]:
+            changed = await self._fetch(
+                conn,
+                "drop_message_recipients",
+                status=status.value,
+                now=at,
+                reason=reason,
+                status_code=status_code,
+                response=response,
+                queue_id=queue_id,
+            )
+            await self._fetch(conn, "finish_messages", ids=[queue_id], now=at)
+            return changed
+
+        changed = await self._run(op)
+        keys = (
+            "id", "recipient", "notify", "orcpt", "attempts", "last_code", "last_status",
+            "last_response", "last_mx",
+        )  # fmt: skip
+        return [dict(zip(keys, tuple(row), strict=True)) for row in changed]
+
+    # ---------------------------------------------------------- admin reads
+
+    async def list_queue(
+        self,
+        *,
+        status: str | None,
+        domain: str | None,
+        sender: str | None,
+        received_before: float | None,
+        limit: int | None,
+    ) -> list[QueueEntry]:
+        async def op(conn: Conn) -> list[Any]:
+            return await self._fetch(
+                conn,
+                "list_recipients",
+                status=status,
+                all_states=status is not None,
+                domain=domain,
+                sender=sender,
+                received_before=received_before,
+                limit=limit,
+            )
+
+        rows = await self._run(op, transaction=False)
+        return [QueueEntry(*tuple(row)) for row in rows]
+
+    async def show_message(self, queue_id: str) -> MessageDetail:
+        async def op(conn: Conn) -> tuple[list[Any], list[Any], list[Any]]:
+            msg = await self._fetch(conn, "show_message", queue_id=queue_id)
+            rcpts = await self._fetch(conn, "show_recipients", queue_id=queue_id)
+            attempts = await self._fetch(conn, "show_attempts", queue_id=queue_id)
+            return msg, rcpts, attempts
+
+        msg, rcpts, attempts = await self._run(op)
+        if not msg:
+            raise UnknownMessageError(queue_id)
+        m = msg[0]
+        history: dict[int, list[AttemptEntry]] = {}
+        for row in attempts:
+            history.setdefault(row[0], []).append(AttemptEntry(*tuple(row)))
+        names = [f for f in RecipientDetail.__dataclass_fields__ if f != "history"]
+        recipients = tuple(
+            RecipientDetail(
+                **dict(zip(names, tuple(row), strict=True)), history=tuple(history.get(row[0], ()))
+            )
+            for row in rcpts
+        )
+        return MessageDetail(
+            queue_id=m[0],
+            mail_from=m[1],
+            body_path=None,
+            size=m[2],
+            received_at=m[3],
+            auth_user=m[4],
+            client_ip=m[5],
+            env_id=m[6],
+            ret=m[7],
+            smtputf8=bool(m[8]),
+            body_8bit=bool(m[9]),
+            notes=json.loads(m[10]),
+            dsn_of=m[11],
+            finished_at=m[12],
+            recipients=recipients,
+        )
+
+    async def flush(self, queue_ids: Sequence[str], domain: str | None, now: float) -> int:
+        async def op(conn: Conn) -> int:
+            for qid in queue_ids:
+                if not await self._fetch(conn, "message_exists", queue_id=qid):
+                    raise UnknownMessageError(qid)
+            if queue_ids:
+                total = 0
+                for qid in queue_ids:
+                    total += await self._execute(
+                        conn, "flush_message", now=now, queue_id=qid, domain=domain
+                    )
+            elif domain is not None:
+                total = await self._execute(conn, "flush_domain", now=now, domain=domain)
+            else:
+                total = await self._execute(conn, "flush_all", now=now)
+            await self._notify(conn)
+            return total
+
+        count = await self._run(op)
+        self.new_work.set()
+        return count
+
+    async def message_exists(self, queue_id: str) -> bool:
+        async def op(conn: Conn) -> list[Any]:
+            return await self._fetch(conn, "message_exists", queue_id=queue_id)
+
+        return bool(await self._run(op, transaction=False))
+
+    async def stats(self, now: float, top: int) -> QueueStats:
+        async def op(conn: Conn) -> tuple[list[Any], ...]:
+            return (
+                await self._fetch(conn, "stats_by_status"),
+                await self._fetch(conn, "stats_top_domains", limit=top),
+                await self._fetch(conn, "stats_oldest_deferred"),
+                await self._fetch(conn, "stats_recent_outcomes", since=now - 3600),
+                await self._fetch(conn, "stats_queue_bytes"),
+                await self._fetch(conn, "control_get", key="paused"),
+            )
+
+        by_status, domains, oldest, recent, size, paused = await self._run(op)
+        counts = {s: 0 for s in ("queued", "sending", "deferred")}
+        counts.update({row[0]: int(row[1]) for row in by_status})
+        last_hour = {o: 0 for o in ("delivered", "deferred", "bounced", "dropped")}
+        last_hour.update({row[0]: int(row[1]) for row in recent})
+        return QueueStats(
+            by_status=counts,
+            top_domains=tuple((row[0], int(row[1])) for row in domains),
+            oldest_deferred_received_at=oldest[0][0] if oldest else None,
+            last_hour=last_hour,
+            queue_bytes=int(size[0][0]),
+            queued_messages=int(size[0][1]),
+            paused=bool(paused) and paused[0][0] == "1",
+        )
+
+
+_MESSAGE_KEYS = (
+    "queue_id", "mail_from", "size", "received_at", "auth_user", "client_ip", "env_id", "ret",
+    "smtputf8", "body_8bit", "notes", "dsn_of",
+)  # fmt: skip
+_RECIPIENT_KEYS = ("queue_id", "recipient", "domain", "notify", "orcpt", "next_attempt_at")
+_ATTEMPT_KEYS = (
+    "recipient_id", "attempt", "started_at", "finished_at", "mx_host", "mx_ip", "port", "tls",
+    "auth", "code", "status", "response", "outcome", "reason",
+)  # fmt: skip
+_UPDATE_KEYS = (
+    "id", "status", "failure", "next_attempt_at", "finished_at", "code", "status_code",
+    "response", "mx_host", "final_at", "reason", "delay_notified",
+)  # fmt: skip
+
+
+def _attempt_row(rec: AttemptRecord, attempt: int) -> dict[str, Any]:
+    return {
+        "recipient_id": rec.recipient_id,
+        "attempt": attempt,
+        "started_at": rec.started_at,
+        "finished_at": rec.finished_at,
+        "mx_host": rec.mx_host,
+        "mx_ip": rec.mx_ip,
+        "port": rec.port,
+        "tls": rec.tls,
+        "auth": rec.auth,
+        "code": rec.code,
+        "status": rec.status,
+        "response": rec.response,
+        "outcome": rec.outcome.value,
+        "reason": rec.reason,
+    }
+
+
+def _update_row(rec: AttemptRecord) -> dict[str, Any]:
+    final = rec.outcome is not Outcome.DEFERRED
+    return {
+        "id": rec.recipient_id,
+        "status": rec.outcome.status.value,
+        "failure": int(rec.outcome is Outcome.DEFERRED and rec.count_failure),
+        "next_attempt_at": rec.finished_at if final else rec.next_attempt_at,
+        "finished_at": rec.finished_at,
+        "code": rec.code,
+        "status_code": rec.status,
+        "response": rec.response,
+        "mx_host": rec.mx_host,
+        "final_at": rec.finished_at if final else None,
+        "reason": rec.reason,
+        "delay_notified": int(rec.delay_notified),
+    }
+
+
+def _claims(
+    rows: Sequence[Any],
+    messages: Sequence[Any],
+    owner: str,
+    expires: float,
+    *,
+    always_split: bool,
+) -> list[Claim]:
+    """Claims from leased recipient rows and their messages' rows (bodies included)."""
+    by_id = {m[0]: m for m in messages}
+    groups: dict[Any, list[Any]] = {}
+    for row in rows:
+        key = row[0] if always_split else (row[1], row[2])
+        groups.setdefault(key, []).append(row)
+    claims: list[Claim] = []
+    for group in groups.values():
+        group.sort(key=lambda r: r[0])
+        m = by_id[group[0][1]]
+        claims.append(
+            Claim(
+                queue_id=m[0],
+                domain=group[0][2],
+                mail_from=m[1],
+                body_path=None,
+                size=m[2],
+                received_at=m[3],
+                auth_user=m[4],
+                env_id=m[5],
+                ret=m[6],
+                smtputf8=bool(m[7]),
+                body_8bit=bool(m[8]),
+                notes=json.loads(m[9]),
+                dsn_of=m[10],
+                recipients=tuple(
+                    ClaimedRecipient(
+                        id=r[0],
+                        address=r[3],
+                        notify=r[4],
+                        orcpt=r[5],
+                        attempts=r[6],
+                        failures=r[7],
+                        previous_status=Status(r[8]),
+                        last_code=r[9],
+                        last_status=r[10],
+                        last_response=r[11],
+                        last_mx=r[12],
+                        delay_notified=bool(r[13]),
+                    )
+                    for r in group
+                ),
+                lease_owner=owner,
+                lease_expires_at=expires,
+                body=None if m[11] is None else bytes(m[11]),
+            )
+        )
+    claims.sort(key=lambda c: (c.received_at, c.queue_id, c.domain))
+    return claims
+
+
+def _setter(event: asyncio.Event) -> Callable[[object], None]:
+    """A termination callback that sets ``event``."""
+    return lambda _conn: event.set()
+
+
+def _rowcount(status: str) -> int:
+    """The row count from a command tag ("UPDATE 3", "INSERT 0 1", "DELETE 0")."""
+    last = status.rpartition(" ")[2]
+    return int(last) if last.isdigit() else 0
+
+
+def _settle(future: asyncio.Future[None], error: BaseException | None) -> None:
+    if future.done():
+        return
+    if error is None:
+        future.set_result(None)
+    else:
+        future.set_exception(error)
+
+
+def _write_error(exc: BaseException) -> BaseException:
+    if isinstance(exc, SpoolWriteError):
+        return exc
+    return SpoolWriteError(f"cannot queue message: {describe(exc)}")
+
+
+__all__ = ["PostgresSpool", "Statement"]
