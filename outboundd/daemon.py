@@ -36,6 +36,7 @@ from outboundd.hooks import HookRunner, PluginLoadError, load_plugins
 from outboundd.plan import ProcessPlan, Role, plan_processes
 from outboundd.spool import Spool, SpoolError, lease_owner_id
 from outboundd.spool import admin as spool_admin
+from outboundd.spool.inuse import QueueLock, hold_for_daemon
 from outboundd.submission import api as submission_api
 from outboundd.submission.queueing import SpoolSink
 from outboundd.submission.server import Listeners, start_listeners
@@ -156,6 +157,8 @@ class Running:
     plan: ProcessPlan
     spool: Spool
     settings: OutboundSettings
+    #: Held while the queue is open: ``outboundctl queue migrate`` refuses meanwhile.
+    queue_lock: QueueLock | None
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     scheduler: Scheduler | None = None
     engine: DeliveryEngine | None = None
@@ -204,10 +207,11 @@ async def serve(config: Config, role: str = "all", inherited: Inherited | None =
         return 1
     hooks = HookRunner(plugins)
     logmod.set_log_hook(hooks if hooks.has("log") else None)
-    spool = await open_spool(plan)
-    if spool is None:
+    opened = await open_spool(plan)
+    if opened is None:
         return 1
-    run = Running(plan, spool, OutboundSettings(config))
+    spool, queue_lock = opened
+    run = Running(plan, spool, OutboundSettings(config), queue_lock)
     if plan.delivers:
         start_delivery(run, config, hooks)
     if plan.follows_outbound_ini:
@@ -252,11 +256,16 @@ def warn_about(config: Config) -> None:
         )
 
 
-async def open_spool(plan: ProcessPlan) -> Spool | None:
-    """The queue, recovered as the plan says; None (and the reason logged) if it cannot open."""
+async def open_spool(plan: ProcessPlan) -> tuple[Spool, QueueLock | None] | None:
+    """The queue, recovered as the plan says, and the lock that says a daemon
+    uses it; None (and the reason logged) if it cannot open."""
+    lock: QueueLock | None = None
     try:
+        lock = hold_for_daemon(plan.queue)
         spool = await spool_backend.open(plan.queue, recover_files=plan.recovers_files)
     except SpoolError as exc:
+        if lock is not None:
+            lock.release()
         shown = spool_backend.describe_location(plan.queue)
         log.crit("cannot open the queue", queue=shown, error=str(exc))
         return None
@@ -272,7 +281,7 @@ async def open_spool(plan: ProcessPlan) -> Spool | None:
         )
         for qid in report.missing_bodies:
             log.crit("message body file missing; its recipients were dropped", qid=qid)
-    return spool
+    return spool, lock
 
 
 def start_delivery(run: Running, config: Config, hooks: HookRunner) -> None:
@@ -331,6 +340,8 @@ async def abandon(run: Running) -> None:
     if run.plan.listens:
         submission_api.uninstall()
     await run.spool.close()
+    if run.queue_lock is not None:
+        run.queue_lock.release()
 
 
 async def start_children(run: Running, config: Config) -> None:
@@ -452,6 +463,8 @@ async def shut_down(run: Running) -> None:
     if run.plan.listens:
         submission_api.uninstall()
     await run.spool.close()
+    if run.queue_lock is not None:
+        run.queue_lock.release()
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
