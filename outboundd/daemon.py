@@ -95,11 +95,11 @@ class OutboundSettings:
         except ConfigError as exc:
             log.error("outbound.ini not reloaded; keeping the previous settings", error=str(exc))
             return False
-        queue = {"queue_dir": self.current.queue_dir, "queue_url": self.current.queue_url}
-        if {"queue_dir": fresh.queue_dir, "queue_url": fresh.queue_url} != queue:
-            # A child restarted later must open the queue this process has open.
+        if (fresh.queue_dir, fresh.queue_url) != (self.current.queue_dir, self.current.queue_url):
             log.warn("queue_dir and queue_url changes need a restart; keeping the current queue")
-            fresh = fresh.model_copy(update=queue)
+            fresh = fresh.model_copy(
+                update={"queue_dir": self.current.queue_dir, "queue_url": self.current.queue_url}
+            )
         if fresh == self.current:
             return False
         self.current = fresh

@@ -80,6 +80,7 @@ __all__ = [
     "should_send_dsn",
     "subject_for",
     "success_action",
+    "utf8_addr_xtext",
 ]
 
 DsnAction = Literal["failed", "delayed", "delivered", "relayed", "expanded"]
@@ -140,7 +141,9 @@ class DsnRecipient:
     the action's class.  ``diagnostic_code``/``diagnostic_text`` are the
     remote server's reply (text after the code, enhanced code included if
     the server sent one); without a code no Diagnostic-Code is written,
-    because our own reasons are not SMTP replies.
+    because our own reasons are not SMTP replies.  ``reason`` is our own
+    sentence for a recipient without one (null MX, retries exhausted), for
+    the human part.
     """
 
     address: str
@@ -152,6 +155,7 @@ class DsnRecipient:
     diagnostic_text: str | None = None
     last_attempt_at: float | None = None
     will_retry_until: float | None = None
+    reason: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -393,12 +397,14 @@ def reason_operator(text: str | None = None) -> str:
 
 
 def describe_recipients(recipients: Iterable[DsnRecipient]) -> str:
-    """One line per recipient — ``addr: 550 5.1.1 text`` — for
-    ``{extended_reason}``."""
+    """One line per recipient — ``addr: 550 5.1.1 text``, or our own
+    reason when no server replied — for ``{extended_reason}``."""
     lines = []
     for r in recipients:
         if r.diagnostic_code is not None:
             detail = f"{r.diagnostic_code} {_one_line(r.diagnostic_text or '')}".strip()
+        elif r.reason:
+            detail = _one_line(r.reason)
         else:
             detail = f"{r.action} ({r.status})"
         lines.append(f"{r.address}: {detail}")
@@ -596,12 +602,16 @@ def _escape_non_ascii(text: str) -> str:
     return "".join(c if ord(c) < 0x7F else f"\\x{{{ord(c):02X}}}" for c in text)
 
 
-def _utf8_addr_xtext(address: str) -> str:
-    """RFC 6533 utf-8-addr-xtext: QCHARs as is, everything else ``\\x{HEX}``."""
+def utf8_addr_xtext(address: str, *, unitext: bool = False) -> str:
+    """RFC 6533 utf-8-addr-xtext: QCHARs as is, everything else ``\\x{HEX}``.
+
+    With ``unitext`` (utf-8-addr-unitext, only where SMTPUTF8 is in use)
+    non-ASCII characters stay as they are.
+    """
     out = []
     for c in address:
         cp = ord(c)
-        if 0x21 <= cp <= 0x7E and c not in "+=\\":
+        if (0x21 <= cp <= 0x7E and c not in "+=\\") or (unitext and cp >= 0x80 and c.isprintable()):
             out.append(c)
         else:
             out.append(f"\\x{{{cp:02X}}}")
@@ -620,7 +630,7 @@ def _address_field(addr_type: str, address: str) -> str:
         addr_type = "rfc822"
     if address.isascii() and addr_type != "utf-8":
         return f"{addr_type}; {address}"
-    return f"utf-8; {_utf8_addr_xtext(address)}"
+    return f"utf-8; {utf8_addr_xtext(address)}"
 
 
 def _fold(name: str, value: str) -> str:

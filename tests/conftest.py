@@ -65,3 +65,13 @@ def queue_location(request: pytest.FixtureRequest, tmp_path: Path) -> str | Path
         return tmp_path / "queue"
     url: str = request.getfixturevalue("pg_url")
     return url
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def queue_url(request: pytest.FixtureRequest) -> str | None:
+    """``outbound.ini queue_url`` for an end-to-end test, once per backend: None
+    (SQLite in the config's queue directory), or a fresh PostgreSQL database."""
+    if request.param == "sqlite":
+        return None
+    url: str = request.getfixturevalue("pg_url")
+    return url

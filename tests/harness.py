@@ -2,13 +2,16 @@
 
 :func:`write_config` makes a throwaway config directory (loopback only);
 :class:`Daemon` starts ``python -m outboundd -c DIR``, waits for its
-``ready`` line, collects its log lines, and stops it by PID.
+``ready`` line, collects its log lines, and stops it by PID.  When the
+config has ``queue_url`` (the PostgreSQL backend), :meth:`Daemon.query`
+reads that database instead of ``queue/outbound.db`` (:func:`run_sql`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import os
 import re
 import signal
@@ -18,6 +21,7 @@ import ssl
 import sys
 import time
 from collections.abc import AsyncIterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +73,66 @@ def write_config(
     return directory
 
 
+def queue_url_of(config_dir: Path) -> str | None:
+    """The ``queue_url`` a test config sets (PostgreSQL), or None (SQLite in queue/)."""
+    match = re.search(r"^queue_url=(\S+)$", (config_dir / "outbound.ini").read_text(), re.M)
+    return match[1] if match else None
+
+
+def run_sql(location: str | Path, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    """One statement (``?`` placeholders) on a queue: a ``postgresql://`` URL or an SQLite file.
+
+    Blocking, like ``sqlite3``: the PostgreSQL query runs on its own event
+    loop in a helper thread, so it can be called from async tests too.
+    """
+    if isinstance(location, str) and location.startswith("postgresql://"):
+        import asyncpg
+
+        numbers = itertools.count(1)
+        text = re.sub(r"\?", lambda _m: f"${next(numbers)}", sql)
+
+        async def fetch() -> list[tuple[Any, ...]]:
+            conn = await asyncpg.connect(location)
+            try:
+                if text.lstrip().upper().startswith(("UPDATE", "DELETE", "INSERT")):
+                    await conn.execute(text, *params)
+                    return []
+                return [tuple(r) for r in await conn.fetch(text, *params)]
+            finally:
+                await conn.close()
+
+        with ThreadPoolExecutor(1) as pool:
+            return pool.submit(asyncio.run, fetch()).result()
+    con = sqlite3.connect(location, timeout=10)
+    try:
+        with con:
+            return con.execute(sql, params).fetchall()
+    finally:
+        con.close()
+
+
+def view_columns(location: str | Path, view: str) -> list[str]:
+    """A view's column names, in order, on either backend."""
+    if isinstance(location, str) and location.startswith("postgresql://"):
+        import asyncpg
+
+        async def names() -> list[str]:
+            conn = await asyncpg.connect(location)
+            try:
+                stmt = await conn.prepare(f"SELECT * FROM {view} LIMIT 0")
+                return [a.name for a in stmt.get_attributes()]
+            finally:
+                await conn.close()
+
+        with ThreadPoolExecutor(1) as pool:
+            return pool.submit(asyncio.run, names()).result()
+    con = sqlite3.connect(location)
+    try:
+        return [c[0] for c in con.execute(f"SELECT * FROM {view} LIMIT 0").description]
+    finally:
+        con.close()
+
+
 def smtp_port_of(config_dir: Path) -> int:
     text = (config_dir / "smtp.ini").read_text()
     match = re.search(r"listen=127\.0\.0\.1:(\d+)", text)
@@ -83,6 +147,7 @@ class Daemon:
         self.config_dir = config_dir
         self.smtp_port = smtp_port_of(config_dir)
         self.queue_dir = config_dir.parent / "queue"
+        self.queue_url = queue_url_of(config_dir)
         self.proc: asyncio.subprocess.Process | None = None
         self.lines: list[str] = []
         self._reader: asyncio.Task[None] | None = None
@@ -193,11 +258,14 @@ class Daemon:
     # ---------------------------------------------------------- queue view
 
     def query(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-        con = sqlite3.connect(self.queue_dir / "outbound.db", timeout=10)
-        try:
-            return con.execute(sql, params).fetchall()
-        finally:
-            con.close()
+        return run_sql(self.queue_url or self.queue_dir / "outbound.db", sql, params)
+
+    def body_kept(self, queue_id: str) -> bool:
+        """Whether the spool still holds ``queue_id``'s body (a file, or a row)."""
+        if self.queue_url:
+            rows = self.query("SELECT count(*) FROM bodies WHERE queue_id = ?", (queue_id,))
+            return bool(rows[0][0])
+        return bool(list((self.queue_dir / "bodies").glob(f"*/{queue_id}")))
 
     async def wait_for_status(
         self, queue_id: str, status: str, *, count: int = 1, timeout: float = 15.0

@@ -130,21 +130,28 @@ class PgCluster:
             timeout=timeout,
         )
         port = _free_port()
+        cluster = cls(base, port)
+        cluster.start_server(timeout=timeout)
+        return cluster
+
+    def start_server(self, *, timeout: float = 60.0) -> None:
+        """Start the server on the existing data directory (again, after :meth:`kill`)."""
         options = (
-            f"-c port={port} -c listen_addresses=127.0.0.1 -c unix_socket_directories={base} "
+            f"-c port={self.port} -c listen_addresses=127.0.0.1 "
+            f"-c unix_socket_directories={self.base} "
             "-c fsync=off -c full_page_writes=off -c max_connections=200 "
             "-c shared_buffers=32MB -c log_min_messages=warning"
         )
         subprocess.run(
             _as_server_user(
                 [
-                    str(bindir / "pg_ctl"),
+                    str(pg_bindir() / "pg_ctl"),
                     "-D",
-                    str(data),
+                    str(self.data),
                     "-o",
                     options,
                     "-l",
-                    str(base / "server.log"),
+                    str(self.base / "server.log"),
                     "-w",
                     "-t",
                     str(int(timeout)),
@@ -155,7 +162,22 @@ class PgCluster:
             capture_output=True,
             timeout=timeout + 10,
         )
-        return cls(base, port)
+
+    def kill(self, *, timeout: float = 30.0) -> None:
+        """Stop the server by its PID (immediate shutdown), keeping the data directory."""
+        pid = self.pid()
+        if pid is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGQUIT)  # "immediate" shutdown: like a crash, WAL replays
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and _alive(pid):
+            time.sleep(0.05)
+        if _alive(pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(FileNotFoundError):
+            (self.data / "postmaster.pid").unlink()
 
     @classmethod
     def attach(cls, base: Path) -> PgCluster:

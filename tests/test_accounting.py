@@ -11,6 +11,10 @@ scripted MX hosts (one with STARTTLS), delivered, deferred, bounced (with a
 DSN to the sender's MX) and flushed with ``outboundctl``.  Only one thing is
 faked: one deferred message's ``received_at`` is moved two days back, so
 "stuck for more than a day" has something to find without waiting a day.
+
+All of it runs twice, with the queue in SQLite and in PostgreSQL
+(``queue_url``); on PostgreSQL a query's ``<!-- query-postgresql: NAME -->``
+form is used where the doc gives one.
 """
 
 from __future__ import annotations
@@ -18,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
-import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -30,12 +33,14 @@ import pytest
 from outboundd.plugins.auth_flat_file import add_user
 from tests.certs import make_pki
 from tests.dnsserver import DNSServer
-from tests.harness import running, write_config
+from tests.harness import run_sql, running, view_columns, write_config
 from tests.mxserver import MXScript, mx_server
+from tests.pgcluster import PgCluster
 from tests.test_ctl import ctl, send
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "accounting.md"
 QUERY = re.compile(r"<!-- query: (\w+) -->\s*```sql\n(.*?)```", re.DOTALL)
+PG_QUERY = re.compile(r"<!-- query-postgresql: (\w+) -->\s*```sql\n(.*?)```", re.DOTALL)
 
 PLAIN_RCPT = {
     "gone@plain.test": "550 5.1.1 user unknown",
@@ -44,27 +49,31 @@ PLAIN_RCPT = {
 }
 
 
-def doc_queries() -> dict[str, str]:
-    found = QUERY.findall(DOC.read_text(encoding="utf-8"))
+def doc_queries(backend: str = "sqlite") -> dict[str, str]:
+    """The documented queries; for ``postgresql``, its own forms where there are."""
+    text = DOC.read_text(encoding="utf-8")
+    found = QUERY.findall(text)
     queries = dict(found)
     assert len(queries) == len(found), "a query name is used twice in docs/accounting.md"
+    if backend == "postgresql":
+        forms = PG_QUERY.findall(text)
+        assert len(dict(forms)) == len(forms), "a PostgreSQL form is given twice"
+        assert set(dict(forms)) <= set(queries), "a PostgreSQL form without its query"
+        queries.update(forms)
     return queries
 
 
 @dataclass
 class Filled:
-    db: Path
+    db: Path | str  # the SQLite file, or the PostgreSQL queue's URL
     ids: dict[str, str]  # scenario name -> queue ID
+    backend: str
 
     def query(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-        con = sqlite3.connect(self.db)
-        try:
-            return con.execute(sql, params).fetchall()
-        finally:
-            con.close()
+        return run_sql(self.db, sql, params)
 
 
-async def fill(tmp: Path) -> Filled:
+async def fill(tmp: Path, queue_url: str | None) -> Filled:
     """Run the daemon through the scenario the checks below describe."""
     pki = make_pki(tmp / "pki")
     zones = {
@@ -87,7 +96,10 @@ async def fill(tmp: Path) -> Filled:
             tmp / "config",
             dns_port=dns.port,
             mx_port=port,
-            outbound={"temp_fail_intervals": "1h"},
+            outbound={
+                "temp_fail_intervals": "1h",
+                **({"queue_url": queue_url} if queue_url else {}),
+            },
             plugins=["auth_flat_file"],
         )
         add_user(config / "auth_flat_file.ini", "alice", "alice-pw")
@@ -116,20 +128,25 @@ async def fill(tmp: Path) -> Filled:
             flushed = await ctl(config, "flush", ids["grey"])
             assert flushed.out == "1 recipient(s) due now\n", flushed
             await d.wait_for_status(ids["grey"], "delivered")
-        filled = Filled(d.queue_dir / "outbound.db", ids)
-    con = sqlite3.connect(filled.db)
-    with con:
-        con.execute(
-            "UPDATE messages SET received_at = received_at - 2 * 86400 WHERE queue_id = ?",
-            (ids["stuck"],),
+        filled = Filled(
+            queue_url or d.queue_dir / "outbound.db",
+            ids,
+            "postgresql" if queue_url else "sqlite",
         )
-    con.close()
+    filled.query(
+        "UPDATE messages SET received_at = received_at - 2 * 86400 WHERE queue_id = ?",
+        (ids["stuck"],),
+    )
     return filled
 
 
-@pytest.fixture(scope="module")
-def filled(tmp_path_factory: pytest.TempPathFactory) -> Filled:
-    return asyncio.run(fill(tmp_path_factory.mktemp("accounting")))
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def filled(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Filled:
+    url = None
+    if request.param == "postgresql":
+        cluster: PgCluster = request.getfixturevalue("pg_cluster")
+        url = cluster.create_database("accounting")
+    return asyncio.run(fill(tmp_path_factory.mktemp("accounting"), url))
 
 
 def seconds(iso: str) -> float:
@@ -231,12 +248,13 @@ CHECKS: dict[str, Callable[[Filled, list[tuple[Any, ...]]], None]] = {
 
 def test_every_documented_query_has_a_check() -> None:
     assert sorted(doc_queries()) == sorted(CHECKS)
+    assert sorted(doc_queries("postgresql")) == sorted(CHECKS)
     assert len(CHECKS) >= 8
 
 
 @pytest.mark.parametrize("name", sorted(CHECKS))
 def test_documented_query(name: str, filled: Filled) -> None:
-    sql = doc_queries()[name]
+    sql = doc_queries(filled.backend)[name]
     CHECKS[name](filled, filled.query(sql))
 
 
@@ -248,9 +266,4 @@ def test_views_match_the_documented_columns(filled: Filled) -> None:
         documented: list[str] = []
         for cells in re.findall(r"^\| (`[^|]+`) \|", section, re.MULTILINE):
             documented += re.findall(r"`(\w+)`", cells)
-        con = sqlite3.connect(filled.db)
-        try:
-            actual = [c[0] for c in con.execute(f"SELECT * FROM {view} LIMIT 0").description]
-        finally:
-            con.close()
-        assert documented == actual, view
+        assert documented == view_columns(filled.db, view), view

@@ -1,5 +1,6 @@
 """``outboundctl`` as an operator runs it: a real subprocess on a real spool.
 
+Both parts run twice, on a SQLite queue and on a PostgreSQL one (``queue_url``).
 The first part fills a spool in ``tmp_path`` through :class:`Spool` itself
 (accept, claim, record — the daemon's own calls) and runs every command and
 flag against it.  The second part runs the real ``outboundd`` with a loopback
@@ -15,7 +16,6 @@ import json
 import os
 import pty
 import re
-import sqlite3
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -25,10 +25,11 @@ from typing import Any
 
 import pytest
 
+from outboundd import spool as spool_backend
 from outboundd.config import load_config
 from outboundd.spool import AttemptRecord, NewMessage, NewRecipient, Outcome, Spool
 from tests.dnsserver import DNSServer
-from tests.harness import free_port, queued_id, running, write_config
+from tests.harness import free_port, queued_id, run_sql, running, write_config
 from tests.mxserver import MXScript, MXServer, mx_server
 
 SENDER = "alice@sender.test"
@@ -113,17 +114,13 @@ def assert_usage(result: Result, pattern: str) -> None:
 @dataclass
 class Queue:
     config: Path
-    db: Path
+    db: Path | str  # the SQLite file, or the PostgreSQL queue's URL
     greylisted: str  # bob@dest.test deferred (451), carol@other.test delivered
     nullsender: str  # <> -> x@dest.test, queued
     other: str  # mallory@sender.test -> y@other.test, deferred, received 3h ago
 
     def query(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-        con = sqlite3.connect(self.db)
-        try:
-            return con.execute(sql, params).fetchall()
-        finally:
-            con.close()
+        return run_sql(self.db, sql, params)
 
 
 async def record(spool: Spool, owner: str, outcomes: dict[str, AttemptRecord]) -> None:
@@ -152,10 +149,16 @@ async def record(spool: Spool, owner: str, outcomes: dict[str, AttemptRecord]) -
 
 
 @pytest.fixture
-async def queue(tmp_path: Path) -> Queue:
-    config = write_config(tmp_path / "config", dns_port=free_port(), mx_port=free_port())
+async def queue(tmp_path: Path, queue_url: str | None) -> Queue:
+    """The same queue in SQLite and (``queue_url``) in PostgreSQL: every command runs on both."""
+    config = write_config(
+        tmp_path / "config",
+        dns_port=free_port(),
+        mx_port=free_port(),
+        outbound={"queue_url": queue_url} if queue_url else None,
+    )
     queue_dir = load_config(config).outbound.queue_dir
-    spool = await Spool.open(queue_dir)
+    spool = await spool_backend.open(queue_url or queue_dir)
     try:
         rcpts = [NewRecipient("bob@dest.test"), NewRecipient("carol@other.test")]
         first = await spool.accept(NewMessage(SENDER, rcpts, BODY, auth_user="alice"))
@@ -192,19 +195,14 @@ async def queue(tmp_path: Path) -> Queue:
         )  # fmt: skip
     finally:
         await spool.close()
-    q = Queue(config, queue_dir / "outbound.db", first, second, third)
-    con = sqlite3.connect(q.db)
-    with con:
-        con.execute(
-            "UPDATE messages SET received_at = received_at - 3 * 3600 WHERE queue_id = ?", (third,)
-        )
-        # x@dest.test: back to plain "queued", as if never tried.
-        con.execute(
-            "UPDATE recipients SET status = 'queued', attempts = 0, last_code = NULL,"
-            " last_status = NULL, last_response = NULL, last_mx = NULL WHERE queue_id = ?",
-            (second,),
-        )
-    con.close()
+    q = Queue(config, queue_url or queue_dir / "outbound.db", first, second, third)
+    q.query("UPDATE messages SET received_at = received_at - 3 * 3600 WHERE queue_id = ?", (third,))
+    # x@dest.test: back to plain "queued", as if never tried.
+    q.query(
+        "UPDATE recipients SET status = 'queued', attempts = 0, last_code = NULL,"
+        " last_status = NULL, last_response = NULL, last_mx = NULL WHERE queue_id = ?",
+        (second,),
+    )
     return q
 
 
@@ -419,6 +417,13 @@ async def test_delete_drops_without_dsn(queue: Queue) -> None:
         ("bob@dest.test", "dropped", "deleted by operator"),
         ("carol@other.test", "delivered", None),
     ]
+    # The reason is in the accounting view, not only in `show`; the old remote
+    # reply (a 451 greylisting) no longer stands as the row's last word.
+    assert queue.query(
+        "SELECT last_code, last_status, last_response FROM deliveries "
+        "WHERE queue_id = ? AND recipient = 'bob@dest.test'",
+        (queue.greylisted,),
+    ) == [(None, "5.0.0", "deleted by operator")]
     assert queue.query("SELECT count(*) FROM messages WHERE dsn_of IS NOT NULL") == [(0,)]
     assert queue.query(
         "SELECT finished_at IS NOT NULL FROM messages WHERE queue_id = ?", (queue.greylisted,)
@@ -440,6 +445,10 @@ async def test_bounce_queues_one_dsn_to_the_sender(queue: Queue) -> None:
         "SELECT status, final_reason LIKE '%spam complaint%' FROM recipients WHERE queue_id = ?",
         (queue.other,),
     ) == [("bounced", 1)]
+    assert queue.query(
+        "SELECT last_code, last_status, last_response FROM deliveries WHERE queue_id = ?",
+        (queue.other,),
+    ) == [(None, "5.0.0", "bounced by the operator: spam complaint")]
     assert queue.query("SELECT mail_from, dsn_of FROM messages WHERE queue_id = ?", (dsn_qid,)) == [
         ("", queue.other)
     ]
@@ -618,15 +627,20 @@ class World:
     mx: MXServer  # 127.0.0.2: mx.dest.test
     sender_mx: MXServer  # 127.0.0.3: mx.sender.test, where DSNs go
     tmp: Path
+    queue_url: str | None  # None: SQLite; else the PostgreSQL queue (run against both)
 
     def config(self, **outbound: object) -> Path:
+        if self.queue_url:
+            outbound.setdefault("queue_url", self.queue_url)
         return write_config(
             self.tmp / "config", dns_port=self.dns.port, mx_port=self.mx.port, outbound=outbound
         )
 
 
 @pytest.fixture
-async def world(dns_server: DNSServer, tmp_path: Path) -> AsyncIterator[World]:
+async def world(
+    dns_server: DNSServer, tmp_path: Path, queue_url: str | None
+) -> AsyncIterator[World]:
     dns_server.zones.update(
         {
             "dest.test": {"MX": [(10, "mx.dest.test")]},
@@ -638,7 +652,7 @@ async def world(dns_server: DNSServer, tmp_path: Path) -> AsyncIterator[World]:
     async with contextlib.AsyncExitStack() as stack:
         mx = await stack.enter_async_context(mx_server(MXScript(), host="127.0.0.2"))
         smx = await stack.enter_async_context(mx_server(MXScript(), host="127.0.0.3", port=mx.port))
-        yield World(dns_server, mx, smx, tmp_path)
+        yield World(dns_server, mx, smx, tmp_path, queue_url)
 
 
 async def test_flush_makes_the_running_daemon_deliver_within_a_second(world: World) -> None:

@@ -17,25 +17,11 @@ import pytest
 from tests.dnsserver import DNSServer
 from tests.harness import running, submit, write_config
 from tests.mxserver import SILENT, MXScript, MXServer, mx_server
+from tests.test_session_timeouts import TIMEOUTS as PHASE_TIMEOUTS
 
 SENDER = "alice@sender.test"
-#: Every documented timeout of the session, short.
-TIMEOUTS = {
-    key: 0.5
-    for key in (
-        "greeting_timeout",
-        "ehlo_timeout",
-        "starttls_timeout",
-        "auth_timeout",
-        "mail_timeout",
-        "rcpt_timeout",
-        "data_timeout",
-        "data_block_timeout",
-        "data_end_timeout",
-        "rset_timeout",
-        "quit_timeout",
-    )
-}
+#: Every documented timeout of the session after the connect, short.
+TIMEOUTS = {key: 0.5 for key in PHASE_TIMEOUTS if key != "connect_timeout"}
 
 
 @pytest.fixture

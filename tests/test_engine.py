@@ -313,8 +313,8 @@ async def test_get_mx_plugin_routes_and_refuses(rig: Rig) -> None:
     await rig.run_once()
     rows = rig.rows(qid)
     assert rows["a@routed.test"][0] == "delivered"
-    assert rows["b@denied.test"][:3] == ("bounced", 550, "5.1.2")
-    assert rows["c@later.test"][:3] == ("deferred", 451, "4.1.2")
+    assert rows["b@denied.test"][:3] == ("bounced", None, "5.1.2")  # our decision: no code
+    assert rows["c@later.test"][:3] == ("deferred", None, "4.1.2")
     assert rows["d@junk.test"][0] == "deferred"  # unusable plugin value: defer, never lose
 
 
@@ -431,8 +431,9 @@ async def test_attempt_row_keeps_tls_and_auth_after_a_refused_login(
             await r.run_once()
             con = sqlite3.connect(r.spool.db_path)
             try:
-                tls, auth, outcome, response = con.execute(
-                    "SELECT tls, auth, outcome, response FROM attempts WHERE queue_id = ?", (qid,)
+                tls, auth, outcome, code, response = con.execute(
+                    "SELECT tls, auth, outcome, code, response FROM attempts WHERE queue_id = ?",
+                    (qid,),
                 ).fetchone()
             finally:
                 con.close()
@@ -442,5 +443,8 @@ async def test_attempt_row_keeps_tls_and_auth_after_a_refused_login(
     assert outcome == "deferred"
     assert tls is not None and tls.startswith("TLS")
     assert auth == "PLAIN relayuser"
-    assert "relayuser" in response if auth_reply is None else "at auth" in response
+    if auth_reply is None:  # the server's own refusal, as sent (item 12)
+        assert (code, response) == (535, "Authentication credentials invalid")
+    else:  # no answer: no code, our reason
+        assert code is None and "at auth" in response
     assert "MAIL" not in mx.commands

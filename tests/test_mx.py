@@ -238,7 +238,7 @@ async def test_null_mx_is_permanent_5_1_10(dns_server: DNSServer) -> None:
     dns_server.zones["nullmx.test"] = {"MX": [(0, ".")], "A": ["127.0.0.2"]}
     error = await resolve_error(make_resolver(dns_server), "nullmx.test")
     assert (error.permanent, error.code, error.status) == (True, 556, "5.1.10")
-    assert error.message == "null MX: nullmx.test accepts no mail (RFC 7505)"
+    assert error.message == "null MX for nullmx.test: the domain does not accept mail (RFC 7505)"
     assert dns_server.count("nullmx.test", "A") == 0
 
 

@@ -20,7 +20,7 @@ from outboundd.delivery.replies import (
     classify,
     outcome_of,
     parse_reply,
-    to_permanent,
+    to_exhausted,
     to_transient,
 )
 from outboundd.delivery.session import (
@@ -33,6 +33,7 @@ from outboundd.delivery.session import (
     deliver_job,
     dot_stuff,
     host_listed,
+    orcpt_param,
     plan_envelope,
     xtext,
 )
@@ -107,18 +108,24 @@ def outcomes(result: SessionResult) -> dict[int, Outcome]:
 # ---------------------------------------------------------------- replies (pure)
 
 
+def shape(reply: Reply) -> tuple[int, str | None, str]:
+    """A reply's code, status and text (what the record carries)."""
+    return (reply.code, reply.status, reply.text)
+
+
 def test_parse_reply_takes_enhanced_status_with_multi_digit_parts() -> None:
     reply = parse_reply(550, "5.7.26 Unauthenticated email is not accepted\n5.7.26 see docs")
-    assert reply == Reply(550, "5.7.26", "Unauthenticated email is not accepted see docs")
-    assert str(reply) == "550 5.7.26 Unauthenticated email is not accepted see docs"
+    assert shape(reply) == (550, "5.7.26", "Unauthenticated email is not accepted see docs")
+    # The line as sent, for Diagnostic-Code: nothing taken out, nothing added.
+    assert str(reply) == "550 5.7.26 Unauthenticated email is not accepted 5.7.26 see docs"
 
 
 def test_parse_reply_defaults_and_mismatched_class() -> None:
-    assert parse_reply(550, "no such user") == Reply(550, "5.0.0", "no such user")
-    assert parse_reply(451, "") == Reply(451, "4.0.0", "")
+    assert shape(parse_reply(550, "no such user")) == (550, "5.0.0", "no such user")
+    assert shape(parse_reply(451, "")) == (451, "4.0.0", "")
     # RFC 3463: the status class must match the reply code; otherwise it is text.
-    assert parse_reply(450, "5.1.1 odd") == Reply(450, "4.0.0", "5.1.1 odd")
-    assert parse_reply(250, "2.1.5ok") == Reply(250, "2.0.0", "2.1.5ok")
+    assert shape(parse_reply(450, "5.1.1 odd")) == (450, "4.0.0", "5.1.1 odd")
+    assert shape(parse_reply(250, "2.1.5ok")) == (250, "2.0.0", "2.1.5ok")
     assert parse_reply(-1, "garbage").status == "4.5.0"
     long = parse_reply(250, "x" * 5000 + "\x00\x07")
     assert len(long.text) == 2000 and "\x00" not in long.text
@@ -136,22 +143,44 @@ def test_classify_and_outcome() -> None:
     assert outcome_of(Reply(600, "4.5.0", "")) is DEFERRED
 
 
-def test_to_permanent_turns_the_class_and_keeps_the_original() -> None:
-    perm = to_permanent(Reply(451, "4.4.1", "try later"), "retries exhausted")
-    assert perm == Reply(554, "5.4.1", "retries exhausted; last reply: 451 4.4.1 try later")
-    assert to_permanent(Reply(450, "4.2.1", "busy")).code == 550
-    assert to_permanent(Reply(452, None, "full")) == Reply(552, "5.0.0", "last reply: 452 full")
-    bounced = Reply(550, "5.1.1", "gone")
-    assert to_permanent(bounced) is bounced
+def test_to_exhausted_turns_only_the_status_and_keeps_the_remote_reply() -> None:
+    last = parse_reply(451, "4.7.1 greylisted, try later")
+    final = to_exhausted(last)
+    assert (final.code, final.status, final.text) == (451, "5.7.1", "greylisted, try later")
+    assert final.line == "451 4.7.1 greylisted, try later"  # the remote's words
+    assert final.recorded_code == 451
+    assert to_exhausted(parse_reply(452, "full")).status == "5.0.0"
+    local = to_exhausted(Reply(421, "4.4.1", "connection to [192.0.2.1]:25 failed: refused"))
+    assert (local.status, local.recorded_code, local.line) == ("5.4.1", None, None)
+    bounced = parse_reply(550, "5.1.1 gone")
+    assert to_exhausted(bounced) is bounced
 
 
-def test_to_transient() -> None:
-    assert to_transient(Reply(554, "5.7.1", "go away"), "mx [1.2.3.4]:25 greeted") == Reply(
-        451, "4.7.1", "mx [1.2.3.4]:25 greeted: 554 5.7.1 go away"
+def test_to_transient_keeps_the_remote_code_and_words() -> None:
+    moved = to_transient(parse_reply(554, "5.7.1 go away"), "mx [1.2.3.4]:25 greeted")
+    assert (moved.code, moved.status, moved.text) == (554, "4.7.1", "go away")
+    assert moved.recorded_code == 554 and moved.line == "554 5.7.1 go away"
+    assert moved.context == "mx [1.2.3.4]:25 greeted"
+    assert str(moved) == "mx [1.2.3.4]:25 greeted: 554 5.7.1 go away"
+    kept = to_transient(parse_reply(421, "4.3.2 bye"), "ctx")
+    assert (kept.code, kept.status, kept.text, str(kept)) == (
+        421,
+        "4.3.2",
+        "bye",
+        "ctx: 421 4.3.2 bye",
     )
-    assert to_transient(Reply(421, "4.3.2", "bye"), "ctx") == Reply(
-        421, "4.3.2", "ctx: 421 4.3.2 bye"
-    )
+    ours = to_transient(Reply(550, "5.0.0", "made up here"), "ctx")
+    assert (ours.status, ours.text, ours.recorded_code) == ("4.0.0", "ctx: made up here", None)
+
+
+def test_only_a_server_reply_has_a_recorded_code_and_line() -> None:
+    plain = parse_reply(550, "mailbox unavailable")
+    assert plain.status == "5.0.0"  # derived for the record ...
+    assert plain.line == "550 mailbox unavailable"  # ... never put into the remote's words
+    assert plain.recorded_code == 550
+    local = Reply(421, "4.4.1", "connection refused")
+    assert local.recorded_code is None and local.line is None
+    assert str(local) == "connection refused"
 
 
 def test_failures_carry_the_reply() -> None:
@@ -208,6 +237,24 @@ def test_plan_envelope_parameters(job_factory: Callable[..., DeliveryJob]) -> No
     assert plan.rcpt_params[2] == ()
     bare = plan_envelope(job, job.recipients, {}, peer="mx")
     assert bare.mail_params == () and bare.rcpt_params == {} and not bare.dsn
+
+
+def test_orcpt_goes_on_in_its_own_type_and_rfc_6533_encoding() -> None:
+    # rfc822 keeps xtext of the UTF-8 octets: the parameter goes on as it came.
+    assert orcpt_param("rfc822;jänedoe@dest.test", utf8=False) == (
+        "ORCPT=rfc822;j+C3+A4nedoe@dest.test"
+    )
+    assert orcpt_param("rfc822;jänedoe@dest.test", utf8=True) == (
+        "ORCPT=rfc822;j+C3+A4nedoe@dest.test"
+    )
+    # utf-8: utf-8-addr-xtext without SMTPUTF8, utf-8-addr-unitext with it.
+    assert orcpt_param("utf-8;jürgen@dest.test", utf8=False) == "ORCPT=utf-8;j\\x{FC}rgen@dest.test"
+    assert orcpt_param("utf-8;jürgen@dest.test", utf8=True) == "ORCPT=utf-8;jürgen@dest.test"
+    assert orcpt_param("utf-8;a+b=c@dest.test", utf8=True) == (
+        "ORCPT=utf-8;a\\x{2B}b\\x{3D}c@dest.test"
+    )
+    assert orcpt_param(None, utf8=False) is None
+    assert orcpt_param("rfc822; ", utf8=False) is None
 
 
 def test_plan_envelope_refusals(job_factory: Callable[..., DeliveryJob]) -> None:
@@ -325,9 +372,9 @@ async def test_mixed_rcpt_replies_and_251_252_are_accepted(
     result = await deliver_job(job, [mx.target()], settings())
     assert outcomes(result) == {1: DELIVERED, 2: DELIVERED, 3: DEFERRED, 4: DELIVERED, 5: BOUNCED}
     assert mx.transactions[0].rcpt_tos == ["ok@dest.test", "fwd@dest.test", "cannot@dest.test"]
-    assert result.recipients[3].reply == Reply(450, "4.2.1", "mailbox busy")
+    assert shape(result.recipients[3].reply) == (450, "4.2.1", "mailbox busy")
     assert result.recipients[3].stage is Stage.RCPT
-    assert result.recipients[5].reply == Reply(550, "5.1.1", "no such user")
+    assert shape(result.recipients[5].reply) == (550, "5.1.1", "no such user")
     assert result.ids(DELIVERED) == (1, 2, 4)
 
 
@@ -663,10 +710,11 @@ async def test_auth_failure_defers_not_bounces(
     assert (res.outcome, res.stage, res.reply.code, res.reply.status) == (
         DEFERRED,
         Stage.AUTH,
-        451,
+        535,  # the code the server sent; deferring is our decision (status 4.x.x)
         "4.7.8",
     )
-    assert "relayuser" in res.reply.text and "535" in res.reply.text
+    assert res.reply.context is not None and "relayuser" in res.reply.context
+    assert res.reply.line is not None and res.reply.line.startswith("535 ")
     assert "MAIL" not in mx.commands
     # What the connection did before the refusal stays on the record (item 19).
     assert res.connection is not None and res.connection.tls is not None
@@ -789,8 +837,8 @@ async def test_lmtp_replies_are_attributed_per_recipient_in_rcpt_order(
     )
     result = await deliver_job(job, [mx.target()], settings())
     assert outcomes(result) == {1: DELIVERED, 2: DEFERRED, 3: BOUNCED, 4: BOUNCED, 5: DELIVERED}
-    assert result.recipients[2].reply == Reply(452, "4.2.2", "mailbox full")
-    assert result.recipients[4].reply == Reply(554, "5.6.0", "rejected")
+    assert shape(result.recipients[2].reply) == (452, "4.2.2", "mailbox full")
+    assert shape(result.recipients[4].reply) == (554, "5.6.0", "rejected")
     assert result.recipients[3].stage is Stage.RCPT and result.lmtp
     assert mx.commands[0] == "LHLO" and "EHLO" not in mx.commands
 

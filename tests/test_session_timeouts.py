@@ -39,6 +39,8 @@ SLACK = 3.0
 BODY = b"From: a@sender.test\r\nSubject: silent\r\n\r\nhello\r\n"
 
 
+#: Every documented wait for a remote (docs/configuration.md), in session order;
+#: other tests import this list rather than keep their own.
 TIMEOUTS = (
     "connect_timeout",
     "greeting_timeout",
@@ -308,16 +310,19 @@ async def test_the_engine_records_a_timeout_as_a_deferral_with_its_reason(
     assert time.monotonic() - began < T + SLACK
     con = sqlite3.connect(spool.db_path)
     try:
-        status, last_status, last_response = con.execute(
-            "SELECT status, last_status, last_response FROM deliveries WHERE queue_id = ?",
+        status, last_code, last_status, last_response = con.execute(
+            "SELECT status, last_code, last_status, last_response FROM deliveries"
+            " WHERE queue_id = ?",
             (qid,),
         ).fetchone()
-        outcome, response, mx_ip = con.execute(
-            "SELECT outcome, response, mx_ip FROM attempts WHERE queue_id = ?", (qid,)
+        outcome, code, response, mx_ip = con.execute(
+            "SELECT outcome, code, response, mx_ip FROM attempts WHERE queue_id = ?", (qid,)
         ).fetchone()
     finally:
         con.close()
     assert (status, last_status, outcome, mx_ip) == ("deferred", "4.4.2", "deferred", "127.0.0.2")
+    # A timeout is our reason, not a reply: no code was sent, none is recorded.
+    assert (code, last_code) == (None, None)
     assert f"did not answer within {T:g}s at ehlo" in last_response
     assert last_response == response
 

@@ -500,6 +500,15 @@ async def test_recovery_cleans_files_and_marks_missing_bodies(tmp_path: Path) ->
         .fetchone()
     )
     assert row[0] == "dropped" and "body file missing" in row[1]
+    view = (
+        db(s)
+        .execute(
+            "SELECT last_code, last_status, last_response FROM deliveries WHERE queue_id = ?",
+            (lost,),
+        )
+        .fetchone()
+    )
+    assert view == (None, "5.3.0", "message body file missing from the spool; cannot deliver")
     await s.close()
 
 

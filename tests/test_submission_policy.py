@@ -175,6 +175,17 @@ def test_orcpt_is_decoded_and_typed() -> None:
         assert refused(rcpt, f"TO:<b@c.example> ORCPT={bad}").code == 501
 
 
+def test_orcpt_xtext_is_octets_read_as_utf8() -> None:
+    # What Postfix sends for jänedoe: the UTF-8 octets, each +XX (RFC 3461 §4).
+    _, params = rcpt("TO:<j@dest.test> ORCPT=rfc822;j+C3+A4nedoe@dest.test")
+    assert params.orcpt == "rfc822;jänedoe@dest.test"  # not Latin-1 "jÃ¤nedoe"
+    _, params = rcpt("TO:<j@dest.test> ORCPT=utf-8;j\\x{FC}rgen@dest.test")
+    assert params.orcpt == "utf-8;jürgen@dest.test"
+    # Octets that are not UTF-8 are a clear 501, not mojibake in the queue.
+    assert refused(rcpt, "TO:<j@dest.test> ORCPT=rfc822;j+E4nedoe@dest.test").code == 501
+    assert policy.xtext_decode("caf+C3+A9") == "café"
+
+
 def test_xtext_round_trip() -> None:
     text = "id+with=plus and space"
     encoded = policy.xtext_encode(text)

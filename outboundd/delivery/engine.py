@@ -18,8 +18,9 @@ The per-recipient decisions are plain functions over values
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
@@ -30,6 +31,7 @@ from outboundd.delivery.hmail import HMail
 from outboundd.delivery.mx import MXResolutionError, MXResolver, MXTarget, normalize_mx_result
 from outboundd.delivery.notices import (
     DOUBLE_BOUNCE_NOTE,
+    NoticeOutcome,
     NoticeRecipient,
     OriginalMessage,
     notice_settings,
@@ -37,7 +39,8 @@ from outboundd.delivery.notices import (
     queue_notice,
 )
 from outboundd.delivery.pool import ConnectionPool, Limits
-from outboundd.delivery.replies import Reply, Stage, to_permanent
+from outboundd.delivery.replies import Reply, Stage, to_exhausted
+from outboundd.delivery.rounds import FailureRounds, Ticket
 from outboundd.delivery.session import (
     ConnectionInfo,
     DeliveryJob,
@@ -46,7 +49,17 @@ from outboundd.delivery.session import (
     deliver_job,
 )
 from outboundd.hooks import HookFailure, HookRunner, ResultCode
-from outboundd.spool import AttemptRecord, Claim, ClaimedRecipient, Outcome, Spool, SpoolError
+from outboundd.spool import (
+    BODY_MISSING_REASON,
+    BODY_MISSING_STATUS,
+    AttemptRecord,
+    Claim,
+    ClaimedRecipient,
+    Outcome,
+    Spool,
+    SpoolError,
+    Status,
+)
 
 LOG = log.get_logger("delivery")
 
@@ -89,6 +102,8 @@ class Decision:
     count_failure: bool
     reason: str | None
     conn: Connection | None = None
+    #: For a drop (our decision, not the reply's): the status the views show.
+    final_status: str | None = None
 
 
 def decide(
@@ -102,8 +117,9 @@ def decide(
     """Apply the retry schedule to one recipient's verdict (pure).
 
     A temporary failure that counts is the recipient's ``failures + 1``-th;
-    when the schedule has no interval for it the recipient bounces with the
-    last reply turned permanent and a reason that says we gave up.
+    when the schedule has no interval for it the recipient bounces: the
+    status turns permanent (ours), the code and text stay the last reply's
+    (the remote's), and the reason says we gave up.
     """
     conn = verdict.conn
     if verdict.outcome is not Outcome.DEFERRED:
@@ -117,7 +133,7 @@ def decide(
         reason = dsn.reason_for_exhaustion(
             recipient.attempts + 1, received_at, str(verdict.reply), now
         )
-        return Decision(Outcome.BOUNCED, to_permanent(verdict.reply), None, True, reason, conn)
+        return Decision(Outcome.BOUNCED, to_exhausted(verdict.reply), None, True, reason, conn)
     return Decision(Outcome.DEFERRED, verdict.reply, when, True, verdict.reason, conn)
 
 
@@ -162,6 +178,8 @@ class DeliveryEngine:
         )
         self.notice_settings = notice_settings(config)
         self._settings_cache: tuple[OutboundConfig, SessionSettings] | None = None
+        #: Failures of one message's claims that end together share one DSN.
+        self.rounds = FailureRounds()
 
     async def close(self) -> None:
         """Close the idle connections kept for reuse (QUIT)."""
@@ -184,19 +202,23 @@ class DeliveryEngine:
             received_at=claim.received_at,
             body=claim.body,
         )
-        verdicts: dict[int, Verdict] | None = None
-        postponed = await self._send_email_hook(claim, hmail)
-        if postponed is True:
-            return
-        if postponed is not None:
-            verdicts = postponed
-        if verdicts is None:
-            routed = await self._targets(claim, hmail, outbound)
-            if isinstance(routed, dict):
-                verdicts = routed
-            else:
-                verdicts = await self._session(claim, routed, outbound)
-        await self._conclude(claim, hmail, verdicts, outbound, started)
+        ticket = self.rounds.enter(claim.queue_id)
+        try:
+            verdicts: dict[int, Verdict] | None = None
+            postponed = await self._send_email_hook(claim, hmail)
+            if postponed is True:
+                return
+            if postponed is not None:
+                verdicts = postponed
+            if verdicts is None:
+                routed = await self._targets(claim, hmail, outbound)
+                if isinstance(routed, dict):
+                    verdicts = routed
+                else:
+                    verdicts = await self._session(claim, routed, outbound)
+            await self._conclude(claim, hmail, verdicts, outbound, started, ticket)
+        finally:
+            await self.rounds.leave(ticket)
 
     # ----------------------------------------------------------------- hooks
 
@@ -336,6 +358,7 @@ class DeliveryEngine:
         verdicts: dict[int, Verdict],
         outbound: OutboundConfig,
         started: float,
+        ticket: Ticket,
     ) -> None:
         now = self.clock()
         by_id = {r.id: r for r in claim.recipients}
@@ -353,8 +376,10 @@ class DeliveryEngine:
             )
             for rid, v in verdicts.items()
         }
+        if any(v.stage == Stage.LOCAL for v in verdicts.values()) and await _body_lost(claim):
+            decisions = _drop_for_lost_body(decisions)
         decisions = await self._deferred_hook(claim, hmail, decisions)
-        decisions = await self._bounces(claim, hmail, decisions, now)
+        decisions = await self._bounces(claim, hmail, decisions, now, ticket)
         delay_noticed = await self._delay_notice(claim, decisions, outbound, now)
         await self._success_notice(claim, decisions, now)
 
@@ -369,17 +394,21 @@ class DeliveryEngine:
                 port=d.conn.port if d.conn else None,
                 tls=d.conn.tls if d.conn else None,
                 auth=d.conn.auth if d.conn else None,
-                code=d.reply.code,
+                code=d.reply.recorded_code,
                 status=d.reply.status,
                 response=d.reply.text,
                 next_attempt_at=d.next_attempt_at,
                 count_failure=d.count_failure,
-                reason=d.reason,
+                reason=d.reason or d.reply.context,
                 delay_notified=rid in delay_noticed,
+                final_status=_final_status(d),
+                final_response=d.reason if d.outcome is Outcome.DROPPED else None,
             )
             for rid, d in decisions.items()
         ]
         result = await self.spool.record(self.owner, claim, records, now=now)
+        if any(d.final_status == BODY_MISSING_STATUS for d in decisions.values()):
+            await self._drop_lost_message(claim, now)
         for rid in result.lease_lost:
             LOG.warn(
                 "lost the lease before recording; state left to its new owner",
@@ -400,6 +429,38 @@ class DeliveryEngine:
                 LOG.error(
                     "delivered hook failed", qid=claim.queue_id, plugin=exc.plugin, error=exc.reason
                 )
+
+    def _failure_sender(self, claim: Claim) -> Callable[..., Awaitable[NoticeOutcome]]:
+        """Queues the failure DSN of ``claim``'s message (for its delivery round)."""
+        original = _original(claim)
+
+        async def send(failed: Sequence[NoticeRecipient], reason: str) -> NoticeOutcome:
+            return await queue_failure_notice(
+                self.spool, self.notice_settings, original, failed, reason=reason, now=self.clock()
+            )
+
+        return send
+
+    async def _drop_lost_message(self, claim: Claim, now: float) -> None:
+        """The body is gone: the message's other unfinished recipients (other
+        domains, other leases) are dropped too, with the same reason."""
+        LOG.error(
+            "message body file is gone; its recipients are dropped",
+            qid=claim.queue_id,
+            path=str(claim.body_path or "(queue database)"),
+        )
+        try:
+            await self.spool.finalize_message(
+                claim.queue_id,
+                Status.DROPPED,
+                reason=BODY_MISSING_REASON,
+                status_code=BODY_MISSING_STATUS,
+                now=now,
+            )
+        except SpoolError as exc:
+            LOG.error(
+                "cannot drop the message's other recipients", qid=claim.queue_id, error=str(exc)
+            )
 
     async def _deferred_hook(
         self, claim: Claim, hmail: HMail, decisions: dict[int, Decision]
@@ -436,6 +497,7 @@ class DeliveryEngine:
                     outcome=Outcome.DROPPED,
                     next_attempt_at=None,
                     reason=f"dropped by plugin {outcome.plugin} in the deferred hook",
+                    final_status=dsn.STATUS_OPERATOR,
                 )
         elif result.code is ResultCode.DENYSOFT and result.delay_seconds is not None:
             for rid in deferred:
@@ -452,11 +514,24 @@ class DeliveryEngine:
         hmail: HMail,
         decisions: dict[int, Decision],
         now: float,
+        ticket: Ticket,
     ) -> dict[int, Decision]:
         bounced = [rid for rid, d in decisions.items() if d.outcome is Outcome.BOUNCED]
         if not bounced:
             return decisions
         by_id = {r.id: r for r in claim.recipients}
+        reported_before = [rid for rid in bounced if by_id[rid].dsn_queue_id]
+        if reported_before:
+            # A DSN was queued for them and then the record was lost (a crash):
+            # that DSN stands, a second one would report the failure twice.
+            decisions = dict(decisions)
+            for rid in reported_before:
+                decisions[rid] = replace(
+                    decisions[rid], reason=f"DSN {by_id[rid].dsn_queue_id} (queued earlier)"
+                )
+            bounced = [rid for rid in bounced if not by_id[rid].dsn_queue_id]
+            if not bounced:
+                return decisions
         first = decisions[bounced[0]]
         if self.hooks.has("bounce"):
             hmail.rcpt_to = [by_id[rid].address for rid in bounced]
@@ -487,10 +562,12 @@ class DeliveryEngine:
         ]
         reason = first.reason or str(first.reply)
         try:
-            notice = await queue_failure_notice(
-                self.spool, self.notice_settings, _original(claim), failed, reason=reason, now=now
-            )
+            notice = await self.rounds.report(ticket, failed, reason, self._failure_sender(claim))
         except SpoolError as exc:
+            if await _body_lost(claim):
+                # No body, no DSN, ever: waiting would only loop.  Dropped,
+                # with the reason, as start-up recovery does.
+                return {**decisions, **_drop_for_lost_body({r: decisions[r] for r in bounced})}
             # The DSN could not be queued: keep the recipients unfinished so
             # the failure (and its notice) is not lost; try again soon.
             LOG.error(
@@ -631,7 +708,7 @@ class DeliveryEngine:
             domain=claim.domain,
             host=conn.mx_host,
             ip=conn.mx_ip,
-            code=d.reply.code,
+            code=d.reply.recorded_code,
             response=str(d.reply),
             delay=round(now - claim.received_at, 3),
             attempt=rcpt.attempts + 1,
@@ -663,6 +740,41 @@ class DeliveryEngine:
         }
 
 
+def _final_status(d: Decision) -> str | None:
+    """The status a drop shows in the views (the decision is ours, not a reply's)."""
+    if d.outcome is not Outcome.DROPPED:
+        return None
+    return d.final_status or dsn.STATUS_OPERATOR
+
+
+async def _body_lost(claim: Claim) -> bool:
+    """Whether the claim's body is gone (asked only after a local failure): no file,
+    or (PostgreSQL) no body row came with the claim."""
+    if claim.body is not None:
+        return False
+    if claim.body_path is None:
+        return True
+    return not await asyncio.to_thread(claim.body_path.exists)
+
+
+def _drop_for_lost_body(decisions: dict[int, Decision]) -> dict[int, Decision]:
+    """Every recipient not delivered is dropped: without its body the
+    message can neither be delivered nor returned in a DSN."""
+    return {
+        rid: d
+        if d.outcome is Outcome.DELIVERED
+        else replace(
+            d,
+            outcome=Outcome.DROPPED,
+            next_attempt_at=None,
+            count_failure=False,
+            reason=BODY_MISSING_REASON,
+            final_status=BODY_MISSING_STATUS,
+        )
+        for rid, d in decisions.items()
+    }
+
+
 def _original(claim: Claim) -> OriginalMessage:
     return OriginalMessage(
         queue_id=claim.queue_id,
@@ -675,12 +787,7 @@ def _original(claim: Claim) -> OriginalMessage:
     )
 
 
-_STATUS_OF_ACTION = {
-    "failed": "5.0.0",
-    "delayed": "4.0.0",
-    "delivered": "2.0.0",
-    "relayed": "2.0.0",
-}
+_CLASS_OF_ACTION = {"failed": "5", "delayed": "4", "delivered": "2", "relayed": "2"}
 
 
 def _report(
@@ -691,32 +798,38 @@ def _report(
     *,
     will_retry_until: float | None = None,
 ) -> dsn.DsnRecipient:
-    """One recipient's line in a DSN, from its decision in this attempt."""
+    """One recipient's line in a DSN, from its decision in this attempt.
+
+    ``Status`` is ours: the reply's enhanced code moved into the action's
+    class (a deferral that ran out reports ``5.x.y``).  ``Diagnostic-Code``
+    is the server's own reply line, verbatim (RFC 3464 §2.3.6), and only
+    when a server sent one; our own reasons are in the human part.
+    """
+    reply = decision.reply
     remote = _remote(decision)
+    first = _CLASS_OF_ACTION.get(action, "5")
+    status = reply.status or ""
+    if status[:1] != first or status[1:2] != ".":
+        status = f"{first}{status[1:]}" if status[:1] in ("2", "4", "5") else f"{first}.0.0"
     return dsn.DsnRecipient(
         address=rcpt.address,
         action=action,
-        status=decision.reply.status or _STATUS_OF_ACTION.get(action, "5.0.0"),
+        status=status,
         original_recipient=rcpt.orcpt,
         remote_mta=remote,
-        diagnostic_code=decision.reply.code if remote else None,
-        diagnostic_text=_diagnostic(decision),
+        diagnostic_code=reply.code if remote else None,
+        diagnostic_text=reply.sent if remote else None,
         last_attempt_at=now,
         will_retry_until=will_retry_until,
+        reason=decision.reason or (None if remote else str(reply)),
     )
 
 
-def _diagnostic(decision: Decision) -> str | None:
-    """The remote reply after its code (enhanced status included), for Diagnostic-Code."""
-    if _remote(decision) is None:
-        return None
-    reply = decision.reply
-    return " ".join(part for part in (reply.status, reply.text) if part)
-
-
 def _remote(decision: Decision) -> str | None:
-    """The remote host whose reply decided, if a remote decided."""
-    return decision.conn.mx_host if decision.conn is not None else None
+    """The remote host whose reply decided, if a remote's reply decided."""
+    if decision.conn is None or not decision.reply.remote:
+        return None
+    return decision.conn.mx_host
 
 
 def _connection(info: ConnectionInfo | None) -> Connection | None:

@@ -704,7 +704,7 @@ class MXResolver:
             if not real:
                 if records:
                     raise MXResolutionError(
-                        f"null MX: {domain} accepts no mail (RFC 7505)",
+                        f"null MX for {domain}: the domain does not accept mail (RFC 7505)",
                         permanent=True,
                         code=556,
                         status="5.1.10",

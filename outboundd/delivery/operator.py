@@ -41,6 +41,7 @@ async def bounce_message(
                 status=dsn.STATUS_OPERATOR,
                 original_recipient=r.orcpt,
                 last_attempt_at=r.last_attempt_at,
+                reason=text,
             ),
             notify=r.notify,
         )

@@ -16,7 +16,12 @@ Conventions callers may rely on:
   use the same shape, with the specific status RFC 3463 defines for the
   case: ``4.4.1`` no answer from host, ``4.4.2`` bad connection, ``4.7.10``
   encryption needed, ``5.3.4`` message too big, ``5.6.7`` non-ASCII
-  addresses not permitted, ``4.3.0`` local error.
+  addresses not permitted, ``4.3.0`` local error.  Their ``code`` only
+  classifies them; it was never sent by anyone, so it is never recorded
+  or quoted (:attr:`Reply.recorded_code` is ``None``, ``sent`` is ``None``).
+* ``sent`` is what a server actually sent after its code (its enhanced
+  status included when it gave one), on one line: the verbatim source of
+  a DSN's ``Diagnostic-Code`` (RFC 3464 §2.3.6) and of the accounting rows.
 * ``text`` is one line: multi-line replies are joined with single spaces,
   control characters are replaced, and the length is capped, because the
   text ends up in log lines, SQL rows and DSNs.
@@ -39,7 +44,7 @@ __all__ = [
     "default_status",
     "outcome_of",
     "parse_reply",
-    "to_permanent",
+    "to_exhausted",
     "to_transient",
 ]
 
@@ -78,19 +83,46 @@ class ReplyClass(StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class Reply:
-    """One SMTP reply: the code, its enhanced status code and the text."""
+    """One SMTP reply, or our own reason in the same shape.
+
+    ``code`` classifies the reply; ``status`` is the enhanced status code
+    the record carries (the server's, or one we derived: a deferral keeps
+    a 4.x.y, an exhausted retry a 5.x.y); ``text`` is the text without code
+    and status.  ``sent`` is the server's reply after its code, exactly as
+    sent (one line), and ``None`` for a reply we made up.  ``context`` is
+    our note on what a remote reply meant here ("authentication failed"),
+    kept apart so the remote's words stay verbatim.
+    """
 
     code: int
     status: str | None
     text: str
+    sent: str | None = None
+    context: str | None = None
+
+    @property
+    def remote(self) -> bool:
+        """True when a server sent this reply; False for our own reasons."""
+        return self.sent is not None
+
+    @property
+    def recorded_code(self) -> int | None:
+        """The code for ``attempts.code``/``last_code``: only one a server sent."""
+        return self.code if self.sent is not None else None
+
+    @property
+    def line(self) -> str | None:
+        """The server's reply line, ``550 5.1.1 text``, verbatim; None when local."""
+        if self.sent is None:
+            return None
+        return f"{self.code} {self.sent}".rstrip()
 
     def __str__(self) -> str:
-        parts = [str(self.code)]
-        if self.status:
-            parts.append(self.status)
-        if self.text:
-            parts.append(self.text)
-        return " ".join(parts)
+        """The reply for people: the remote's line (after our context), or our reason."""
+        if self.sent is None:
+            return self.text
+        line = f"{self.code} {self.sent}".rstrip()
+        return f"{self.context}: {line}" if self.context else line
 
     @property
     def reply_class(self) -> ReplyClass:
@@ -148,6 +180,7 @@ def parse_reply(code: int, message: str, *, status: str | None = None) -> Reply:
     ``status`` overrides the default for replies we make up ourselves.
     """
     lines = [line.strip() for line in message.replace("\r", "").split("\n")]
+    sent = _clean(" ".join(line for line in lines if line))
     found: str | None = None
     if lines:
         match = _STATUS_RE.match(lines[0])
@@ -163,45 +196,46 @@ def parse_reply(code: int, message: str, *, status: str | None = None) -> Reply:
             stripped.append(line)
         lines = stripped
     text = _clean(" ".join(line for line in lines if line))
-    return Reply(code, found or status or default_status(code), text)
+    return Reply(code, found or status or default_status(code), text, sent=sent)
 
 
-# Permanent codes whose meaning matches the temporary one (RFC 5321 §4.2.3);
-# every other temporary code becomes the generic 554 "transaction failed".
-_PERMANENT_CODE = {450: 550, 452: 552, 455: 555}
+def _with_class(status: str | None, first: str) -> str:
+    """``status`` moved into class ``first`` (``4.7.1`` → ``5.7.1``); ``first.0.0`` if none."""
+    if status and status[0] in "245" and status[1:2] == ".":
+        return first + status[1:]
+    return f"{first}.0.0"
 
 
-def to_permanent(reply: Reply, reason: str | None = None) -> Reply:
-    """The reply to report when a temporary failure becomes final.
+def to_exhausted(reply: Reply) -> Reply:
+    """The reply to record when the retry schedule ran out on ``reply``.
 
-    Used when retries are exhausted: the status class turns to 5
-    (``4.4.1`` → ``5.4.1``; none → ``5.0.0``) and the code to its permanent
-    counterpart (450 → 550, 452 → 552, 455 → 555, any other → 554: 451 →
-    551 would claim "user not local", which the remote never said).  The
-    original reply is kept verbatim in the text, after ``reason`` when
-    given, so the DSN still shows what the remote actually answered.  A
-    reply that is already permanent is returned unchanged.
+    The final status is ours and permanent (``4.4.1`` → ``5.4.1``; none →
+    ``5.0.0``); the code, text and ``sent`` line stay the remote's, because
+    the remote never sent a permanent reply (nothing is made up).  A reply
+    that is already permanent is returned unchanged.
     """
-    if classify(reply.code) is ReplyClass.PERMANENT:
+    status = _with_class(reply.status, "5")
+    if status == reply.status:
         return reply
-    code = _PERMANENT_CODE.get(reply.code, 554)
-    status = "5" + reply.status[1:] if reply.status and reply.status[0] == "4" else "5.0.0"
-    text = f"last reply: {reply}"
-    if reason:
-        text = f"{reason}; {text}"
-    return Reply(code, status, _clean(text))
+    return Reply(reply.code, status, reply.text, sent=reply.sent, context=reply.context)
 
 
 def to_transient(reply: Reply, context: str) -> Reply:
     """The reply to record when a non-temporary answer must only defer.
 
     Used for answers that make us leave a host rather than fail the mail
-    (a 554 greeting, a refused AUTH): the remote's reply becomes
-    ``451 4.x.y <context>: <original reply>``.  A 4xx reply keeps its code
-    and status and only gains the context.
+    (a 554 greeting, a refused AUTH).  The remote's code, text and line are
+    kept as sent; the status becomes temporary (``5.7.1`` → ``4.7.1``,
+    ours), and ``context`` says what the answer meant to us.  A reply we
+    made up ourselves gets the context in front of its text.
     """
-    text = _clean(f"{context}: {reply}")
-    if classify(reply.code) is ReplyClass.TEMPORARY and 400 <= reply.code <= 499:
-        return Reply(reply.code, reply.status, text)
-    status = "4" + reply.status[1:] if reply.status and reply.status[0] in "25" else "4.0.0"
-    return Reply(451, status, text)
+    if reply.sent is None:
+        return Reply(reply.code, _with_class(reply.status, "4"), _clean(f"{context}: {reply.text}"))
+    kept = reply.status if classify(reply.code) is ReplyClass.TEMPORARY else None
+    return Reply(
+        reply.code,
+        kept or _with_class(reply.status, "4"),
+        reply.text,
+        sent=reply.sent,
+        context=context,
+    )

@@ -11,8 +11,9 @@ a change of ``disabled`` or ``outboundctl pause``.
 Leases are renewed while a delivery runs, so a lease only expires when its
 holder died; then another scheduler (or this one after a restart) retries it.
 
-A spool that cannot be written (a full disk, a database error) is a state
-to wait out, not a reason to die: the scheduler stops claiming, backs off
+A spool that cannot be written (a full disk, a database error, a PostgreSQL
+queue that cannot be reached) is a state to wait out, not a reason to die:
+the scheduler stops claiming, backs off
 (1 s doubling to 30 s), logs once per minute while it lasts and once when it
 is over, and the deliveries already running carry on and record their
 results (the spool keeps space back for that, see ``spool/reserve.py``).
@@ -322,6 +323,13 @@ class Scheduler:
                 task.cancel()
             if pending:
                 await asyncio.gather(*pending, return_exceptions=True)
-        released = await self.spool.release_owner(self.owner)
+        try:
+            released = await self.spool.release_owner(self.owner)
+        except SpoolError as exc:
+            self.log.warn(
+                "cannot release leases at shutdown; they expire after lease_seconds",
+                error=str(exc),
+            )
+            return
         if released:
             self.log.info("released leases at shutdown", count=released)

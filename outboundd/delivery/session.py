@@ -82,6 +82,7 @@ from outboundd.delivery.replies import (
     parse_reply,
     to_transient,
 )
+from outboundd.dsn import utf8_addr_xtext
 from outboundd.hooks import MX
 from outboundd.spool.types import Claim, Outcome
 
@@ -104,6 +105,7 @@ __all__ = [
     "deliver_job",
     "dot_stuff",
     "host_listed",
+    "orcpt_param",
     "plan_envelope",
     "xtext",
 ]
@@ -502,15 +504,27 @@ def _notify_param(notify: str | None) -> str | None:
     return None
 
 
-def _orcpt_param(orcpt: str | None) -> str | None:
+def orcpt_param(orcpt: str | None, *, utf8: bool) -> str | None:
+    """The ORCPT parameter for the next hop, from the stored ``type;address``.
+
+    The address type is kept.  ``utf-8`` addresses are encoded by RFC 6533:
+    utf-8-addr-unitext when this transaction uses SMTPUTF8, otherwise the
+    7-bit utf-8-addr-xtext (``\\x{FC}``).  Other types are xtext (RFC 3461
+    §4), octet by octet of the UTF-8 form, so ``rfc822;j+C3+A4nedoe`` goes
+    on exactly as it came.
+    """
     if not orcpt:
         return None
     addr_type, sep, address = orcpt.partition(";")
     if not sep or not _ADDR_TYPE.match(addr_type.strip()):
         addr_type, address = "rfc822", orcpt
-    if not address.strip():
+    address = address.strip()
+    if not address:
         return None
-    return f"ORCPT={addr_type.strip()};{xtext(address.strip())}"
+    addr_type = addr_type.strip().lower()
+    if addr_type == "utf-8":
+        return f"ORCPT=utf-8;{utf8_addr_xtext(address, unitext=utf8)}"
+    return f"ORCPT={addr_type};{xtext(address)}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -612,7 +626,9 @@ def plan_envelope(
             params.append("ENVID=" + xtext(job.env_id))
         for r in sendable:
             rcpt_params[r.id] = tuple(
-                p for p in (_notify_param(r.notify), _orcpt_param(r.orcpt)) if p is not None
+                p
+                for p in (_notify_param(r.notify), orcpt_param(r.orcpt, utf8=utf8))
+                if p is not None
             )
     return EnvelopePlan(None, refused, tuple(params), rcpt_params, utf8, dsn)
 
@@ -682,7 +698,8 @@ def _rcpt_words(r: JobRecipient, plan: EnvelopePlan) -> list[bytes]:
     return [
         b"RCPT",
         b"TO:" + _encode_address(r.address, plan.utf8),
-        *(p.encode("ascii") for p in plan.rcpt_params.get(r.id, ())),
+        # UTF-8 only under SMTPUTF8 (an ORCPT in utf-8-addr-unitext); else ASCII.
+        *(p.encode("utf-8" if plan.utf8 else "ascii") for p in plan.rcpt_params.get(r.id, ())),
     ]
 
 

@@ -12,10 +12,13 @@ from outboundd.spool.errors import (
     SchemaTooNewError,
     SpoolError,
     SpoolFullError,
+    SpoolUnavailableError,
     SpoolWriteError,
     UnknownMessageError,
 )
 from outboundd.spool.types import (
+    BODY_MISSING_REASON,
+    BODY_MISSING_STATUS,
     AttemptRecord,
     Claim,
     ClaimedRecipient,
@@ -40,6 +43,8 @@ async def open(
 
 
 __all__ = [
+    "BODY_MISSING_REASON",
+    "BODY_MISSING_STATUS",
     "AttemptRecord",
     "Claim",
     "ClaimedRecipient",
@@ -52,6 +57,7 @@ __all__ = [
     "Spool",
     "SpoolError",
     "SpoolFullError",
+    "SpoolUnavailableError",
     "SpoolWriteError",
     "SqliteSpool",
     "Status",

@@ -47,6 +47,8 @@ from outboundd.spool.migrations import discover, migrate
 from outboundd.spool.reserve import SpaceReserve, is_disk_full
 from outboundd.spool.sql import q
 from outboundd.spool.types import (
+    BODY_MISSING_REASON,
+    BODY_MISSING_STATUS,
     AttemptRecord,
     Claim,
     ClaimedRecipient,
@@ -626,6 +628,7 @@ class SqliteSpool(Spool):
                             last_response=r[11],
                             last_mx=r[12],
                             delay_notified=bool(r[13]),
+                            dsn_queue_id=r[14],
                         )
                         for r in group
                     ),
@@ -871,7 +874,8 @@ class SqliteSpool(Spool):
             await self.finalize_message(
                 qid,
                 Status.DROPPED,
-                reason="message body file missing from the spool; cannot deliver",
+                reason=BODY_MISSING_REASON,
+                status_code=BODY_MISSING_STATUS,
                 now=at,
             )
         return RecoveryReport(
@@ -895,8 +899,12 @@ class SqliteSpool(Spool):
         """Put every unfinished recipient of ``queue_id`` into a final state.
 
         Used for operator ``delete`` (dropped) and ``bounce`` (bounced) and
-        for a lost body.  Returns the recipients it changed; the message is
-        marked finished and its body removed when nothing is left.
+        for a lost body.  The decision is ours, so each changed row's
+        ``last_code`` becomes NULL, ``last_status`` ``status_code`` (default
+        ``5.0.0``) and ``last_response`` ``response`` (default ``reason``):
+        the accounting views show why.  Returns the recipients it changed
+        (as they were before); the message is marked finished and its body
+        removed when nothing is left.
         """
         if not status.is_final:
             raise ValueError(f"{status} is not a final status")
@@ -905,8 +913,8 @@ class SqliteSpool(Spool):
             "status": status.value,
             "now": at,
             "reason": reason,
-            "status_code": status_code,
-            "response": response,
+            "status_code": status_code or "5.0.0",
+            "response": reason if response is None else response,
             "queue_id": queue_id,
         }
 
@@ -1034,6 +1042,9 @@ def _attempt_row(rec: AttemptRecord, attempt: int) -> dict[str, Any]:
 
 def _update_row(rec: AttemptRecord, owner: str) -> dict[str, Any]:
     final = rec.outcome is not Outcome.DEFERRED
+    code, status, response = rec.code, rec.status, rec.response
+    if rec.final_response is not None:  # our decision, not the reply, is the row's last word
+        code, status, response = None, rec.final_status, rec.final_response
     return {
         "id": rec.recipient_id,
         "owner": owner,
@@ -1041,9 +1052,9 @@ def _update_row(rec: AttemptRecord, owner: str) -> dict[str, Any]:
         "failure": int(rec.outcome is Outcome.DEFERRED and rec.count_failure),
         "next_attempt_at": rec.finished_at if final else rec.next_attempt_at,
         "finished_at": rec.finished_at,
-        "code": rec.code,
-        "status_code": rec.status,
-        "response": rec.response,
+        "code": code,
+        "status_code": status,
+        "response": response,
         "mx_host": rec.mx_host,
         "final_at": rec.finished_at if final else None,
         "reason": rec.reason,

@@ -19,7 +19,7 @@ INSERT INTO recipients (queue_id, recipient, domain, notify, orcpt, status, next
 VALUES (:queue_id, :recipient, :domain, :notify, :orcpt, 'sending', :next_attempt_at,
         'queued', :owner, :expires)
 RETURNING id, queue_id, domain, recipient, notify, orcpt, attempts, failures, held_status,
-          last_code, last_status, last_response, last_mx, delay_notified
+          last_code, last_status, last_response, last_mx, delay_notified, dsn_queue_id
 
 -- name: link_dsn
 -- A DSN was queued for these recipients of the original message.
@@ -53,7 +53,7 @@ UPDATE recipients
    AND (queue_id, domain) IN (
         SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]') FROM json_each(:groups))
 RETURNING id, queue_id, domain, recipient, notify, orcpt, attempts, failures, held_status,
-          last_code, last_status, last_response, last_mx, delay_notified
+          last_code, last_status, last_response, last_mx, delay_notified, dsn_queue_id
 
 -- name: claim_chosen_recipients
 UPDATE recipients
@@ -62,7 +62,7 @@ UPDATE recipients
  WHERE status IN ('queued', 'deferred') AND next_attempt_at <= :now
    AND id IN (SELECT value FROM json_each(:ids))
 RETURNING id, queue_id, domain, recipient, notify, orcpt, attempts, failures, held_status,
-          last_code, last_status, last_response, last_mx, delay_notified
+          last_code, last_status, last_response, last_mx, delay_notified, dsn_queue_id
 
 -- name: messages_by_ids
 SELECT queue_id, mail_from, body_file, size, received_at, auth_user, env_id, ret, smtputf8,
@@ -142,11 +142,11 @@ SELECT queue_id FROM messages
  WHERE queue_id IN (SELECT value FROM json_each(:ids)) AND finished_at IS NOT NULL
 
 -- name: drop_message_recipients
--- Final state for every unfinished recipient of one message (body lost, operator).
+-- Final state for every unfinished recipient of one message (body lost, operator): the
+-- decision is ours, so the row shows its status and reason and no remote reply code.
 UPDATE recipients
    SET status = :status, finished_at = :now, final_reason = :reason,
-       last_status = coalesce(:status_code, last_status),
-       last_response = coalesce(:response, last_response),
+       last_code = NULL, last_status = :status_code, last_response = :response,
        held_status = NULL, lease_owner = NULL, lease_expires_at = NULL
  WHERE queue_id = :queue_id AND status IN ('queued', 'sending', 'deferred')
 RETURNING id, recipient, notify, orcpt, attempts, last_code, last_status, last_response, last_mx

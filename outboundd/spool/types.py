@@ -32,6 +32,11 @@ class Status(StrEnum):
 
 FINAL_STATUSES = frozenset({Status.DELIVERED, Status.BOUNCED, Status.DROPPED})
 
+#: Why, and with which status, a message whose body file is gone is dropped
+#: (at start-up recovery and at the first failed open while running).
+BODY_MISSING_REASON = "message body file missing from the spool; cannot deliver"
+BODY_MISSING_STATUS = "5.3.0"
+
 
 class Outcome(StrEnum):
     """What one attempt did to one recipient."""
@@ -88,6 +93,9 @@ class ClaimedRecipient:
     last_response: str | None = None
     last_mx: str | None = None
     delay_notified: bool = False  # a delay DSN was already sent for it
+    #: A failure DSN already reports it: queued just before a crash that lost
+    #: the record (the DSN links itself in its own commit).  Not reported twice.
+    dsn_queue_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,6 +158,11 @@ class AttemptRecord:
     count_failure: bool = True
     reason: str | None = None
     delay_notified: bool = False  # a delay DSN was queued for it in this attempt
+    #: A final decision of ours (a plugin's drop, a lost body): when set, the
+    #: recipient's last_status/last_response show it and last_code is NULL,
+    #: while the attempt row keeps the reply the attempt really got.
+    final_status: str | None = None
+    final_response: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

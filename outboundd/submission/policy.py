@@ -253,10 +253,13 @@ _HEX: Final = frozenset("0123456789ABCDEFabcdef")
 def xtext_decode(text: str) -> str:
     """Decode RFC 3461 §4 ``xtext`` (``+XX`` escapes); ValueError when malformed.
 
-    Hex digits are accepted in either case (the RFC says upper case; some
+    xtext encodes octets: the decoded octets are read as UTF-8 (what
+    Postfix and every current client mean by ``+C3+A4``), never one
+    character per octet.  Octets that are not UTF-8 are an error.  Hex
+    digits are accepted in either case (the RFC says upper case; some
     clients write lower case, and refusing them would help nobody).
     """
-    out: list[str] = []
+    out = bytearray()
     i = 0
     while i < len(text):
         ch = text[i]
@@ -264,14 +267,17 @@ def xtext_decode(text: str) -> str:
             pair = text[i + 1 : i + 3]
             if len(pair) != 2 or not set(pair) <= _HEX:
                 raise ValueError("'+' must be followed by two hex digits")
-            out.append(chr(int(pair, 16)))
+            out.append(int(pair, 16))
             i += 3
             continue
         if not "!" <= ch <= "~" or ch == "=":
             raise ValueError(f"character {ch!r} is not allowed in xtext")
-        out.append(ch)
+        out.append(ord(ch))
         i += 1
-    return "".join(out)
+    try:
+        return out.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValueError("the encoded octets are not UTF-8") from None
 
 
 def xtext_encode(text: str) -> str:

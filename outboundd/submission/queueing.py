@@ -24,7 +24,7 @@ from typing import Protocol
 
 from outboundd.hooks import HookFailure, HookRunner, ResultCode
 from outboundd.log import Logger
-from outboundd.spool.errors import SpoolError, SpoolFullError
+from outboundd.spool.errors import SpoolError, SpoolFullError, SpoolUnavailableError
 from outboundd.spool.types import NewMessage
 from outboundd.submission import replies
 from outboundd.submission.replies import Reply, clean_text
@@ -150,6 +150,12 @@ class Queuer:
                             "completes and the client will likely send it again",
                             qid=txn.queue_id)  # fmt: skip
             raise
+        except SpoolUnavailableError as exc:
+            # The spool logs the outage itself, once per interval: a line per
+            # refused message would flood the log while the database is away.
+            self.log.info("queue unreachable; message refused temporarily",
+                          qid=txn.queue_id, error=str(exc))  # fmt: skip
+            return replies.LOCAL_ERROR
         except SpoolFullError as exc:
             self.log.warn("queue disk full; message refused temporarily",
                           qid=txn.queue_id, error=str(exc))  # fmt: skip

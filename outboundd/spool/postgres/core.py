@@ -408,7 +408,7 @@ class PostgresSpool(Spool):
             return []
         at = time.time() if now is None else now
         expires = at + lease_seconds
-        if time.monotonic() - self._swept_at >= EXPIRY_SWEEP_INTERVAL:
+        if abs(at - self._swept_at) >= EXPIRY_SWEEP_INTERVAL:
             await self._sweep_expired(at)
 
         async def op(conn: Conn) -> tuple[list[Any], list[Any]]:
@@ -466,7 +466,7 @@ class PostgresSpool(Spool):
 
     async def _sweep_expired(self, at: float) -> None:
         """Expired leases of any host become due again (its own short transaction)."""
-        self._swept_at = time.monotonic()
+        self._swept_at = at
 
         async def op(conn: Conn) -> int:
             return await self._execute(conn, "release_expired", now=at)
@@ -708,7 +708,7 @@ class PostgresSpool(Spool):
             return released, missing
 
         released, missing = await self._run(leases)
-        self._swept_at = time.monotonic()
+        self._swept_at = at
         if released:
             self.new_work.set()
         for qid in missing:

@@ -1,0 +1,235 @@
+"""What only a shared PostgreSQL queue promises: limits across hosts, wake-ups, outages.
+
+Two ``PostgresSpool`` instances with different lease owners stand for two
+hosts on one queue.  The outage tests start their own cluster
+(tests/pgcluster.py) so that they can kill and restart it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import tempfile
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from outboundd import spool as spool_backend
+from outboundd.spool import (
+    AttemptRecord,
+    NewMessage,
+    NewRecipient,
+    Outcome,
+    Spool,
+    SpoolError,
+    SpoolUnavailableError,
+    admin,
+    lease_owner_id,
+)
+from outboundd.spool.postgres.link import BACKOFF_MAX, BACKOFF_MIN, Link
+from outboundd.spool.postgres.sql import to_positional
+from tests.pgcluster import PgCluster
+
+BODY = b"Subject: x\r\n\r\nhello\r\n"
+
+
+def message(*rcpts: str) -> NewMessage:
+    return NewMessage("a@example.test", [NewRecipient(r) for r in rcpts], BODY)
+
+
+@pytest.fixture
+async def two_hosts(pg_url: str) -> AsyncIterator[tuple[Spool, Spool]]:
+    first = await spool_backend.open(pg_url)
+    second = await spool_backend.open(pg_url)
+    try:
+        yield first, second
+    finally:
+        await first.close()
+        await second.close()
+
+
+async def wait_set(event: asyncio.Event, seconds: float = 5.0) -> bool:
+    try:
+        await asyncio.wait_for(event.wait(), seconds)
+    except TimeoutError:
+        return False
+    return True
+
+
+def test_named_parameters_become_positional_once() -> None:
+    stmt = to_positional("SELECT :a::text, :b, :a FROM t WHERE x = ANY (:ids::bigint[])")
+    assert stmt.text == "SELECT $1::text, $2, $1 FROM t WHERE x = ANY ($3::bigint[])"
+    assert stmt.names == ("a", "b", "ids")
+
+
+async def test_domain_limit_holds_across_hosts(two_hosts: tuple[Spool, Spool]) -> None:
+    first, second = two_hosts
+    for i in range(4):
+        await first.accept(message(f"r{i}@slow.test"))
+    await first.accept(message("x@other.test"))
+    a, b = lease_owner_id(), lease_owner_id()
+    got_a = await first.claim(a, limit=10, lease_seconds=60, domain_room=2)
+    assert sorted(c.domain for c in got_a) == ["other.test", "slow.test", "slow.test"]
+    # The second host's own room is untouched, but the domain's is used up.
+    assert await second.claim(b, limit=10, lease_seconds=60, domain_room=2) == []
+    done = next(c for c in got_a if c.domain == "slow.test")
+    t = time.time()
+    await first.record(a, done, [AttemptRecord(done.recipients[0].id, Outcome.DELIVERED, t, t)])
+    got_b = await second.claim(b, limit=10, lease_seconds=60, domain_room=2)
+    assert [c.domain for c in got_b] == ["slow.test"]
+
+
+async def test_concurrent_claims_never_exceed_the_domain_limit(pg_url: str) -> None:
+    spools = [await spool_backend.open(pg_url, recover=False) for _ in range(4)]
+    try:
+        for i in range(20):
+            await spools[0].accept(message(f"r{i}@slow.test"))
+        owners = [lease_owner_id() for _ in spools]
+        results = await asyncio.gather(
+            *(
+                s.claim(o, limit=10, lease_seconds=60, domain_room=3)
+                for s, o in zip(spools, owners, strict=True)
+            )
+        )
+        assert sum(len(r) for r in results) == 3
+    finally:
+        for s in spools:
+            await s.close()
+
+
+async def test_new_flushed_and_released_work_wakes_other_hosts(
+    two_hosts: tuple[Spool, Spool],
+) -> None:
+    first, second = two_hosts
+    await asyncio.sleep(0.2)  # the listener is connected
+    second.new_work.clear()
+    qid = await first.accept(message("a@d.test"))
+    assert await wait_set(second.new_work), "accept did not wake the other host"
+    owner = lease_owner_id()
+    [claim] = await first.claim(owner, limit=1, lease_seconds=60)
+    t = time.time()
+    await first.record(
+        owner,
+        claim,
+        [AttemptRecord(claim.recipients[0].id, Outcome.DEFERRED, t, t, next_attempt_at=t + 900)],
+    )
+    second.new_work.clear()
+    assert await admin.flush(first, [qid]) == 1
+    assert await wait_set(second.new_work), "flush did not wake the other host"
+    [claim] = await first.claim(owner, limit=1, lease_seconds=60)
+    second.new_work.clear()
+    await first.release(owner, [claim.recipients[0].id])
+    assert await wait_set(second.new_work), "release did not wake the other host"
+    second.new_work.clear()
+    await first.set_paused(False)
+    assert await wait_set(second.new_work), "resume did not wake the other host"
+
+
+async def test_expired_leases_of_a_dead_host_are_taken_by_another(
+    two_hosts: tuple[Spool, Spool],
+) -> None:
+    first, second = two_hosts
+    await first.accept(message("a@d.test"))
+    dead = "deadhost.example:4242:abcd"
+    now = time.time()
+    [taken] = await first.claim(dead, limit=1, lease_seconds=10, now=now)
+    assert taken.recipients[0].address == "a@d.test"
+    assert await second.claim(lease_owner_id(), limit=1, lease_seconds=60, now=now + 5) == []
+    # Once it expired, a claim sweeps it (no restart needed anywhere).
+    [again] = await second.claim(lease_owner_id(), limit=1, lease_seconds=60, now=now + 20)
+    assert again.recipients[0].id == taken.recipients[0].id
+    # The dead host's late record changes nothing but the history.
+    t = time.time()
+    result = await first.record(dead, taken, [AttemptRecord(again.recipients[0].id,
+                                                             Outcome.DELIVERED, t, t)])  # fmt: skip
+    assert result.lease_lost == (again.recipients[0].id,)
+
+
+def test_link_backs_off_and_recovers() -> None:
+    clock = [100.0]
+    link = Link(clock=lambda: clock[0])
+    assert link.up and link.wait_time() == 0
+    waits = []
+    for _ in range(10):
+        link.failed(OSError("refused"), "postgresql://x/y")
+        waits.append(link.wait_time())
+    assert waits[0] == BACKOFF_MIN and waits[-1] == BACKOFF_MAX
+    assert waits == sorted(waits)
+    clock[0] += BACKOFF_MAX
+    assert link.wait_time() == 0 and not link.up
+    link.succeeded("postgresql://x/y")
+    assert link.up and link.wait_time() == 0
+
+
+# ----------------------------------------------------------------- outages
+
+
+@pytest.fixture
+def own_cluster() -> Iterator[PgCluster]:
+    base = Path(tempfile.mkdtemp(prefix="outboundd-pgown-"))
+    cluster = PgCluster.start(base / "cluster")
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+        base.rmdir()
+
+
+async def test_server_down_refuses_accepts_keeps_records_and_recovers(
+    own_cluster: PgCluster,
+) -> None:
+    url = own_cluster.create_database("queue")
+    spool = await spool_backend.open(url)
+    try:
+        await spool.accept(message("a@d.test"))
+        owner = lease_owner_id()
+        [claim] = await spool.claim(owner, limit=1, lease_seconds=600)
+        own_cluster.kill()
+        started = time.monotonic()
+        with pytest.raises(SpoolUnavailableError):
+            await spool.accept(message("b@d.test"))
+        # Backing off: the next refusal is immediate, not a connect timeout.
+        quick = time.monotonic()
+        with pytest.raises(SpoolUnavailableError):
+            await spool.accept(message("c@d.test"))
+        assert time.monotonic() - quick < 0.5
+        assert time.monotonic() - started < 15
+        with pytest.raises(SpoolError):
+            await spool.claim(owner, limit=1, lease_seconds=60)
+        # A delivery that finished while the server is away waits to record it.
+        t = time.time()
+        pending = asyncio.create_task(
+            spool.record(
+                owner, claim, [AttemptRecord(claim.recipients[0].id, Outcome.DELIVERED, t, t)]
+            )
+        )
+        await asyncio.sleep(1.0)
+        assert not pending.done()
+        await asyncio.to_thread(own_cluster.start_server)
+        result = await asyncio.wait_for(pending, 60)
+        assert result.updated == (claim.recipients[0].id,)
+        assert result.finished_messages == (claim.queue_id,)
+        # Accepts work again once the back-off has passed.
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                qid = await spool.accept(message("d@d.test"))
+                break
+            except SpoolUnavailableError:
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.5)
+        assert await spool.read_body(qid) == BODY
+        entries = {e.recipient for e in await admin.list_queue(spool, status="queued")}
+        assert entries == {"d@d.test"}  # nothing of the refused accepts was kept
+    finally:
+        await spool.close()
+
+
+async def test_open_fails_in_words_when_the_server_is_not_there(
+    own_cluster: PgCluster,
+) -> None:
+    url = own_cluster.database_url("postgres")
+    own_cluster.kill()
+    with pytest.raises(SpoolError, match="cannot connect to the queue"):
+        await spool_backend.open(url)
