@@ -90,3 +90,6 @@ def test_smoke_with_the_queue_in_postgresql(tmp_path: Path) -> None:
     assert extra["S2"]["db_accept_statements_per_unit"] > 0
     assert extra["S1"]["db_relay_statements_per_unit"] > 0
     assert extra["S3"]["db_relay_statements_per_unit"] > 0
+    # The server's CPU is part of the relay's total, and reported apart.
+    for r in report["runs"]:
+        assert 0 < r["extra"]["db_server_cpu"] < r["total_cpu"]

@@ -382,8 +382,20 @@ def print_database(report: dict[str, Any]) -> None:
             continue
         statements = statistics.median(e[f"db_{phase}_statements_per_unit"] for e in runs)
         lines.append(f"  {scenario} {phase}: {statements:.2f} round trips (statements) per {unit}")
+    for scenario in ("S1", "S2", "S3"):
+        shares = [
+            r["extra"]["db_server_cpu"] / r["total_cpu"]
+            for r in report["runs"]
+            if r["scenario"] == scenario and r["ok"] and r["total_cpu"]
+            and "db_server_cpu" in r["extra"]
+        ]  # fmt: skip
+        if shares:
+            lines.append(
+                f"  {scenario}: the PostgreSQL server spent {statistics.median(shares):.0%} "
+                "of the CPU counted"
+            )
     if lines:
-        print("\nPostgreSQL queue, from pg_stat_statements (medians):")
+        print("\nPostgreSQL queue (round trips from pg_stat_statements; medians):")
         print("\n".join(lines))
 
 
