@@ -262,7 +262,9 @@ async def open_spool(plan: ProcessPlan) -> tuple[Spool, QueueLock | None] | None
     lock: QueueLock | None = None
     try:
         lock = hold_for_daemon(plan.queue)
-        spool = await spool_backend.open(plan.queue, recover_files=plan.recovers_files)
+        # wait=True: a queue database that is down at start is waited for
+        # (logged once per interval), not a reason to exit and crash-loop.
+        spool = await spool_backend.open(plan.queue, recover_files=plan.recovers_files, wait=True)
     except SpoolError as exc:
         if lock is not None:
             lock.release()

@@ -29,7 +29,9 @@ from outboundd.spool import (
 )
 from outboundd.spool.postgres.link import BACKOFF_MAX, BACKOFF_MIN, Link
 from outboundd.spool.postgres.sql import to_positional
+from tests.harness import Daemon, free_port, submit, write_config
 from tests.pgcluster import PgCluster
+from tests.test_ctl import assert_failed, ctl
 
 BODY = b"Subject: x\r\n\r\nhello\r\n"
 
@@ -146,6 +148,29 @@ async def test_expired_leases_of_a_dead_host_are_taken_by_another(
     assert result.lease_lost == (again.recipients[0].id,)
 
 
+async def test_hosts_finishing_one_message_at_once_finish_it(
+    two_hosts: tuple[Spool, Spool],
+) -> None:
+    """Two hosts record the last recipients of one message (different domains) at
+    the same moment: the message must end finished and its body deleted, which
+    needs each to see the other's committed state."""
+    first, second = two_hosts
+    for _ in range(10):
+        qid = await first.accept(message("a@one.test", "b@two.test"))
+        a, b = lease_owner_id(), lease_owner_id()
+        [one] = await first.claim(a, limit=1, lease_seconds=60)
+        [two] = await second.claim(b, limit=1, lease_seconds=60)
+        t = time.time()
+        results = await asyncio.gather(
+            first.record(a, one, [AttemptRecord(one.recipients[0].id, Outcome.DELIVERED, t, t)]),
+            second.record(b, two, [AttemptRecord(two.recipients[0].id, Outcome.BOUNCED, t, t)]),
+        )
+        assert [r.finished_messages for r in results].count((qid,)) == 1
+        assert (await admin.show_message(first, qid)).finished_at is not None
+        with pytest.raises(SpoolError):
+            await first.read_body(qid)
+
+
 def test_link_backs_off_and_recovers() -> None:
     clock = [100.0]
     link = Link(clock=lambda: clock[0])
@@ -233,3 +258,51 @@ async def test_open_fails_in_words_when_the_server_is_not_there(
     own_cluster.kill()
     with pytest.raises(SpoolError, match="cannot connect to the queue"):
         await spool_backend.open(url)
+
+
+async def test_the_daemon_waits_for_the_database_at_start(
+    own_cluster: PgCluster, tmp_path: Path
+) -> None:
+    """Started while PostgreSQL is down: it says so and waits (no exit, no crash
+    loop), then becomes ready and queues mail once the server is up."""
+    url = own_cluster.create_database("queue")
+    own_cluster.kill()
+    config = write_config(
+        tmp_path / "config",
+        dns_port=free_port(),
+        mx_port=free_port(),
+        outbound={"queue_url": url, "disabled": "true"},
+    )
+    daemon = Daemon(config)
+    starting = asyncio.create_task(daemon.start(timeout=90))
+    try:
+        line = await daemon.wait_for(r"queue database unreachable", 30)
+        assert "postgresql://postgres@127.0.0.1" in line
+        assert daemon.proc is not None and daemon.proc.returncode is None
+        await asyncio.sleep(1.0)
+        assert not starting.done()
+        await asyncio.to_thread(own_cluster.start_server)
+        await starting
+        qid = await submit(daemon.smtp_port, "a@example.test", ["b@dest.test"])
+        assert daemon.query("SELECT status FROM deliveries WHERE queue_id = ?", (qid,)) == [
+            ("queued",)
+        ]
+        assert not any("Traceback" in text for text in daemon.lines)
+    finally:
+        if not starting.done():
+            starting.cancel()
+        if daemon.proc is not None and daemon.proc.returncode is None:
+            await daemon.stop()
+    assert daemon.returncode == 0
+
+
+async def test_outboundctl_says_in_one_line_when_the_database_is_down(tmp_path: Path) -> None:
+    url = f"postgresql://outboundd:s3cret@127.0.0.1:{free_port()}/queue"
+    config = write_config(
+        tmp_path / "config", dns_port=free_port(), mx_port=free_port(), outbound={"queue_url": url}
+    )
+    result = await ctl(config, "stats")
+    assert_failed(
+        result, r"^outboundctl: cannot connect to the queue postgresql://outboundd:\*\*\*@"
+    )
+    assert "s3cret" not in result.err

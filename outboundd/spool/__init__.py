@@ -37,9 +37,12 @@ async def open(
     recover: bool = True,
     recover_files: bool = True,
     create: bool = True,
+    wait: bool = False,
 ) -> Spool:
     """Open the queue at ``location``: a queue directory, or a ``postgresql://`` URL."""
-    return await Spool.open(location, recover=recover, recover_files=recover_files, create=create)
+    return await Spool.open(
+        location, recover=recover, recover_files=recover_files, create=create, wait=wait
+    )
 
 
 __all__ = [

@@ -73,16 +73,19 @@ class Spool(abc.ABC):
         recover: bool = True,
         recover_files: bool = True,
         create: bool = True,
+        wait: bool = False,
     ) -> Spool:
         """Open the queue at ``location``: a directory (SQLite) or a ``postgresql://`` URL.
 
         ``create=False`` refuses, in words, a SQLite queue that does not exist
         yet (``outboundctl`` must not make a second queue from a typo).
+        ``wait=True`` waits, with back-off, for a database server that cannot
+        be reached yet (the daemon); otherwise that is an error at once.
         """
         if is_postgres_url(location):
             from outboundd.spool.postgres import PostgresSpool
 
-            return await PostgresSpool.open(str(location), recover=recover)
+            return await PostgresSpool.open(str(location), recover=recover, wait=wait)
         from outboundd.spool.core import SqliteSpool
 
         return await SqliteSpool.open(

@@ -52,6 +52,8 @@ from outboundd.spool.postgres.link import Link, describe, is_unreachable
 from outboundd.spool.postgres.migrate import migrate, postgres_migrations
 from outboundd.spool.postgres.sql import Statement, bind, pq
 from outboundd.spool.types import (
+    BODY_MISSING_REASON,
+    BODY_MISSING_STATUS,
     AttemptEntry,
     AttemptRecord,
     Claim,
@@ -137,25 +139,36 @@ class PostgresSpool(Spool):
 
     @classmethod
     async def open(  # type: ignore[override]
-        cls, url: str, *, recover: bool = True
+        cls, url: str, *, recover: bool = True, wait: bool = False
     ) -> PostgresSpool:
         """Connect, migrate, and (``recover``) release expired leases and listen for work.
 
-        ``recover=False`` (outboundctl) neither recovers nor listens.
-        Raises :class:`SpoolError` when the server cannot be reached or the
-        schema cannot be brought up to date.
+        ``recover=False`` (outboundctl) neither recovers nor listens.  With
+        ``wait`` a server that cannot be reached is waited for (back-off, one
+        log line per interval); otherwise, and for any other failure (bad
+        credentials, no such database, a schema too new), raises
+        :class:`SpoolError` at once.
         """
         location = describe_location(url)
-        try:
-            pool = await asyncpg.create_pool(
-                url,
-                min_size=1,
-                max_size=POOL_MAX,
-                timeout=CONNECT_TIMEOUT,
-                command_timeout=COMMAND_TIMEOUT,
-            )
-        except Exception as exc:
-            raise SpoolError(f"cannot connect to the queue {location}: {describe(exc)}") from exc
+        link = Link()
+        while True:
+            try:
+                pool = await asyncpg.create_pool(
+                    url,
+                    min_size=1,
+                    max_size=POOL_MAX,
+                    timeout=CONNECT_TIMEOUT,
+                    command_timeout=COMMAND_TIMEOUT,
+                )
+                break
+            except Exception as exc:
+                if not (wait and is_unreachable(exc)):
+                    raise SpoolError(
+                        f"cannot connect to the queue {location}: {describe(exc)}"
+                    ) from exc
+                link.failed(exc, location)
+                await asyncio.sleep(link.wait_time())
+        link.succeeded(location)
         try:
             async with pool.acquire() as conn:
                 await migrate(conn, postgres_migrations())
@@ -507,6 +520,7 @@ class PostgresSpool(Spool):
             params[f"u_{key}"] = [row[key] for row in updates]
 
         async def op(conn: Conn) -> tuple[set[int], list[Any]]:
+            await self._fetch(conn, "lock_message", queue_id=claim.queue_id)
             held = {row[0] for row in await self._fetch(conn, "record_attempts", **params)}
             finished = await self._fetch(conn, "finish_messages", ids=[claim.queue_id], now=at)
             return held, finished
@@ -715,7 +729,8 @@ class PostgresSpool(Spool):
             await self.finalize_message(
                 qid,
                 Status.DROPPED,
-                reason="message body missing from the queue database; cannot deliver",
+                reason=BODY_MISSING_REASON,
+                status_code=BODY_MISSING_STATUS,
                 now=at,
             )
         return RecoveryReport(released, 0, 0, 0, tuple(missing))
@@ -735,14 +750,15 @@ class PostgresSpool(Spool):
         at = time.time() if now is None else now
 
         async def op(conn: Conn) -> list[Any]:
+            await self._fetch(conn, "lock_message", queue_id=queue_id)
             changed = await self._fetch(
                 conn,
                 "drop_message_recipients",
                 status=status.value,
                 now=at,
                 reason=reason,
-                status_code=status_code,
-                response=response,
+                status_code=status_code or "5.0.0",
+                response=reason if response is None else response,
                 queue_id=queue_id,
             )
             await self._fetch(conn, "finish_messages", ids=[queue_id], now=at)
@@ -911,15 +927,18 @@ def _attempt_row(rec: AttemptRecord, attempt: int) -> dict[str, Any]:
 
 def _update_row(rec: AttemptRecord) -> dict[str, Any]:
     final = rec.outcome is not Outcome.DEFERRED
+    code, status, response = rec.code, rec.status, rec.response
+    if rec.final_response is not None:  # our decision, not the reply, is the row's last word
+        code, status, response = None, rec.final_status, rec.final_response
     return {
         "id": rec.recipient_id,
         "status": rec.outcome.status.value,
         "failure": int(rec.outcome is Outcome.DEFERRED and rec.count_failure),
         "next_attempt_at": rec.finished_at if final else rec.next_attempt_at,
         "finished_at": rec.finished_at,
-        "code": rec.code,
-        "status_code": rec.status,
-        "response": rec.response,
+        "code": code,
+        "status_code": status,
+        "response": response,
         "mx_host": rec.mx_host,
         "final_at": rec.finished_at if final else None,
         "reason": rec.reason,
@@ -974,6 +993,7 @@ def _claims(
                         last_response=r[11],
                         last_mx=r[12],
                         delay_notified=bool(r[13]),
+                        dsn_queue_id=r[14],
                     )
                     for r in group
                 ),

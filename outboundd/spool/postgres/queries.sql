@@ -74,13 +74,19 @@ UPDATE recipients
        lease_owner = :owner, lease_expires_at = :expires
  WHERE id = ANY (:ids::bigint[]) AND status IN ('queued', 'deferred')
 RETURNING id, queue_id, domain, recipient, notify, orcpt, attempts, failures, held_status,
-          last_code, last_status, last_response, last_mx, delay_notified
+          last_code, last_status, last_response, last_mx, delay_notified, dsn_queue_id
 
 -- name: messages_with_bodies
 SELECT m.queue_id, m.mail_from, m.size, m.received_at, m.auth_user, m.env_id, m.ret,
        m.smtputf8, m.body_8bit, m.notes, m.dsn_of, b.body
   FROM messages m LEFT JOIN bodies b ON b.queue_id = m.queue_id
  WHERE m.queue_id = ANY (:ids::text[])
+
+-- name: lock_message
+-- Serialise the transactions that may finish one message (records of its
+-- domains on several hosts, an operator's delete): each then sees the others'
+-- committed states when it checks whether every recipient is final.
+SELECT 1 FROM messages WHERE queue_id = :queue_id FOR UPDATE
 
 -- name: record_attempts
 -- record(): the attempt rows (always: they happened) and, for the recipients
@@ -171,10 +177,11 @@ SELECT m.queue_id FROM messages m
 SELECT body FROM bodies WHERE queue_id = :queue_id
 
 -- name: drop_message_recipients
+-- Final state for every unfinished recipient of one message (body lost, operator): the
+-- decision is ours, so the row shows its status and reason and no remote reply code.
 UPDATE recipients
    SET status = :status, finished_at = :now, final_reason = :reason,
-       last_status = coalesce(:status_code, last_status),
-       last_response = coalesce(:response, last_response),
+       last_code = NULL, last_status = :status_code, last_response = :response,
        held_status = NULL, lease_owner = NULL, lease_expires_at = NULL
  WHERE queue_id = :queue_id AND status IN ('queued', 'sending', 'deferred')
 RETURNING id, recipient, notify, orcpt, attempts, last_code, last_status, last_response, last_mx
