@@ -260,6 +260,14 @@ class Daemon:
     def query(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
         return run_sql(self.queue_url or self.queue_dir / "outbound.db", sql, params)
 
+    def lose_body(self, queue_id: str) -> None:
+        """Take ``queue_id``'s body away behind the daemon's back (a file, or a row)."""
+        if self.queue_url:
+            self.query("DELETE FROM bodies WHERE queue_id = ?", (queue_id,))
+            return
+        [body] = list((self.queue_dir / "bodies").glob(f"*/{queue_id}"))
+        body.unlink()
+
     def body_kept(self, queue_id: str) -> bool:
         """Whether the spool still holds ``queue_id``'s body (a file, or a row)."""
         if self.queue_url:

@@ -152,8 +152,7 @@ async def test_a_body_deleted_while_running_is_dropped_at_the_next_attempt(world
     async with running(world.config(temp_fail_intervals="1h")) as d:
         qid = await submit(d.smtp_port, SENDER, ["bob@dest.test"])
         await d.wait_for_status(qid, "deferred")
-        [body] = list((d.queue_dir / "bodies").glob(f"*/{qid}"))
-        body.unlink()
+        d.lose_body(qid)
         world.mx1.script = MXScript()
         d.signal(signal.SIGHUP)  # due now: the next attempt finds no body
         await d.wait_for_status(qid, "dropped")

@@ -27,6 +27,7 @@ from outboundd.spool import (
     admin,
     lease_owner_id,
 )
+from outboundd.spool.postgres import PostgresSpool
 from outboundd.spool.postgres.link import BACKOFF_MAX, BACKOFF_MIN, Link
 from outboundd.spool.postgres.sql import to_positional
 from tests.harness import Daemon, free_port, submit, write_config
@@ -169,6 +170,36 @@ async def test_hosts_finishing_one_message_at_once_finish_it(
         assert (await admin.show_message(first, qid)).finished_at is not None
         with pytest.raises(SpoolError):
             await first.read_body(qid)
+
+
+async def test_accepts_and_records_are_group_committed(pg_url: str) -> None:
+    """Round trips, counted: concurrent accepts share one statement, concurrent
+    records one call, so each costs well under one round trip per message."""
+    spool = await spool_backend.open(pg_url)
+    try:
+        assert isinstance(spool, PostgresSpool)
+        before = spool.round_trips
+        await asyncio.gather(*(spool.accept(message(f"r@d{i}.test")) for i in range(60)))
+        assert spool.round_trips - before <= 6
+        owner = lease_owner_id()
+        claims = await spool.claim(owner, limit=60, lease_seconds=60)
+        assert len(claims) == 60
+        before = spool.round_trips
+        t = time.time()
+        results = await asyncio.gather(
+            *(
+                spool.record(owner, c, [AttemptRecord(c.recipients[0].id, Outcome.DELIVERED, t, t)])
+                for c in claims
+            )
+        )
+        assert spool.round_trips - before <= 6
+        assert all(r.updated and not r.lease_lost for r in results)
+        assert sorted(q for r in results for q in r.finished_messages) == sorted(
+            c.queue_id for c in claims
+        )
+        assert await admin.list_queue(spool) == []
+    finally:
+        await spool.close()
 
 
 def test_link_backs_off_and_recovers() -> None:

@@ -19,6 +19,10 @@ Driver: asyncpg with its pool (docs/scaling.md says why).
   treats a lease as a dead local process's only when its host is ours.
 - **Wake-ups**: accepts, flushes, releases and resumes ``NOTIFY
   outboundd_work``; every host's listener sets ``new_work``.
+- **Record, group commit.**  Records are queued to a second writer task,
+  which writes every waiting delivery's attempts and new states with one
+  call of the ``outboundd_record`` function: one round trip and one commit
+  for the batch.
 - **Unreachable server**: operations fail fast with
   :class:`SpoolUnavailableError` while :class:`Link` backs off (submission
   answers 451); ``record()`` instead waits for the server, holding the
@@ -103,6 +107,14 @@ class _AcceptJob:
     links: list[dict[str, Any]]
 
 
+@dataclass(eq=False)
+class _RecordJob:
+    future: asyncio.Future[tuple[set[int], bool]]
+    queue_id: str
+    now: float
+    rows: list[dict[str, Any]]  # one per recipient, keys _RECORD_KEYS
+
+
 @dataclass
 class _Counters:
     accepts: int = 0
@@ -128,7 +140,11 @@ class PostgresSpool(Spool):
         self._link = Link()
         self._counters = _Counters()
         self._queue: asyncio.Queue[_AcceptJob | _Stop] = asyncio.Queue()
+        self._records: asyncio.Queue[_RecordJob | _Stop] = asyncio.Queue()
         self._writer: asyncio.Task[None] | None = None
+        self._record_writer: asyncio.Task[None] | None = None
+        #: No new work is taken once closing; queued work still runs until closed.
+        self._closing = False
         self._listener: asyncio.Task[None] | None = None
         self._closed = False
         self._swept_at = float("-inf")
@@ -180,6 +196,7 @@ class PostgresSpool(Spool):
             raise SpoolError(f"cannot open the queue {location}: {describe(exc)}") from exc
         spool = cls(url, pool)
         spool._writer = asyncio.create_task(spool._write_loop(), name="spool-writer")
+        spool._record_writer = asyncio.create_task(spool._record_loop(), name="spool-records")
         if recover:
             spool._listener = asyncio.create_task(spool._listen_loop(), name="spool-listener")
             try:
@@ -190,14 +207,22 @@ class PostgresSpool(Spool):
         return spool
 
     async def close(self) -> None:
-        if self._closed:
+        """Write what is queued (records waiting for an unreachable server give up),
+        then close the connections."""
+        if self._closing:
             return
-        self._closed = True
+        self._closing = True
         if self._writer is not None and not self._writer.done():
             stop = _Stop()
             await self._queue.put(stop)
             await stop.done
             await self._writer
+        if self._record_writer is not None and not self._record_writer.done():
+            stop = _Stop()
+            await self._records.put(stop)
+            await stop.done
+            await self._record_writer
+        self._closed = True
         if self._listener is not None:
             self._listener.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -279,7 +304,7 @@ class PostgresSpool(Spool):
             raise ValueError("a message needs at least one recipient")
         if message.ret not in (None, "FULL", "HDRS"):
             raise ValueError(f"RET must be FULL or HDRS, not {message.ret!r}")
-        if self._closed:
+        if self._closing:
             raise SpoolClosedError("the spool is closed")
         qid = queue_id or new_queue_id()
         now = time.time()
@@ -497,10 +522,12 @@ class PostgresSpool(Spool):
         *,
         now: float | None = None,
     ) -> RecordResult:
-        """Write the attempts and new states in one transaction, guarded by the lease.
+        """Write the attempts and new states, guarded by the lease.
 
-        While the server is unreachable this waits (with the link's back-off)
-        and writes once it is back: the delivery happened, and its result is
+        Group commit: the records of every delivery waiting are written by one
+        call of ``outboundd_record`` (one round trip, one commit).  While the
+        server is unreachable this waits (with the link's back-off) and
+        writes once it is back: the delivery happened, and its result is
         kept in memory until then.  Only closing the spool gives up; the
         lease then expires and the recipients are delivered again.
         """
@@ -511,35 +538,94 @@ class PostgresSpool(Spool):
                 raise ValueError(f"recipient {rec.recipient_id} is not part of this claim")
             if rec.outcome is Outcome.DEFERRED and rec.next_attempt_at is None:
                 raise ValueError("a deferred outcome needs next_attempt_at")
-        params: dict[str, Any] = {"ids": [r.recipient_id for r in records], "owner": owner}
-        attempts = [_attempt_row(rec, attempt_numbers[rec.recipient_id]) for rec in records]
-        for key in _ATTEMPT_KEYS:
-            params[f"a_{key}"] = [row[key] for row in attempts]
-        updates = [_update_row(rec) for rec in records]
-        for key in _UPDATE_KEYS:
-            params[f"u_{key}"] = [row[key] for row in updates]
-
-        async def op(conn: Conn) -> tuple[set[int], list[Any]]:
-            await self._fetch(conn, "lock_message", queue_id=claim.queue_id)
-            held = {row[0] for row in await self._fetch(conn, "record_attempts", **params)}
-            finished = await self._fetch(conn, "finish_messages", ids=[claim.queue_id], now=at)
-            return held, finished
-
-        while True:
-            try:
-                held, finished = await self._run(op)
-                break
-            except SpoolUnavailableError:
-                if self._closed:
-                    raise
-                await asyncio.sleep(max(self._link.wait_time(), 0.1))
+        if self._closing:
+            raise SpoolClosedError("the spool is closed")
+        job = _RecordJob(
+            future=asyncio.get_running_loop().create_future(),
+            queue_id=claim.queue_id,
+            now=at,
+            rows=[_record_row(rec, owner, attempt_numbers[rec.recipient_id]) for rec in records],
+        )
+        await self._records.put(job)
+        # shield: the delivery task may be cancelled; the batch it shares goes on.
+        held, finished = await asyncio.shield(job.future)
         self._counters.records += 1
         ordered = [r.recipient_id for r in records]
         return RecordResult(
             updated=tuple(i for i in ordered if i in held),
             lease_lost=tuple(i for i in ordered if i not in held),
-            finished_messages=tuple(row[0] for row in finished),
+            finished_messages=(claim.queue_id,) if finished else (),
         )
+
+    async def _record_loop(self) -> None:
+        """Group commit for records: every record waiting goes in one call."""
+        while True:
+            item = await self._records.get()
+            if isinstance(item, _Stop):
+                item.done.set_result(None)
+                return
+            batch = [item]
+            stop: _Stop | None = None
+            while len(batch) < MAX_BATCH:
+                try:
+                    nxt = self._records.get_nowait()
+                except asyncio.QueueEmpty:
+                    break
+                if isinstance(nxt, _Stop):
+                    stop = nxt
+                    break
+                batch.append(nxt)
+            await self._commit_records(batch)
+            if stop is not None:
+                stop.done.set_result(None)
+                return
+
+    async def _commit_records(self, batch: list[_RecordJob]) -> None:
+        """Write ``batch``; while the server is unreachable, wait and try again (the
+        deliveries happened: their results are kept, in memory, until written).
+        Any other failure is retried job by job, so one bad record fails alone."""
+        while True:
+            try:
+                held, finished = await self._record_batch(batch)
+                break
+            except SpoolUnavailableError as exc:
+                if self._closing:
+                    for job in batch:
+                        _fail(job.future, exc)
+                    return
+                await asyncio.sleep(max(self._link.wait_time(), 0.1))
+            except Exception as exc:
+                if len(batch) == 1:
+                    _fail(batch[0].future, exc if isinstance(exc, SpoolError) else
+                            SpoolError(f"queue database error: {describe(exc)}"))  # fmt: skip
+                    return
+                for job in batch:
+                    await self._commit_records([job])
+                return
+        reported: set[str] = set()
+        for job in batch:
+            ids = {row["recipient_id"] for row in job.rows}
+            done = job.queue_id in finished and job.queue_id not in reported
+            reported.add(job.queue_id)
+            if not job.future.done():
+                job.future.set_result((held & ids, done))
+
+    async def _record_batch(self, batch: list[_RecordJob]) -> tuple[set[int], set[str]]:
+        rows = [row for job in batch for row in job.rows]
+        params: dict[str, Any] = {
+            "now": max(job.now for job in batch),
+            "queue_ids": sorted({job.queue_id for job in batch}),
+        }
+        for key in _RECORD_KEYS:
+            params[key] = [row[key] for row in rows]
+
+        async def op(conn: Conn) -> list[Any]:
+            return await self._fetch(conn, "record_batch", **params)
+
+        result = await self._run(op, transaction=False)
+        held = {int(row[1]) for row in result if row[0] == "updated"}
+        finished = {row[1] for row in result if row[0] == "finished"}
+        return held, finished
 
     async def release(
         self, owner: str, recipient_ids: Iterable[int], *, next_attempt_at: float | None = None
@@ -896,19 +982,23 @@ _MESSAGE_KEYS = (
     "smtputf8", "body_8bit", "notes", "dsn_of",
 )  # fmt: skip
 _RECIPIENT_KEYS = ("queue_id", "recipient", "domain", "notify", "orcpt", "next_attempt_at")
-_ATTEMPT_KEYS = (
-    "recipient_id", "attempt", "started_at", "finished_at", "mx_host", "mx_ip", "port", "tls",
-    "auth", "code", "status", "response", "outcome", "reason",
-)  # fmt: skip
-_UPDATE_KEYS = (
-    "id", "status", "failure", "next_attempt_at", "finished_at", "code", "status_code",
-    "response", "mx_host", "final_at", "reason", "delay_notified",
+_RECORD_KEYS = (
+    "recipient_id", "owner", "attempt", "started_at", "finished_at", "mx_host", "mx_ip", "port",
+    "tls", "auth", "code", "status", "response", "outcome", "reason", "new_status", "failure",
+    "next_attempt_at", "last_code", "last_status", "last_response", "final_at",
+    "delay_notified",
 )  # fmt: skip
 
 
-def _attempt_row(rec: AttemptRecord, attempt: int) -> dict[str, Any]:
+def _record_row(rec: AttemptRecord, owner: str, attempt: int) -> dict[str, Any]:
+    """One recipient's attempt row and new state, as ``outboundd_record`` takes them."""
+    final = rec.outcome is not Outcome.DEFERRED
+    code, status, response = rec.code, rec.status, rec.response
+    if rec.final_response is not None:  # our decision, not the reply, is the row's last word
+        code, status, response = None, rec.final_status, rec.final_response
     return {
         "recipient_id": rec.recipient_id,
+        "owner": owner,
         "attempt": attempt,
         "started_at": rec.started_at,
         "finished_at": rec.finished_at,
@@ -922,26 +1012,13 @@ def _attempt_row(rec: AttemptRecord, attempt: int) -> dict[str, Any]:
         "response": rec.response,
         "outcome": rec.outcome.value,
         "reason": rec.reason,
-    }
-
-
-def _update_row(rec: AttemptRecord) -> dict[str, Any]:
-    final = rec.outcome is not Outcome.DEFERRED
-    code, status, response = rec.code, rec.status, rec.response
-    if rec.final_response is not None:  # our decision, not the reply, is the row's last word
-        code, status, response = None, rec.final_status, rec.final_response
-    return {
-        "id": rec.recipient_id,
-        "status": rec.outcome.status.value,
+        "new_status": rec.outcome.status.value,
         "failure": int(rec.outcome is Outcome.DEFERRED and rec.count_failure),
         "next_attempt_at": rec.finished_at if final else rec.next_attempt_at,
-        "finished_at": rec.finished_at,
-        "code": code,
-        "status_code": status,
-        "response": response,
-        "mx_host": rec.mx_host,
+        "last_code": code,
+        "last_status": status,
+        "last_response": response,
         "final_at": rec.finished_at if final else None,
-        "reason": rec.reason,
         "delay_notified": int(rec.delay_notified),
     }
 
@@ -1023,6 +1100,11 @@ def _settle(future: asyncio.Future[None], error: BaseException | None) -> None:
     if error is None:
         future.set_result(None)
     else:
+        future.set_exception(error)
+
+
+def _fail(future: asyncio.Future[Any], error: BaseException) -> None:
+    if not future.done():
         future.set_exception(error)
 
 

@@ -86,42 +86,22 @@ SELECT m.queue_id, m.mail_from, m.size, m.received_at, m.auth_user, m.env_id, m.
 -- Serialise the transactions that may finish one message (records of its
 -- domains on several hosts, an operator's delete): each then sees the others'
 -- committed states when it checks whether every recipient is final.
+-- (outboundd_record takes the same lock.)
 SELECT 1 FROM messages WHERE queue_id = :queue_id FOR UPDATE
 
--- name: record_attempts
--- record(): the attempt rows (always: they happened) and, for the recipients
--- this owner still holds, the new state; returns the ids it updated.
-WITH held AS (
-    SELECT id FROM recipients
-     WHERE id = ANY (:ids::bigint[]) AND status = 'sending' AND lease_owner = :owner
-       FOR UPDATE
-), a AS (
-    INSERT INTO attempt_log (recipient_id, attempt, started_at, finished_at, mx_host, mx_ip,
-                             port, tls, auth, code, status, response, outcome, reason)
-    SELECT * FROM unnest(:a_recipient_id::bigint[], :a_attempt::integer[],
-                         :a_started_at::float8[], :a_finished_at::float8[],
-                         :a_mx_host::text[], :a_mx_ip::text[], :a_port::integer[],
-                         :a_tls::text[], :a_auth::text[], :a_code::integer[],
-                         :a_status::text[], :a_response::text[], :a_outcome::text[],
-                         :a_reason::text[])
-), u AS (
-    UPDATE recipients r
-       SET status = x.status, attempts = r.attempts + 1, failures = r.failures + x.failure,
-           next_attempt_at = x.next_attempt_at, last_attempt_at = x.finished_at,
-           last_code = x.code, last_status = x.status_code, last_response = x.response,
-           last_mx = x.mx_host, finished_at = x.final_at, final_reason = x.reason,
-           delay_notified = greatest(r.delay_notified, x.delay_notified),
-           held_status = NULL, lease_owner = NULL, lease_expires_at = NULL
-      FROM unnest(:u_id::bigint[], :u_status::text[], :u_failure::integer[],
-                  :u_next_attempt_at::float8[], :u_finished_at::float8[], :u_code::integer[],
-                  :u_status_code::text[], :u_response::text[], :u_mx_host::text[],
-                  :u_final_at::float8[], :u_reason::text[], :u_delay_notified::integer[])
-           AS x(id, status, failure, next_attempt_at, finished_at, code, status_code, response,
-                mx_host, final_at, reason, delay_notified)
-     WHERE r.id = x.id AND r.id IN (SELECT id FROM held)
-    RETURNING r.id
-)
-SELECT id FROM u
+-- name: record_batch
+-- record(), group-committed: the records of every delivery waiting, in one call
+-- (migrations/postgresql/0002_record_function.sql).  Rows: ('updated', id) for
+-- each recipient whose state changed under its owner's lease, ('finished',
+-- queue_id) for each message whose every recipient is now final.
+SELECT kind, ref FROM outboundd_record(
+    :now, :queue_ids::text[], :recipient_id::bigint[], :owner::text[], :attempt::integer[],
+    :started_at::float8[], :finished_at::float8[], :mx_host::text[], :mx_ip::text[],
+    :port::integer[], :tls::text[], :auth::text[], :code::integer[], :status::text[],
+    :response::text[], :outcome::text[], :reason::text[], :new_status::text[],
+    :failure::integer[], :next_attempt_at::float8[], :last_code::integer[],
+    :last_status::text[], :last_response::text[], :final_at::float8[],
+    :delay_notified::integer[])
 
 -- name: finish_messages
 -- Messages among these whose every recipient is final: mark them finished and
