@@ -26,6 +26,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
 
+from outboundd import dkimctl
 from outboundd import spool as spool_backend
 from outboundd.config import Config, ConfigError, load_config
 from outboundd.plugins import auth_flat_file
@@ -518,6 +519,8 @@ def build_parser() -> argparse.ArgumentParser:
     u = usub.add_parser("del", help="delete a user")
     u.add_argument("name")
     usub.add_parser("list", help="list user names")
+
+    dkimctl.add_parser(sub)
     return parser
 
 
@@ -579,6 +582,8 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
             raise CtlError(f"no configuration directory {config_dir} (give one with -c DIR)")
         if args.command == "user":
             return cmd_user(config_dir, args, stream)
+        if args.command == "dkim":
+            return dkimctl.run(config_dir, args, stream)
         config = load_config(config_dir)
         if args.command == "queue":
             return asyncio.run(cmd_queue_migrate(config, args, stream))

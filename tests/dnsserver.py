@@ -54,8 +54,9 @@ query with TC set and no records, so resolvers must retry over TCP.
 Records go out in the order the zone lists them (deterministic tests);
 ``shuffle = True`` sends each RRset in random order, as round-robin servers do.
 
-Only loopback: the server binds ``127.0.0.1``; keep zone data to
-127.0.0.0/8 and ``::1``.
+Only loopback: the server binds ``127.0.0.1`` (or the loopback ``host``
+given, with a fixed ``port`` for clients that only ask port 53); keep zone
+data to 127.0.0.0/8 and ``::1``.
 """
 
 from __future__ import annotations
@@ -142,7 +143,13 @@ class DNSServer:
         *,
         default_ttl: int = 300,
         negative_ttl: int = 60,
+        host: str = HOST,
+        port: int = 0,
     ) -> None:
+        # ``host``/``port``: another loopback address and a fixed port, for a
+        # client that only asks port 53 (libresolv, as OpenDKIM's tools do).
+        self.host = host
+        self.fixed_port = port
         self.zones: dict[str, Any] = zones if zones is not None else {}
         self.default_ttl = default_ttl
         self.negative_ttl = negative_ttl
@@ -159,7 +166,7 @@ class DNSServer:
     @property
     def nameserver(self) -> tuple[str, int]:
         """``(ip, port)`` to hand to a resolver."""
-        return (HOST, self.port)
+        return (self.host, self.port)
 
     async def start(self) -> None:
         """Bind UDP on an ephemeral port, then TCP on the same port number."""
@@ -167,14 +174,16 @@ class DNSServer:
         last_error: OSError | None = None
         for _ in range(50):
             transport, _protocol = await loop.create_datagram_endpoint(
-                lambda: _UDPProtocol(self), local_addr=(HOST, 0)
+                lambda: _UDPProtocol(self), local_addr=(self.host, self.fixed_port)
             )
             port = int(transport.get_extra_info("sockname")[1])
             try:
-                self._tcp = await asyncio.start_server(self._serve_tcp, HOST, port)
+                self._tcp = await asyncio.start_server(self._serve_tcp, self.host, port)
             except OSError as exc:
                 transport.close()
                 last_error = exc
+                if self.fixed_port:
+                    break
                 continue
             self._udp = transport
             self.port = port

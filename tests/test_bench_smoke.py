@@ -93,3 +93,17 @@ def test_smoke_with_the_queue_in_postgresql(tmp_path: Path) -> None:
     # The server's CPU is part of the relay's total, and reported apart.
     for r in report["runs"]:
         assert 0 < r["extra"]["db_server_cpu"] < r["total_cpu"]
+
+
+@pytest.mark.timeout(120)
+def test_smoke_dkim_mode_runs_signed_and_unsigned_outboundd(tmp_path: Path) -> None:
+    """``--dkim both``: outboundd signs (dual), an unsigned one runs beside it, none lost."""
+    report = run_bench(tmp_path, "--dkim", "both", "--scenarios", "S1")
+    assert report["all_delivered"] is True, report["failed_runs"]
+    assert sorted(report["relays"]) == ["outboundd", "outboundd-unsigned"]
+    assert report["relays"]["outboundd"] == "outboundd + DKIM rsa+ed25519"
+    assert {r["relay"] for r in report["runs"]} == {"outboundd", "outboundd-unsigned"}
+    for r in report["runs"]:
+        assert r["extra"]["status_counts"] == {"delivered": r["messages"]}
+    assert report["dkim"]["key_types"] == ["rsa", "ed25519"]
+    assert isinstance(report["dkim"]["cost_ms"]["S1"], float)

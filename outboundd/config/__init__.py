@@ -33,6 +33,7 @@ from outboundd.config.loader import load_config, load_outbound
 from outboundd.config.models import (
     BounceTemplates,
     Config,
+    DkimConfig,
     LogConfig,
     OutboundConfig,
     SmtpConfig,
@@ -59,6 +60,7 @@ __all__ = [
     "BounceTemplates",
     "Config",
     "ConfigError",
+    "DkimConfig",
     "HostPort",
     "IniEntry",
     "IniFile",

@@ -22,6 +22,7 @@ from outboundd.config.models import (
     _TLS_VERSIONS,
     BounceTemplates,
     Config,
+    DkimConfig,
     InetPrefer,
     LogConfig,
     LogFormat,
@@ -42,6 +43,7 @@ from outboundd.config.values import (
     parse_bool,
     parse_temp_fail_intervals,
 )
+from outboundd.dkimkeys import DkimKeyError, check_domain, check_selector, load_keys
 from outboundd.log import Level, level_from_name
 from outboundd.plugins.auth_flat_file import (
     AUTH_DISCONNECT_AFTER_RANGE,
@@ -849,6 +851,86 @@ def _warn_legacy_files(config_dir: Path, warnings: list[str]) -> None:
 
 
 # --------------------------------------------------------------------------
+# dkim.ini and config/dkim/<domain>/
+
+_HARAKA_DKIM: Final = {
+    "canon": "a Haraka setting; outboundd always signs relaxed/relaxed",
+    "verify": "a Haraka setting; outboundd signs and does not verify",
+}
+
+
+def _dkim_headers(text: str) -> tuple[str, ...]:
+    """Haraka's header list: names separated by commas, colons, semicolons or spaces."""
+    names = tuple(n for n in re.split(r"[\s,:;]+", text) if n)
+    for name in names:
+        if not re.fullmatch(r"[!-9;-~]+", name):
+            raise ValueError(f"{_shown(name)} is not a header field name")
+    lowered = {n.lower() for n in names}
+    forbidden = lowered & {"received", "return-path", "dkim-signature", "bcc"}
+    if forbidden:
+        raise ValueError(f"{', '.join(sorted(forbidden))} must not be signed (RFC 6376 §5.4)")
+    return names if "from" in lowered else ("From", *names)
+
+
+def _read_dkim(config_dir: Path, warnings: list[str]) -> DkimConfig:
+    name, ini = _load_ini(config_dir / "dkim.ini", warnings)
+    _warn_sections(name, ini, ["main", "sign"], warnings, _HARAKA_DKIM)
+    sign = _Section(name, ini, "sign", warnings)
+    enabled = sign.boolean("enabled", False)
+    headers = sign.items("headers")
+    if headers is None:
+        headers = sign.items("headers_to_sign")
+    else:
+        sign.used.add("headers_to_sign")
+    try:
+        names = _dkim_headers(" ".join(headers)) if headers else ()
+    except ValueError as exc:
+        raise sign.error("headers", str(exc)) from None
+
+    def selector(text: str) -> str:
+        try:
+            return check_selector(text)
+        except DkimKeyError as exc:
+            raise ValueError(str(exc)) from None
+
+    def domain(text: str) -> str:
+        try:
+            return check_domain(text)
+        except DkimKeyError as exc:
+            raise ValueError(str(exc)) from None
+
+    default_selector = sign.convert("selector", None, selector)
+    default_domain = sign.convert("domain", None, domain)
+    key_domain = sign.choice("key_domain", "from", ("from", "auth_user"))
+    sign.finish()
+    if (config_dir / "dkim.private.key").exists():
+        warnings.append(
+            f"{_display(config_dir / 'dkim.private.key')}: Haraka's single-domain key file is "
+            "not read; move it to dkim/<domain>/private (see docs/dkim.md)"
+        )
+    keys = {}
+    if enabled:
+        try:
+            keys = dict(load_keys(config_dir / "dkim", default_selector))
+        except DkimKeyError as exc:
+            # "config/dkim: example.com/private: ..." rather than the absolute path twice.
+            problem = str(exc).replace(f"{config_dir / 'dkim'}/", "")
+            raise ConfigError(_display(config_dir / "dkim"), problem) from None
+        if default_domain is not None and default_domain not in keys:
+            raise sign.error(
+                "domain", f"{default_domain} has no key in {_display(config_dir / 'dkim')}"
+            )
+    return DkimConfig(
+        enabled=enabled,
+        headers=names,
+        selector=default_selector,
+        domain=default_domain,
+        key_domain="auth_user" if key_domain == "auth_user" else "from",
+        keys=keys,
+    )
+
+
+# --------------------------------------------------------------------------
 # The whole directory
 
 
@@ -889,6 +971,7 @@ def load_config(config_dir: Path) -> Config:
     relay_acl_allow = _read_relay_acl(absolute, warnings)
     auth_users = _read_auth_users(absolute, warnings)
     bounce = _read_bounce(absolute)
+    dkim = _read_dkim(absolute, warnings)
     _warn_legacy_files(absolute, warnings)
     return Config(
         config_dir=absolute,
@@ -903,6 +986,7 @@ def load_config(config_dir: Path) -> Config:
         relay_acl_allow=relay_acl_allow,
         auth_users=auth_users,
         bounce=bounce,
+        dkim=dkim,
         warnings=tuple(warnings),
     )
 

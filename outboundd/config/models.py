@@ -6,9 +6,10 @@ from ipaddress import IPv4Network, IPv6Network
 from pathlib import Path
 from typing import Final, Literal, TypeAlias
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, InstanceOf
 
 from outboundd.config.values import HostPort, default_temp_fail_intervals
+from outboundd.dkimkeys import DkimKey
 from outboundd.log import Level
 
 _TLS_VERSIONS: Final = ("TLSv1", "TLSv1.1", "TLSv1.2", "TLSv1.3")
@@ -154,6 +155,24 @@ class BounceTemplates(BaseModel):
     image: bytes | None = None
 
 
+class DkimConfig(BaseModel):
+    """``dkim.ini [sign]`` and the keys under ``config/dkim/`` (loaded only when enabled).
+
+    ``key_domain``: ``from`` signs with the From domain's key, ``auth_user``
+    with the domain of an AUTH user named ``user@domain`` (else From's).
+    ``domain``: the domain whose key signs mail whose own domain has none.
+    """
+
+    model_config = _FROZEN
+
+    enabled: bool = False
+    headers: tuple[str, ...] = ()
+    selector: str | None = None
+    domain: str | None = None
+    key_domain: Literal["from", "auth_user"] = "from"
+    keys: dict[str, tuple[InstanceOf[DkimKey], ...]] = Field(default_factory=dict)
+
+
 class Config(BaseModel):
     """The whole configuration directory.  ``warnings`` holds one line per
     ignored key, section or file, for the daemon to log at start-up."""
@@ -172,4 +191,5 @@ class Config(BaseModel):
     relay_acl_allow: list[IPv4Network | IPv6Network] = Field(default_factory=list)
     auth_users: dict[str, str] = Field(default_factory=dict)
     bounce: BounceTemplates = Field(default_factory=BounceTemplates)
+    dkim: DkimConfig = Field(default_factory=DkimConfig)
     warnings: tuple[str, ...] = ()

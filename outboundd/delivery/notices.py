@@ -6,6 +6,9 @@ queued through :meth:`Spool.accept` with the null sender, and linked to the
 original message (``messages.dsn_of``) and recipients
 (``recipients.dsn_queue_id``).
 
+A DSN is DKIM-signed with the key of the ``me`` domain (or its nearest
+parent domain with a key) when ``dkim.ini`` enables signing.
+
 It must run while the original's body still exists — before the record
 that makes the message final (which deletes the body).
 """
@@ -19,7 +22,9 @@ from dataclasses import dataclass
 
 from outboundd import dsn
 from outboundd.config import Config
-from outboundd.spool import NewMessage, NewRecipient, Spool
+from outboundd.log import get_logger
+from outboundd.spool import NewMessage, NewRecipient, Spool, SpoolError
+from outboundd.submission.dkim import DkimSigner, DkimSignError, signer_for
 
 #: Marks a double-bounce copy, so its own failure is dropped (no loops).
 DOUBLE_BOUNCE_NOTE = "double_bounce_notice"
@@ -52,6 +57,7 @@ class NoticeSettings:
     templates: dsn.DsnTemplates
     bounce_max_original_size: int
     double_bounce_recipient: str | None
+    signer: DkimSigner | None = None
 
 
 def notice_settings(config: Config) -> NoticeSettings:
@@ -63,6 +69,7 @@ def notice_settings(config: Config) -> NoticeSettings:
         ),
         bounce_max_original_size=config.outbound.bounce_max_original_size,
         double_bounce_recipient=config.outbound.double_bounce_recipient,
+        signer=signer_for(config, get_logger("dkim")),
     )
 
 
@@ -162,6 +169,11 @@ async def queue_notice(
         bounce_max_original_size=settings.bounce_max_original_size,
         recipient=send_to if double else None,
     )
+    if settings.signer is not None:
+        try:
+            rendered = settings.signer.sign_as(settings.me, rendered)
+        except DkimSignError as exc:
+            raise SpoolError(f"cannot DKIM-sign the DSN for {original.queue_id}: {exc}") from exc
     transport = dsn.dsn_transport(rendered)
     await spool.accept(
         NewMessage(

@@ -22,6 +22,7 @@ from outboundd.config import Config
 from outboundd.hooks import HookRunner
 from outboundd.log import Logger, get_logger
 from outboundd.submission import policy, prepare, replies
+from outboundd.submission.dkim import signer_for
 from outboundd.submission.policy import PolicyError
 from outboundd.submission.queueing import Queuer, SpoolSink
 from outboundd.submission.replies import Reply
@@ -65,7 +66,7 @@ def install(
     """Make ``send_email`` queue into ``spool`` (the daemon calls this at start-up)."""
     global _installed
     log = logger or get_logger("send_email")
-    _installed = _Installed(Queuer(spool, hooks, log), config)
+    _installed = _Installed(Queuer(spool, hooks, log, signer=signer_for(config, log)), config)
 
 
 def uninstall() -> None:

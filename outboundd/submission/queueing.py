@@ -8,7 +8,10 @@ same rules:
 2. ``pre_send_trans_email``: may edit the transaction; ``deny`` → 550,
    ``denysoft`` → 451; ``ok()`` or ``None`` go on to the spool (this hook
    prepares, it cannot take a message — that is ``queue_outbound``'s job).
-3. ``spool.accept()``; only when it returned is the answer 250.
+3. DKIM signing (``dkim.ini``), once, of what the plugins left: a domain
+   with a key whose message cannot be signed gets ``451 4.3.0``, never an
+   unsigned copy.
+4. ``spool.accept()``; only when it returned is the answer 250.
 
 A plugin that raises, times out or returns a result the hook does not take
 gives ``451 4.3.0`` and an ERROR log line naming it.  A spool failure gives
@@ -27,6 +30,7 @@ from outboundd.log import Logger
 from outboundd.spool.errors import SpoolError, SpoolFullError, SpoolUnavailableError
 from outboundd.spool.types import NewMessage
 from outboundd.submission import replies
+from outboundd.submission.dkim import DkimSigner, DkimSignError
 from outboundd.submission.replies import Reply, clean_text
 from outboundd.submission.transaction import Transaction
 
@@ -53,10 +57,18 @@ class Queuer:
     daemon waits for such writes in :meth:`drain` before closing the spool.
     """
 
-    def __init__(self, spool: SpoolSink, hooks: HookRunner, log: Logger) -> None:
+    def __init__(
+        self,
+        spool: SpoolSink,
+        hooks: HookRunner,
+        log: Logger,
+        *,
+        signer: DkimSigner | None = None,
+    ) -> None:
         self.spool = spool
         self.hooks = hooks
         self.log = log
+        self.signer = signer
         self._inflight: set[asyncio.Task[str]] = set()
 
     def new_queue_id(self) -> str:
@@ -136,7 +148,26 @@ class Queuer:
         reply = self._check(txn)
         if reply is not None:
             return reply
+        if self.signer is not None:
+            reply = self._sign(txn, self.signer)
+            if reply is not None:
+                return reply
         return await self._accept(txn)
+
+    def _sign(self, txn: Transaction, signer: DkimSigner) -> Reply | None:
+        """Sign ``txn.body`` in place; the 451 reply when it cannot be signed."""
+        assert isinstance(txn.body, bytes)
+        try:
+            txn.body = signer.sign(txn.body, auth_user=txn.auth_user, queue_id=txn.queue_id)
+        except DkimSignError as exc:
+            self.log.error(
+                "DKIM signing failed; message refused temporarily",
+                qid=txn.queue_id,
+                domain=signer.domain_for(txn.body, txn.auth_user),
+                error=str(exc),
+            )
+            return replies.LOCAL_ERROR
+        return None
 
     async def _accept(self, txn: Transaction) -> Reply:
         message = txn.to_new_message()

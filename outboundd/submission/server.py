@@ -26,6 +26,7 @@ from outboundd.plugins.auth_flat_file import (
     UserStore,
 )
 from outboundd.submission import liblog
+from outboundd.submission.dkim import signer_for
 from outboundd.submission.handler import SubmissionContext, make_session_factory
 from outboundd.submission.queueing import Queuer, SpoolSink
 from outboundd.submission.replies import Reply
@@ -169,7 +170,7 @@ async def start_listeners(
         )
     ctx = SubmissionContext(
         config=config,
-        queuer=Queuer(spool, hooks, log),
+        queuer=Queuer(spool, hooks, log, signer=signer_for(config, log)),
         users=UserStore(config.auth_users, path=config.config_dir / "auth_flat_file.ini"),
         throttle=AuthThrottle(
             max_failures=config.smtp.auth_max_failures,

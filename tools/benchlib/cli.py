@@ -99,6 +99,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--workdir", type=Path, help="parent for the temporary run directories")
     p.add_argument("--keep", action="store_true", help="keep every run directory")
     p.add_argument("--no-install", action="store_true", help="never run apt-get or npm")
+    p.add_argument(
+        "--dkim",
+        nargs="?",
+        const="rsa",
+        choices=("rsa", "ed25519", "both"),
+        help="outboundd DKIM-signs every message (rsa by default; both = dual signing) and an "
+        "unsigned outboundd runs beside it to measure the cost; Haraka (--peers) signs with its "
+        "dkim plugin and an RSA key; Postfix does not sign",
+    )
     args = p.parse_args(argv)
     if args.smoke and (args.peers or (args.only and args.only != "outboundd")):
         p.error("--smoke runs outboundd only")
@@ -107,10 +116,38 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def choose_relays(args: argparse.Namespace) -> list[str]:
     if args.only:
-        return [args.only]
-    if args.peers and not args.smoke:
-        return ["outboundd", "postfix", "haraka"]
-    return ["outboundd"]
+        relays = [args.only]
+    elif args.peers and not args.smoke:
+        relays = ["outboundd", "postfix", "haraka"]
+    else:
+        relays = ["outboundd"]
+    if args.dkim and "outboundd" in relays:
+        relays.insert(1, "outboundd-unsigned")  # the baseline the signing cost is read from
+    return relays
+
+
+def dkim_types(args: argparse.Namespace) -> tuple[str, ...] | None:
+    if not args.dkim:
+        return None
+    return ("rsa", "ed25519") if args.dkim == "both" else (args.dkim,)
+
+
+def dkim_cost(summary: dict[str, Any]) -> dict[str, float | None]:
+    """CPU-ms per message that signing added: signing outboundd minus the unsigned one.
+
+    CPU-s per 1,000 messages is CPU-ms per message, so the medians subtract directly.
+    """
+    cost: dict[str, float | None] = {}
+    for key, label in (
+        ("S1 CPU (CPU-s/1k msgs)", "S1"),
+        ("S2 accept CPU (CPU-s/1k msgs)", "S2 accept"),
+    ):
+        row = summary.get(key, {})
+        signed = row.get("outboundd", {}).get("median")
+        unsigned = row.get("outboundd-unsigned", {}).get("median")
+        if signed is not None and unsigned is not None:
+            cost[label] = signed - unsigned
+    return cost
 
 
 def choose_sizes(args: argparse.Namespace) -> dict[str, int]:
@@ -168,10 +205,17 @@ def prepare_tools(args: argparse.Namespace, relays: list[str]) -> tuple[list[str
     return [r for r in relays if r not in unavailable], unavailable
 
 
-def labels_for(relays: Sequence[str]) -> dict[str, str]:
-    labels = {"outboundd": "outboundd", "haraka": f"Haraka {HARAKA_VERSION}"}
+def labels_for(relays: Sequence[str], dkim: tuple[str, ...] | None = None) -> dict[str, str]:
+    labels = {
+        "outboundd": "outboundd",
+        "outboundd-unsigned": "outboundd (unsigned)",
+        "haraka": f"Haraka {HARAKA_VERSION}",
+    }
+    if dkim:
+        labels["outboundd"] = f"outboundd + DKIM {'+'.join(dkim)}"
+        labels["haraka"] += " + dkim plugin (rsa)"
     if "postfix" in relays:
-        labels["postfix"] = f"Postfix {postfix_version()}"
+        labels["postfix"] = f"Postfix {postfix_version()}" + (" (unsigned)" if dkim else "")
     return labels
 
 
@@ -222,8 +266,9 @@ def run_all(args: argparse.Namespace) -> int:
         args.haraka_nodes,
         args.nodes,
         args.delivery_processes,
+        dkim_types(args),
     )
-    labels = labels_for(relays)
+    labels = labels_for(relays, dkim_types(args))
     workroot = Path(tempfile.mkdtemp(prefix="outboundd-bench-", dir=args.workdir))
     os.chmod(workroot, 0o755)  # Postfix's unprivileged daemons must reach their queue
     registry = ProcessRegistry()
@@ -264,6 +309,8 @@ def run_all(args: argparse.Namespace) -> int:
     report = build_report(args, results, summary, relays, unavailable, labels, started_at)
     report["sizes"] = {s: sizes[s] for s in scenarios}
     report["runs_per_relay"] = runs
+    if args.dkim:
+        report["dkim"] = {"key_types": list(dkim_types(args) or ()), "cost_ms": dkim_cost(summary)}
     report["traffic"] = {
         "client": "pysource" if use_python else "smtp-source",
         "sink": "pysink" if use_python else "smtp-sink",
@@ -346,6 +393,13 @@ def print_report(report: dict[str, Any], table: str, unavailable: dict[str, str]
         f"medians of {report['runs_per_relay']} run(s)\n"
     )
     print(table)
+    dkim = report.get("dkim")
+    if dkim:
+        costs = ", ".join(f"{k} {v:+.2f}" for k, v in dkim["cost_ms"].items()) or "not measured"
+        print(
+            f"\nDKIM ({'+'.join(dkim['key_types'])}) added CPU-ms per message "
+            f"(outboundd minus outboundd unsigned): {costs}"
+        )
     for relay, why in unavailable.items():
         print(f"\n{relay}: NOT MEASURED — {why}")
     for failed in report["failed_runs"]:

@@ -44,6 +44,29 @@ class RelaySettings:
     outboundd_delivery_processes: int = 0
     #: ``--backend postgresql``: outboundd's queue in this server (a database per run).
     pg_server: PgServer | None = None
+    #: ``--dkim``: the key types outboundd signs with ("rsa", "ed25519" or both);
+    #: Haraka signs with its dkim plugin and an RSA key.  None: nobody signs.
+    dkim_types: tuple[str, ...] | None = None
+
+
+#: The From domain of the bench traffic (smtp-source -f), whose key signs.
+DKIM_DOMAIN = "source.bench.test"
+
+
+def outboundctl_executable() -> Path:
+    """``outboundctl`` beside the ``outboundd`` the bench runs."""
+    return outboundd_executable().parent / "outboundctl"
+
+
+def make_dkim_key(config_dir: Path, key_type: str, selector: str) -> None:
+    """``outboundctl dkim keygen``: the key files in Haraka's layout under ``config_dir``."""
+    res = run_helper(
+        [str(outboundctl_executable()), "-c", str(config_dir), "dkim", "keygen", DKIM_DOMAIN,
+         "--type", key_type, "--selector", selector],
+        timeout=60,
+    )  # fmt: skip
+    if res.returncode != 0:
+        raise BenchError(f"outboundctl dkim keygen failed: {res.output.strip()[-400:]}")
 
 
 class Relay:
@@ -121,6 +144,12 @@ class OutbounddRelay(Relay):
 
     name = "outboundd"
     label = "outboundd"
+    #: False for the unsigned baseline that ``--dkim`` runs beside the signing relay.
+    may_sign = True
+
+    @property
+    def dkim_types(self) -> tuple[str, ...]:
+        return (self.settings.dkim_types or ()) if self.may_sign else ()
 
     @property
     def config_dir(self) -> Path:
@@ -158,6 +187,10 @@ class OutbounddRelay(Relay):
         (cfg / "outbound.ini").write_text(self._outbound_ini(hold))
         (cfg / "relay_acl_allow").write_text("127.0.0.0/8\n")
         (cfg / "plugins").write_text("bench_route\n")
+        if self.dkim_types:
+            (cfg / "dkim.ini").write_text("[sign]\nenabled = true\n")
+            for key_type in self.dkim_types:
+                make_dkim_key(cfg, key_type, f"bench{key_type}")
         (self.workdir / "plugins" / "bench_route.py").write_text(
             textwrap.dedent(f'''\
                 """Benchmark routing: every domain goes to the local smtp-sink."""
@@ -223,6 +256,14 @@ class OutbounddRelay(Relay):
     def pending(self) -> int:
         counts = self.status_counts()
         return sum(n for s, n in counts.items() if s not in ("delivered", "bounced", "dropped"))
+
+
+class OutbounddUnsignedRelay(OutbounddRelay):
+    """outboundd without DKIM: the baseline for what signing costs (``--dkim``)."""
+
+    name = "outboundd-unsigned"
+    label = "outboundd (unsigned)"
+    may_sign = False
 
 
 # --------------------------------------------------------------------------- Postfix
@@ -405,7 +446,15 @@ class HarakaRelay(Relay):
         (cfg / "smtp.ini").write_text(
             f"listen=127.0.0.1:{self.port}\nnodes={self.settings.haraka_nodes}\n"
         )
-        (cfg / "plugins").write_text("bench_relay\n")
+        # --dkim: Haraka's own dkim plugin (shipped with Haraka 3) signs with an RSA key.
+        signs = self.settings.dkim_types is not None
+        (cfg / "plugins").write_text(("dkim\n" if signs else "") + "bench_relay\n")
+        if signs and not (cfg / "dkim" / DKIM_DOMAIN / "private").exists():
+            (cfg / "dkim.ini").write_text(
+                "[sign]\nenabled = true\nheaders = From, Sender, Reply-To, Subject, Date, "
+                "Message-ID, To, Cc, MIME-Version, Content-Type, Content-Transfer-Encoding\n"
+            )
+            make_dkim_key(cfg, "rsa", "benchrsa")
         (cfg / "me").write_text("relay.bench.test\n")
         (cfg / "outbound.ini").write_text(self._outbound_ini(hold))
         (self.instance / "plugins").mkdir(exist_ok=True)
@@ -440,6 +489,7 @@ class HarakaRelay(Relay):
 
 RELAYS: dict[str, type[Relay]] = {
     "outboundd": OutbounddRelay,
+    "outboundd-unsigned": OutbounddUnsignedRelay,
     "postfix": PostfixRelay,
     "haraka": HarakaRelay,
 }
