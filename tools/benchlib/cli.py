@@ -261,12 +261,12 @@ def run_all(args: argparse.Namespace) -> int:
     use_python = args.py_traffic or (args.smoke and not postfix_tools_installed())
     traffic = TrafficSettings(args.sessions, args.size, args.reuse_sessions, use_python)
     relay_settings = RelaySettings(
-        args.concurrency,
-        args.domain_concurrency,
-        args.haraka_nodes,
-        args.nodes,
-        args.delivery_processes,
-        dkim_types(args),
+        concurrency_max=args.concurrency,
+        domain_concurrency_max=args.domain_concurrency,
+        haraka_nodes=args.haraka_nodes,
+        outboundd_nodes=args.nodes,
+        outboundd_delivery_processes=args.delivery_processes,
+        dkim_types=dkim_types(args),
     )
     labels = labels_for(relays, dkim_types(args))
     workroot = Path(tempfile.mkdtemp(prefix="outboundd-bench-", dir=args.workdir))
