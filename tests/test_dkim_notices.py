@@ -51,13 +51,14 @@ def settings(signer: DkimSigner | None) -> NoticeSettings:
 
 
 async def queue_delay_notice(tmp_path: Path, notice_settings: NoticeSettings) -> bytes:
-    body = b"From: alice@sender.example\r\nSubject: late\r\n\r\nhello\r\n"
+    body_path = tmp_path / "original.eml"
+    body_path.write_bytes(b"From: alice@sender.example\r\nSubject: late\r\n\r\nhello\r\n")
     spool = await Spool.open(tmp_path / "queue")
     try:
         outcome = await queue_notice(
             spool,
             notice_settings,
-            OriginalMessage("ORIG1", "alice@sender.example", time.time(), None, None, body=body),
+            OriginalMessage("ORIG1", "alice@sender.example", body_path, time.time(), None, None),
             [
                 NoticeRecipient(
                     dsn.DsnRecipient("bob@dest.test", "delayed", "4.4.1"), notify="DELAY"
@@ -67,7 +68,7 @@ async def queue_delay_notice(tmp_path: Path, notice_settings: NoticeSettings) ->
             reason="connection timed out",
         )
         assert outcome.dsn_queue_id is not None
-        return await spool.read_body(outcome.dsn_queue_id)
+        return spool.body_path(outcome.dsn_queue_id).read_bytes()
     finally:
         await spool.close()
 

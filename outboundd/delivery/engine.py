@@ -779,6 +779,7 @@ def _original(claim: Claim) -> OriginalMessage:
     return OriginalMessage(
         queue_id=claim.queue_id,
         mail_from=claim.mail_from,
+        body_path=claim.body_path,
         body=claim.body,
         received_at=claim.received_at,
         env_id=claim.env_id,

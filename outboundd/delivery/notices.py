@@ -15,16 +15,33 @@ that makes the message final (which deletes the body).
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from outboundd import dsn
 from outboundd.config import Config
 from outboundd.log import get_logger
 from outboundd.spool import NewMessage, NewRecipient, Spool, SpoolError
 from outboundd.submission.dkim import DkimSigner, DkimSignError, signer_for
+
+
+async def _original_body(spool: Spool, original: OriginalMessage) -> bytes:
+    """The failed message's body: in hand, its file, or read from the spool."""
+    if original.body is not None:
+        return original.body
+    if original.body_path is None:
+        return await spool.read_body(original.queue_id)
+    try:
+        return await asyncio.to_thread(original.body_path.read_bytes)
+    except OSError as exc:
+        raise SpoolError(
+            f"cannot read {original.queue_id}'s body for its DSN: {exc.strerror}"
+        ) from exc
+
 
 #: Marks a double-bounce copy, so its own failure is dropped (no loops).
 DOUBLE_BOUNCE_NOTE = "double_bounce_notice"
@@ -36,11 +53,12 @@ class OriginalMessage:
 
     queue_id: str
     mail_from: str
+    body_path: Path | None  # the body file (SQLite); None: ``body``, or ask the spool
     received_at: float
     env_id: str | None
     ret: str | None
     is_double_bounce_notice: bool = False
-    body: bytes | None = None  # in hand already (PostgreSQL claims); else read from the spool
+    body: bytes | None = None  # in hand already (PostgreSQL claims)
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,7 +163,7 @@ async def queue_notice(
     send_to = wanted[0][1].send_to
     assert send_to is not None
     double = wanted[0][1].double_bounce
-    body = original.body if original.body is not None else await spool.read_body(original.queue_id)
+    body = await _original_body(spool, original)
     reported = tuple(f.report for f, _ in wanted)
     report = dsn.DsnReport(
         reporting_mta=settings.me,

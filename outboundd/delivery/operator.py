@@ -50,6 +50,7 @@ async def bounce_message(
     original = OriginalMessage(
         queue_id=detail.queue_id,
         mail_from=detail.mail_from,
+        body_path=detail.body_path,
         received_at=detail.received_at,
         env_id=detail.env_id,
         ret=detail.ret,
