@@ -30,7 +30,7 @@ from outboundd import dkimctl
 from outboundd import spool as spool_backend
 from outboundd.config import Config, ConfigError, load_config
 from outboundd.plugins import auth_flat_file
-from outboundd.spool import Spool, SpoolError, Status, UnknownMessageError, admin
+from outboundd.spool import Spool, SpoolError, Status, UnknownMessageError, admin, transfer
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 #: ``list`` output never needs more columns than this.
@@ -401,6 +401,28 @@ async def cmd_resume(spool: Spool, config: Config, out: TextIO) -> int:
     return EXIT_OK
 
 
+async def cmd_queue_migrate(config: Config, args: argparse.Namespace, out: TextIO) -> int:
+    """Move the SQLite queue in ``queue_dir`` into the PostgreSQL queue ``--to``."""
+    report = await transfer.migrate_queue(config.outbound.queue_dir, args.to)
+    if args.json:
+        out.write(transfer.report_json(report) + "\n")
+        return EXIT_OK
+    t = report.copied
+    by_status = ", ".join(f"{n} {s}" for s, n in sorted(t.recipients.items())) or "none"
+    out.write(
+        f"migrated {report.source} to {report.destination} in {report.seconds:.1f} s "
+        "(counts verified)\n"
+        f"  messages:   {t.messages}\n"
+        f"  recipients: {by_status}\n"
+        f"  attempts:   {t.attempts}\n"
+        f"  bodies:     {t.bodies} ({human_size(t.body_bytes)})\n"
+        f"  control:    {', '.join(f'{k}={v}' for k, v in sorted(t.control.items())) or 'none'}\n"
+        f"{report.source} is kept as it was, marked MIGRATED: outboundd will not start on it.\n"
+        "Next: set queue_url in outbound.ini on every host and start outboundd.\n"
+    )
+    return EXIT_OK
+
+
 def cmd_user(config_dir: Path, args: argparse.Namespace, out: TextIO) -> int:
     path = config_dir / "auth_flat_file.ini"
     if args.user_command == "list":
@@ -480,6 +502,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("pause", help="hold all delivery")
     sub.add_parser("resume", help="release delivery")
 
+    p = sub.add_parser("queue", help="operations on the whole queue")
+    qsub = p.add_subparsers(dest="queue_command", required=True, metavar="ACTION")
+    q = qsub.add_parser(
+        "migrate",
+        help="move this SQLite queue (queue_dir) into PostgreSQL; no outboundd may be running",
+    )
+    q.add_argument("--to", required=True, metavar="URL", help="postgresql://... of an empty queue")
+    q.add_argument("--json", action="store_true", help="the counts as JSON")
+
     p = sub.add_parser("user", help="manage AUTH users in auth_flat_file.ini")
     usub = p.add_subparsers(dest="user_command", required=True, metavar="ACTION")
     u = usub.add_parser("add", help="add or update a user")
@@ -554,6 +585,8 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
         if args.command == "dkim":
             return dkimctl.run(config_dir, args, stream)
         config = load_config(config_dir)
+        if args.command == "queue":
+            return asyncio.run(cmd_queue_migrate(config, args, stream))
         return asyncio.run(run_queue_command(config, args, stream))
     except BrokenPipeError:
         # `outboundctl list | head`: the reader left; that is not an error.

@@ -13,8 +13,8 @@ import contextlib
 import gc
 import signal
 import sys
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +33,10 @@ from outboundd.delivery.engine import DeliveryEngine
 from outboundd.delivery.handoff import LocalDelivery
 from outboundd.delivery.scheduler import Scheduler
 from outboundd.hooks import HookRunner, PluginLoadError, load_plugins
-from outboundd.spool import SpoolError, lease_owner_id
+from outboundd.plan import ProcessPlan, Role, plan_processes
+from outboundd.spool import Spool, SpoolError, lease_owner_id
 from outboundd.spool import admin as spool_admin
+from outboundd.spool.inuse import QueueLock, hold_for_daemon
 from outboundd.submission import api as submission_api
 from outboundd.submission.queueing import SpoolSink
 from outboundd.submission.server import Listeners, start_listeners
@@ -116,7 +118,7 @@ class OutboundSettings:
                 on_change.set()
 
 
-ROLES = ("all", "submission", "delivery")
+ROLES = tuple(str(role) for role in Role)
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,51 +133,73 @@ class Inherited:
         return bool(self.listen_fds)
 
 
+class StopRequest:
+    """The graceful stop, asked for once (by a signal, the parent's exit or a failure)."""
+
+    def __init__(self, role: Role) -> None:
+        self.role = role
+        self.event = asyncio.Event()
+
+    def __call__(self, reason: str) -> None:
+        if self.event.is_set():
+            # Another SIGTERM (an impatient operator, or a process-group
+            # signal on top of the parent's own): the graceful stop goes on.
+            log.info("already stopping", signal=reason, role=self.role)
+            return
+        log.info("stopping", signal=reason, role=self.role)
+        self.event.set()
+
+
+@dataclass
+class Running:
+    """What this process runs; :func:`shut_down` stops it in order."""
+
+    plan: ProcessPlan
+    spool: Spool
+    settings: OutboundSettings
+    #: Held while the queue is open: ``outboundctl queue migrate`` refuses meanwhile.
+    queue_lock: QueueLock | None
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    scheduler: Scheduler | None = None
+    engine: DeliveryEngine | None = None
+    listeners: Listeners | None = None
+    nodes: list[ChildProcess] = field(default_factory=list)  # SMTP nodes
+    deliverers: list[ChildProcess] = field(default_factory=list)  # delivery processes
+
+    @property
+    def children(self) -> list[ChildProcess]:
+        return self.nodes + self.deliverers
+
+    def spawn(self, work: Coroutine[Any, Any, None], name: str) -> None:
+        self.tasks.append(asyncio.create_task(work, name=name))
+
+    def child_config(self, config: Config) -> Callable[[], Config]:
+        """The last good configuration, for a child being (re)started."""
+        return lambda: config.model_copy(update={"outbound": self.settings.current})
+
+
 async def serve(config: Config, role: str = "all", inherited: Inherited | None = None) -> int:
     """Run the relay until a stop signal; the process exit status.
 
-    ``role`` ``all`` accepts and delivers in this process.  With
-    ``smtp.ini nodes`` ≥ 2 this process also starts nodes - 1 SMTP nodes
-    that accept on its listening sockets; with ``delivery_processes`` ≥ 1
-    that many delivery children, and then the SMTP processes only accept
-    (``role`` ``submission``).  A child is started with ``role``
-    ``delivery``, or as an SMTP node with ``inherited`` sockets.
+    What this process does, and which children it starts, is
+    :func:`outboundd.plan.plan_processes`'s decision; here each part of the
+    plan is started by its own function and stopped by :func:`shut_down`.
     """
     logmod.configure_from(config.log)
     inherited = inherited or Inherited()
-    is_child = role == "delivery" or inherited.is_node
-    if role == "all" and config.outbound.delivery_processes > 0:
-        role = "submission"
+    plan = plan_processes(config, Role(role), is_node=inherited.is_node)
     loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-
-    def request_stop(signame: str) -> None:
-        if stop.is_set():
-            # Another SIGTERM (an impatient operator, or a process-group
-            # signal on top of the parent's own): the graceful stop goes on.
-            log.info("already stopping", signal=signame, role=role)
-            return
-        log.info("stopping", signal=signame, role=role)
-        stop.set()
-
+    stop = StopRequest(plan.role)
     # From the first moment: a stop signal during start-up stops gracefully
     # too, instead of killing the process with the signal's default action.
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, request_stop, sig.name)
+        loop.add_signal_handler(sig, stop, sig.name)
     loop.add_signal_handler(signal.SIGHUP, lambda: None)  # a flush before there is work
     early = early_stop.pending()
     if early is not None:
-        request_stop(early)
-    listens = role in ("all", "submission")
-    delivers = role in ("all", "delivery")
-    if not is_child:
-        for warning in config.warnings:
-            log.warn(warning)
-        if config.auth_users and "auth_flat_file" not in config.plugins:
-            log.warn(
-                "auth_flat_file.ini has users but the auth_flat_file plugin is not listed in "
-                "plugins: AUTH is off and only relay_acl_allow clients can relay"
-            )
+        stop(early)
+    if not plan.is_child:
+        warn_about(config)
     try:
         plugins = load_plugins(config.plugins, config.plugins_dir)
     except PluginLoadError as exc:
@@ -183,189 +207,35 @@ async def serve(config: Config, role: str = "all", inherited: Inherited | None =
         return 1
     hooks = HookRunner(plugins)
     logmod.set_log_hook(hooks if hooks.has("log") else None)
-    try:
-        # Children leave the body-file scan to the first process.
-        location = config.outbound.queue_location
-        # wait=True: a queue database that is down at start is waited for
-        # (logged once per interval), not a reason to exit and crash-loop.
-        spool = await spool_backend.open(location, recover_files=not is_child, wait=True)
-    except SpoolError as exc:
-        shown = spool_backend.describe_location(location)
-        log.crit("cannot open the queue", queue=shown, error=str(exc))
+    opened = await open_spool(plan)
+    if opened is None:
         return 1
-    report = spool.recovery
-    if report is not None:
-        log.info(
-            "queue opened",
-            role=role,
-            queue=spool.location,
-            leases_released=report.leases_released,
-            temp_files_removed=report.temp_files_removed,
-            orphan_bodies_removed=report.orphan_bodies_removed,
-        )
-        for qid in report.missing_bodies:
-            log.crit("message body file missing; its recipients were dropped", qid=qid)
-
-    tasks: list[asyncio.Task[None]] = []
-    settings = OutboundSettings(config)
-    scheduler: Scheduler | None = None
-    engine: DeliveryEngine | None = None
-    nodes: list[ChildProcess] = []  # SMTP nodes
-    deliverers: list[ChildProcess] = []  # delivery processes
-    listeners: Listeners | None = None
-
-    if delivers:
-        owner = lease_owner_id()
-        engine = DeliveryEngine(config, settings, spool, hooks, owner=owner)
-        scheduler = Scheduler(spool, settings, engine.deliver, owner=owner, log=log)
-        tasks.append(asyncio.create_task(scheduler.run(), name="scheduler"))
-        tasks.append(asyncio.create_task(settings.watch(spool.new_work), name="config-watch"))
-    elif not is_child:
-        # The first process follows outbound.ini even when it does not
-        # deliver: a child it (re)starts gets the settings now in force.
-        tasks.append(asyncio.create_task(settings.watch(asyncio.Event()), name="config-watch"))
-
-    def child_config() -> Config:
-        """The last good configuration, for a child being (re)started."""
-        return config.model_copy(update={"outbound": settings.current})
-
-    if is_child:
-        parent_gone = asyncio.Event()
-        tasks.append(
-            asyncio.create_task(watch_parent(spool.new_work, parent_gone), name="parent-watch")
-        )
-
-        async def stop_when_parent_goes() -> None:
-            await parent_gone.wait()
-            request_stop("parent exited")
-
-        tasks.append(asyncio.create_task(stop_when_parent_goes(), name="parent-gone"))
-    if listens:
-        # A process that also delivers takes its own new mail without a claim.
-        sink: SpoolSink = spool if scheduler is None else LocalDelivery(spool, scheduler)
-        submission_api.install(sink, config, hooks)
-        try:
-            listeners = await start_listeners(
-                config,
-                sink,
-                hooks,
-                inherited=inherited.listen_fds or None,
-                throttle_store=spool,  # shared by every process: one client is one client
-            )
-        except OSError as exc:
-            log.crit("cannot listen", error=str(exc))
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            submission_api.uninstall()
-            await spool.close()
-            return 1
+    spool, queue_lock = opened
+    run = Running(plan, spool, OutboundSettings(config), queue_lock)
+    if plan.delivers:
+        start_delivery(run, config, hooks)
+    if plan.follows_outbound_ini:
+        # Without a scheduler to wake, the first process still follows
+        # outbound.ini: a child it (re)starts gets the settings now in force.
+        wakes = spool.new_work if plan.delivers else asyncio.Event()
+        run.spawn(run.settings.watch(wakes), "config-watch")
+    if plan.is_child:
+        follow_parent(run, stop)
+    if plan.listens and not await start_listening(run, config, hooks, inherited):
+        await abandon(run)
+        return 1
     if inherited.wake_fd is not None:
-        tasks.append(
-            asyncio.create_task(notify_parent(spool.new_work, inherited.wake_fd), name="wake-up")
-        )
-    if listens and not is_child and listeners is not None:
-        for number in range(1, config.smtp.nodes):
-            node = ChildProcess(
-                config.config_dir,
-                role=role,
-                stop_grace=SHUTDOWN_GRACE,
-                config=child_config,
-                listen_fds=listeners.listen_fds(),
-                # Its new mail must reach our delivery processes (see wake_all).
-                wakes=spool.new_work if role == "submission" else None,
-            )
-            await node.start()
-            nodes.append(node)
-            tasks.append(asyncio.create_task(node.supervise(), name=f"supervise-node-{number}"))
-    if role == "submission" and not is_child:
-        for number in range(config.outbound.delivery_processes):
-            child = ChildProcess(
-                config.config_dir, role="delivery", stop_grace=SHUTDOWN_GRACE, config=child_config
-            )
-            await child.start()
-            deliverers.append(child)
-            tasks.append(asyncio.create_task(child.supervise(), name=f"supervise-{number}"))
-        tasks.append(asyncio.create_task(wake_all(deliverers, spool.new_work), name="wake"))
-    children = nodes + deliverers
-
-    background: set[asyncio.Task[None]] = set()
-
-    def request_flush() -> None:
-        if stop.is_set():
-            return  # stopping: nothing more will be delivered here
-        for child in children:
-            child.signal(signal.SIGHUP)
-        if not delivers:
-            return
-
-        async def flush() -> None:
-            count = await spool_admin.flush(spool)
-            log.notice("flush requested (SIGHUP)", recipients=count)
-
-        task = loop.create_task(flush())
-        background.add(task)
-        task.add_done_callback(background.discard)
-
-    loop.add_signal_handler(signal.SIGHUP, request_flush)
-
-    if stop.is_set():
-        pass  # a stop signal came during start-up: stopping, not ready
-    elif listens and not is_child:
-        log.notice(
-            "ready",
-            listen=",".join(str(a) for a in config.smtp.listen),
-            listen_tls=",".join(str(a) for a in config.smtp.listen_tls) or "-",
-            queue=spool.location,
-            delivery=("disabled" if settings().disabled else "enabled")
-            + (f" ({len(deliverers)} delivery process(es))" if deliverers else ""),
-            smtp_processes=1 + len(nodes),
-        )
-    elif not listens:
-        # INFO: the first process's "ready" (NOTICE) is the one an operator waits for.
-        log.info(
-            "delivery ready",
-            queue=spool.location,
-            delivery="disabled" if settings().disabled else "enabled",
-        )
+        run.spawn(notify_parent(spool.new_work, inherited.wake_fd), "wake-up")
+    await start_children(run, config)
+    loop.add_signal_handler(signal.SIGHUP, flush_on_sighup(run, stop))
+    if not stop.event.is_set():  # else a stop signal came during start-up: not ready
+        log_ready(run, config)
     status = 0
     try:
-        stopper: asyncio.Task[Any] = asyncio.create_task(stop.wait())
-        watched: list[asyncio.Task[Any]] = [stopper, *tasks]
-        done, _ = await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
-        for finished in done:
-            failure = None if finished is stopper else finished.exception()
-            if failure is not None:
-                log.crit("internal task failed", task=finished.get_name(), error=repr(failure))
-                status = 1
-                stop.set()
-        stopper.cancel()
+        status = await run_until_stopped(stop, run.tasks)
     finally:
-        # The signal handlers stay in place while stopping: a second SIGTERM
-        # must not kill the process half-way through its graceful stop.
-        # SMTP nodes stop accepting together with this process's listeners.
-        for child in children:
-            child.stopping()  # none of them is restarted from now on
-        node_stops = asyncio.gather(*(node.stop() for node in nodes))
-        if listeners is not None:
-            await listeners.close()
-        statuses = [*await node_stops]
-        statuses += await asyncio.gather(*(child.stop() for child in deliverers))
-        for child, child_status in zip(children, statuses, strict=True):
-            if child_status != 0:
-                log.error(f"{child.kind} exited with an error", status=child_status, pid=child.pid)
-        if scheduler is not None:
-            await scheduler.stop(SHUTDOWN_GRACE)
-        for task in tasks:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
-        if engine is not None:
-            await engine.close()
-        if listens:
-            submission_api.uninstall()
-        await spool.close()
-        log.info("stopped", role=role)
+        await shut_down(run)
+        log.info("stopped", role=plan.role)
         await logmod.drain_log_hooks()
         logmod.shutdown()
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
@@ -373,6 +243,232 @@ async def serve(config: Config, role: str = "all", inherited: Inherited | None =
             # Stopped: a signal between here and the exit changes nothing.
             signal.signal(sig, signal.SIG_IGN)
     return status
+
+
+def warn_about(config: Config) -> None:
+    """Start-up warnings, logged once by the first process."""
+    for warning in config.warnings:
+        log.warn(warning)
+    if config.auth_users and "auth_flat_file" not in config.plugins:
+        log.warn(
+            "auth_flat_file.ini has users but the auth_flat_file plugin is not listed in "
+            "plugins: AUTH is off and only relay_acl_allow clients can relay"
+        )
+
+
+async def open_spool(plan: ProcessPlan) -> tuple[Spool, QueueLock | None] | None:
+    """The queue, recovered as the plan says, and the lock that says a daemon
+    uses it; None (and the reason logged) if it cannot open."""
+    lock: QueueLock | None = None
+    try:
+        lock = hold_for_daemon(plan.queue)
+        # wait=True: a queue database that is down at start is waited for
+        # (logged once per interval), not a reason to exit and crash-loop.
+        spool = await spool_backend.open(plan.queue, recover_files=plan.recovers_files, wait=True)
+    except SpoolError as exc:
+        if lock is not None:
+            lock.release()
+        shown = spool_backend.describe_location(plan.queue)
+        log.crit("cannot open the queue", queue=shown, error=str(exc))
+        return None
+    report = spool.recovery
+    if report is not None:
+        log.info(
+            "queue opened",
+            role=plan.role,
+            queue=spool.location,
+            leases_released=report.leases_released,
+            temp_files_removed=report.temp_files_removed,
+            orphan_bodies_removed=report.orphan_bodies_removed,
+        )
+        for qid in report.missing_bodies:
+            log.crit("message body file missing; its recipients were dropped", qid=qid)
+    return spool, lock
+
+
+def start_delivery(run: Running, config: Config, hooks: HookRunner) -> None:
+    """The delivering role: a scheduler claiming due work, an engine delivering it."""
+    owner = lease_owner_id()
+    run.engine = DeliveryEngine(config, run.settings, run.spool, hooks, owner=owner)
+    run.scheduler = Scheduler(run.spool, run.settings, run.engine.deliver, owner=owner, log=log)
+    run.spawn(run.scheduler.run(), "scheduler")
+
+
+def follow_parent(run: Running, stop: StopRequest) -> None:
+    """The child's part: wake on the parent's lines, stop when the parent goes."""
+    parent_gone = asyncio.Event()
+    run.spawn(watch_parent(run.spool.new_work, parent_gone), "parent-watch")
+
+    async def stop_when_parent_goes() -> None:
+        await parent_gone.wait()
+        stop("parent exited")
+
+    run.spawn(stop_when_parent_goes(), "parent-gone")
+
+
+async def start_listening(
+    run: Running, config: Config, hooks: HookRunner, inherited: Inherited
+) -> bool:
+    """The SMTP role: listeners on the configured (or inherited) sockets.
+
+    False (and the reason logged) when the sockets cannot be bound.
+    """
+    # A process that also delivers takes its own new mail without a claim.
+    sink: SpoolSink = (
+        run.spool if run.scheduler is None else LocalDelivery(run.spool, run.scheduler)
+    )
+    submission_api.install(sink, config, hooks)
+    try:
+        run.listeners = await start_listeners(
+            config,
+            sink,
+            hooks,
+            inherited=inherited.listen_fds or None,
+            throttle_store=run.spool,  # shared by every process: one client is one client
+        )
+    except OSError as exc:
+        log.crit("cannot listen", error=str(exc))
+        return False
+    return True
+
+
+async def abandon(run: Running) -> None:
+    """Undo a start-up that failed before anything was accepted."""
+    for task in run.tasks:
+        task.cancel()
+    await asyncio.gather(*run.tasks, return_exceptions=True)
+    if run.engine is not None:
+        await run.engine.close()
+    if run.plan.listens:
+        submission_api.uninstall()
+    await run.spool.close()
+    if run.queue_lock is not None:
+        run.queue_lock.release()
+
+
+async def start_children(run: Running, config: Config) -> None:
+    """The first process's part: start and supervise the plan's SMTP nodes and
+    delivery processes."""
+    plan = run.plan
+    if plan.smtp_nodes:
+        assert run.listeners is not None  # a plan with nodes listens
+        for number in range(1, plan.smtp_nodes + 1):
+            node = ChildProcess(
+                config.config_dir,
+                role=plan.node_role,
+                stop_grace=SHUTDOWN_GRACE,
+                config=run.child_config(config),
+                listen_fds=run.listeners.listen_fds(),
+                # Its new mail must reach our delivery processes (see wake_all).
+                wakes=run.spool.new_work if plan.nodes_report_mail else None,
+            )
+            await node.start()
+            run.nodes.append(node)
+            run.spawn(node.supervise(), f"supervise-node-{number}")
+    for number in range(plan.delivery_processes):
+        child = ChildProcess(
+            config.config_dir,
+            role=Role.DELIVERY,
+            stop_grace=SHUTDOWN_GRACE,
+            config=run.child_config(config),
+        )
+        await child.start()
+        run.deliverers.append(child)
+        run.spawn(child.supervise(), f"supervise-{number}")
+    if plan.delivery_processes:
+        run.spawn(wake_all(run.deliverers, run.spool.new_work), "wake")
+
+
+def flush_on_sighup(run: Running, stop: StopRequest) -> Callable[[], None]:
+    """SIGHUP: passed on to the children; a delivering process makes deferred work due."""
+    background: set[asyncio.Task[None]] = set()
+
+    async def flush() -> None:
+        count = await spool_admin.flush(run.spool)
+        log.notice("flush requested (SIGHUP)", recipients=count)
+
+    def request_flush() -> None:
+        if stop.event.is_set():
+            return  # stopping: nothing more will be delivered here
+        for child in run.children:
+            child.signal(signal.SIGHUP)
+        if run.plan.delivers:
+            task = asyncio.get_running_loop().create_task(flush())
+            background.add(task)
+            task.add_done_callback(background.discard)
+
+    return request_flush
+
+
+def log_ready(run: Running, config: Config) -> None:
+    disabled = run.settings().disabled
+    if run.plan.announces_ready:
+        log.notice(
+            "ready",
+            listen=",".join(str(a) for a in config.smtp.listen),
+            listen_tls=",".join(str(a) for a in config.smtp.listen_tls) or "-",
+            queue=run.spool.location,
+            delivery=("disabled" if disabled else "enabled")
+            + (f" ({len(run.deliverers)} delivery process(es))" if run.deliverers else ""),
+            smtp_processes=1 + len(run.nodes),
+        )
+    elif not run.plan.listens:
+        # INFO: the first process's "ready" (NOTICE) is the one an operator waits for.
+        log.info(
+            "delivery ready",
+            queue=run.spool.location,
+            delivery="disabled" if disabled else "enabled",
+        )
+
+
+async def run_until_stopped(stop: StopRequest, tasks: list[asyncio.Task[None]]) -> int:
+    """Wait for a stop request or a background task's failure; the exit status."""
+    status = 0
+    stopper: asyncio.Task[Any] = asyncio.create_task(stop.event.wait())
+    try:
+        watched: list[asyncio.Task[Any]] = [stopper, *tasks]
+        done, _ = await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
+        for finished in done:
+            failure = None if finished is stopper else finished.exception()
+            if failure is not None:
+                log.crit("internal task failed", task=finished.get_name(), error=repr(failure))
+                status = 1
+                stop.event.set()
+    finally:
+        stopper.cancel()
+    return status
+
+
+async def shut_down(run: Running) -> None:
+    """Stop accepting, stop the children, let deliveries finish, close the queue.
+
+    The signal handlers stay in place meanwhile: a second SIGTERM must not
+    kill the process half-way through its graceful stop.
+    """
+    for child in run.children:
+        child.stopping()  # none of them is restarted from now on
+    # SMTP nodes stop accepting together with this process's listeners.
+    node_stops = asyncio.gather(*(node.stop() for node in run.nodes))
+    if run.listeners is not None:
+        await run.listeners.close()
+    statuses = [*await node_stops]
+    statuses += await asyncio.gather(*(child.stop() for child in run.deliverers))
+    for child, child_status in zip(run.children, statuses, strict=True):
+        if child_status != 0:
+            log.error(f"{child.kind} exited with an error", status=child_status, pid=child.pid)
+    if run.scheduler is not None:
+        await run.scheduler.stop(SHUTDOWN_GRACE)
+    for task in run.tasks:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+    if run.engine is not None:
+        await run.engine.close()
+    if run.plan.listens:
+        submission_api.uninstall()
+    await run.spool.close()
+    if run.queue_lock is not None:
+        run.queue_lock.release()
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

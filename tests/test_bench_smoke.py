@@ -9,12 +9,15 @@ falls back to its Python client and sink, so no Debian package is needed.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tests.pgcluster import PgUnavailable, pg_bindir
 
 REPO = Path(__file__).resolve().parent.parent
 BENCH = REPO / "tools" / "bench"
@@ -65,6 +68,31 @@ def test_smoke_with_python_traffic(tmp_path: Path) -> None:
     assert_nothing_lost(report)
     assert report["traffic"]["client"] == "pysource"
     assert report["traffic"]["sink"] == "pysink"
+
+
+@pytest.mark.timeout(120)
+def test_smoke_with_the_queue_in_postgresql(tmp_path: Path) -> None:
+    """``--backend postgresql``: the bench starts its own server, every message is
+    delivered, and the database round trips per message and recipient are reported."""
+    try:
+        pg_bindir()
+    except PgUnavailable as exc:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"PostgreSQL tests must run in CI: {exc}")
+        pytest.skip(str(exc))
+    report = run_bench(tmp_path, "--py-traffic", "--backend", "postgresql")
+    assert_nothing_lost(report)
+    assert report["settings"]["outboundd_backend"] == "postgresql"
+    extra = {r["scenario"]: r["extra"] for r in report["runs"]}
+    # S2 measures accepting and delivering apart; S1 and S3 both at once.
+    assert extra["S2"]["db_accept_statements"] >= 1
+    assert extra["S2"]["db_deliver_statements"] >= 1
+    assert extra["S2"]["db_accept_statements_per_unit"] > 0
+    assert extra["S1"]["db_relay_statements_per_unit"] > 0
+    assert extra["S3"]["db_relay_statements_per_unit"] > 0
+    # The server's CPU is part of the relay's total, and reported apart.
+    for r in report["runs"]:
+        assert 0 < r["extra"]["db_server_cpu"] < r["total_cpu"]
 
 
 @pytest.mark.timeout(120)

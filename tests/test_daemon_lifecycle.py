@@ -100,6 +100,21 @@ def test_a_broken_edit_keeps_the_settings_and_a_fix_is_taken(tmp_path: Path) -> 
     assert settings().concurrency_max == 8
 
 
+def test_the_queue_stays_until_a_restart(tmp_path: Path) -> None:
+    """queue_dir and queue_url edits are not taken live: a child restarted on the
+    settings in force must open the queue every other process has open."""
+    config_dir = write_config(tmp_path / "config", dns_port=53, mx_port=25,
+                              outbound={"concurrency_max": 7, "queue_dir": "q1"})  # fmt: skip
+    config = load_config(config_dir)
+    settings = OutboundSettings(config)
+    edit(config_dir, "queue_dir=q1", "queue_dir=q2\nqueue_url=postgresql://db.example/q")
+    edit(config_dir, "concurrency_max=7", "concurrency_max=8")
+    assert settings.check() is True
+    assert settings().concurrency_max == 8
+    assert settings().queue_dir == config.outbound.queue_dir
+    assert settings().queue_url is None
+
+
 @pytest.mark.parametrize("edit_after", [0.0, 0.3, 0.8])
 async def test_an_edit_during_start_up_is_picked_up(world: World, edit_after: float) -> None:
     """disabled=true -> false while the daemon (and its delivery process) is

@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import signal
+import statistics
 import sys
 import tempfile
 import time
@@ -15,6 +16,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from benchlib.pgserver import PgServer
 from benchlib.procs import BenchError, ProcessRegistry, log, run_helper
 from benchlib.relays import (
     HARAKA_DIR,
@@ -73,6 +75,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         type=int,
         default=0,
         help="outboundd delivery_processes (default 0: every SMTP node also delivers)",
+    )
+    p.add_argument(
+        "--backend",
+        choices=("sqlite", "postgresql"),
+        default="sqlite",
+        help="outboundd's queue: sqlite (default) or postgresql (a private server started "
+        "for the bench; its CPU counts as outboundd's, and database round trips are reported)",
     )
     p.add_argument(
         "--haraka-nodes",
@@ -252,12 +261,12 @@ def run_all(args: argparse.Namespace) -> int:
     use_python = args.py_traffic or (args.smoke and not postfix_tools_installed())
     traffic = TrafficSettings(args.sessions, args.size, args.reuse_sessions, use_python)
     relay_settings = RelaySettings(
-        args.concurrency,
-        args.domain_concurrency,
-        args.haraka_nodes,
-        args.nodes,
-        args.delivery_processes,
-        dkim_types(args),
+        concurrency_max=args.concurrency,
+        domain_concurrency_max=args.domain_concurrency,
+        haraka_nodes=args.haraka_nodes,
+        outboundd_nodes=args.nodes,
+        outboundd_delivery_processes=args.delivery_processes,
+        dkim_types=dkim_types(args),
     )
     labels = labels_for(relays, dkim_types(args))
     workroot = Path(tempfile.mkdtemp(prefix="outboundd-bench-", dir=args.workdir))
@@ -269,7 +278,12 @@ def run_all(args: argparse.Namespace) -> int:
     runner = Runner(
         registry, workroot, traffic, relay_settings, RELAYS, keep=args.keep, phase_cap=cap
     )
+    pg_server: PgServer | None = None
     try:
+        if args.backend == "postgresql" and "outboundd" in relays:
+            pg_server = PgServer(registry, workroot / "postgresql")
+            relay_settings.pg_server = pg_server
+            pg_server.start()
         for run_index in range(1, runs + 1):
             for scenario in scenarios:
                 rcpts = S3_RECIPIENTS if scenario == "S3" else 1
@@ -280,6 +294,8 @@ def run_all(args: argparse.Namespace) -> int:
                     log(_one_line(result))
                     results.append(result)
     finally:
+        if pg_server is not None:
+            pg_server.stop()
         registry.close()
         if not args.keep and all(r.ok for r in results):
             shutil.rmtree(workroot, ignore_errors=True)
@@ -331,6 +347,7 @@ def build_report(
             "haraka_nodes": args.haraka_nodes,
             "outboundd_nodes": args.nodes,
             "outboundd_delivery_processes": args.delivery_processes,
+            "outboundd_backend": args.backend,
         },
         "all_ok": delivered and not unavailable,
         "all_delivered": delivered,
@@ -356,6 +373,10 @@ def _one_line(r: RunResult) -> str:
         parts.append(f"CPU {r.total_cpu:.2f} s")
     if r.peak_rss_bytes:
         parts.append(f"peak RSS {r.peak_rss_bytes / 2**20:.0f} MB")
+    for phase, unit in (("accept", "message"), ("deliver", "recipient"), ("relay", "message")):
+        per_unit = r.extra.get(f"db_{phase}_statements_per_unit")
+        if per_unit is not None:
+            parts.append(f"db {phase}: {per_unit:.2f} round trips/{unit}")
     return "  -> " + ", ".join(parts)
 
 
@@ -384,11 +405,52 @@ def print_report(report: dict[str, Any], table: str, unavailable: dict[str, str]
     for failed in report["failed_runs"]:
         where = f"{failed['relay']} {failed['scenario']} run {failed['run']}"
         print(f"\nFAILED {where}: {failed['error']}")
+    print_database(report)
     print(
         "\nCPU = user+sys of the relay's whole process tree (/proc, reaped children "
         "included); ratios are outboundd / peer (for CPU and memory, < 1 is better)."
     )
+    if report["settings"]["outboundd_backend"] == "postgresql":
+        print(
+            "outboundd's queue in PostgreSQL: the server's process tree is in outboundd's CPU "
+            "(not in its memory columns)."
+        )
     sys.stdout.flush()
+
+
+#: The database figures the report prints: (scenario, phase, unit).
+DB_FIGURES = (("S2", "accept", "accepted message"), ("S2", "deliver", "delivered recipient"),
+              ("S1", "relay", "message"), ("S3", "relay", "message of 10 recipients"))  # fmt: skip
+
+
+def print_database(report: dict[str, Any]) -> None:
+    """Medians of the database round trips (statements), when measured."""
+    lines = []
+    for scenario, phase, unit in DB_FIGURES:
+        runs = [
+            r["extra"]
+            for r in report["runs"]
+            if r["scenario"] == scenario and r["ok"] and f"db_{phase}_statements" in r["extra"]
+        ]
+        if not runs:
+            continue
+        statements = statistics.median(e[f"db_{phase}_statements_per_unit"] for e in runs)
+        lines.append(f"  {scenario} {phase}: {statements:.2f} round trips (statements) per {unit}")
+    for scenario in ("S1", "S2", "S3"):
+        shares = [
+            r["extra"]["db_server_cpu"] / r["total_cpu"]
+            for r in report["runs"]
+            if r["scenario"] == scenario and r["ok"] and r["total_cpu"]
+            and "db_server_cpu" in r["extra"]
+        ]  # fmt: skip
+        if shares:
+            lines.append(
+                f"  {scenario}: the PostgreSQL server spent {statistics.median(shares):.0%} "
+                "of the CPU counted"
+            )
+    if lines:
+        print("\nPostgreSQL queue (round trips from pg_stat_statements; medians):")
+        print("\n".join(lines))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

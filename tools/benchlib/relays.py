@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from benchlib.pgserver import DbCalls, PgServer, QueueReader
 from benchlib.procs import BenchError, ProcessRegistry, Started, log, run_helper
 from benchlib.traffic import free_port, wait_for_banner
 
@@ -41,6 +42,8 @@ class RelaySettings:
     #: outboundd's smtp.ini ``nodes`` and outbound.ini ``delivery_processes``.
     outboundd_nodes: str = "cpus"
     outboundd_delivery_processes: int = 0
+    #: ``--backend postgresql``: outboundd's queue in this server (a database per run).
+    pg_server: PgServer | None = None
     #: ``--dkim``: the key types outboundd signs with ("rsa", "ed25519" or both);
     #: Haraka signs with its dkim plugin and an RSA key.  None: nobody signs.
     dkim_types: tuple[str, ...] | None = None
@@ -98,6 +101,14 @@ class Relay:
         """Messages (or recipients) the relay still has to deliver."""
         raise NotImplementedError
 
+    def cpu_roots(self) -> list[int]:
+        """The process trees whose CPU is the relay's (its own, and its database's)."""
+        return [self.root_pid]
+
+    def db_calls(self) -> DbCalls | None:
+        """Statements run against the relay's queue database so far, when it has one."""
+        return None
+
     def stop(self) -> None:
         if self.started is not None:
             self.registry.stop(self.started, grace=20)
@@ -144,14 +155,20 @@ class OutbounddRelay(Relay):
     def config_dir(self) -> Path:
         return self.workdir / "config"
 
+    database: str | None = None
+    reader: QueueReader | None = None
+
     @property
     def db_path(self) -> Path:
         return self.workdir / "queue" / "outbound.db"
 
     def _outbound_ini(self, disabled: bool) -> str:
+        server = self.settings.pg_server
+        queue_url = server.url(self.database) if server and self.database else None
         return textwrap.dedent(f"""\
             [main]
             queue_dir = {self.workdir / "queue"}
+            {f"queue_url = {queue_url}" if queue_url else ""}
             disabled = {"true" if disabled else "false"}
             concurrency_max = {self.settings.concurrency_max}
             domain_concurrency_max = {self.settings.domain_concurrency_max}
@@ -187,6 +204,10 @@ class OutbounddRelay(Relay):
         )
 
     def start(self, hold: bool, timeout: float = START_TIMEOUT) -> None:
+        server = self.settings.pg_server
+        if server is not None:
+            self.database = server.database()
+            self.reader = QueueReader(server, self.database)
         self.write_config(hold)
         exe = outboundd_executable()
         self.started = self.registry.spawn(
@@ -205,8 +226,24 @@ class OutbounddRelay(Relay):
         tmp.replace(path)
         return 0.0
 
+    def cpu_roots(self) -> list[int]:
+        server = self.settings.pg_server
+        return [self.root_pid] + ([server.root_pid] if server is not None else [])
+
+    def db_calls(self) -> DbCalls | None:
+        server = self.settings.pg_server
+        return server.calls(self.database) if server and self.database else None
+
+    def stop(self) -> None:
+        super().stop()
+        if self.reader is not None:
+            self.reader.close()
+            self.reader = None
+
     def status_counts(self) -> dict[str, int]:
         """Recipients per status, from the spool's accounting view."""
+        if self.reader is not None:
+            return self.reader.status_counts()
         if not self.db_path.exists():
             return {}
         conn = sqlite3.connect(f"file:{self.db_path}?mode=ro", uri=True, timeout=10)

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from benchlib.pgserver import DbCalls
 from benchlib.procs import BenchError, ProcessRegistry, log
 from benchlib.proctree import MemorySampler, tree_cpu_seconds
 from benchlib.relays import START_TIMEOUT, Relay, RelaySettings
@@ -180,30 +181,66 @@ class Runner:
         return t_sink
 
     def _measure(self, spec: RunSpec, relay: Relay, sink: Sink, result: RunResult) -> None:
-        root = relay.root_pid
+        roots = relay.cpu_roots()
+        db_roots = roots[1:]  # the queue's database server, when it has one
+
+        def cpu() -> float:
+            return sum(tree_cpu_seconds(root) for root in roots)
+
+        def db_cpu() -> float:
+            return sum(tree_cpu_seconds(root) for root in db_roots)
+
         timeout = self.bound(phase_timeout(spec.messages * spec.recipients, 120, rate=20))
-        with MemorySampler(root) as mem:
-            cpu0 = tree_cpu_seconds(root)
+        with MemorySampler(relay.root_pid) as mem:
+            cpu0, db0 = cpu(), db_cpu()
+            calls0 = relay.db_calls()
             t0 = time.monotonic()
             result.accept_seconds = self._submit(spec, relay)
-            cpu_accepted = tree_cpu_seconds(root)
+            cpu_accepted, db_accepted = cpu(), db_cpu()
             result.accept_cpu = cpu_accepted - cpu0
             if spec.scenario == "S2":
                 time.sleep(0.5)  # let the relay settle; nothing may leave while held
                 if sink.count:
                     raise BenchError(f"{sink.count} messages left the relay while held")
-                cpu1 = tree_cpu_seconds(root)
+                cpu1, db1 = cpu(), db_cpu()
+                calls1 = relay.db_calls()
                 t1 = time.monotonic()
                 helper_cpu = relay.release()
                 t_done = self._wait_delivered(spec, relay, sink, timeout)
                 result.drain_seconds = t_done - t1
-                result.drain_cpu = tree_cpu_seconds(root) - cpu1 + helper_cpu
+                result.drain_cpu = cpu() - cpu1 + helper_cpu
                 result.total_cpu = result.accept_cpu + result.drain_cpu
+                db_used = db_accepted - db0 + db_cpu() - db1
+                if calls0 is not None and calls1 is not None:
+                    _db_phase(result, "accept", calls1 - calls0, spec.messages)
+                    calls_end = relay.db_calls()
+                    assert calls_end is not None
+                    _db_phase(
+                        result, "deliver", calls_end - calls1, spec.messages * spec.recipients
+                    )
             else:
                 t_done = self._wait_delivered(spec, relay, sink, timeout)
                 result.end_to_end_seconds = t_done - t0
-                result.total_cpu = tree_cpu_seconds(root) - cpu0
+                result.total_cpu = cpu() - cpu0
+                db_used = db_cpu() - db0
+                calls_end = relay.db_calls()
+                if calls0 is not None and calls_end is not None:
+                    _db_phase(result, "relay", calls_end - calls0, spec.messages)
+            if db_roots:
+                # The part of total_cpu the database server spent (same intervals).
+                result.extra["db_server_cpu"] = round(db_used, 3)
             result.relay_pending_after = relay.pending()
         result.peak_rss_bytes = mem.peak_rss
         result.peak_pss_bytes = mem.peak_pss
         result.peak_processes = mem.peak_procs
+
+
+def _db_phase(result: RunResult, phase: str, calls: DbCalls, units: int) -> None:
+    """Database statements (round trips) of one phase, in all and per unit.
+
+    ``accept``: per accepted message; ``deliver``: per delivered recipient;
+    ``relay`` (S1, S3: accepting and delivering together): per message.
+    """
+    result.extra[f"db_{phase}_statements"] = calls.statements
+    if units:
+        result.extra[f"db_{phase}_statements_per_unit"] = round(calls.statements / units, 3)
