@@ -76,7 +76,8 @@ async def source(tmp_path: Path) -> Source:
             ),
             "carol@other.test": AttemptRecord(
                 0, Outcome.DELIVERED, **common, mx_host="mx.other.test", code=250,
-                status="2.0.0", response="ok", tls="TLSv1.3",
+                status="2.0.0", response="ok", tls="TLSv1.3", tls_policy="dane",
+                tls_policy_met=True,
             ),
             "y@other.test": AttemptRecord(
                 0, Outcome.DELIVERED, **common, mx_host="mx.other.test", code=250,

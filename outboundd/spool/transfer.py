@@ -62,7 +62,8 @@ _RECIPIENT_COLUMNS = (
 )  # fmt: skip
 _ATTEMPT_COLUMNS = (
     "id", "recipient_id", "attempt", "started_at", "finished_at", "mx_host", "mx_ip", "port",
-    "tls", "auth", "code", "status", "response", "outcome", "reason",
+    "tls", "auth", "code", "status", "response", "outcome", "reason", "tls_policy",
+    "tls_policy_met",
 )  # fmt: skip
 _FINAL = ("delivered", "bounced", "dropped")
 

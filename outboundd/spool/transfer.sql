@@ -22,7 +22,7 @@ SELECT id, queue_id, recipient, domain, notify, orcpt, status, attempts, failure
 
 -- name: sqlite_attempts
 SELECT id, recipient_id, attempt, started_at, finished_at, mx_host, mx_ip, port, tls, auth,
-       code, status, response, outcome, reason
+       code, status, response, outcome, reason, tls_policy, tls_policy_met
   FROM attempt_log
  WHERE id > :after
  ORDER BY id
