@@ -3,7 +3,9 @@
 httpx (MTA-STS fetches), dkimpy with PyNaCl (DKIM signing) and cryptography
 (DKIM keys, DANE certificate checks) cost each process tens of megabytes;
 they are imported on first use.  Each check runs in a fresh interpreter,
-since this test process has long since imported all of them.
+since this test process has long since imported all of them.  In the running
+daemon the C extensions of cryptography and PyNaCl show in each process's
+``/proc/PID/maps`` when loaded.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import sys
 from pathlib import Path
 
 from outboundd.dkimkeys import generate_key
+from tests.harness import free_port, running, write_config
 
 HEAVY = ("httpx", "dkim", "nacl", "cryptography")
 
@@ -80,3 +83,25 @@ def test_dkim_on_loads_keys_and_signs_in_a_fresh_process(tmp_path: Path) -> None
     assert result["config"] == ["cryptography"]  # the keys are parsed at start-up
     assert result["signed"] is True
     assert result["after_sign"] == ["cryptography", "dkim", "nacl"]
+
+
+def _mapped_libraries(pid: int) -> set[str]:
+    lines = Path(f"/proc/{pid}/maps").read_text().splitlines()
+    return {line.split()[-1] for line in lines if line.rstrip().endswith(".so")}
+
+
+async def test_running_daemon_processes_map_no_crypto_library(tmp_path: Path) -> None:
+    """Every process of a started daemon (DKIM off, no MTA-STS/DANE yet)."""
+    config_dir = write_config(
+        tmp_path / "config",
+        dns_port=free_port(),
+        mx_port=free_port(),
+        smtp={"nodes": 2},
+    )
+    async with running(config_dir) as daemon:
+        assert daemon.proc is not None
+        pids = [daemon.proc.pid, *daemon.children()]
+        assert len(pids) == 3  # outboundd (the first SMTP node), a second one, a deliverer
+        libraries = set().union(*(_mapped_libraries(pid) for pid in pids))
+    assert any("/_ssl." in lib for lib in libraries)  # the check sees extension modules
+    assert not [lib for lib in libraries if "/cryptography/" in lib or "/nacl/" in lib]
