@@ -24,11 +24,15 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final, Literal
+from typing import TYPE_CHECKING, Final, Literal, TypeAlias
 
-from cryptography.exceptions import UnsupportedAlgorithm
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+# cryptography (and the OpenSSL bindings) is imported inside the functions
+# that parse, make or serialise a key: the configuration loader imports this
+# module in every process, and most run with DKIM signing off.
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+
+    PrivateKey: TypeAlias = rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
 
 __all__ = [
     "KEY_TYPES",
@@ -64,9 +68,6 @@ class DkimKeyError(ValueError):
     """A key file is missing, unreadable or not a usable DKIM key; one line."""
 
 
-PrivateKey = rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
-
-
 @dataclass(frozen=True, slots=True)
 class DkimKey:
     """One signing key: ``d=domain``, ``s=selector``, its type and the key."""
@@ -80,6 +81,8 @@ class DkimKey:
     def __reduce__(self) -> tuple[object, tuple[str, str, KeyType, bytes, Path]]:
         """Pickled as PEM: the daemon hands its whole configuration to its child
         processes by pickle, and OpenSSL key objects cannot be pickled."""
+        from cryptography.hazmat.primitives import serialization
+
         pem = self.private_key.private_bytes(
             serialization.Encoding.PEM,
             serialization.PrivateFormat.PKCS8,
@@ -94,6 +97,9 @@ class DkimKey:
 
 
 def _unpickle_key(domain: str, selector: str, key_type: KeyType, pem: bytes, path: Path) -> DkimKey:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+
     key = serialization.load_pem_private_key(pem, password=None)
     if not isinstance(key, rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey):
         raise TypeError(f"a pickled DKIM key for {domain} is not RSA or Ed25519")
@@ -147,6 +153,10 @@ def _read_selector(path: Path, default: str | None) -> str:
 
 
 def _read_private(path: Path) -> PrivateKey:
+    from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+
     try:
         data = path.read_bytes()
     except OSError as exc:
@@ -176,6 +186,8 @@ def load_domain_keys(
     Raises :class:`DkimKeyError` for a key file that cannot be used, or two
     keys of the same type.
     """
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
     keys: list[DkimKey] = []
     for key_type in KEY_TYPES:
         private_name, selector_name = key_files(key_type)
@@ -226,6 +238,9 @@ def load_keys(dkim_dir: Path, default_selector: str | None) -> Mapping[str, tupl
 def public_key_text(key: DkimKey) -> str:
     """The ``p=`` value: SubjectPublicKeyInfo for RSA (RFC 6376), the raw
     32-byte key for Ed25519 (RFC 8463)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
     public = key.private_key.public_key()
     if isinstance(public, ed25519.Ed25519PublicKey):
         raw = public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
@@ -281,6 +296,9 @@ def generate_key(dkim_dir: Path, domain: str, selector: str, key_type: KeyType) 
                 f"{domain} already has an {key_type} key ({key.path}); "
                 "remove it first to replace it (and publish the new record)"
             )
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+
     private_key: PrivateKey
     if key_type == "rsa":
         private_key = rsa.generate_private_key(public_exponent=65537, key_size=RSA_KEYGEN_BITS)

@@ -38,7 +38,8 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Literal, TypeVar
+from types import ModuleType
+from typing import TYPE_CHECKING, Literal, TypeVar
 
 import dns.asyncresolver
 import dns.exception
@@ -52,7 +53,6 @@ import dns.rdtypes.ANY.TXT
 import dns.rdtypes.IN.A
 import dns.rdtypes.IN.AAAA
 import dns.resolver
-import httpx
 
 from outboundd import log
 from outboundd.delivery.mx import MXTarget
@@ -69,6 +69,9 @@ from outboundd.delivery.tlspolicy import (
 )
 from outboundd.spool import Spool, SpoolError, StoredStsPolicy
 
+if TYPE_CHECKING:
+    import httpx
+
 __all__ = ["PolicyFetchError", "TlsPolicyOptions", "TlsPolicySource"]
 
 LOG = log.get_logger("delivery")
@@ -83,6 +86,14 @@ FETCH_RETRY_AFTER = 60.0
 #: How long a spool read of a domain's cached policy is reused in-process.
 MEMO_SECONDS = 300.0
 _MAX_ENTRIES = 10_000
+
+
+def _httpx() -> ModuleType:
+    """httpx, imported on the first MTA-STS policy fetch: it costs every
+    process ~12 MB, and most never fetch a policy (no ``_mta-sts`` record)."""
+    import httpx
+
+    return httpx
 
 
 class PolicyFetchError(Exception):
@@ -332,11 +343,12 @@ class TlsPolicySource:
                     addresses += [r.to_text() for r in answer.records]
                 if not addresses:
                     raise PolicyFetchError(f"{host} has no address")
+                http = _httpx()
                 errors: list[str] = []
                 for address in addresses:
                     try:
                         return await self._get(host, address, options)
-                    except (httpx.HTTPError, ssl.SSLError, OSError) as exc:
+                    except (http.HTTPError, ssl.SSLError, OSError) as exc:
                         errors.append(f"{address}: {exc or type(exc).__name__}")
                 where = f"https://{host}/.well-known/mta-sts.txt"
                 raise PolicyFetchError(f"{where}: {'; '.join(errors)}")
@@ -377,7 +389,9 @@ class TlsPolicySource:
         if self._http is not None:
             self._retired.append(self._http[1])
         context = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
-        client = httpx.AsyncClient(verify=context, follow_redirects=False, trust_env=False)
+        client: httpx.AsyncClient = _httpx().AsyncClient(
+            verify=context, follow_redirects=False, trust_env=False
+        )
         self._http = (ca_file, client)
         return client
 

@@ -28,11 +28,12 @@ import hashlib
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, TypeAlias
+from typing import TYPE_CHECKING, Literal, TypeAlias
 
-from cryptography import x509
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+# cryptography (~16 MB with x509) is imported inside the functions that read a
+# certificate, so only a process that meets a TLSA record pays for it.
+if TYPE_CHECKING:
+    from cryptography import x509
 
 __all__ = [
     "STS_MAX_AGE_MAX",
@@ -212,6 +213,8 @@ def usable_tlsa(records: Sequence[Tlsa]) -> tuple[Tlsa, ...]:
 def _selected(cert: x509.Certificate, der: bytes, selector: int) -> bytes:
     if selector == 0:
         return der
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
     return cert.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
 
 
@@ -225,6 +228,8 @@ def _digest(data: bytes, mtype: int) -> bytes:
 
 def tlsa_matches(record: Tlsa, der: bytes) -> bool:
     """True when ``record`` matches the certificate ``der`` (full cert or SPKI)."""
+    from cryptography import x509
+
     try:
         cert = x509.load_der_x509_certificate(der)
     except ValueError:
@@ -235,6 +240,8 @@ def tlsa_matches(record: Tlsa, der: bytes) -> bool:
 def name_matches(cert: x509.Certificate, name: str) -> bool:
     """RFC 6125 host name check: a DNS subjectAltName (``*`` only as the whole
     leftmost label), or the common name when there is no DNS subjectAltName."""
+    from cryptography import x509
+
     host = name.lower().rstrip(".")
     try:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
@@ -261,6 +268,8 @@ def _valid_at(cert: x509.Certificate, now: datetime.datetime) -> bool:
 
 
 def _issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
+    from cryptography.exceptions import InvalidSignature
+
     try:
         cert.verify_directly_issued_by(issuer)
     except (ValueError, TypeError, InvalidSignature):
@@ -297,6 +306,8 @@ def dane_verify(
     ta_records = [r for r in usable if r.usage == 2]
     if not ta_records:
         return f"the certificate of {host} matches none of its DANE-EE TLSA records"
+    from cryptography import x509
+
     try:
         certs = [x509.load_der_x509_certificate(der) for der in chain]
     except ValueError as exc:

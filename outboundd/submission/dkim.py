@@ -19,16 +19,14 @@ from __future__ import annotations
 
 import base64
 import email.utils
+import functools
 import hashlib
+import importlib
 import re
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Final, Literal
-
-import dkim  # type: ignore[import-untyped]
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ed25519, padding
-from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
+from types import ModuleType
+from typing import Any, Final, Literal
 
 from outboundd import idn
 from outboundd.config import Config
@@ -62,8 +60,20 @@ NEVER_SIGNED: Final = frozenset({b"return-path", b"received", b"dkim-signature",
 KeyDomain = Literal["from", "auth_user"]
 
 _NAME: Final = b"DKIM-Signature"
-_CANON: Final = dkim.CanonicalizationPolicy.from_c_value(b"relaxed/relaxed")
 _MAX_LOGGED_DOMAINS: Final = 10_000
+
+
+@functools.cache
+def _dkimpy() -> ModuleType:
+    """dkimpy, imported when the first message is signed: with PyNaCl it costs
+    every process ~15 MB, and signing is off unless ``dkim.ini`` turns it on."""
+    return importlib.import_module("dkim")
+
+
+@functools.cache
+def _canon() -> Any:
+    """dkimpy's relaxed/relaxed policy, made once."""
+    return _dkimpy().CanonicalizationPolicy.from_c_value(b"relaxed/relaxed")
 
 
 class DkimSignError(Exception):
@@ -117,9 +127,10 @@ def canonical_body(body: bytes) -> bytes:
     them — the bulk of the signing cost of a 4 KB message otherwise.
     """
     if b"\t" in body or b"  " in body or b" \r\n" in body:
-        return _CANON.canonicalize_body(body)  # type: ignore[no-any-return]
-    return dkim.canonicalization.correct_empty_body(  # type: ignore[no-any-return]
-        dkim.canonicalization.strip_trailing_lines(body)
+        return _canon().canonicalize_body(body)  # type: ignore[no-any-return]
+    canonicalization = _dkimpy().canonicalization
+    return canonicalization.correct_empty_body(  # type: ignore[no-any-return]
+        canonicalization.strip_trailing_lines(body)
     )
 
 
@@ -154,6 +165,11 @@ def signature_fields(header_names: Iterable[bytes], wanted: Sequence[bytes]) -> 
 
 
 def _raw_signature(key: DkimKey, digest: bytes) -> bytes:
+    # Imported here, not at the top: see _dkimpy (a no-op once loaded).
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ed25519, padding
+    from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
+
     private = key.private_key
     if isinstance(private, ed25519.Ed25519PrivateKey):
         return private.sign(digest)  # RFC 8463: PureEdDSA over the SHA-256 hash
@@ -168,6 +184,7 @@ def sign_message(
     Pure apart from the key operation.  Raises :class:`DkimSignError` for a
     message that cannot be signed (no From field, a malformed header section).
     """
+    dkim = _dkimpy()
     head, body = _split(message)
     try:
         headers, _ = dkim.rfc822_parse(head + b"\r\n")
