@@ -51,7 +51,6 @@ from outboundd.spool.types import (
     BODY_MISSING_STATUS,
     AttemptRecord,
     Claim,
-    ClaimedRecipient,
     Lease,
     MessageDetail,
     NewMessage,
@@ -64,6 +63,7 @@ from outboundd.spool.types import (
     Status,
     StoredStsPolicy,
     ThrottleEntry,
+    claimed_recipient,
 )
 
 T = TypeVar("T")
@@ -615,24 +615,7 @@ class SqliteSpool(Spool):
                     body_8bit=bool(m[9]),
                     notes=json.loads(m[10]),
                     dsn_of=m[11],
-                    recipients=tuple(
-                        ClaimedRecipient(
-                            id=r[0],
-                            address=r[3],
-                            notify=r[4],
-                            orcpt=r[5],
-                            attempts=r[6],
-                            failures=r[7],
-                            previous_status=Status(r[8]),
-                            last_code=r[9],
-                            last_status=r[10],
-                            last_response=r[11],
-                            last_mx=r[12],
-                            delay_notified=bool(r[13]),
-                            dsn_queue_id=r[14],
-                        )
-                        for r in group
-                    ),
+                    recipients=tuple(claimed_recipient(r) for r in group),
                     lease_owner=owner,
                     lease_expires_at=expires,
                 )

@@ -98,6 +98,28 @@ class ClaimedRecipient:
     dsn_queue_id: str | None = None
 
 
+def claimed_recipient(row: Sequence[Any]) -> ClaimedRecipient:
+    """A recipient from a row every leasing statement returns, in both backends'
+    order: ``id, queue_id, domain, recipient, notify, orcpt, attempts, failures,
+    held_status, last_code, last_status, last_response, last_mx, delay_notified,
+    dsn_queue_id``."""
+    return ClaimedRecipient(
+        id=row[0],
+        address=row[3],
+        notify=row[4],
+        orcpt=row[5],
+        attempts=row[6],
+        failures=row[7],
+        previous_status=Status(row[8]),
+        last_code=row[9],
+        last_status=row[10],
+        last_response=row[11],
+        last_mx=row[12],
+        delay_notified=bool(row[13]),
+        dsn_queue_id=row[14],
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class Claim:
     """A leased (queue_id, domain) group: the unit of one delivery session."""
