@@ -12,7 +12,8 @@ Driver: asyncpg with its pool (docs/scaling.md says why).
 - **Claims** lock due rows ``FOR UPDATE SKIP LOCKED`` (hosts claiming at the
   same moment take different rows instead of waiting), count the slots each
   domain holds on every host under a per-domain advisory lock, and lease
-  what ``domain_concurrency_max`` allows, in one transaction.
+  what ``domain_concurrency_max`` allows, in one transaction; the lease
+  and the fetch of the leased messages (bodies included) are one statement.
 - **Leases** are owned by ``host:pid:token``; every state change is guarded
   by it.  Expired leases (a host that died or lost the database) are made
   due again by any host's claim, every ``EXPIRY_SWEEP_INTERVAL``; recovery
@@ -492,13 +493,8 @@ class PostgresSpool(Spool):
                 ids.extend(row[0] for row in group)
             if not ids:
                 return [], []
-            rows = await self._fetch(conn, "lease_ids", ids=ids, owner=owner, expires=expires)
-            if not rows:
-                return [], []
-            msgs = await self._fetch(
-                conn, "messages_with_bodies", ids=sorted({row[1] for row in rows})
-            )
-            return rows, msgs
+            leased = await self._fetch(conn, "lease_claim", ids=ids, owner=owner, expires=expires)
+            return _split_leased(leased)
 
         rows, msgs = await self._run(op)
         return _claims(rows, msgs, owner, expires, always_split=always_split)
@@ -1018,6 +1014,9 @@ _MESSAGE_KEYS = (
     "queue_id", "mail_from", "size", "received_at", "auth_user", "client_ip", "env_id", "ret",
     "smtputf8", "body_8bit", "notes", "dsn_of",
 )  # fmt: skip
+#: Columns of a leased recipient in ``lease_claim``'s rows (message columns follow).
+_LEASED_COLUMNS = 15
+
 _RECIPIENT_KEYS = ("queue_id", "recipient", "domain", "notify", "orcpt", "next_attempt_at")
 _RECORD_KEYS = (
     "recipient_id", "owner", "attempt", "started_at", "finished_at", "mx_host", "mx_ip", "port",
@@ -1060,6 +1059,24 @@ def _record_row(rec: AttemptRecord, owner: str, attempt: int) -> dict[str, Any]:
         "final_at": rec.finished_at if final else None,
         "delay_notified": int(rec.delay_notified),
     }
+
+
+def _split_leased(leased: Sequence[Any]) -> tuple[list[Any], list[Any]]:
+    """``lease_claim``'s rows split into recipient rows and one row per message.
+
+    The message columns repeat on every leased row of a message; the body
+    comes only on one of them (NULL on the others), so the message's row is
+    taken from that one.
+    """
+    rows: list[Any] = []
+    messages: dict[str, tuple[Any, ...]] = {}
+    for row in leased:
+        values = tuple(row)
+        rows.append(values[:_LEASED_COLUMNS])
+        message = values[_LEASED_COLUMNS:]
+        if message[-1] is not None or message[0] not in messages:
+            messages[message[0]] = message
+    return rows, list(messages.values())
 
 
 def _claims(
