@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import abc
 import asyncio
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -34,6 +35,49 @@ from outboundd.spool.types import (
 )
 
 T = TypeVar("T")
+J = TypeVar("J")
+
+
+@dataclass
+class WriterStop:
+    """Put on a writer's queue to stop it once the jobs before it are committed."""
+
+    done: asyncio.Future[None] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+
+
+async def group_commit_loop(
+    queue: asyncio.Queue[J | WriterStop],
+    commit: Callable[[list[J]], Awaitable[None]],
+    max_batch: int,
+) -> None:
+    """Group commit: every job waiting (up to ``max_batch``) goes to one ``commit``.
+
+    Runs until a :class:`WriterStop` comes; the jobs queued before it are
+    committed first, then its ``done`` is set.
+    """
+    while True:
+        item = await queue.get()
+        if isinstance(item, WriterStop):
+            item.done.set_result(None)
+            return
+        batch = [item]
+        stop: WriterStop | None = None
+        while len(batch) < max_batch:
+            try:
+                nxt = queue.get_nowait()
+            except asyncio.QueueEmpty:
+                break
+            if isinstance(nxt, WriterStop):
+                stop = nxt
+                break
+            batch.append(nxt)
+        await commit(batch)
+        if stop is not None:
+            stop.done.set_result(None)
+            return
+
 
 #: ``queue_url`` schemes that select the PostgreSQL backend.
 POSTGRES_SCHEMES = ("postgresql://", "postgres://")

@@ -30,12 +30,12 @@ import sqlite3
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 from outboundd.spool import bodies, sqlite_admin
-from outboundd.spool.base import Spool
+from outboundd.spool.base import Spool, WriterStop, group_commit_loop
 from outboundd.spool.database import Database, rollback_quietly
 from outboundd.spool.errors import (
     SpoolClosedError,
@@ -142,13 +142,6 @@ class _Counters:
     commits: int = 0
 
 
-@dataclass
-class _Stop:
-    done: asyncio.Future[None] = field(
-        default_factory=lambda: asyncio.get_running_loop().create_future()
-    )
-
-
 class SqliteSpool(Spool):
     """The durable queue in one directory.  Create with :meth:`open`; always :meth:`close`."""
 
@@ -157,7 +150,7 @@ class SqliteSpool(Spool):
         self._queue_dir_text = str(queue_dir)
         self.db_path = queue_dir / DB_NAME
         self._db = db
-        self._queue: asyncio.Queue[_Job | _Stop] = asyncio.Queue()
+        self._queue: asyncio.Queue[_Job | WriterStop] = asyncio.Queue()
         self._counters = _Counters()
         self._writer: asyncio.Task[None] | None = None
         self._closed = False
@@ -217,7 +210,7 @@ class SqliteSpool(Spool):
             return
         self._closed = True
         if self._writer is not None and not self._writer.done():
-            stop = _Stop()
+            stop = WriterStop()
             await self._queue.put(stop)
             await stop.done
             await self._writer
@@ -257,26 +250,7 @@ class SqliteSpool(Spool):
         return await self._submit(_OpJob(fut, write, op))
 
     async def _write_loop(self) -> None:
-        while True:
-            item = await self._queue.get()
-            if isinstance(item, _Stop):
-                item.done.set_result(None)
-                return
-            batch: list[_Job] = [item]
-            stop: _Stop | None = None
-            while len(batch) < MAX_BATCH:
-                try:
-                    nxt = self._queue.get_nowait()
-                except asyncio.QueueEmpty:
-                    break
-                if isinstance(nxt, _Stop):
-                    stop = nxt
-                    break
-                batch.append(nxt)
-            await self._run_batch(batch)
-            if stop is not None:
-                stop.done.set_result(None)
-                return
+        await group_commit_loop(self._queue, self._run_batch, MAX_BATCH)
 
     async def _run_batch(self, batch: list[_Job]) -> None:
         """Run ``batch`` on the database thread (one hop), then settle its futures."""

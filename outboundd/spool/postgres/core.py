@@ -39,12 +39,12 @@ import json
 import socket
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, TypeAlias, TypeVar
 
 import asyncpg
 
-from outboundd.spool.base import Spool, describe_location
+from outboundd.spool.base import Spool, WriterStop, describe_location, group_commit_loop
 from outboundd.spool.core import _owner_is_dead_local, domain_of, new_queue_id
 from outboundd.spool.errors import (
     SpoolClosedError,
@@ -125,13 +125,6 @@ class _Counters:
     round_trips: int = 0
 
 
-@dataclass
-class _Stop:
-    done: asyncio.Future[None] = field(
-        default_factory=lambda: asyncio.get_running_loop().create_future()
-    )
-
-
 class PostgresSpool(Spool):
     """The queue in a PostgreSQL database.  Create with :meth:`open`; always :meth:`close`."""
 
@@ -141,8 +134,8 @@ class PostgresSpool(Spool):
         self._pool = pool
         self._link = Link()
         self._counters = _Counters()
-        self._queue: asyncio.Queue[_AcceptJob | _Stop] = asyncio.Queue()
-        self._records: asyncio.Queue[_RecordJob | _Stop] = asyncio.Queue()
+        self._queue: asyncio.Queue[_AcceptJob | WriterStop] = asyncio.Queue()
+        self._records: asyncio.Queue[_RecordJob | WriterStop] = asyncio.Queue()
         self._writer: asyncio.Task[None] | None = None
         self._record_writer: asyncio.Task[None] | None = None
         #: No new work is taken once closing; queued work still runs until closed.
@@ -216,12 +209,12 @@ class PostgresSpool(Spool):
             return
         self._closing = True
         if self._writer is not None and not self._writer.done():
-            stop = _Stop()
+            stop = WriterStop()
             await self._queue.put(stop)
             await stop.done
             await self._writer
         if self._record_writer is not None and not self._record_writer.done():
-            stop = _Stop()
+            stop = WriterStop()
             await self._records.put(stop)
             await stop.done
             await self._record_writer
@@ -363,26 +356,7 @@ class PostgresSpool(Spool):
         return await self.accept(message, queue_id=queue_id), []
 
     async def _write_loop(self) -> None:
-        while True:
-            item = await self._queue.get()
-            if isinstance(item, _Stop):
-                item.done.set_result(None)
-                return
-            batch = [item]
-            stop: _Stop | None = None
-            while len(batch) < MAX_BATCH:
-                try:
-                    nxt = self._queue.get_nowait()
-                except asyncio.QueueEmpty:
-                    break
-                if isinstance(nxt, _Stop):
-                    stop = nxt
-                    break
-                batch.append(nxt)
-            await self._commit_accepts(batch)
-            if stop is not None:
-                stop.done.set_result(None)
-                return
+        await group_commit_loop(self._queue, self._commit_accepts, MAX_BATCH)
 
     async def _commit_accepts(self, batch: list[_AcceptJob]) -> None:
         """One statement, one commit for ``batch``; a failing batch is retried one by one
@@ -557,26 +531,7 @@ class PostgresSpool(Spool):
 
     async def _record_loop(self) -> None:
         """Group commit for records: every record waiting goes in one call."""
-        while True:
-            item = await self._records.get()
-            if isinstance(item, _Stop):
-                item.done.set_result(None)
-                return
-            batch = [item]
-            stop: _Stop | None = None
-            while len(batch) < MAX_BATCH:
-                try:
-                    nxt = self._records.get_nowait()
-                except asyncio.QueueEmpty:
-                    break
-                if isinstance(nxt, _Stop):
-                    stop = nxt
-                    break
-                batch.append(nxt)
-            await self._commit_records(batch)
-            if stop is not None:
-                stop.done.set_result(None)
-                return
+        await group_commit_loop(self._records, self._commit_records, MAX_BATCH)
 
     async def _commit_records(self, batch: list[_RecordJob]) -> None:
         """Write ``batch``; while the server is unreachable, wait and try again (the
