@@ -52,10 +52,11 @@ import contextvars
 import json
 import logging
 import re
+import secrets
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
 from types import MappingProxyType
@@ -331,6 +332,27 @@ _FORMATTERS: Final[dict[str, Formatter]] = {
 }
 
 
+def _json_text(value: object) -> str:
+    """One field value as :func:`_format_json` writes it."""
+    text = json.dumps(_json_value(value), ensure_ascii=False)
+    if "\x85" in text or "\u2028" in text or "\u2029" in text:
+        text = text.translate(_JSON_TABLE)
+    return text
+
+
+#: How each formatter writes a single field value, for :meth:`Logger.each`.
+_VALUE_TEXT: Final[dict[Formatter, Callable[[object], str]]] = {
+    _format_default: _text_value,
+    _format_logfmt: _text_value,
+    _format_json: _json_text,
+}
+
+#: Stands for the varying value while :meth:`Logger.each` formats the shared
+#: part of its lines once.  Random per process, and only ever searched for in
+#: the part of the line that precedes the caller's values.
+_PLACEHOLDER: Final = "v" + secrets.token_hex(12)
+
+
 # --------------------------------------------------------------------------
 # Shared state
 
@@ -408,6 +430,54 @@ def _emit(level: int, source: str, message: str, fields: dict[str, object]) -> N
     if runner is not None and runner.has("log") and not _in_log_hook.get():
         record = LogRecord(_LEVELS[level], source, message, qid, MappingProxyType(fields), now)
         _dispatch_hook(runner, record)
+
+
+def _emit_each(
+    level: int,
+    source: str,
+    message: str,
+    key: str,
+    values: Sequence[object],
+    fields: dict[str, object],
+) -> None:
+    """:meth:`Logger.each`: the line is formatted once with a placeholder for
+    the first field's value, then each value is put in its place, and every
+    line goes to the stream in one write.
+
+    With a ``log`` hook (each record is its own hook call) or when the
+    shared part cannot be formatted, each value is emitted on its own.
+    """
+    runner = _state.hooks
+    value_text = _VALUE_TEXT.get(_state.formatter)
+    if value_text is None or (runner is not None and runner.has("log")):
+        for value in values:
+            _emit(level, source, message, {key: value, **fields})
+        return
+    stamp = time.time() if _state.timestamps else None
+    qid_value = fields.pop("qid", None)
+    qid = None if qid_value is None else str(qid_value)
+    try:
+        template = _state.formatter(
+            level, source, message, qid, {key: _PLACEHOLDER, **fields}, stamp
+        )
+        head, found, tail = template.partition(value_text(_PLACEHOLDER))
+        if not found:
+            raise ValueError("placeholder not found")
+        text = "".join([head + value_text(value) + tail + "\n" for value in values])
+    except Exception:
+        if qid_value is not None:
+            fields["qid"] = qid_value
+        for value in values:
+            _emit(level, source, message, {key: value, **fields})
+        return
+    stream = _state.stream or sys.stdout
+    try:
+        with _state.lock:
+            stream.write(text)
+            if level <= Level.WARN:
+                stream.flush()
+    except Exception as exc:
+        _report_once("stream", f"cannot write log lines: {type(exc).__name__}: {exc}")
 
 
 # --------------------------------------------------------------------------
@@ -685,6 +755,18 @@ class Logger:
         level = 9 if level > 9 else 0 if level < 0 else int(level)
         if _state.level >= level:
             _emit(level, self.source, message, fields)
+
+    def each(
+        self, level: int, message: str, key: str, values: Sequence[object], /, **fields: object
+    ) -> None:
+        """One line per item of ``values``, each exactly the line of
+        ``log(level, message, **{key: value}, **fields)`` (``key`` is the
+        first field), for the same fields repeated over many items such as
+        the recipients of one delivery: the shared part is formatted once.
+        """
+        level = 9 if level > 9 else 0 if level < 0 else int(level)
+        if _state.level >= level:
+            _emit_each(level, self.source, message, key, values, fields)
 
     def data(self, message: str, /, **fields: object) -> None:
         if _state.level >= 9:

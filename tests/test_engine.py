@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import email
 import email.policy
+import io
 import sqlite3
 import time
 from collections.abc import AsyncIterator
@@ -18,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from outboundd import log
 from outboundd.config import Config, load_config
 from outboundd.daemon import OutboundSettings
 from outboundd.delivery.engine import DeliveryEngine
@@ -170,6 +172,30 @@ async def test_bounce_dsn_is_one_message_for_all_failed_recipients(rig: Rig) -> 
     assert "Status: 5.7.26" in text
     assert "Diagnostic-Code: smtp; 550 5.1.1 no such user x" in text
     assert "ok@dest.test" not in text.split("Final-Recipient")[-1]
+
+
+async def test_one_notice_line_per_recipient_in_order(rig: Rig) -> None:
+    """Recipients sharing a reply share their formatting, never their line."""
+    rig.mx.script = MXScript(rcpt={"x@dest.test": "550 5.1.1 no such user x"})
+    out = io.StringIO()
+    log.configure(log.Level.NOTICE, False, "default", out)
+    try:
+        qid = await rig.send("a@dest.test", "b@dest.test", "x@dest.test", "c@dest.test")
+        await rig.run_once()
+    finally:
+        log.configure(log.Level.INFO, False, "default", None)
+    notices = [ln for ln in out.getvalue().splitlines() if ln.startswith("[NOTICE]")]
+    assert [ln.split(" rcpt=")[1].split()[0] for ln in notices] == [
+        "a@dest.test",
+        "b@dest.test",
+        "x@dest.test",
+        "c@dest.test",
+    ]
+    outcomes = [ln.split("] [delivery] ")[1].split()[0] for ln in notices]
+    assert outcomes == ["delivered", "delivered", "bounced", "delivered"]
+    assert all(f"[{qid}]" in ln and " domain=dest.test " in ln for ln in notices)
+    assert 'response="550 5.1.1 no such user x"' in notices[2]
+    assert notices[0].replace("a@dest.test", "c@dest.test") == notices[3]
 
 
 async def test_null_sender_failure_is_a_double_bounce_dropped(rig: Rig) -> None:

@@ -221,6 +221,81 @@ def test_field_whose_str_raises_still_logs_a_line(out: FlushCounter) -> None:
 
 
 # --------------------------------------------------------------------------
+# Many lines sharing their fields (Logger.each)
+
+EACH_VALUES = ["a@dest.test", 'odd "quoted" value', "line\nbreak", "x=y", 7, None, "\u2028"]
+EACH_FIELDS: dict[str, object] = {
+    "qid": "Q1",
+    "domain": "dest.test",
+    "code": 250,
+    "response": '250 2.0.0 Ok "queued"',
+    "delay": 0.412,
+    "next_attempt": None,
+    "message": "clashes in logfmt and json",
+}
+
+
+@pytest.mark.parametrize("fmt", log.FORMATS)
+@pytest.mark.parametrize("timestamps", [False, True])
+def test_each_writes_the_lines_of_one_call_per_value(
+    out: FlushCounter, monkeypatch: pytest.MonkeyPatch, fmt: str, timestamps: bool
+) -> None:
+    monkeypatch.setattr("outboundd.log.time.time", lambda: 1_700_000_000.25)
+    log.configure(Level.INFO, timestamps, fmt, out)
+    logger = get_logger("delivery")
+    for value in EACH_VALUES:
+        logger.notice("delivered", rcpt=value, **EACH_FIELDS)
+    expected = out.getvalue()
+    out.seek(0)
+    out.truncate()
+    logger.each(Level.NOTICE, "delivered", "rcpt", EACH_VALUES, **EACH_FIELDS)
+    assert out.getvalue() == expected
+    assert len(lines(out)) == len(EACH_VALUES)
+
+
+def test_each_value_holding_the_placeholder_stays_escaped(out: FlushCounter) -> None:
+    hostile = f"x {log._PLACEHOLDER} y"
+    get_logger("d").each(Level.INFO, "m", "rcpt", [hostile], reason=log._PLACEHOLDER)
+    assert lines(out) == [f'[INFO] [-] [d] m rcpt="{hostile}" reason={log._PLACEHOLDER}']
+
+
+def test_each_below_the_level_formats_nothing(out: FlushCounter) -> None:
+    get_logger("d").each(Level.DEBUG, "m", "rcpt", [Exploding()], code=Exploding())
+    assert out.getvalue() == ""
+
+
+def test_each_with_an_unprintable_field_logs_every_line(out: FlushCounter) -> None:
+    get_logger("t").each(Level.INFO, "m", "rcpt", ["a", Exploding(), "b"], qid="Q")
+    assert lines(out) == [
+        "[INFO] [Q] [t] m rcpt=a",
+        '[INFO] [Q] [t] m log_error="AssertionError while formatting this line"',
+        "[INFO] [Q] [t] m rcpt=b",
+    ]
+
+
+async def test_each_gives_the_log_hook_one_record_per_value(out: FlushCounter) -> None:
+    received: list[LogRecord] = []
+
+    async def hook(record: LogRecord) -> HookResult | None:
+        received.append(record)
+        return None
+
+    runner = make_runner()
+    runner.add("collector", "log", hook)
+    log.set_log_hook(runner)
+    get_logger("delivery").each(Level.NOTICE, "delivered", "rcpt", ["a", "b"], qid="Q", code=250)
+    await log.drain_log_hooks()
+    assert [(r.qid, dict(r.fields)) for r in received] == [
+        ("Q", {"rcpt": "a", "code": 250}),
+        ("Q", {"rcpt": "b", "code": 250}),
+    ]
+    assert lines(out) == [
+        "[NOTICE] [Q] [delivery] delivered rcpt=a code=250",
+        "[NOTICE] [Q] [delivery] delivered rcpt=b code=250",
+    ]
+
+
+# --------------------------------------------------------------------------
 # Timestamps
 
 

@@ -449,8 +449,7 @@ class DeliveryEngine:
                 qid=claim.queue_id,
                 rcpt=by_id[rid].address,
             )
-        for rid, d in decisions.items():
-            self._log_outcome(claim, by_id[rid], d, now)
+        self._log_outcomes(claim, by_id, decisions, now)
         delivered = [
             by_id[rid].address for rid, d in decisions.items() if d.outcome is Outcome.DELIVERED
         ]
@@ -731,37 +730,83 @@ class DeliveryEngine:
 
     # ------------------------------------------------------------------- log
 
-    def _log_outcome(self, claim: Claim, rcpt: ClaimedRecipient, d: Decision, now: float) -> None:
-        conn = d.conn or Connection()
-        if (
-            conn.tls_policy in ("mta-sts", "dane")
-            and conn.tls_policy_met is False
-            and d.outcome is Outcome.DELIVERED
-        ):
-            # MTA-STS testing mode: the mail went, the operator should know.
-            LOG.warn(
-                "delivered although the TLS policy was not met",
-                qid=claim.queue_id,
-                rcpt=rcpt.address,
-                host=conn.mx_host,
-                policy=conn.tls_policy,
-            )
+    def _log_outcomes(
+        self,
+        claim: Claim,
+        by_id: dict[int, ClaimedRecipient],
+        decisions: dict[int, Decision],
+        now: float,
+    ) -> None:
+        """One NOTICE line per recipient (its outcome), in recipient order.
+
+        Consecutive recipients whose lines differ only in ``rcpt`` (all of a
+        message's recipients taken by one server, the usual case) are
+        written with :meth:`Logger.each`: the shared fields are formatted
+        once, the lines stay one per recipient.
+        """
+        for rid, d in decisions.items():
+            conn = d.conn
+            if (
+                conn is not None
+                and conn.tls_policy_met is False
+                and d.outcome is Outcome.DELIVERED
+                and conn.tls_policy in ("mta-sts", "dane")
+            ):
+                # MTA-STS testing mode: the mail went, the operator should know.
+                LOG.warn(
+                    "delivered although the TLS policy was not met",
+                    qid=claim.queue_id,
+                    rcpt=by_id[rid].address,
+                    host=conn.mx_host,
+                    policy=conn.tls_policy,
+                )
         if not LOG.enabled(log.Level.NOTICE):
             return
-        LOG.notice(
-            d.outcome.value,
+        delay = round(now - claim.received_at, 3)
+        group: list[object] = []
+        shared: tuple[Any, ...] | None = None
+        for rid, d in decisions.items():
+            rcpt = by_id[rid]
+            conn = d.conn or _NO_CONNECTION
+            fields = (
+                d.outcome,
+                conn.mx_host,
+                conn.mx_ip,
+                d.reply,
+                rcpt.attempts,
+                conn.tls,
+                d.next_attempt_at,
+                d.reason,
+            )
+            if fields != shared:
+                if shared is not None:
+                    self._log_group(claim, group, shared, delay, now)
+                shared, group = fields, []
+            group.append(rcpt.address)
+        if shared is not None:
+            self._log_group(claim, group, shared, delay, now)
+
+    @staticmethod
+    def _log_group(
+        claim: Claim, addresses: list[object], shared: tuple[Any, ...], delay: float, now: float
+    ) -> None:
+        outcome, host, ip, reply, attempts, tls, next_attempt_at, reason = shared
+        LOG.each(
+            log.Level.NOTICE,
+            outcome.value,
+            "rcpt",
+            addresses,
             qid=claim.queue_id,
-            rcpt=rcpt.address,
             domain=claim.domain,
-            host=conn.mx_host,
-            ip=conn.mx_ip,
-            code=d.reply.recorded_code,
-            response=str(d.reply),
-            delay=round(now - claim.received_at, 3),
-            attempt=rcpt.attempts + 1,
-            tls=conn.tls,
-            next_attempt=(round(d.next_attempt_at - now) if d.next_attempt_at else None),
-            reason=d.reason,
+            host=host,
+            ip=ip,
+            code=reply.recorded_code,
+            response=str(reply),
+            delay=delay,
+            attempt=attempts + 1,
+            tls=tls,
+            next_attempt=(round(next_attempt_at - now) if next_attempt_at else None),
+            reason=reason,
         )
 
     def _delivered_info(
@@ -785,6 +830,9 @@ class DeliveryEngine:
             "secured": conn.tls is not None,
             "authenticated": conn.auth is not None,
         }
+
+
+_NO_CONNECTION = Connection()
 
 
 def _final_status(d: Decision) -> str | None:
