@@ -68,9 +68,15 @@ LOG = log.get_logger("delivery")
 PLUGIN_FAILURE_RETRY = 60.0
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Connection:
-    """Facts about the session, for the record, the log and the hooks."""
+    """Facts about the session, for the record, the log and the hooks.
+
+    This and the other per-recipient values of a delivery (:class:`Verdict`,
+    :class:`Decision`) are treated as immutable (changed only by
+    ``dataclasses.replace``) but not ``frozen``: a frozen dataclass's
+    ``__init__`` costs three to four times as much, once per recipient.
+    """
 
     mx_host: str | None = None
     mx_ip: str | None = None
@@ -83,7 +89,7 @@ class Connection:
     tls_policy_met: bool | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Verdict:
     """What one attempt concluded for one recipient, before retry policy."""
 
@@ -95,7 +101,7 @@ class Verdict:
     conn: Connection | None = None  # where it was settled; None = no connection made
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Decision:
     """The recipient's new state after retry policy."""
 
@@ -344,10 +350,16 @@ class DeliveryEngine:
             self._session_settings(outbound),
             pool=self.pool.lane(claim.domain, limits),
         )
-        return {
-            rid: Verdict(rr.outcome, rr.reply, str(rr.stage), conn=_connection(rr.connection))
-            for rid, rr in result.recipients.items()
-        }
+        # One Connection per connection used (usually one for all recipients).
+        verdicts: dict[int, Verdict] = {}
+        info: ConnectionInfo | None = None
+        conn: Connection | None = None
+        for rid, rr in result.recipients.items():
+            if rr.connection is not info:
+                info = rr.connection
+                conn = _connection(info)
+            verdicts[rid] = Verdict(rr.outcome, rr.reply, rr.stage.value, conn=conn)
+        return verdicts
 
     def _session_settings(self, outbound: OutboundConfig) -> SessionSettings:
         # Made once per outbound.ini (a reload brings a new object), not per message.

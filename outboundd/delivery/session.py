@@ -97,6 +97,7 @@ __all__ = [
     "DeliveryJob",
     "EnvelopePlan",
     "JobRecipient",
+    "Recipient",
     "RecipientResult",
     "SessionResult",
     "SessionSettings",
@@ -154,9 +155,31 @@ class Target(Protocol):
     def tls_policy(self) -> TargetPolicy | None: ...
 
 
-@dataclass(frozen=True, slots=True)
+class Recipient(Protocol):
+    """What a session reads of a recipient: a :class:`JobRecipient`, or the
+    spool's ``ClaimedRecipient`` itself (no copy per recipient per attempt)."""
+
+    @property
+    def id(self) -> int: ...
+
+    @property
+    def address(self) -> str: ...
+
+    @property
+    def notify(self) -> str | None: ...
+
+    @property
+    def orcpt(self) -> str | None: ...
+
+
+@dataclass(slots=True)
 class JobRecipient:
-    """A recipient to deliver, with its RFC 3461 parameters (decoded)."""
+    """A recipient to deliver, with its RFC 3461 parameters (decoded).
+
+    Treated as immutable.  Not ``frozen``: a frozen dataclass's ``__init__``
+    sets each field through ``object.__setattr__``, three to four times the
+    cost, and the per-recipient objects of delivery are made by the thousand.
+    """
 
     id: int
     address: str
@@ -171,7 +194,7 @@ class DeliveryJob:
     its database (PostgreSQL)."""
 
     mail_from: str
-    recipients: tuple[JobRecipient, ...]
+    recipients: tuple[Recipient, ...]
     body_path: Path | None
     size: int
     env_id: str | None = None
@@ -184,9 +207,7 @@ class DeliveryJob:
     def from_claim(cls, claim: Claim) -> DeliveryJob:
         return cls(
             mail_from=claim.mail_from,
-            recipients=tuple(
-                JobRecipient(r.id, r.address, r.notify, r.orcpt) for r in claim.recipients
-            ),
+            recipients=claim.recipients,
             body_path=claim.body_path,
             size=claim.size,
             env_id=claim.env_id,
@@ -337,7 +358,7 @@ def host_listed(hostname: str, ip: str, entries: Sequence[str]) -> bool:
 # Results
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ConnectionInfo:
     """Facts about one connection, as the ``attempts`` rows record them.
 
@@ -382,7 +403,7 @@ class ConnectionInfo:
         return _peer_text(self.host, self.ip, self.port)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class RecipientResult:
     """How one recipient ended this attempt and the reply that decided it.
 
@@ -479,7 +500,7 @@ class Transaction:
     """
 
     settled: Mapping[int, RecipientResult]
-    unsettled: tuple[JobRecipient, ...]
+    unsettled: tuple[Recipient, ...]
     failure: TransientFailure | None
 
 
@@ -580,7 +601,7 @@ def _size_limit(value: str) -> int:
 
 def plan_envelope(
     job: DeliveryJob,
-    recipients: Sequence[JobRecipient],
+    recipients: Sequence[Recipient],
     extensions: Mapping[str, str],
     *,
     peer: str,
@@ -610,7 +631,7 @@ def plan_envelope(
                 f"and {peer} does not offer it",
             )
         )
-    sendable: list[JobRecipient] = []
+    sendable: list[Recipient] = []
     for r in recipients:
         if not r.address or _BAD_ADDRESS.search(r.address):
             refused[r.id] = Reply(
@@ -710,7 +731,7 @@ def _map_failure(exc: BaseException, stage: Stage, peer: str, timeout: float) ->
 
 
 #: How a transaction reports a recipient's outcome.
-Settle: TypeAlias = Callable[["JobRecipient", Outcome, Reply, Stage], None]
+Settle: TypeAlias = Callable[["Recipient", Outcome, Reply, Stage], None]
 
 
 def _mail_words(job: DeliveryJob, plan: EnvelopePlan) -> list[bytes]:
@@ -722,7 +743,7 @@ def _mail_words(job: DeliveryJob, plan: EnvelopePlan) -> list[bytes]:
     ]
 
 
-def _rcpt_words(r: JobRecipient, plan: EnvelopePlan) -> list[bytes]:
+def _rcpt_words(r: Recipient, plan: EnvelopePlan) -> list[bytes]:
     """``RCPT TO:<...> params``, as the words of the command."""
     return [
         b"RCPT",
@@ -732,7 +753,7 @@ def _rcpt_words(r: JobRecipient, plan: EnvelopePlan) -> list[bytes]:
     ]
 
 
-def _mail_taken(response: SMTPResponse, candidates: Sequence[JobRecipient], settle: Settle) -> bool:
+def _mail_taken(response: SMTPResponse, candidates: Sequence[Recipient], settle: Settle) -> bool:
     """True when MAIL was accepted; otherwise its reply settles every candidate."""
     if response.code // 100 == 2:
         return True
@@ -742,7 +763,7 @@ def _mail_taken(response: SMTPResponse, candidates: Sequence[JobRecipient], sett
     return False
 
 
-def _rcpt_taken(response: SMTPResponse, r: JobRecipient, settle: Settle) -> bool:
+def _rcpt_taken(response: SMTPResponse, r: Recipient, settle: Settle) -> bool:
     """True when RCPT was accepted (250, 251 and 252 all accept); otherwise it settles ``r``."""
     if response.code // 100 == 2:
         return True
@@ -753,7 +774,7 @@ def _rcpt_taken(response: SMTPResponse, r: JobRecipient, settle: Settle) -> bool
 
 def _settle_data_refusal(
     response: SMTPResponse,
-    accepted: Sequence[JobRecipient],
+    accepted: Sequence[Recipient],
     settle: Settle,
 ) -> None:
     """DATA was not answered 354: its reply settles every accepted recipient."""
@@ -1347,7 +1368,7 @@ class Connection:
     # -- the transaction ----------------------------------------------------
 
     async def transact(
-        self, job: DeliveryJob, recipients: Sequence[JobRecipient] | None = None
+        self, job: DeliveryJob, recipients: Sequence[Recipient] | None = None
     ) -> Transaction:
         """Run one mail transaction for ``recipients`` (default: all of the job's).
 
@@ -1357,7 +1378,7 @@ class Connection:
         rcpts = tuple(job.recipients if recipients is None else recipients)
         settled: dict[int, RecipientResult] = {}
 
-        def settle(r: JobRecipient, outcome: Outcome, reply: Reply, stage: Stage) -> None:
+        def settle(r: Recipient, outcome: Outcome, reply: Reply, stage: Stage) -> None:
             settled[r.id] = RecipientResult(outcome, reply, stage, self.info)
 
         try:
@@ -1376,7 +1397,7 @@ class Connection:
     async def _transact(
         self,
         job: DeliveryJob,
-        rcpts: tuple[JobRecipient, ...],
+        rcpts: tuple[Recipient, ...],
         settle: Settle,
     ) -> None:
         plan = plan_envelope(job, rcpts, self._client.esmtp_extensions, peer=self.info.peer)
@@ -1403,7 +1424,7 @@ class Connection:
     async def _transact_stepwise(
         self,
         job: DeliveryJob,
-        candidates: list[JobRecipient],
+        candidates: list[Recipient],
         plan: EnvelopePlan,
         body: BinaryIO,
         settle: Settle,
@@ -1415,7 +1436,7 @@ class Connection:
         )
         if not _mail_taken(response, candidates, settle):
             return
-        accepted: list[JobRecipient] = []
+        accepted: list[Recipient] = []
         for r in candidates:
             response = await self._execute(
                 Stage.RCPT, *_rcpt_words(r, plan), seconds=settings.rcpt_timeout
@@ -1434,7 +1455,7 @@ class Connection:
     async def _transact_pipelined(
         self,
         job: DeliveryJob,
-        candidates: list[JobRecipient],
+        candidates: list[Recipient],
         plan: EnvelopePlan,
         body: BinaryIO,
         settle: Settle,
@@ -1455,7 +1476,7 @@ class Connection:
             transport.write(b"\r\n".join(commands) + b"\r\n")
             response = await self._phase_reply(phase, Stage.MAIL, settings.mail_timeout)
             mail_ok = _mail_taken(response, candidates, settle)
-            accepted: list[JobRecipient] = []
+            accepted: list[Recipient] = []
             for r in candidates:
                 response = await self._phase_reply(phase, Stage.RCPT, settings.rcpt_timeout)
                 if mail_ok and _rcpt_taken(response, r, settle):
@@ -1476,7 +1497,7 @@ class Connection:
         transport: asyncio.Transport,
         phase: _DataPhase,
         body: BinaryIO,
-        accepted: list[JobRecipient],
+        accepted: list[Recipient],
         settle: Settle,
     ) -> None:
         """After 354: the body and the dot, then the replies settle ``accepted``."""
@@ -1496,7 +1517,7 @@ class Connection:
 
     def _settle_data_end(
         self,
-        accepted: list[JobRecipient],
+        accepted: list[Recipient],
         replies: list[Reply],
         settle: Settle,
     ) -> None:
@@ -1722,7 +1743,7 @@ async def deliver_job(
     """
     started = clock()
     results: dict[int, RecipientResult] = {}
-    pending: tuple[JobRecipient, ...] = tuple(job.recipients)
+    pending: tuple[Recipient, ...] = tuple(job.recipients)
     errors: list[TargetError] = []
     last: _Last | None = None
     connection: ConnectionInfo | None = None
