@@ -1019,47 +1019,49 @@ def _is_zombie(pid: int) -> bool:
     return state in (["Z"], ["X"])
 
 
-def _attempt_row(rec: AttemptRecord, attempt: int) -> dict[str, Any]:
-    return {
-        "recipient_id": rec.recipient_id,
-        "attempt": attempt,
-        "started_at": rec.started_at,
-        "finished_at": rec.finished_at,
-        "mx_host": rec.mx_host,
-        "mx_ip": rec.mx_ip,
-        "port": rec.port,
-        "tls": rec.tls,
-        "auth": rec.auth,
-        "code": rec.code,
-        "status": rec.status,
-        "response": rec.response,
-        "outcome": rec.outcome.value,
-        "reason": rec.reason,
-        "tls_policy": rec.tls_policy,
-        "tls_policy_met": None if rec.tls_policy_met is None else int(rec.tls_policy_met),
-    }
+def _attempt_row(rec: AttemptRecord, attempt: int) -> tuple[Any, ...]:
+    """The parameters of ``insert_attempt``, in its numbered order."""
+    return (
+        rec.recipient_id,
+        attempt,
+        rec.started_at,
+        rec.finished_at,
+        rec.mx_host,
+        rec.mx_ip,
+        rec.port,
+        rec.tls,
+        rec.auth,
+        rec.code,
+        rec.status,
+        rec.response,
+        rec.outcome.value,
+        rec.reason,
+        rec.tls_policy,
+        None if rec.tls_policy_met is None else int(rec.tls_policy_met),
+    )
 
 
-def _update_row(rec: AttemptRecord, owner: str) -> dict[str, Any]:
+def _update_row(rec: AttemptRecord, owner: str) -> tuple[Any, ...]:
+    """The parameters of ``update_after_attempt``, in its numbered order."""
     final = rec.outcome is not Outcome.DEFERRED
     code, status, response = rec.code, rec.status, rec.response
     if rec.final_response is not None:  # our decision, not the reply, is the row's last word
         code, status, response = None, rec.final_status, rec.final_response
-    return {
-        "id": rec.recipient_id,
-        "owner": owner,
-        "status": rec.outcome.status.value,
-        "failure": int(rec.outcome is Outcome.DEFERRED and rec.count_failure),
-        "next_attempt_at": rec.finished_at if final else rec.next_attempt_at,
-        "finished_at": rec.finished_at,
-        "code": code,
-        "status_code": status,
-        "response": response,
-        "mx_host": rec.mx_host,
-        "final_at": rec.finished_at if final else None,
-        "reason": rec.reason,
-        "delay_notified": int(rec.delay_notified),
-    }
+    return (
+        rec.recipient_id,
+        owner,
+        rec.outcome.value,  # an Outcome's value is the Status it leads to
+        int(rec.outcome is Outcome.DEFERRED and rec.count_failure),
+        rec.finished_at if final else rec.next_attempt_at,
+        rec.finished_at,
+        code,
+        status,
+        response,
+        rec.mx_host,
+        rec.finished_at if final else None,
+        rec.reason,
+        int(rec.delay_notified),
+    )
 
 
 def _json_ints(values: Iterable[int]) -> str:

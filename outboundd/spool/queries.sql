@@ -76,22 +76,25 @@ SELECT id FROM recipients
    AND status = 'sending' AND lease_owner = :owner
 
 -- name: insert_attempt
+-- Numbered parameters, bound from a tuple in column order (record() writes one
+-- row per recipient; a tuple binds in two thirds of the time of a dict).
 INSERT INTO attempt_log (recipient_id, attempt, started_at, finished_at, mx_host, mx_ip, port,
                          tls, auth, code, status, response, outcome, reason,
                          tls_policy, tls_policy_met)
-VALUES (:recipient_id, :attempt, :started_at, :finished_at, :mx_host, :mx_ip, :port,
-        :tls, :auth, :code, :status, :response, :outcome, :reason,
-        :tls_policy, :tls_policy_met)
+VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)
 
 -- name: update_after_attempt
+-- ?1 id, ?2 owner, ?3 status, ?4 failure (0/1), ?5 next_attempt_at, ?6 finished_at,
+-- ?7 code, ?8 status_code, ?9 response, ?10 mx_host, ?11 final_at, ?12 reason,
+-- ?13 delay_notified (0/1); bound from a tuple in this order.
 UPDATE recipients
-   SET status = :status, attempts = attempts + 1, failures = failures + :failure,
-       next_attempt_at = :next_attempt_at, last_attempt_at = :finished_at,
-       last_code = :code, last_status = :status_code, last_response = :response,
-       last_mx = :mx_host, finished_at = :final_at, final_reason = :reason,
-       delay_notified = max(delay_notified, :delay_notified),
+   SET status = ?3, attempts = attempts + 1, failures = failures + ?4,
+       next_attempt_at = ?5, last_attempt_at = ?6,
+       last_code = ?7, last_status = ?8, last_response = ?9,
+       last_mx = ?10, finished_at = ?11, final_reason = ?12,
+       delay_notified = max(delay_notified, ?13),
        held_status = NULL, lease_owner = NULL, lease_expires_at = NULL
- WHERE id = :id AND status = 'sending' AND lease_owner = :owner
+ WHERE id = ?1 AND status = 'sending' AND lease_owner = ?2
 
 -- name: finish_messages
 -- Messages among these whose every recipient is final: mark them finished.
