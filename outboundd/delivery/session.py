@@ -62,7 +62,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import BinaryIO, Protocol, TypeAlias, cast
+from typing import BinaryIO, NoReturn, Protocol, TypeAlias, cast
 
 from aiosmtplib import (
     SMTP,
@@ -869,6 +869,7 @@ class _DataPhase(asyncio.Protocol):
         self._waiter: asyncio.Future[None] | None = None
         self._drain_waiter: asyncio.Future[None] | None = None
         self._paused = False
+        self._timed_out = False
 
     def _wake(self) -> None:
         for fut in (self._waiter, self._drain_waiter):
@@ -929,18 +930,39 @@ class _DataPhase(asyncio.Protocol):
         if self._error is not None:
             raise self._error
 
+    def take(self) -> SMTPResponse | None:
+        """The next reply if it has arrived (a pipelined reply often has), else None."""
+        return self._responses.popleft() if self._responses else None
+
     async def read_response(self, seconds: float) -> SMTPResponse:
-        if not self._responses:  # a pipelined reply is often here already
-            async with asyncio.timeout(seconds):
+        """The next reply; ``TimeoutError`` when none came within ``seconds``.
+
+        The time limit is one timer handle that wakes the waiter, not an
+        ``asyncio.timeout`` context (its task bookkeeping cost as much again,
+        twice per message).
+        """
+        if not self._responses:
+            timer = self._loop.call_later(seconds, self._time_out)
+            self._timed_out = False
+            try:
                 while not self._responses:
                     if self._error is not None:
                         raise self._error
+                    if self._timed_out:
+                        raise TimeoutError
                     self._waiter = self._loop.create_future()
                     try:
                         await self._waiter
                     finally:
                         self._waiter = None
+            finally:
+                timer.cancel()
         return self._responses.popleft()
+
+    def _time_out(self) -> None:
+        self._timed_out = True
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
 
 
 # --------------------------------------------------------------------------
@@ -1308,12 +1330,16 @@ class Connection:
             self.abort()
             raise _map_failure(exc, stage, self.info.peer, seconds) from exc
         if response.code == 421:
-            self.abort()
-            reply = parse_reply(response.code, response.message)
-            raise TransientFailure(
-                to_transient(reply, f"{self.info.peer} closed the session at {stage}"), stage
-            )
+            self._closed_by_server(response, stage)
         return response
+
+    def _closed_by_server(self, response: SMTPResponse, stage: Stage) -> NoReturn:
+        """A 421: the server is closing the session; it ends here."""
+        self.abort()
+        reply = parse_reply(response.code, response.message)
+        raise TransientFailure(
+            to_transient(reply, f"{self.info.peer} closed the session at {stage}"), stage
+        )
 
     async def _give_up(self, response: SMTPResponse, stage: Stage, what: str) -> None:
         reply = parse_reply(response.code, response.message)
@@ -1513,7 +1539,12 @@ class Connection:
 
     async def _phase_reply(self, phase: _DataPhase, stage: Stage, seconds: float) -> SMTPResponse:
         """The next reply while we hold the transport; failures and 421 as ``_execute``."""
-        return await self._checked(phase.read_response(seconds), stage, seconds)
+        response = phase.take()
+        if response is None:
+            return await self._checked(phase.read_response(seconds), stage, seconds)
+        if response.code == 421:
+            self._closed_by_server(response, stage)
+        return response
 
     def _settle_data_end(
         self,
@@ -1677,7 +1708,7 @@ async def _open_body(job: DeliveryJob) -> BinaryIO:
         )
     try:
         if size <= INLINE_BODY_MAX:
-            return io.BytesIO(path.read_bytes())
+            return io.BytesIO(_read_small(path))
         return await asyncio.to_thread(_open_binary, path)
     except OSError as exc:
         raise TransientFailure(
@@ -1685,6 +1716,18 @@ async def _open_body(job: DeliveryJob) -> BinaryIO:
             Stage.LOCAL,
             retry_elsewhere=False,
         ) from exc
+
+
+def _read_small(path: Path) -> bytes:
+    """The whole (small) file: open, read to the end, close; none of pathlib's layers."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        chunks = []
+        while chunk := os.read(fd, INLINE_BODY_MAX + 1):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
 
 
 def _open_binary(path: Path) -> BinaryIO:
