@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import sqlite3
@@ -27,7 +28,7 @@ from outboundd.spool import (
     bodies,
     lease_owner_id,
 )
-from outboundd.spool.core import INLINE_BODY_MAX
+from outboundd.spool.core import INLINE_BODY_MAX, _json_strs
 from outboundd.spool.migrations import discover
 
 BODY = b"From: a@example.test\r\nSubject: hi\r\n\r\nHello\r\n.dot line\r\n"
@@ -657,3 +658,13 @@ def test_bodies_of_one_second_share_a_directory() -> None:
     assert len(same) <= 2 and later not in same
     assert all(name in bodies.FANOUT for name in (*same, later))
     assert bodies.relative_body_path("custom-id-ab") == "bodies/ab/custom-id-ab"
+
+
+@pytest.mark.parametrize(
+    "values",
+    [[], [""], ["0193A2B3C4D.1A2B3C4D5E"], ["a", "b"], ['say "hi"'], ["back\\slash"],
+     ["caf\u00e9"], ["new\nline"], ["tab\there"]],
+)  # fmt: skip
+def test_queue_id_json_matches_json_dumps(values: list[str]) -> None:
+    """The shortcut for plain queue IDs encodes exactly what json.dumps would decode to."""
+    assert json.loads(_json_strs(values)) == values

@@ -378,10 +378,10 @@ class SqliteSpool(Spool):
     ) -> list[Any]:
         """Mark messages whose every recipient is final; their bodies go after the commit."""
         finished = conn.execute(
-            q("finish_messages"), {"ids": json.dumps(queue_ids), "now": now}
+            q("finish_messages"), {"ids": _json_strs(queue_ids), "now": now}
         ).fetchall()
         if finished:
-            paths = [self.queue_dir / row[1] for row in finished]
+            paths = [f"{self._queue_dir_text}/{row[1]}" for row in finished]
             self.after_commit(lambda: bodies.remove_bodies(paths))
         return finished
 
@@ -1062,6 +1062,17 @@ def _update_row(rec: AttemptRecord, owner: str) -> tuple[Any, ...]:
         rec.reason,
         int(rec.delay_notified),
     )
+
+
+def _json_strs(values: list[str]) -> str:
+    """A JSON array of strings, for ``json_each``; queue IDs (``[A-Za-z0-9._-]``)
+    need no escaping, anything else goes through ``json.dumps``."""
+    probe = "".join(values)
+    if not values or not probe.isascii() or not probe.isprintable():
+        return json.dumps(values)
+    if '"' in probe or "\\" in probe:
+        return json.dumps(values)
+    return '["' + '","'.join(values) + '"]'
 
 
 def _json_ints(values: Iterable[int]) -> str:
