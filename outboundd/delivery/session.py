@@ -675,6 +675,9 @@ def plan_envelope(
         if job.env_id:
             params.append("ENVID=" + xtext(job.env_id))
         for r in sendable:
+            if r.notify is None and r.orcpt is None:
+                rcpt_params[r.id] = ()  # the usual recipient: nothing to encode
+                continue
             rcpt_params[r.id] = tuple(
                 p
                 for p in (_notify_param(r.notify), orcpt_param(r.orcpt, utf8=utf8))
@@ -751,6 +754,15 @@ def _rcpt_words(r: Recipient, plan: EnvelopePlan) -> list[bytes]:
         # UTF-8 only under SMTPUTF8 (an ORCPT in utf-8-addr-unitext); else ASCII.
         *(p.encode("utf-8" if plan.utf8 else "ascii") for p in plan.rcpt_params.get(r.id, ())),
     ]
+
+
+def _rcpt_line(r: Recipient, plan: EnvelopePlan) -> bytes:
+    """``b" ".join(_rcpt_words(r, plan))``, built without the list (once per recipient)."""
+    line = b"RCPT TO:" + _encode_address(r.address, plan.utf8)
+    params = plan.rcpt_params.get(r.id)
+    if params:
+        line += b" " + " ".join(params).encode("utf-8" if plan.utf8 else "ascii")
+    return line
 
 
 def _mail_taken(response: SMTPResponse, candidates: Sequence[Recipient], settle: Settle) -> bool:
@@ -1497,7 +1509,7 @@ class Connection:
         settings = self.settings
         with self._taken_over(Stage.MAIL) as (transport, phase):
             commands = [b" ".join(_mail_words(job, plan))]
-            commands += [b" ".join(_rcpt_words(r, plan)) for r in candidates]
+            commands += [_rcpt_line(r, plan) for r in candidates]
             commands.append(b"DATA")
             transport.write(b"\r\n".join(commands) + b"\r\n")
             response = await self._phase_reply(phase, Stage.MAIL, settings.mail_timeout)
