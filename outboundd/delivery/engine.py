@@ -425,7 +425,7 @@ class DeliveryEngine:
         decisions = await self._deferred_hook(claim, hmail, decisions)
         decisions = await self._bounces(claim, hmail, decisions, now, ticket)
         delay_noticed = await self._delay_notice(claim, decisions, outbound, now)
-        await self._success_notice(claim, decisions, now)
+        await self._success_notice(claim, by_id, decisions, now)
 
         records = [
             AttemptRecord(
@@ -462,10 +462,12 @@ class DeliveryEngine:
                 rcpt=by_id[rid].address,
             )
         self._log_outcomes(claim, by_id, decisions, now)
+        if not self.hooks.has("delivered"):
+            return
         delivered = [
             by_id[rid].address for rid, d in decisions.items() if d.outcome is Outcome.DELIVERED
         ]
-        if delivered and self.hooks.has("delivered"):
+        if delivered:
             hmail.rcpt_to = delivered
             info = self._delivered_info(claim, decisions, delivered, now)
             try:
@@ -701,14 +703,18 @@ class DeliveryEngine:
         return {rid for rid in due if by_id[rid].address in reported}
 
     async def _success_notice(
-        self, claim: Claim, decisions: dict[int, Decision], now: float
+        self,
+        claim: Claim,
+        by_id: dict[int, ClaimedRecipient],
+        decisions: dict[int, Decision],
+        now: float,
     ) -> None:
         """A success DSN for NOTIFY=SUCCESS recipients, unless the next hop took
         the DSN request over (RFC 3461 §5.2: it then reports success itself)."""
-        by_id = {r.id: r for r in claim.recipients}
         notices: list[NoticeRecipient] = []
         for rid, d in decisions.items():
-            if d.outcome is not Outcome.DELIVERED:
+            # No NOTIFY means FAILURE,DELAY (dsn.notify_wants): never a success notice.
+            if d.outcome is not Outcome.DELIVERED or by_id[rid].notify is None:
                 continue
             if not dsn.should_send_dsn(claim.mail_from, by_id[rid].notify, "success"):
                 continue
