@@ -587,7 +587,7 @@ class SqliteSpool(Spool):
                     ret=m[7],
                     smtputf8=bool(m[8]),
                     body_8bit=bool(m[9]),
-                    notes=json.loads(m[10]),
+                    notes=json.loads(m[10]) if m[10] != "{}" else {},  # "{}": most mail
                     dsn_of=m[11],
                     recipients=tuple(claimed_recipient(r) for r in group),
                     lease_owner=owner,

@@ -127,9 +127,13 @@ def claimed_recipient(row: Sequence[Any]) -> ClaimedRecipient:
     )
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Claim:
-    """A leased (queue_id, domain) group: the unit of one delivery session."""
+    """A leased (queue_id, domain) group: the unit of one delivery session.
+
+    Treated as immutable; not ``frozen`` for the cost of a frozen
+    ``__init__`` (see :class:`ClaimedRecipient`), paid once per claim.
+    """
 
     queue_id: str
     domain: str
