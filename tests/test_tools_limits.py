@@ -78,11 +78,13 @@ def test_smoke_measures_every_limit(tmp_path: Path) -> None:
 
     # The distance is outboundd's figure over the limit measured in this run.
     last = f"uvloop x{procs}" if procs > 1 else "uvloop x1"
-    assert report["distance"]["variant"] == last
-    figures = {f["figure"]: f for f in report["distance"]["figures"]}
+    [distance] = report["distance"]
+    assert distance["variant"] == last
+    assert distance["mode"] == "new"
+    figures = {f["figure"]: f for f in distance["figures"]}
     receive = summary["receive"][last]["new"]
     send = summary["send"][last]["reuse"]
-    held = [f for f in report["distance"]["figures"] if f["figure"] == "S2 accept (held) (msg/s)"]
+    held = [f for f in distance["figures"] if f["figure"] == "S2 accept (held) (msg/s)"]
     assert [f["limit"] for f in held] == [
         receive["msg_per_s"],
         max(r["per_second"] for r in report["durable"] if r["kind"] == "accept"),
