@@ -194,7 +194,10 @@ def measure_send(
         text = out.decode(errors="replace") if out else ""
         if started.proc.returncode != 0:
             raise BenchError(f"the sender failed (exit {started.proc.returncode}): {text[-300:]}")
-        report = json.loads(text.strip().splitlines()[-1])
+        try:
+            report = json.loads(text.strip().splitlines()[-1])
+        except (ValueError, IndexError) as exc:
+            raise BenchError(f"the sender printed no result: {text[-300:]!r}") from exc
         wait_until(
             f"the sink to count {settings.messages} messages",
             lambda: sink.count >= settings.messages,
