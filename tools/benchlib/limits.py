@@ -59,7 +59,7 @@ DURABLE = {
 MODES = {"new": CLIENT_MODES[False], "reuse": CLIENT_MODES[True]}
 PARTS = {"receive": "aiosmtpd receive", "send": "aiosmtplib send"}
 DURABLE_LABELS = {
-    "body": "body: 4 KB write + fsync, one directory fsync per batch",
+    "body": "body: {size} write + fsync, one directory fsync per batch",
     "commit": "SQLite WAL commit (synchronous=FULL), one row per message",
     "accept": "accept batch: bodies + directory + commit",
 }
@@ -287,11 +287,16 @@ def render_parts(summary: dict[str, Any], modes: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
-def render_durable(rates: Sequence[DurableRate], filesystem: str) -> str:
+def size_text(size: int) -> str:
+    return f"{size // 1024} KB" if size and size % 1024 == 0 else f"{size} B"
+
+
+def render_durable(rates: Sequence[DurableRate], filesystem: str, size: int) -> str:
     head = [f"durable write ({filesystem})", "messages per commit", "msg/s", "CPU-s/1k msgs"]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for r in rates:
-        cells = [DURABLE_LABELS[r.kind], str(r.batch), _fmt(r.per_second), _fmt(r.cpu_per_1k)]
+        label = DURABLE_LABELS[r.kind].format(size=size_text(size))
+        cells = [label, str(r.batch), _fmt(r.per_second), _fmt(r.cpu_per_1k)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -543,7 +548,7 @@ def run_all(args: argparse.Namespace) -> int:
     if summary:
         text += [render_parts(summary, modes)]
     if rates:
-        text += [render_durable(rates, str(machine["workdir_filesystem"]))]
+        text += [render_durable(rates, str(machine["workdir_filesystem"]), settings.size)]
     if summary:
         against = chosen[-1].key  # the variant that runs as outboundd does (uvloop, nodes)
         report["distance"] = []
