@@ -107,3 +107,25 @@ def test_smoke_dkim_mode_runs_signed_and_unsigned_outboundd(tmp_path: Path) -> N
         assert r["extra"]["status_counts"] == {"delivered": r["messages"]}
     assert report["dkim"]["key_types"] == ["rsa", "ed25519"]
     assert isinstance(report["dkim"]["cost_ms"]["S1"], float)
+
+
+@pytest.mark.timeout(120)
+def test_smoke_with_reused_sessions_names_the_mode(tmp_path: Path) -> None:
+    """``--reuse-sessions``: every message delivered, and the table and the JSON say
+    which client mode ran, so a table copied into the docs cannot be misread."""
+    report_path = tmp_path / "report.json"
+    argv = [sys.executable, str(BENCH), "--smoke", "--reuse-sessions", "--scenarios", "S1"]
+    proc = subprocess.run(
+        [*argv, "--json", str(report_path)],
+        capture_output=True,
+        text=True,
+        timeout=110,
+        check=False,
+    )
+    assert proc.returncode == 0, f"bench failed:\n{proc.stdout}\n{proc.stderr}"
+    report = json.loads(report_path.read_text())
+    assert report["all_delivered"] is True, report["failed_runs"]
+    assert report["traffic"]["reuse_sessions"] is True
+    assert report["traffic"]["mode"] == "reused sessions"
+    assert "| scenario (reused sessions) | metric |" in proc.stdout
+    assert "4096 B, reused sessions)" in proc.stdout

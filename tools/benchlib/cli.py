@@ -27,7 +27,7 @@ from benchlib.relays import (
     install_haraka,
     postfix_version,
 )
-from benchlib.report import machine_info, render_table, summarize
+from benchlib.report import client_mode, machine_info, render_table, summarize
 from benchlib.scenarios import SCENARIOS, Runner, RunResult, RunSpec, TrafficSettings
 from benchlib.traffic import postfix_tools_installed
 
@@ -305,7 +305,7 @@ def run_all(args: argparse.Namespace) -> int:
     size_text = {
         s: f"{sizes[s]:,} x {S3_RECIPIENTS if s == 'S3' else 1}" for s in scenarios if s in sizes
     }
-    table = render_table(summary, relays, labels, size_text)
+    table = render_table(summary, relays, labels, size_text, traffic.reuse_sessions)
     report = build_report(args, results, summary, relays, unavailable, labels, started_at)
     report["sizes"] = {s: sizes[s] for s in scenarios}
     report["runs_per_relay"] = runs
@@ -317,6 +317,7 @@ def run_all(args: argparse.Namespace) -> int:
         "sessions": traffic.sessions,
         "size": traffic.size,
         "reuse_sessions": traffic.reuse_sessions,
+        "mode": client_mode(traffic.reuse_sessions),
     }
     print_report(report, table, unavailable)
     if args.json:
@@ -389,7 +390,8 @@ def print_report(report: dict[str, Any], table: str, unavailable: dict[str, str]
     )
     t = report["traffic"]
     print(
-        f"client {t['client']} ({t['sessions']} sessions, {t['size']} B), sink {t['sink']}; "
+        f"client {t['client']} ({t['sessions']} sessions, {t['size']} B, {t['mode']}), "
+        f"sink {t['sink']}; "
         f"medians of {report['runs_per_relay']} run(s)\n"
     )
     print(table)

@@ -119,13 +119,27 @@ def _fmt(value: float | None) -> str:
     return f"{value:.2f}"
 
 
+#: How the client submits, as the report and the table name it.
+CLIENT_MODES = {False: "new connection per message", True: "reused sessions"}
+
+
+def client_mode(reuse_sessions: bool) -> str:
+    """The client mode's name: the table's first column says it, so a table
+    copied into docs/performance.md cannot be read as the other mode."""
+    return CLIENT_MODES[reuse_sessions]
+
+
 def render_table(
-    summary: dict[str, Any], relays: Sequence[str], labels: dict[str, str], sizes: dict[str, str]
+    summary: dict[str, Any],
+    relays: Sequence[str],
+    labels: dict[str, str],
+    sizes: dict[str, str],
+    reuse_sessions: bool = False,
 ) -> str:
     """The markdown table: relays side by side, then outboundd/peer ratios."""
     peers = [r for r in relays if r != "outboundd"]
     ratio_cols = peers if "outboundd" in relays else []
-    head = ["scenario", "metric", *(labels[r] for r in relays)]
+    head = [f"scenario ({client_mode(reuse_sessions)})", "metric", *(labels[r] for r in relays)]
     head += [f"outboundd / {labels[p]}" for p in ratio_cols]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for key, row in summary.items():
