@@ -54,6 +54,8 @@ COMPILED_MODULES: tuple[str, ...] = (
     "outboundd/idn.py",
     # Classifying every reply of a delivery session into an outcome.
     "outboundd/delivery/replies.py",
+    # Rendering every bounce and delay notice (RFC 3464 DSN).
+    "outboundd/dsn.py",
 )
 
 #: Set to 1 to build and run the pure-Python form even where mypyc could compile.

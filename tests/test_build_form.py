@@ -21,6 +21,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from outboundd import dsn
 from outboundd.delivery import replies as delivery_replies
 from outboundd.submission import data, policy
 from outboundd.submission import replies as submission_replies
@@ -59,7 +60,7 @@ def test_the_list_names_existing_sources() -> None:
 def pure() -> Iterator[dict[str, ModuleType]]:
     """The ``.py`` source of some hot modules, loaded as plain Python under other names."""
     loaded: dict[str, ModuleType] = {}
-    for module in (data, policy, submission_replies, delivery_replies):
+    for module in (data, policy, submission_replies, delivery_replies, dsn):
         name = module.__name__
         source = buildform.ROOT / (name.replace(".", "/") + ".py")
         alias = "pure_" + name.replace(".", "_")
@@ -164,3 +165,51 @@ def test_mail_parsing_agrees(pure: dict[str, ModuleType], arg: str) -> None:
         return str(address), repr(params)
 
     assert outcome(policy) == outcome(pure[policy.__name__])
+
+
+_ORIGINAL = (
+    b"From: Alice <alice@example.com>\r\nTo: bob@example.org\r\n"
+    b"Subject: =?utf-8?q?Gr=C3=BC=C3=9Fe?=\r\nMessage-ID: <m-1@example.com>\r\n\r\n"
+    b"Hello\r\n.leading dot\r\n"
+)
+
+
+@pytest.mark.parametrize("ret", [None, "HDRS", "FULL"])
+@pytest.mark.parametrize("action", ["failed", "delayed"])
+def test_dsn_rendering_agrees(pure: dict[str, ModuleType], ret: str | None, action: str) -> None:
+    def render(module: ModuleType) -> bytes:
+        recipients = tuple(
+            module.DsnRecipient(
+                address=address,
+                action=action,
+                status="5.1.1" if action == "failed" else "4.4.1",
+                original_recipient=f"rfc822;{address}",
+                remote_mta="mx1.example.org",
+                diagnostic_code=550 if action == "failed" else 451,
+                diagnostic_text="user unknown \u00e9",
+                last_attempt_at=1_700_000_000.0,
+            )
+            for address in ("bob@example.org", "\u00e9ve@b\u00fccher.example")
+        )
+        report = module.DsnReport(
+            reporting_mta="mx.outbound.test",
+            arrival_date=1_699_990_000.0,
+            original_sender="alice@example.com",
+            original_message=_ORIGINAL,
+            recipients=recipients,
+            reason="550 5.1.1 user unknown",
+            extended_reason="bob@example.org: 550 5.1.1 user unknown",
+            original_envelope_id="ENV-42",
+            ret=ret,
+        )
+        rendered: bytes = module.render_dsn(
+            report,
+            module.DsnTemplates(),
+            me="mx.outbound.test",
+            now=1_700_000_100.0,
+            message_id="dsn-1@mx.outbound.test",
+            pid=4242,
+        )
+        return rendered
+
+    assert render(dsn) == render(pure[dsn.__name__])
