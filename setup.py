@@ -38,9 +38,11 @@ ROOT = Path(__file__).resolve().parent
 MIGRATIONS = ROOT / "migrations"
 
 #: The modules compiled with mypyc, and why each is worth it.  Each is pure
-#: (values in, values out, no I/O), fully typed, and runs for every message
-#: or every delivery; keep this list to such modules, since a compiled module
-#: cannot be monkeypatched and the build re-checks it with mypyc's rules.
+#: (values in, values out, no I/O), fully typed, runs for every message,
+#: delivery or bounce, and measured faster compiled (docs/performance.md);
+#: keep this list to such modules, since a compiled module cannot be
+#: monkeypatched and the build re-checks it with mypyc's rules.  The
+#: Makefile reads the paths from here (one quoted path a line).
 COMPILED_MODULES: tuple[str, ...] = (
     # DATA judging: every message's octets (end, size, line length, bare CR/LF, unstuffing).
     "outboundd/submission/data.py",
@@ -137,15 +139,20 @@ def _settle_form(inplace: bool) -> None:
     if _SETTLED:
         return
     _SETTLED = True
-    if EXTENSIONS:
-        _say(f"compiled form: {len(COMPILED_MODULES)} modules built with mypyc")
-        return
-    if WHY_PURE is None:
+    if not EXTENSIONS and WHY_PURE is None:
         return  # a command that builds no extensions (build_py alone, say)
     if inplace:
-        for path in _built_files():
-            path.unlink(missing_ok=True)
-    _say(f"pure-Python form ({WHY_PURE})")
+        # The package has no extensions but these: any other one in the tree
+        # is left from a build with another list (or form) and would shadow
+        # its .py file.
+        keep = set(_built_files()) if EXTENSIONS else set()
+        for path in (ROOT / "outboundd").rglob("*"):
+            if path.suffix in (".so", ".pyd") and path not in keep:
+                path.unlink()
+    if EXTENSIONS:
+        _say(f"compiled form: {len(COMPILED_MODULES)} modules built with mypyc")
+    else:
+        _say(f"pure-Python form ({WHY_PURE})")
 
 
 _SETTLED = False
