@@ -719,7 +719,7 @@ def _image_type(image: bytes) -> tuple[str, str]:
 
 def _base64_lines(data: bytes) -> bytes:
     encoded = base64.b64encode(data)
-    return b"".join(encoded[i : i + 76] + b"\r\n" for i in range(0, len(encoded), 76))
+    return b"".join([encoded[i : i + 76] + b"\r\n" for i in range(0, len(encoded), 76)])
 
 
 class _Boundaries:
@@ -751,7 +751,7 @@ def _multipart(
     """
     head = f'Content-Type: {content_type};{_CRLF} boundary="{boundary}"{params}{_CRLF}'
     delimiter = b"--" + boundary.encode("ascii")
-    body = b"".join(delimiter + b"\r\n" + p + b"\r\n" for p in parts)
+    body = b"".join([delimiter + b"\r\n" + p + b"\r\n" for p in parts])
     return head.encode("ascii") + b"\r\n" + preamble + body + delimiter + b"--\r\n"
 
 

@@ -13,8 +13,19 @@ from pathlib import Path
 
 import pytest
 
+from tests import buildform
 from tests.certs import TestPKI, make_pki
 from tests.pgcluster import PgCluster, PgUnavailable
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Refuse to test compiled hot modules older than their sources (setup.py)."""
+    old = buildform.stale()
+    if old:
+        raise pytest.UsageError(
+            f"compiled modules older than their .py source: {', '.join(old)}; "
+            "rebuild with `make install` (or `.venv/bin/python setup.py build_ext --inplace`)"
+        )
 
 
 @pytest.fixture

@@ -85,6 +85,10 @@ _LDH_UTF8: Final = "A-Za-z0-9" + _NON_ASCII
 _LABEL_UTF8: Final = re.compile(rf"[{_LDH_UTF8}](?:[{_LDH_UTF8}-]*[{_LDH_UTF8}])?")
 _IPV4_LITERAL: Final = re.compile(r"(\d{1,3})\.(\d{1,3})\.(\d{1,3})\.(\d{1,3})")
 _IPV6_CHARS: Final = re.compile(r"[0-9A-Fa-f:.]+")
+# Undecodable octets arrive as lone surrogates (surrogateescape).  Spelled with
+# chr(): mypyc cannot compile surrogates in string literals.
+_SURROGATE_FIRST: Final = chr(0xD800)
+_SURROGATE_LAST: Final = chr(0xDFFF)
 _ROUTE: Final = re.compile(r"@[^,:]+(?:,@[^,:]+)*:")
 
 
@@ -198,7 +202,7 @@ def parse_address(text: str, *, utf8: bool, bad: Reply) -> Address:
     route = _ROUTE.match(text)
     if route is not None:
         text = text[route.end() :]
-    if any("\ud800" <= ch <= "\udfff" for ch in text):
+    if any(_SURROGATE_FIRST <= ch <= _SURROGATE_LAST for ch in text):
         raise PolicyError(bad.with_text(bad.text + " (invalid UTF-8)"))
     if not text.isascii() and not utf8:
         raise PolicyError(replies.NON_ASCII_ADDRESS)
