@@ -25,6 +25,7 @@ import asyncio
 import base64
 import binascii
 import collections
+import logging
 import random
 import ssl
 import time
@@ -32,14 +33,23 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import AnyStr, cast
 
-from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, Session, _Missing
+from aiosmtpd.smtp import (
+    MISSING,
+    SMTP,
+    AuthResult,
+    Envelope,
+    Session,
+    _AuthMechAttr,
+    _Missing,
+    login_always_fail,
+)
 
 from outboundd.config import Config
 from outboundd.log import Logger
 from outboundd.plugins.auth_flat_file import Admission, AuthThrottle, ThrottleVerdict, UserStore
 from outboundd.spool.errors import SpoolError
 from outboundd.submission import (
-    fastinit,  # noqa: F401  (speeds up aiosmtpd's per-connection set-up)
+    fastinit,  # also speeds up aiosmtpd on import
     policy,
     prepare,
     replies,
@@ -48,6 +58,7 @@ from outboundd.submission.data import DataCollector, DataProblem
 from outboundd.submission.policy import Address, MailParams, PolicyError, RcptParams, RelayVerdict
 from outboundd.submission.queueing import Queuer
 from outboundd.submission.replies import Reply
+from outboundd.submission.template import MethodTable, SessionTemplate, command_functions
 from outboundd.submission.transaction import Transaction
 
 __all__ = ["SubmissionContext", "SubmissionEnvelope", "SubmissionHandler", "SubmissionSMTP"]
@@ -63,6 +74,12 @@ _COMMAND_LINE = 512
 #: being checked, and the pause between two looks (seconds).
 _ADMISSION_WAIT = 30.0
 _ADMISSION_POLL = 0.05
+#: aiosmtpd's logger (its chatter is shown only at PROTOCOL level).
+_LIBRARY_LOG = logging.getLogger("mail.log")
+
+
+def _command_line_limit() -> int:
+    return _COMMAND_LINE
 
 
 @dataclass(eq=False)
@@ -130,38 +147,92 @@ class SubmissionHandler:
 class SubmissionSMTP(SMTP):
     """One client connection."""
 
-    def __init__(self, ctx: SubmissionContext, *, implicit_tls: bool = False) -> None:
-        smtp = ctx.config.smtp
-        # aiosmtpd sizes its stream reader from this attribute in __init__;
-        # +1 leaves room for the transparency dot of a maximal line.
-        self.line_length_limit = smtp.max_line_length + 1
-        super().__init__(
-            SubmissionHandler(),
-            data_size_limit=None,  # our smtp_DATA enforces max_message_size
-            enable_SMTPUTF8=True,
-            decode_data=False,
-            hostname=ctx.config.me,
-            ident=IDENT,
-            tls_context=None if implicit_tls else ctx.starttls_context,
-            require_starttls=False,
-            timeout=smtp.inactivity_timeout,
-            auth_required=False,
-            auth_require_tls=False,  # our smtp_AUTH applies the policy (loopback allowed)
-            auth_exclude_mechanism=None if ctx.auth_enabled else ["PLAIN", "LOGIN"],
-            loop=asyncio.get_running_loop(),
+    def __init__(
+        self,
+        ctx: SubmissionContext,
+        *,
+        implicit_tls: bool = False,
+        template: SessionTemplate | None = None,
+    ) -> None:
+        # aiosmtpd's SMTP.__init__ is not called: it rebuilds, for every
+        # connection, tables that depend only on the listener (see
+        # template.py).  This sets every attribute it sets, to the values
+        # it would compute for our arguments (tests/test_submission_template.py).
+        t = template or session_template(ctx, implicit_tls=implicit_tls)
+        loop = asyncio.get_running_loop()
+        self.loop = loop
+        self.line_length_limit = t.line_length_limit
+        asyncio.StreamReaderProtocol.__init__(
+            self,
+            asyncio.StreamReader(loop=loop, limit=t.line_length_limit),
+            client_connected_cb=self._cb_client_connected,
+            loop=loop,
         )
+        self.__ident__ = t.ident
+        self.event_handler = t.handler
+        self.data_size_limit = None  # our smtp_DATA enforces max_message_size
+        self.enable_SMTPUTF8 = True
+        self._decode_data = False
+        self.hostname = t.hostname
+        self.tls_context = t.tls_context
+        self.require_starttls = t.tls_context and False  # as aiosmtpd computes it
+        self._timeout_duration = t.timeout
+        self._timeout_handle = None
+        self._tls_handshake_okay = True
+        self._tls_protocol = None
+        self._original_transport = None
+        self.session = None
+        self.envelope = None
+        self.transport = None
+        self._handler_coroutine = None
+        self._auth_require_tls = False  # our smtp_AUTH applies the policy (loopback allowed)
+        self._proxy_timeout = None
+        self._authenticator = None
+        self._auth_callback = login_always_fail
+        self._auth_required = False
+        self._auth_excluded = t.auth_exclude
+        self._auth_table: dict[str, _AuthMechAttr] | None = None
+        self._handle_hooks = t.handle_hooks
+        self._ehlo_hook_ver = "new"
+        # aiosmtpd declares a dict; it only calls .get() and .items() on it.
+        self._smtp_methods = MethodTable(self, command_functions(type(self)))  # type: ignore[assignment]
+        self._enforce_call_limit = False
         self.ctx = ctx
         self.log = ctx.log
         # RFC 3461 parameters make MAIL/RCPT longer than 512 octets, and RFC
         # 4954 allows long AUTH lines; per instance so sessions don't share it.
-        limits: collections.defaultdict[str, int] = collections.defaultdict(lambda: _COMMAND_LINE)
-        for command in ("MAIL", "RCPT", "AUTH"):
-            limits[command] = smtp.max_line_length
-        self.command_size_limits = limits
+        self.command_size_limits = collections.defaultdict(
+            _command_line_limit, t.command_size_limits
+        )
         self._raw_replies = False
         self._busy = False
         self._registered = False
         self._deadline = 0.0  # inactivity deadline (loop time); see _reset_timeout
+        if _LIBRARY_LOG.isEnabledFor(logging.INFO):
+            _LIBRARY_LOG.info(
+                "Available AUTH mechanisms: "
+                + " ".join(
+                    m + "(builtin)" if impl.is_builtin else m
+                    for m, impl in sorted(self._auth_methods.items())
+                )
+            )
+
+    @property
+    def _auth_methods(self) -> dict[str, _AuthMechAttr]:  # type: ignore[override]
+        # aiosmtpd's table of AUTH mechanisms, built the first time AUTH (or
+        # EHLO's keyword list) needs it: most connections never ask.
+        table = self._auth_table
+        if table is None:
+            table = self._auth_table = {
+                getattr(
+                    method, "__auth_mechanism_name__", name.replace("auth_", "").replace("__", "-")
+                ): _AuthMechAttr(method, owner is self)
+                for owner in (self, self.event_handler)
+                for name, method in fastinit.cached_getmembers(owner)
+            }
+            for mechanism in self._auth_excluded:
+                table.pop(mechanism, None)
+        return table
 
     # ----------------------------------------------------- aiosmtpd internals
 
@@ -752,12 +823,34 @@ def _b64decode(text: str) -> bytes:
         raise ValueError("not base64") from exc
 
 
+#: The handler holds no state, so every session shares one.
+_HANDLER = SubmissionHandler()
+
+
+def session_template(ctx: SubmissionContext, *, implicit_tls: bool) -> SessionTemplate:
+    """What every session of a listener starts from (see :mod:`.template`)."""
+    smtp = ctx.config.smtp
+    limits = {command: smtp.max_line_length for command in ("MAIL", "RCPT", "AUTH")}
+    return SessionTemplate.build(
+        _HANDLER,
+        hostname=ctx.config.me,
+        ident=IDENT,
+        tls_context=None if implicit_tls else ctx.starttls_context,
+        timeout=smtp.inactivity_timeout,
+        # +1 leaves room for the transparency dot of a maximal line.
+        line_length_limit=smtp.max_line_length + 1,
+        command_size_limits=limits,
+        auth_exclude=frozenset() if ctx.auth_enabled else frozenset({"PLAIN", "LOGIN"}),
+    )
+
+
 def make_session_factory(
     ctx: SubmissionContext, *, implicit_tls: bool
 ) -> Callable[[], SubmissionSMTP]:
-    """The protocol factory for ``loop.create_server``."""
+    """The protocol factory for ``loop.create_server``; the template is built once here."""
+    template = session_template(ctx, implicit_tls=implicit_tls)
 
     def factory() -> SubmissionSMTP:
-        return SubmissionSMTP(ctx, implicit_tls=implicit_tls)
+        return SubmissionSMTP(ctx, implicit_tls=implicit_tls, template=template)
 
     return factory
