@@ -151,3 +151,46 @@ async def test_sessions_of_a_listener_share_no_per_session_state(tmp_path: Path)
         assert (await client.cmd("EHLO client.test")).startswith("250-")
         assert (await client.cmd("QUIT")).startswith("221 ")
         await client.close()
+
+
+class _CountingTransport:
+    """The session's real transport, counting the writes that reach it."""
+
+    def __init__(self, transport: Any) -> None:
+        self.transport = transport
+        self.writes: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(bytes(data))
+        self.transport.write(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.transport, name)
+
+
+async def test_ehlo_reply_is_one_write_prepared_per_listener(
+    tmp_path: Path, pki: certs.TestPKI
+) -> None:
+    config = make_config(tmp_path, pki=pki, max_message_size=5000)
+    async with running_relay(config) as relay:
+        client = await LineClient.connect(relay.port())
+        (session,) = relay.listeners.context.sessions
+        spy = _CountingTransport(session._writer.transport)
+        session._writer._transport = spy  # type: ignore[attr-defined]
+        reply = await client.cmd("EHLO client.test")
+        assert reply.splitlines() == [
+            "250-" + config.me, "250-PIPELINING", "250-SIZE 5000", "250-8BITMIME",
+            "250-SMTPUTF8", "250-ENHANCEDSTATUSCODES", "250-DSN", "250-STARTTLS",
+            "250 AUTH PLAIN LOGIN",
+        ]  # fmt: skip
+        assert (
+            len(spy.writes) == 1 and spy.writes[0] == reply.replace("\n", "\r\n").encode() + b"\r\n"
+        )
+        before = session.command_size_limits["MAIL"]
+        assert (await client.cmd("EHLO again.test")).endswith("250 AUTH PLAIN LOGIN")
+        assert session.command_size_limits["MAIL"] == before + 10  # as aiosmtpd's EHLO
+        assert session.session is not None and session.session.host_name == "again.test"
+        assert (await client.cmd("EHLO")).startswith("501 Syntax: EHLO hostname")
+        assert (await client.cmd("MAIL FROM:<a@example.com>")).startswith("250 2.1.0")
+        assert len(spy.writes) == 4
+        await client.close()

@@ -38,7 +38,6 @@ from aiosmtpd.smtp import (
     SMTP,
     AuthResult,
     Envelope,
-    Session,
     _AuthMechAttr,
     _Missing,
     login_always_fail,
@@ -130,18 +129,10 @@ class SubmissionEnvelope(Envelope):
 
 
 class SubmissionHandler:
-    """The aiosmtpd handler object: only EHLO needs a hook; the rest lives in the session."""
+    """The aiosmtpd handler object: it has no hooks; everything lives in the session.
 
-    async def handle_EHLO(
-        self,
-        server: SubmissionSMTP,
-        session: Session,
-        envelope: Envelope,
-        hostname: str,
-        responses: list[str],
-    ) -> list[str]:
-        session.host_name = hostname
-        return server.ehlo_lines()
+    aiosmtpd requires one; the session's own ``smtp_*`` methods do the work.
+    """
 
 
 class SubmissionSMTP(SMTP):
@@ -193,7 +184,7 @@ class SubmissionSMTP(SMTP):
         self._auth_excluded = t.auth_exclude
         self._auth_table: dict[str, _AuthMechAttr] | None = None
         self._handle_hooks = t.handle_hooks
-        self._ehlo_hook_ver = "new"
+        self._ehlo_hook_ver = "new" if "EHLO" in t.handle_hooks else None
         # aiosmtpd declares a dict; it only calls .get() and .items() on it.
         self._smtp_methods = MethodTable(self, command_functions(type(self)))  # type: ignore[assignment]
         self._enforce_call_limit = False
@@ -208,6 +199,7 @@ class SubmissionSMTP(SMTP):
         self._busy = False
         self._registered = False
         self._deadline = 0.0  # inactivity deadline (loop time); see _reset_timeout
+        self._template = t
         if _LIBRARY_LOG.isEnabledFor(logging.INFO):
             _LIBRARY_LOG.info(
                 "Available AUTH mechanisms: "
@@ -340,44 +332,56 @@ class SubmissionSMTP(SMTP):
         # printable ASCII, so nothing a client sent can put a control
         # character, a bare CR or raw UTF-8 into a reply.
         if isinstance(status, str):
-            if not (status.isascii() and status.isprintable()):
-                status = replies.printable_ascii(status)
-            if not self._raw_replies:
-                status = replies.with_enhanced_code(status)
-        await super().push(status)
+            data = replies.wire(status, raw=self._raw_replies)
+        else:
+            data = status + b"\r\n"
+        await self._send(data)
 
     async def reply(self, reply: Reply) -> None:
-        await self.push(str(reply))
+        # Our named replies are encoded once, at import (replies.WIRE).
+        data = replies.WIRE.get(reply)
+        await self._send(replies.wire(str(reply)) if data is None else data)
+
+    async def _send(self, data: bytes) -> None:
+        """Write one reply (one or more complete lines) and wait for the buffer to drain.
+
+        What aiosmtpd's ``push`` does with its encoded line, for octets
+        prepared before: one ``write`` per reply.
+        """
+        self._writer.write(data)
+        if _LIBRARY_LOG.isEnabledFor(logging.DEBUG):
+            _LIBRARY_LOG.debug("%r << %r", self.session.peer if self.session else None, data)
+        await self._writer.drain()
 
     def ehlo_lines(self) -> list[str]:
-        """Our EHLO answer (replaces aiosmtpd's list entirely)."""
-        smtp = self.ctx.config.smtp
-        keywords = [
-            "PIPELINING",
-            f"SIZE {smtp.max_message_size}" if smtp.max_message_size else "SIZE",
-            "8BITMIME",
-            "SMTPUTF8",
-            "ENHANCEDSTATUSCODES",
-            "DSN",
-        ]
-        if self.starttls_offered():
-            keywords.append("STARTTLS")
-        if self.auth_allowed_now():
-            keywords.append("AUTH PLAIN LOGIN")
-        lines = [f"250-{self.hostname}"]
-        lines += [f"250-{word}" for word in keywords[:-1]]
-        lines.append(f"250 {keywords[-1]}")
-        return lines
+        """Our EHLO answer for this session's state (TLS, client address)."""
+        return self._template.ehlo_lines(
+            starttls=self.starttls_offered(), auth=self.auth_allowed_now()
+        )
 
     async def smtp_EHLO(self, hostname: str) -> None:
-        # RFC 2034: no enhanced codes in the EHLO/HELO replies.
-        self._raw_replies = True
-        try:
-            await super().smtp_EHLO(hostname)
-        finally:
-            self._raw_replies = False
+        # aiosmtpd's EHLO builds its keyword list, then lets a hook replace
+        # it and writes each line on its own; ours are prepared once per
+        # listener (template.py) and go out in one write.  The state changes
+        # are aiosmtpd's: a reset transaction, ESMTP on, and the MAIL line
+        # limit widened for SMTPUTF8 (it adds 10 octets on every EHLO).
+        session = self.session
+        assert session is not None
+        if not hostname:
+            await self._send(b"501 Syntax: EHLO hostname\r\n")  # RFC 2034: no enhanced code
+            return
+        self.envelope = self._create_envelope()  # aiosmtpd's _set_rset_state
+        session.extended_smtp = True
+        self.command_size_limits["MAIL"] += 10
+        session.host_name = hostname
+        await self._send(
+            self._template.ehlo_reply(
+                starttls=self.starttls_offered(), auth=self.auth_allowed_now()
+            )
+        )
 
     async def smtp_HELO(self, hostname: str) -> None:
+        # RFC 2034: no enhanced codes in the EHLO/HELO replies.
         self._raw_replies = True
         try:
             await super().smtp_HELO(hostname)
@@ -841,6 +845,14 @@ def session_template(ctx: SubmissionContext, *, implicit_tls: bool) -> SessionTe
         line_length_limit=smtp.max_line_length + 1,
         command_size_limits=limits,
         auth_exclude=frozenset() if ctx.auth_enabled else frozenset({"PLAIN", "LOGIN"}),
+        ehlo_keywords=(
+            "PIPELINING",
+            f"SIZE {smtp.max_message_size}" if smtp.max_message_size else "SIZE",
+            "8BITMIME",
+            "SMTPUTF8",
+            "ENHANCEDSTATUSCODES",
+            "DSN",
+        ),
     )
 
 

@@ -23,7 +23,15 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["COMMAND_PREFIX", "MethodTable", "SessionTemplate", "command_functions"]
+from outboundd.submission.replies import wire
+
+__all__ = [
+    "COMMAND_PREFIX",
+    "MethodTable",
+    "SessionTemplate",
+    "command_functions",
+    "ehlo_reply_lines",
+]
 
 #: aiosmtpd finds a command ``X`` as the method ``smtp_X``.
 COMMAND_PREFIX = "smtp_"
@@ -96,6 +104,18 @@ class SessionTemplate:
     line_length_limit: int
     command_size_limits: dict[str, int]
     auth_exclude: frozenset[str]
+    #: The EHLO reply's lines for each (STARTTLS offered, AUTH offered).
+    ehlo: Mapping[tuple[bool, bool], tuple[str, ...]]
+    #: The same as the octets sent: one write per EHLO.
+    ehlo_wire: Mapping[tuple[bool, bool], bytes]
+
+    def ehlo_lines(self, *, starttls: bool, auth: bool) -> list[str]:
+        """The EHLO reply lines when STARTTLS and AUTH are (or are not) offered."""
+        return list(self.ehlo[starttls, auth])
+
+    def ehlo_reply(self, *, starttls: bool, auth: bool) -> bytes:
+        """:meth:`ehlo_lines` as the octets of one write."""
+        return self.ehlo_wire[starttls, auth]
 
     @classmethod
     def build(
@@ -109,8 +129,13 @@ class SessionTemplate:
         line_length_limit: int,
         command_size_limits: dict[str, int],
         auth_exclude: frozenset[str],
+        ehlo_keywords: tuple[str, ...],
     ) -> SessionTemplate:
-        """The template; the handler's ``handle_*`` hooks are looked up here, once."""
+        """The template; the handler's ``handle_*`` hooks are looked up here, once.
+
+        ``ehlo_keywords`` are the extensions always offered; ``STARTTLS``
+        and ``AUTH PLAIN LOGIN`` follow when the session's state allows.
+        """
         hooks = {
             name[len("handle_") :]: getattr(handler, name)
             for name in dir(handler)
@@ -126,4 +151,26 @@ class SessionTemplate:
             line_length_limit=line_length_limit,
             command_size_limits=dict(command_size_limits),
             auth_exclude=auth_exclude,
+            ehlo=(
+                ehlo := {
+                    (starttls, auth): ehlo_reply_lines(hostname, ehlo_keywords, starttls, auth)
+                    for starttls in (False, True)
+                    for auth in (False, True)
+                }
+            ),
+            ehlo_wire={
+                key: b"".join(wire(line, raw=True) for line in lines) for key, lines in ehlo.items()
+            },
         )
+
+
+def ehlo_reply_lines(
+    hostname: str, keywords: tuple[str, ...], starttls: bool, auth: bool
+) -> tuple[str, ...]:
+    """``250-hostname``, a ``250-`` line per extension, ``250 `` before the last."""
+    words = [
+        *keywords,
+        *(["STARTTLS"] if starttls else []),
+        *(["AUTH PLAIN LOGIN"] if auth else []),
+    ]
+    return (f"250-{hostname}", *(f"250-{word}" for word in words[:-1]), f"250 {words[-1]}")
