@@ -320,6 +320,13 @@ class SubmissionSMTP(SMTP):
         assert isinstance(envelope, SubmissionEnvelope)
         return envelope
 
+    def _helo_missing(self) -> bool:
+        # aiosmtpd's check_helo_needed is a coroutine awaited by MAIL, RCPT
+        # and DATA on every message; this plain test lets them skip it once
+        # the client has said HELO/EHLO (it still writes the 503 otherwise).
+        session = self.session
+        return session is None or not session.host_name
+
     def is_busy(self) -> bool:
         """True while a message is being received or queued."""
         return self._busy
@@ -332,7 +339,9 @@ class SubmissionSMTP(SMTP):
         # printable ASCII, so nothing a client sent can put a control
         # character, a bare CR or raw UTF-8 into a reply.
         if isinstance(status, str):
-            data = replies.wire(status, raw=self._raw_replies)
+            data = replies.LIBRARY_WIRE.get(status) if not self._raw_replies else None
+            if data is None:
+                data = replies.wire(status, raw=self._raw_replies)
         else:
             data = status + b"\r\n"
         await self._send(data)
@@ -605,7 +614,7 @@ class SubmissionSMTP(SMTP):
     # ------------------------------------------------------------ MAIL / RCPT
 
     async def smtp_MAIL(self, arg: str | None) -> None:
-        if await self.check_helo_needed():
+        if self._helo_missing() and await self.check_helo_needed():
             return
         assert self.session is not None
         envelope = self.envelope_state()
@@ -651,7 +660,7 @@ class SubmissionSMTP(SMTP):
         )
 
     async def smtp_RCPT(self, arg: str | None) -> None:
-        if await self.check_helo_needed():
+        if self._helo_missing() and await self.check_helo_needed():
             return
         assert self.session is not None
         envelope = self.envelope_state()
@@ -691,7 +700,7 @@ class SubmissionSMTP(SMTP):
     # ----------------------------------------------------------------- DATA
 
     async def smtp_DATA(self, arg: str) -> None:
-        if await self.check_helo_needed():
+        if self._helo_missing() and await self.check_helo_needed():
             return
         envelope = self.envelope_state()
         if envelope.sender is None:

@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass
 from typing import Final
 
-__all__ = ["WIRE", "Reply", "printable_ascii", "wire", "with_enhanced_code"]
+__all__ = ["LIBRARY_WIRE", "WIRE", "Reply", "printable_ascii", "wire", "with_enhanced_code"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,3 +177,8 @@ def wire(line: str, *, raw: bool = False) -> bytes:
 WIRE: Final[dict[Reply, bytes]] = {
     value: wire(str(value)) for value in list(globals().values()) if isinstance(value, Reply)
 }
+
+
+#: aiosmtpd's fixed replies that come on every message or connection
+#: (RSET, NOOP, QUIT), as :func:`wire` makes them, so push() need not.
+LIBRARY_WIRE: Final[dict[str, bytes]] = {line: wire(line) for line in ("250 OK", "221 Bye")}
