@@ -362,12 +362,6 @@ class SubmissionSMTP(SMTP):
             _LIBRARY_LOG.debug("%r << %r", self.session.peer if self.session else None, data)
         await self._writer.drain()
 
-    def ehlo_lines(self) -> list[str]:
-        """Our EHLO answer for this session's state (TLS, client address)."""
-        return self._template.ehlo_lines(
-            starttls=self.starttls_offered(), auth=self.auth_allowed_now()
-        )
-
     async def smtp_EHLO(self, hostname: str) -> None:
         # aiosmtpd's EHLO builds its keyword list, then lets a hook replace
         # it and writes each line on its own; ours are prepared once per

@@ -104,17 +104,12 @@ class SessionTemplate:
     line_length_limit: int
     command_size_limits: dict[str, int]
     auth_exclude: frozenset[str]
-    #: The EHLO reply's lines for each (STARTTLS offered, AUTH offered).
-    ehlo: Mapping[tuple[bool, bool], tuple[str, ...]]
-    #: The same as the octets sent: one write per EHLO.
+    #: The EHLO reply's octets for each (STARTTLS offered, AUTH offered):
+    #: one write per EHLO.
     ehlo_wire: Mapping[tuple[bool, bool], bytes]
 
-    def ehlo_lines(self, *, starttls: bool, auth: bool) -> list[str]:
-        """The EHLO reply lines when STARTTLS and AUTH are (or are not) offered."""
-        return list(self.ehlo[starttls, auth])
-
     def ehlo_reply(self, *, starttls: bool, auth: bool) -> bytes:
-        """:meth:`ehlo_lines` as the octets of one write."""
+        """The EHLO reply when STARTTLS and AUTH are (or are not) offered."""
         return self.ehlo_wire[starttls, auth]
 
     @classmethod
@@ -151,15 +146,13 @@ class SessionTemplate:
             line_length_limit=line_length_limit,
             command_size_limits=dict(command_size_limits),
             auth_exclude=auth_exclude,
-            ehlo=(
-                ehlo := {
-                    (starttls, auth): ehlo_reply_lines(hostname, ehlo_keywords, starttls, auth)
-                    for starttls in (False, True)
-                    for auth in (False, True)
-                }
-            ),
             ehlo_wire={
-                key: b"".join(wire(line, raw=True) for line in lines) for key, lines in ehlo.items()
+                (starttls, auth): b"".join(
+                    wire(line, raw=True)
+                    for line in ehlo_reply_lines(hostname, ehlo_keywords, starttls, auth)
+                )
+                for starttls in (False, True)
+                for auth in (False, True)
             },
         )
 
