@@ -157,6 +157,31 @@ async def test_pre_send_trans_email_refusals(tmp_path: Path) -> None:
         assert relay.messages() == []
 
 
+@pytest.mark.parametrize(
+    "sender, recipient",
+    [
+        ("a@example.com\r\nX: y", "b@example.org"),
+        ("a@example.com", "b@example.org\n"),
+        ("a@example.com", "b\0@example.org"),
+        ("<a@example.com>", "b@example.org"),
+        ("a@example.com", "b@example.org>"),
+        ("a@example.com", "   "),
+        ("a@example.com", ""),
+    ],
+)
+async def test_plugin_leaving_an_unsafe_address_gives_451(
+    tmp_path: Path, sender: str, recipient: str
+) -> None:
+    async def pre_send_trans_email(txn: Transaction) -> None:
+        txn.mail_from = sender
+        txn.rcpt_to[:] = [recipient]
+
+    hooks = runner("pre_send_trans_email", pre_send_trans_email)
+    async with running_relay(make_config(tmp_path), hooks) as relay:
+        assert (await submit(relay.port())).startswith("451 4.3.0")
+        assert relay.messages() == []
+
+
 async def test_spool_failure_is_451_and_leaves_nothing(tmp_path: Path) -> None:
     async with running_relay(make_config(tmp_path)) as relay:
         client = await LineClient.connect(relay.port())

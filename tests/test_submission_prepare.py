@@ -55,6 +55,17 @@ def test_received_header_sanitises_helo_and_shows_ipv6() -> None:
     assert b"for <" not in header
 
 
+def test_received_header_replaces_every_unsafe_character_of_helo() -> None:
+    # Controls, space, DEL, non-ASCII (one "_" per character, astral ones
+    # included), the comment delimiters and backslash; printable ASCII stays.
+    helo = "a\x00b\tc d\x7fe\u00e9f\U0001f600g(h)i\\j!~k" + "x" * 300
+    header = prepare.received_header(
+        me="relay.test", text="x", queue_id="Q", now=NOW, helo=helo, client_ip="192.0.2.1"
+    )
+    cleaned = "a_b_c_d_e_f_g_h_i_j!~k" + "x" * 233  # cut to 255 characters
+    assert f"from {cleaned} ([192.0.2.1])".encode() in header
+
+
 def test_received_header_for_the_api_has_no_from_clause() -> None:
     header = prepare.received_header(me="relay.test", text="outboundd", queue_id="Q", now=NOW)
     assert header.startswith(b"Received: by relay.test (outboundd) id Q;\r\n\t")

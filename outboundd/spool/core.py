@@ -162,6 +162,8 @@ class SqliteSpool(Spool):
         self.recovery: RecoveryReport | None = None
         #: Space held back for claims and records on a full disk (database thread only).
         self._reserve = SpaceReserve(queue_dir)
+        #: Body directories' descriptors kept open for their fsyncs (database thread only).
+        self._directories = bodies.DirectorySync()
 
     # ------------------------------------------------------------------ life
 
@@ -214,6 +216,8 @@ class SqliteSpool(Spool):
             await self._queue.put(stop)
             await stop.done
             await self._writer
+        with contextlib.suppress(Exception):
+            await self._db.call(lambda _conn: self._directories.close())
         await self._db.close()
 
     @property
@@ -298,7 +302,7 @@ class SqliteSpool(Spool):
         accepts = [j for j in accepts if id(j) not in settled]
         if accepts:
             try:
-                bodies.fsync_directories(os.path.dirname(j.body_path) for j in accepts)
+                self._directories.fsync(os.path.dirname(j.body_path) for j in accepts)
             except OSError as exc:
                 err = SpoolWriteError(f"cannot fsync the body directory: {exc.strerror}")
                 for unsynced in accepts:

@@ -93,6 +93,8 @@ class _InspectShim(ModuleType):
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING}
 _sanitized_log = aiosmtpd.smtp.sanitized_log
+#: aiosmtpd's module logger, the only one it passes to ``sanitized_log``.
+_LIBRARY_LOG = logging.getLogger("mail.log")
 
 
 def quiet_sanitized_log(func: Any, msg: Any, *args: Any, **kwargs: Any) -> None:
@@ -103,6 +105,8 @@ def quiet_sanitized_log(func: Any, msg: Any, *args: Any, **kwargs: Any) -> None:
     chatter only at PROTOCOL level, so that work was waste on every command.
     """
     logger = getattr(func, "__self__", None)
+    if logger is _LIBRARY_LOG and not logger.isEnabledFor(logging.INFO):
+        return  # aiosmtpd logs these at DEBUG and INFO only: neither is wanted
     level = _LEVELS.get(getattr(func, "__name__", ""))
     if isinstance(logger, logging.Logger) and level is not None and not logger.isEnabledFor(level):
         return

@@ -25,6 +25,7 @@ import asyncio
 import base64
 import binascii
 import collections
+import logging
 import random
 import ssl
 import time
@@ -32,14 +33,22 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import AnyStr, cast
 
-from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, Session, _Missing
+from aiosmtpd.smtp import (
+    MISSING,
+    SMTP,
+    AuthResult,
+    Envelope,
+    _AuthMechAttr,
+    _Missing,
+    login_always_fail,
+)
 
 from outboundd.config import Config
 from outboundd.log import Logger
 from outboundd.plugins.auth_flat_file import Admission, AuthThrottle, ThrottleVerdict, UserStore
 from outboundd.spool.errors import SpoolError
 from outboundd.submission import (
-    fastinit,  # noqa: F401  (speeds up aiosmtpd's per-connection set-up)
+    fastinit,  # also speeds up aiosmtpd on import
     policy,
     prepare,
     replies,
@@ -48,6 +57,7 @@ from outboundd.submission.data import DataCollector, DataProblem
 from outboundd.submission.policy import Address, MailParams, PolicyError, RcptParams, RelayVerdict
 from outboundd.submission.queueing import Queuer
 from outboundd.submission.replies import Reply
+from outboundd.submission.template import MethodTable, SessionTemplate, command_functions
 from outboundd.submission.transaction import Transaction
 
 __all__ = ["SubmissionContext", "SubmissionEnvelope", "SubmissionHandler", "SubmissionSMTP"]
@@ -63,6 +73,12 @@ _COMMAND_LINE = 512
 #: being checked, and the pause between two looks (seconds).
 _ADMISSION_WAIT = 30.0
 _ADMISSION_POLL = 0.05
+#: aiosmtpd's logger (its chatter is shown only at PROTOCOL level).
+_LIBRARY_LOG = logging.getLogger("mail.log")
+
+
+def _command_line_limit() -> int:
+    return _COMMAND_LINE
 
 
 @dataclass(eq=False)
@@ -113,55 +129,102 @@ class SubmissionEnvelope(Envelope):
 
 
 class SubmissionHandler:
-    """The aiosmtpd handler object: only EHLO needs a hook; the rest lives in the session."""
+    """The aiosmtpd handler object: it has no hooks; everything lives in the session.
 
-    async def handle_EHLO(
-        self,
-        server: SubmissionSMTP,
-        session: Session,
-        envelope: Envelope,
-        hostname: str,
-        responses: list[str],
-    ) -> list[str]:
-        session.host_name = hostname
-        return server.ehlo_lines()
+    aiosmtpd requires one; the session's own ``smtp_*`` methods do the work.
+    """
 
 
 class SubmissionSMTP(SMTP):
     """One client connection."""
 
-    def __init__(self, ctx: SubmissionContext, *, implicit_tls: bool = False) -> None:
-        smtp = ctx.config.smtp
-        # aiosmtpd sizes its stream reader from this attribute in __init__;
-        # +1 leaves room for the transparency dot of a maximal line.
-        self.line_length_limit = smtp.max_line_length + 1
-        super().__init__(
-            SubmissionHandler(),
-            data_size_limit=None,  # our smtp_DATA enforces max_message_size
-            enable_SMTPUTF8=True,
-            decode_data=False,
-            hostname=ctx.config.me,
-            ident=IDENT,
-            tls_context=None if implicit_tls else ctx.starttls_context,
-            require_starttls=False,
-            timeout=smtp.inactivity_timeout,
-            auth_required=False,
-            auth_require_tls=False,  # our smtp_AUTH applies the policy (loopback allowed)
-            auth_exclude_mechanism=None if ctx.auth_enabled else ["PLAIN", "LOGIN"],
-            loop=asyncio.get_running_loop(),
+    def __init__(
+        self,
+        ctx: SubmissionContext,
+        *,
+        implicit_tls: bool = False,
+        template: SessionTemplate | None = None,
+    ) -> None:
+        # aiosmtpd's SMTP.__init__ is not called: it rebuilds, for every
+        # connection, tables that depend only on the listener (see
+        # template.py).  This sets every attribute it sets, to the values
+        # it would compute for our arguments (tests/test_submission_template.py).
+        t = template or session_template(ctx, implicit_tls=implicit_tls)
+        loop = asyncio.get_running_loop()
+        self.loop = loop
+        self.line_length_limit = t.line_length_limit
+        asyncio.StreamReaderProtocol.__init__(
+            self,
+            asyncio.StreamReader(loop=loop, limit=t.line_length_limit),
+            client_connected_cb=self._cb_client_connected,
+            loop=loop,
         )
+        self.__ident__ = t.ident
+        self.event_handler = t.handler
+        self.data_size_limit = None  # our smtp_DATA enforces max_message_size
+        self.enable_SMTPUTF8 = True
+        self._decode_data = False
+        self.hostname = t.hostname
+        self.tls_context = t.tls_context
+        self.require_starttls = t.tls_context and False  # as aiosmtpd computes it
+        self._timeout_duration = t.timeout
+        self._timeout_handle = None
+        self._tls_handshake_okay = True
+        self._tls_protocol = None
+        self._original_transport = None
+        self.session = None
+        self.envelope = None
+        self.transport = None
+        self._handler_coroutine = None
+        self._auth_require_tls = False  # our smtp_AUTH applies the policy (loopback allowed)
+        self._proxy_timeout = None
+        self._authenticator = None
+        self._auth_callback = login_always_fail
+        self._auth_required = False
+        self._auth_excluded = t.auth_exclude
+        self._auth_table: dict[str, _AuthMechAttr] | None = None
+        self._handle_hooks = t.handle_hooks
+        self._ehlo_hook_ver = "new" if "EHLO" in t.handle_hooks else None
+        # aiosmtpd declares a dict; it only calls .get() and .items() on it.
+        self._smtp_methods = MethodTable(self, command_functions(type(self)))  # type: ignore[assignment]
+        self._enforce_call_limit = False
         self.ctx = ctx
         self.log = ctx.log
         # RFC 3461 parameters make MAIL/RCPT longer than 512 octets, and RFC
         # 4954 allows long AUTH lines; per instance so sessions don't share it.
-        limits: collections.defaultdict[str, int] = collections.defaultdict(lambda: _COMMAND_LINE)
-        for command in ("MAIL", "RCPT", "AUTH"):
-            limits[command] = smtp.max_line_length
-        self.command_size_limits = limits
+        self.command_size_limits = collections.defaultdict(
+            _command_line_limit, t.command_size_limits
+        )
         self._raw_replies = False
         self._busy = False
         self._registered = False
         self._deadline = 0.0  # inactivity deadline (loop time); see _reset_timeout
+        self._template = t
+        if _LIBRARY_LOG.isEnabledFor(logging.INFO):
+            _LIBRARY_LOG.info(
+                "Available AUTH mechanisms: "
+                + " ".join(
+                    m + "(builtin)" if impl.is_builtin else m
+                    for m, impl in sorted(self._auth_methods.items())
+                )
+            )
+
+    @property
+    def _auth_methods(self) -> dict[str, _AuthMechAttr]:  # type: ignore[override]
+        # aiosmtpd's table of AUTH mechanisms, built the first time AUTH (or
+        # EHLO's keyword list) needs it: most connections never ask.
+        table = self._auth_table
+        if table is None:
+            table = self._auth_table = {
+                getattr(
+                    method, "__auth_mechanism_name__", name.replace("auth_", "").replace("__", "-")
+                ): _AuthMechAttr(method, owner is self)
+                for owner in (self, self.event_handler)
+                for name, method in fastinit.cached_getmembers(owner)
+            }
+            for mechanism in self._auth_excluded:
+                table.pop(mechanism, None)
+        return table
 
     # ----------------------------------------------------- aiosmtpd internals
 
@@ -257,6 +320,13 @@ class SubmissionSMTP(SMTP):
         assert isinstance(envelope, SubmissionEnvelope)
         return envelope
 
+    def _helo_missing(self) -> bool:
+        # aiosmtpd's check_helo_needed is a coroutine awaited by MAIL, RCPT
+        # and DATA on every message; this plain test lets them skip it once
+        # the client has said HELO/EHLO (it still writes the 503 otherwise).
+        session = self.session
+        return session is None or not session.host_name
+
     def is_busy(self) -> bool:
         """True while a message is being received or queued."""
         return self._busy
@@ -269,44 +339,52 @@ class SubmissionSMTP(SMTP):
         # printable ASCII, so nothing a client sent can put a control
         # character, a bare CR or raw UTF-8 into a reply.
         if isinstance(status, str):
-            if not (status.isascii() and status.isprintable()):
-                status = replies.printable_ascii(status)
-            if not self._raw_replies:
-                status = replies.with_enhanced_code(status)
-        await super().push(status)
+            data = replies.LIBRARY_WIRE.get(status) if not self._raw_replies else None
+            if data is None:
+                data = replies.wire(status, raw=self._raw_replies)
+        else:
+            data = status + b"\r\n"
+        await self._send(data)
 
     async def reply(self, reply: Reply) -> None:
-        await self.push(str(reply))
+        # Our named replies are encoded once, at import (replies.WIRE).
+        data = replies.WIRE.get(reply)
+        await self._send(replies.wire(str(reply)) if data is None else data)
 
-    def ehlo_lines(self) -> list[str]:
-        """Our EHLO answer (replaces aiosmtpd's list entirely)."""
-        smtp = self.ctx.config.smtp
-        keywords = [
-            "PIPELINING",
-            f"SIZE {smtp.max_message_size}" if smtp.max_message_size else "SIZE",
-            "8BITMIME",
-            "SMTPUTF8",
-            "ENHANCEDSTATUSCODES",
-            "DSN",
-        ]
-        if self.starttls_offered():
-            keywords.append("STARTTLS")
-        if self.auth_allowed_now():
-            keywords.append("AUTH PLAIN LOGIN")
-        lines = [f"250-{self.hostname}"]
-        lines += [f"250-{word}" for word in keywords[:-1]]
-        lines.append(f"250 {keywords[-1]}")
-        return lines
+    async def _send(self, data: bytes) -> None:
+        """Write one reply (one or more complete lines) and wait for the buffer to drain.
+
+        What aiosmtpd's ``push`` does with its encoded line, for octets
+        prepared before: one ``write`` per reply.
+        """
+        self._writer.write(data)
+        if _LIBRARY_LOG.isEnabledFor(logging.DEBUG):
+            _LIBRARY_LOG.debug("%r << %r", self.session.peer if self.session else None, data)
+        await self._writer.drain()
 
     async def smtp_EHLO(self, hostname: str) -> None:
-        # RFC 2034: no enhanced codes in the EHLO/HELO replies.
-        self._raw_replies = True
-        try:
-            await super().smtp_EHLO(hostname)
-        finally:
-            self._raw_replies = False
+        # aiosmtpd's EHLO builds its keyword list, then lets a hook replace
+        # it and writes each line on its own; ours are prepared once per
+        # listener (template.py) and go out in one write.  The state changes
+        # are aiosmtpd's: a reset transaction, ESMTP on, and the MAIL line
+        # limit widened for SMTPUTF8 (it adds 10 octets on every EHLO).
+        session = self.session
+        assert session is not None
+        if not hostname:
+            await self._send(b"501 Syntax: EHLO hostname\r\n")  # RFC 2034: no enhanced code
+            return
+        self.envelope = self._create_envelope()  # aiosmtpd's _set_rset_state
+        session.extended_smtp = True
+        self.command_size_limits["MAIL"] += 10
+        session.host_name = hostname
+        await self._send(
+            self._template.ehlo_reply(
+                starttls=self.starttls_offered(), auth=self.auth_allowed_now()
+            )
+        )
 
     async def smtp_HELO(self, hostname: str) -> None:
+        # RFC 2034: no enhanced codes in the EHLO/HELO replies.
         self._raw_replies = True
         try:
             await super().smtp_HELO(hostname)
@@ -530,7 +608,7 @@ class SubmissionSMTP(SMTP):
     # ------------------------------------------------------------ MAIL / RCPT
 
     async def smtp_MAIL(self, arg: str | None) -> None:
-        if await self.check_helo_needed():
+        if self._helo_missing() and await self.check_helo_needed():
             return
         assert self.session is not None
         envelope = self.envelope_state()
@@ -576,7 +654,7 @@ class SubmissionSMTP(SMTP):
         )
 
     async def smtp_RCPT(self, arg: str | None) -> None:
-        if await self.check_helo_needed():
+        if self._helo_missing() and await self.check_helo_needed():
             return
         assert self.session is not None
         envelope = self.envelope_state()
@@ -616,7 +694,7 @@ class SubmissionSMTP(SMTP):
     # ----------------------------------------------------------------- DATA
 
     async def smtp_DATA(self, arg: str) -> None:
-        if await self.check_helo_needed():
+        if self._helo_missing() and await self.check_helo_needed():
             return
         envelope = self.envelope_state()
         if envelope.sender is None:
@@ -752,12 +830,42 @@ def _b64decode(text: str) -> bytes:
         raise ValueError("not base64") from exc
 
 
+#: The handler holds no state, so every session shares one.
+_HANDLER = SubmissionHandler()
+
+
+def session_template(ctx: SubmissionContext, *, implicit_tls: bool) -> SessionTemplate:
+    """What every session of a listener starts from (see :mod:`.template`)."""
+    smtp = ctx.config.smtp
+    limits = {command: smtp.max_line_length for command in ("MAIL", "RCPT", "AUTH")}
+    return SessionTemplate.build(
+        _HANDLER,
+        hostname=ctx.config.me,
+        ident=IDENT,
+        tls_context=None if implicit_tls else ctx.starttls_context,
+        timeout=smtp.inactivity_timeout,
+        # +1 leaves room for the transparency dot of a maximal line.
+        line_length_limit=smtp.max_line_length + 1,
+        command_size_limits=limits,
+        auth_exclude=frozenset() if ctx.auth_enabled else frozenset({"PLAIN", "LOGIN"}),
+        ehlo_keywords=(
+            "PIPELINING",
+            f"SIZE {smtp.max_message_size}" if smtp.max_message_size else "SIZE",
+            "8BITMIME",
+            "SMTPUTF8",
+            "ENHANCEDSTATUSCODES",
+            "DSN",
+        ),
+    )
+
+
 def make_session_factory(
     ctx: SubmissionContext, *, implicit_tls: bool
 ) -> Callable[[], SubmissionSMTP]:
-    """The protocol factory for ``loop.create_server``."""
+    """The protocol factory for ``loop.create_server``; the template is built once here."""
+    template = session_template(ctx, implicit_tls=implicit_tls)
 
     def factory() -> SubmissionSMTP:
-        return SubmissionSMTP(ctx, implicit_tls=implicit_tls)
+        return SubmissionSMTP(ctx, implicit_tls=implicit_tls, template=template)
 
     return factory

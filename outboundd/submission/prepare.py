@@ -75,9 +75,14 @@ def _date_of_second(second: int) -> str:
     return email.utils.format_datetime(datetime.fromtimestamp(second, UTC))
 
 
+#: Characters a header comment may not take from a client: anything but
+#: visible ASCII, and the comment delimiters and quote.
+_UNCLEAN: Final = re.compile(r"[^!-~]|[()\\]")
+
+
 def _clean(text: str, limit: int = 255) -> str:
-    """A client-supplied word made safe for a header comment."""
-    return "".join(ch if 33 <= ord(ch) < 127 and ch not in "()\\" else "_" for ch in text)[:limit]
+    """A client-supplied word made safe for a header comment (each unsafe character → ``_``)."""
+    return _UNCLEAN.sub("_", text)[:limit]
 
 
 def _ip_literal(ip: str) -> str:

@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import Protocol
+import re
+from typing import Final, Protocol
 
 from outboundd.hooks import HookFailure, HookRunner, ResultCode
 from outboundd.log import Logger
@@ -35,6 +36,9 @@ from outboundd.submission.replies import Reply, clean_text
 from outboundd.submission.transaction import Transaction
 
 __all__ = ["Queuer", "SpoolSink"]
+
+#: What a plugin must not leave in an address (it would break the envelope).
+_UNSAFE_IN_ADDRESS: Final = re.compile("[\r\n\0<>]")
 
 
 class SpoolSink(Protocol):
@@ -127,7 +131,7 @@ class Queuer:
         bad = [
             a
             for a in addresses
-            if not isinstance(a, str) or any(ch in a for ch in "\r\n\0<>") or a.isspace()
+            if not isinstance(a, str) or _UNSAFE_IN_ADDRESS.search(a) is not None or a.isspace()
         ]
         if bad or not isinstance(txn.body, bytes | bytearray) or not all(txn.rcpt_to):
             self.log.error("plugins left an invalid transaction", qid=txn.queue_id)

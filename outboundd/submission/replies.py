@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass
 from typing import Final
 
-__all__ = ["Reply", "printable_ascii", "with_enhanced_code"]
+__all__ = ["LIBRARY_WIRE", "WIRE", "Reply", "printable_ascii", "wire", "with_enhanced_code"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,3 +159,26 @@ def with_enhanced_code(line: str) -> str:
         return line
     status = _DEFAULT_STATUS.get(code, f"{code // 100}.0.0")
     return f"{line[:4]}{status} {line[4:]}".rstrip()
+
+
+def wire(line: str, *, raw: bool = False) -> bytes:
+    """Reply ``line`` as the octets sent: printable ASCII, CRLF, and an
+    enhanced status code added where it has none (unless ``raw``: the
+    greeting-like replies of HELO/EHLO and DATA's 354)."""
+    if not (line.isascii() and line.isprintable()):
+        line = printable_ascii(line)
+    if not raw:
+        line = with_enhanced_code(line)
+    return line.encode("ascii") + b"\r\n"
+
+
+#: The octets of every named reply above, encoded once: most replies a
+#: session sends are these (``250 2.1.0 Sender OK`` ...).
+WIRE: Final[dict[Reply, bytes]] = {
+    value: wire(str(value)) for value in list(globals().values()) if isinstance(value, Reply)
+}
+
+
+#: aiosmtpd's fixed replies that come on every message or connection
+#: (RSET, NOOP, QUIT), as :func:`wire` makes them, so push() need not.
+LIBRARY_WIRE: Final[dict[str, bytes]] = {line: wire(line) for line in ("250 OK", "221 Bye")}
