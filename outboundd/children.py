@@ -61,16 +61,19 @@ class ChildProcess:
         stop_grace: float,
         config: Callable[[], Config],
         listen_fds: Sequence[tuple[int, bool]] = (),
+        board: tuple[int, int] | None = None,
         wakes: asyncio.Event | None = None,
     ) -> None:
         """``config``: the configuration a (re)started child runs on, asked at
         each start.  ``wakes``: set whenever the child reports new mail on its
-        wake pipe."""
+        wake pipe.  ``board``: ``(fd, slot)`` of the SMTP nodes' session board
+        (see submission/acceptor.py)."""
         self.config_dir = config_dir
         self.config = config
         self.role = role
         self.stop_grace = stop_grace
         self.listen_fds = list(listen_fds)
+        self.board = board
         self.wakes = wakes
         self.proc: asyncio.subprocess.Process | None = None
         self._stopping = False
@@ -91,6 +94,10 @@ class ChildProcess:
         for fd, implicit_tls in self.listen_fds:
             fds.append(fd)
             argv += ["--listen-fd", f"{fd}{':tls' if implicit_tls else ''}"]
+        if self.board is not None:
+            board_fd, slot = self.board
+            fds.append(board_fd)
+            argv += ["--sessions-board", f"{board_fd}:{slot}"]
         read_end = write_end = -1
         if self.wakes is not None:
             read_end, write_end = os.pipe()

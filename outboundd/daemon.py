@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import contextlib
 import gc
+import os
 import signal
 import sys
 from collections.abc import Callable, Coroutine, Sequence
@@ -38,6 +39,7 @@ from outboundd.spool import Spool, SpoolError, lease_owner_id
 from outboundd.spool import admin as spool_admin
 from outboundd.spool.inuse import QueueLock, hold_for_daemon
 from outboundd.submission import api as submission_api
+from outboundd.submission.acceptor import SessionBoard
 from outboundd.submission.queueing import SpoolSink
 from outboundd.submission.server import Listeners, start_listeners
 
@@ -123,10 +125,12 @@ ROLES = tuple(str(role) for role in Role)
 
 @dataclass(frozen=True, slots=True)
 class Inherited:
-    """What a child process got from the first one: listening sockets, a wake pipe."""
+    """What a child process got from the first one: listening sockets, a wake
+    pipe, and its slot on the SMTP nodes' session board."""
 
     listen_fds: tuple[tuple[int, bool], ...] = ()
     wake_fd: int | None = None
+    board: tuple[int, int] | None = None
 
     @property
     def is_node(self) -> bool:
@@ -325,10 +329,16 @@ async def start_listening(
             hooks,
             inherited=inherited.listen_fds or None,
             throttle_store=run.spool,  # shared by every process: one client is one client
+            nodes=run.plan.smtp_nodes + 1,
+            board=None if inherited.board is None else SessionBoard.attach(*inherited.board),
         )
     except OSError as exc:
         log.crit("cannot listen", error=str(exc))
         return False
+    if inherited.is_node:
+        # The first process logs "SMTP node started" when it spawns a node;
+        # this says the node is taking connections.
+        log.info("SMTP node accepting", pid=os.getpid())
     return True
 
 
@@ -359,6 +369,7 @@ async def start_children(run: Running, config: Config) -> None:
                 stop_grace=SHUTDOWN_GRACE,
                 config=run.child_config(config),
                 listen_fds=run.listeners.listen_fds(),
+                board=run.listeners.node_board(number),
                 # Its new mail must reach our delivery processes (see wake_all).
                 wakes=run.spool.new_work if plan.nodes_report_mail else None,
             )
@@ -491,6 +502,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     # How the first process hands an SMTP node its listening sockets and wake pipe.
     parser.add_argument("--listen-fd", action="append", default=[], help=argparse.SUPPRESS)
     parser.add_argument("--wake-fd", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--sessions-board", help=argparse.SUPPRESS)  # FD:SLOT
     # How the first process hands a child its configuration (see children.config_memfd).
     parser.add_argument("--config-fd", type=int, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -501,7 +513,11 @@ def _inherited(args: argparse.Namespace) -> Inherited:
     for text in args.listen_fd:
         fd, _, kind = str(text).partition(":")
         fds.append((int(fd), kind == "tls"))
-    return Inherited(listen_fds=tuple(fds), wake_fd=args.wake_fd)
+    board: tuple[int, int] | None = None
+    if args.sessions_board:
+        board_fd, _, slot = str(args.sessions_board).partition(":")
+        board = (int(board_fd), int(slot))
+    return Inherited(listen_fds=tuple(fds), wake_fd=args.wake_fd, board=board)
 
 
 #: Young-generation collection threshold.  Each message allocates a few

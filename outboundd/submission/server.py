@@ -26,6 +26,7 @@ from outboundd.plugins.auth_flat_file import (
     UserStore,
 )
 from outboundd.submission import liblog
+from outboundd.submission.acceptor import LISTEN_BACKLOG, Acceptor, SessionBoard
 from outboundd.submission.dkim import signer_for
 from outboundd.submission.handler import SubmissionContext, make_session_factory
 from outboundd.submission.queueing import Queuer, SpoolSink
@@ -87,6 +88,13 @@ class Listeners:
 
     servers: list[tuple[asyncio.Server, bool]]  # (server, implicit TLS)
     context: SubmissionContext
+    acceptors: list[Acceptor]
+    #: The SMTP nodes' session counts (None with one process).
+    board: SessionBoard | None = None
+
+    def node_board(self, node: int) -> tuple[int, int] | None:
+        """``(file descriptor, slot)`` of the session board for SMTP node ``node`` (1..)."""
+        return None if self.board is None else (self.board.fd, node)
 
     def listen_fds(self) -> list[tuple[int, bool]]:
         """``(file descriptor, implicit TLS)`` of every listening socket, for SMTP nodes."""
@@ -116,6 +124,8 @@ class Listeners:
         """
         ctx = self.context
         ctx.closing = True
+        for acceptor in self.acceptors:
+            acceptor.close()
         for server, _ in self.servers:
             server.close()
         for session in list(ctx.sessions):
@@ -135,6 +145,9 @@ class Listeners:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(server.wait_closed(), 1.0)
         await ctx.queuer.drain(grace)
+        if self.board is not None:
+            self.board.close()
+            self.board = None
 
 
 def _default_store(spool: SpoolSink) -> ThrottleStore:
@@ -149,12 +162,17 @@ async def start_listeners(
     *,
     inherited: Sequence[tuple[int, bool]] | None = None,
     throttle_store: ThrottleStore | None = None,
+    nodes: int = 1,
+    board: SessionBoard | None = None,
 ) -> Listeners:
     """Bind every ``listen`` and ``listen_tls`` address and start serving.
 
     ``inherited`` — ``(fd, implicit TLS)`` of sockets the first process
     bound — makes an SMTP node serve those instead of binding its own.
-    ``throttle_store`` keeps the AUTH failure counts; the daemon passes its
+    ``nodes`` — the SMTP processes the first process will run on these
+    sockets — makes it create the board they share their session counts on
+    (``board``: the one a node inherited).  ``throttle_store`` keeps the
+    AUTH failure counts; the daemon passes its
     :class:`~outboundd.spool.Spool`, which every process shares.  Without
     it, ``spool`` is used when it is such a store, else this process's memory.
     Raises ``OSError`` (a :class:`ListenerError` for configuration problems)
@@ -186,24 +204,28 @@ async def start_listeners(
     loop = asyncio.get_running_loop()
     servers: list[tuple[asyncio.Server, bool]] = []
 
+    # The servers bind and own the sockets but never accept: an Acceptor per
+    # socket does, one connection per wake-up, so that SMTP nodes share the
+    # clients that keep their sessions open (see acceptor.py).
     async def bind(address: HostPort, implicit_tls: bool) -> None:
         server = await loop.create_server(
-            make_session_factory(ctx, implicit_tls=implicit_tls),
+            asyncio.Protocol,
             host=address.host,
             port=address.port,
-            ssl=tls_context if implicit_tls else None,
             reuse_address=True,
+            start_serving=False,
         )
         servers.append((server, implicit_tls))
 
     async def adopt(fd: int, implicit_tls: bool) -> None:
         server = await loop.create_server(
-            make_session_factory(ctx, implicit_tls=implicit_tls),
-            sock=socket.socket(fileno=fd),
-            ssl=tls_context if implicit_tls else None,
+            asyncio.Protocol, sock=socket.socket(fileno=fd), start_serving=False
         )
         servers.append((server, implicit_tls))
 
+    acceptors: list[Acceptor] = []
+    if board is None and inherited is None and nodes > 1:
+        board = SessionBoard.create(nodes)
     try:
         if inherited is not None:
             for fd, implicit_tls in inherited:
@@ -213,11 +235,29 @@ async def start_listeners(
                 await bind(address, False)
             for address in config.smtp.listen_tls:
                 await bind(address, True)
+        for server, implicit_tls in servers:
+            for sock in server.sockets:
+                acceptor = Acceptor(
+                    sock.fileno(),
+                    make_session_factory(ctx, implicit_tls=implicit_tls),
+                    tls_context if implicit_tls else None,
+                    log,
+                    sessions=ctx.sessions.__len__,
+                    board=board,
+                )
+                acceptors.append(acceptor)
+                acceptor.listen(LISTEN_BACKLOG)
     except OSError:
+        for acceptor in acceptors:
+            acceptor.close()
         for server, _ in servers:
             server.close()
+        if board is not None:
+            board.close()
         raise
-    listeners = Listeners(servers, ctx)
+    for acceptor in acceptors:
+        acceptor.start()
+    listeners = Listeners(servers, ctx, acceptors, board)
     for host, port, implicit in [] if inherited is not None else listeners.addresses():
         log.info(
             "listening",

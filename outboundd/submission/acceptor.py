@@ -1,0 +1,243 @@
+"""Accepting connections so that SMTP nodes share the sessions evenly.
+
+Every SMTP node polls the same listening sockets (``smtp.ini nodes``).  The
+event loop's own accept loop (asyncio's and uvloop's alike) takes every
+connection waiting in the kernel's queue at each wake-up, and the kernel
+wakes the waiting processes in a fixed order, so a burst of connections all
+lands on one process.  With a new connection per message that evens out
+over time, but clients that keep their sessions open (submitters sending
+many messages per connection, ``smtp-source -d``) stay where they landed:
+measured with 20 reused sessions and ``nodes=2``, all 20 were served by the
+first process while the other only delivered.
+
+An :class:`Acceptor` therefore takes one connection per wake-up, and every
+node publishes its number of open sessions on a :class:`SessionBoard`
+(a few integers in shared memory the first process creates and hands to
+its nodes).  A node with two or more sessions more than the least busy one
+lets that node take the waiting connection, and takes it itself if it is still
+waiting two milliseconds later (a node that is busy or gone never holds
+connections up for longer).  The server object still owns the socket
+(binding, addresses, closing); the acceptor polls a duplicate descriptor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import mmap
+import os
+import socket
+import ssl
+import struct
+import time
+from collections.abc import Callable
+
+from outboundd.log import Logger
+
+__all__ = ["LISTEN_BACKLOG", "Acceptor", "SessionBoard"]
+
+#: The listen queue length (asyncio's ``create_server`` default).
+LISTEN_BACKLOG = 100
+
+#: Seconds a busier node leaves a waiting connection to a less busy one
+#: (woken for the same socket, it needs a moment to be scheduled).
+YIELD_SECONDS = 0.002
+
+#: Seconds between publications of a node's session count (sessions also
+#: end while nothing is accepted).
+PUBLISH_INTERVAL = 0.2
+
+#: Seconds to stop accepting after the process ran out of file descriptors
+#: (or the kernel of buffers), so a full table does not spin the loop.
+_OUT_OF_RESOURCES_PAUSE = 0.5
+
+#: Seconds a replaced duplicate of the listening socket stays open.
+_RETIRE_SECONDS = 1.0
+
+_OUT_OF_RESOURCES = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+
+#: How many more open sessions than another node a node must have before it
+#: leaves a waiting connection to it: with one, nodes at par would hand
+#: connections back and forth (each hand-off a wait) on every small swing.
+MARGIN = 2
+
+_SLOT = struct.Struct("=i")
+
+
+class SessionBoard:
+    """Open sessions per SMTP node, in memory every node maps.
+
+    One 32-bit slot per node; each node writes only its own, so no lock is
+    needed, and a count read while it changes is merely a moment old.
+    """
+
+    def __init__(self, fd: int, slots: int, slot: int) -> None:
+        if not 0 <= slot < slots:
+            raise ValueError(f"session board slot {slot} is not in 0..{slots - 1}")
+        self.fd = fd
+        self.slots = slots
+        self.slot = slot
+        self._map = mmap.mmap(fd, slots * _SLOT.size)
+
+    @classmethod
+    def create(cls, slots: int) -> SessionBoard:
+        """A new board of ``slots`` zeroed slots; this process takes slot 0."""
+        fd = os.memfd_create("outboundd-sessions")
+        os.ftruncate(fd, slots * _SLOT.size)
+        return cls(fd, slots, 0)
+
+    @classmethod
+    def attach(cls, fd: int, slot: int) -> SessionBoard:
+        """The board a node inherited as ``fd``, writing ``slot``."""
+        return cls(fd, os.fstat(fd).st_size // _SLOT.size, slot)
+
+    def publish(self, sessions: int) -> None:
+        _SLOT.pack_into(self._map, self.slot * _SLOT.size, sessions)
+
+    def counts(self) -> list[int]:
+        return [value for (value,) in _SLOT.iter_unpack(self._map)]
+
+    def busier_than_another(self, sessions: int) -> bool:
+        """Whether some other node has ``MARGIN`` fewer open sessions than ``sessions``."""
+        return any(
+            value <= sessions - MARGIN
+            for index, (value,) in enumerate(_SLOT.iter_unpack(self._map))
+            if index != self.slot
+        )
+
+    def close(self) -> None:
+        self._map.close()
+        os.close(self.fd)
+
+
+class Acceptor:
+    """Serves one listening socket: at most one ``accept()`` per wake-up."""
+
+    def __init__(
+        self,
+        listening_fd: int,
+        protocol_factory: Callable[[], asyncio.Protocol],
+        tls: ssl.SSLContext | None,
+        log: Logger,
+        *,
+        sessions: Callable[[], int],
+        board: SessionBoard | None = None,
+    ) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._socket = socket.socket(fileno=os.dup(listening_fd))
+        self._socket.setblocking(False)
+        self._factory = protocol_factory
+        self._tls = tls
+        self._log = log
+        self._sessions = sessions
+        self._board = board
+        #: Sessions being set up (held: the loop keeps only a weak reference).
+        self._connecting: set[asyncio.Task[None]] = set()
+        self._polling = False
+        self._closed = False
+        self._yielded = False
+        self._yield_until = 0.0
+        self._publisher: asyncio.TimerHandle | None = None
+
+    def listen(self, backlog: int = LISTEN_BACKLOG) -> None:
+        """Make the socket listen (a socket inherited from the first process already does)."""
+        self._socket.listen(backlog)
+
+    def start(self) -> None:
+        """Start (or resume) polling; the socket must be listening."""
+        if self._closed:
+            return
+        if not self._polling:
+            self._loop.add_reader(self._socket.fileno(), self._accept_one)
+            self._polling = True
+        if self._board is not None and self._publisher is None:
+            self._publish()
+
+    def close(self) -> None:
+        """Stop accepting; sessions already accepted go on."""
+        self._closed = True
+        self._stop_polling()
+        if self._publisher is not None:
+            self._publisher.cancel()
+            self._publisher = None
+        self._socket.close()
+
+    def _stop_polling(self) -> None:
+        if not self._polling:
+            return
+        self._loop.remove_reader(self._socket.fileno())
+        self._polling = False
+        if self._closed:
+            return
+        # Polling resumes on a fresh duplicate: uvloop drops a descriptor
+        # from its poller when the old watcher's close completes, which can
+        # come after a new watcher for the same number was added (measured:
+        # the node never accepted again).  The old one is closed once that
+        # is long done.
+        retired = self._socket
+        self._socket = socket.socket(fileno=os.dup(retired.fileno()))
+        self._socket.setblocking(False)
+        self._loop.call_later(_RETIRE_SECONDS, retired.close)
+
+    def _open_sessions(self) -> int:
+        """Sessions of this process, counting those still being set up."""
+        return self._sessions() + len(self._connecting)
+
+    def _publish(self) -> None:
+        assert self._board is not None
+        self._board.publish(self._open_sessions())
+        self._publisher = self._loop.call_later(PUBLISH_INTERVAL, self._publish)
+
+    def _take_after_yield(self) -> None:
+        # Checked on the clock: the loop's timers may fire early by up to a
+        # millisecond (its time is read once per iteration).
+        left = self._yield_until - time.monotonic()
+        if left > 0:
+            self._loop.call_later(left, self._take_after_yield)
+            return
+        self._yielded = True
+        self.start()
+
+    def _accept_one(self) -> None:
+        board = self._board
+        if board is not None and not self._yielded:
+            sessions = self._open_sessions()
+            board.publish(sessions)
+            if board.busier_than_another(sessions):
+                # Leave it to the less busy node (woken for the same socket).
+                self._stop_polling()
+                self._yield_until = time.monotonic() + YIELD_SECONDS
+                self._loop.call_later(YIELD_SECONDS, self._take_after_yield)
+                return
+        self._yielded = False
+        try:
+            conn, _ = self._socket.accept()
+        except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+            return  # another node took it, or the client gave up first
+        except OSError as exc:
+            if exc.errno not in _OUT_OF_RESOURCES:
+                self._log.warn("accept failed", reason=exc.strerror or str(exc))
+                return
+            self._log.error(
+                "accept failed; pausing new connections",
+                reason=exc.strerror or str(exc),
+                seconds=_OUT_OF_RESOURCES_PAUSE,
+            )
+            self._stop_polling()
+            self._loop.call_later(_OUT_OF_RESOURCES_PAUSE, self.start)
+            return
+        conn.setblocking(False)
+        task = self._loop.create_task(self._connect(conn))
+        self._connecting.add(task)
+        task.add_done_callback(self._connecting.discard)
+        if board is not None:
+            board.publish(self._open_sessions())
+
+    async def _connect(self, conn: socket.socket) -> None:
+        try:
+            await self._loop.connect_accepted_socket(self._factory, conn, ssl=self._tls)
+        except (OSError, ssl.SSLError, TimeoutError, EOFError) as exc:
+            # A client that fails its implicit-TLS handshake or vanishes
+            # before it: nothing was received, nothing is lost.
+            self._log.debug("connection dropped before its session", reason=str(exc))
+            conn.close()

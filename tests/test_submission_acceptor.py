@@ -1,0 +1,148 @@
+"""SMTP nodes share the sessions: a burst of long-lived connections is split.
+
+The real ``outboundd`` with ``nodes=2``; which process serves each session is
+read from the kernel (``/proc/net/tcp`` and each process's descriptors), not
+from anything outboundd says about itself.  The session board on its own is
+tested in this process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections import Counter
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from outboundd.submission.acceptor import SessionBoard
+from tests.dnsserver import DNSServer
+from tests.harness import Daemon, write_config
+
+SESSIONS = 20
+
+
+def _server_socket_inodes(port: int) -> dict[int, int]:
+    """Client port → inode of the server side's socket, for connections to ``port``."""
+    found: dict[int, int] = {}
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        local, remote, state, inode = fields[1], fields[2], fields[3], int(fields[9])
+        if state == "01" and int(local.split(":")[1], 16) == port:  # ESTABLISHED
+            found[int(remote.split(":")[1], 16)] = inode
+    return found
+
+
+def _owner_of(inodes: set[int], pids: list[int]) -> dict[int, int]:
+    """inode → the PID holding that socket open."""
+    owners: dict[int, int] = {}
+    for pid in pids:
+        fd_dir = Path(f"/proc/{pid}/fd")
+        for entry in fd_dir.iterdir():
+            try:
+                target = os.readlink(entry)
+            except OSError:
+                continue  # closed meanwhile
+            if target.startswith("socket:["):
+                inode = int(target[8:-1])
+                if inode in inodes:
+                    owners[inode] = pid
+    return owners
+
+
+@pytest.fixture
+async def two_nodes(dns_server: DNSServer, tmp_path: Path) -> AsyncIterator[Daemon]:
+    config = write_config(
+        tmp_path / "config", dns_port=dns_server.port, mx_port=9, smtp={"nodes": 2}
+    )
+    d = Daemon(config)
+    await d.start()
+    try:
+        await d.wait_for(r"SMTP node accepting")
+        yield d
+    finally:
+        await d.stop()
+
+
+async def test_a_burst_of_kept_sessions_is_split_between_the_nodes(two_nodes: Daemon) -> None:
+    """20 clients connect at once and keep their sessions open (as submitters
+    reusing connections do): both SMTP processes serve about half.  Before
+    the acceptor, all 20 went to the first process."""
+    d = two_nodes
+    opened = await asyncio.gather(
+        *(asyncio.open_connection("127.0.0.1", d.smtp_port) for _ in range(SESSIONS))
+    )
+    try:
+        for reader, writer in opened:
+            assert (await asyncio.wait_for(reader.readline(), 10)).startswith(b"220 ")
+            writer.write(b"EHLO client.test\r\n")
+        for reader, _ in opened:
+            while not (await asyncio.wait_for(reader.readline(), 10)).startswith(b"250 "):
+                pass
+        client_ports = [writer.get_extra_info("sockname")[1] for _, writer in opened]
+        inodes = _server_socket_inodes(d.smtp_port)
+        served = {inodes[port] for port in client_ports}
+        assert d.proc is not None
+        owners = _owner_of(served, [d.proc.pid, *d.children()])
+        assert len(owners) == SESSIONS
+        per_process = Counter(owners.values())
+        assert len(per_process) == 2, per_process
+        assert min(per_process.values()) >= SESSIONS // 2 - 3, per_process
+    finally:
+        for _, writer in opened:
+            writer.write(b"QUIT\r\n")
+            writer.close()
+
+
+async def test_a_session_ends_on_every_node_after_the_split(two_nodes: Daemon) -> None:
+    """The sessions the second node took work like any other: a full EHLO,
+    MAIL, RCPT and RSET exchange on each of them."""
+    d = two_nodes
+    opened = await asyncio.gather(
+        *(asyncio.open_connection("127.0.0.1", d.smtp_port) for _ in range(6))
+    )
+    for reader, writer in opened:
+        assert (await asyncio.wait_for(reader.readline(), 10)).startswith(b"220 ")
+        for command, code in (
+            (b"HELO client.test", b"250"),
+            (b"MAIL FROM:<alice@sender.test>", b"250"),
+            (b"RCPT TO:<bob@dest.test>", b"250"),
+            (b"RSET", b"250"),
+            (b"QUIT", b"221"),
+        ):
+            writer.write(command + b"\r\n")
+            assert (await asyncio.wait_for(reader.readline(), 10)).startswith(code)
+        writer.close()
+
+
+def test_the_board_tells_a_busier_node_from_the_others() -> None:
+    board = SessionBoard.create(3)
+    try:
+        assert board.counts() == [0, 0, 0]
+        node = SessionBoard.attach(os.dup(board.fd), 2)
+        try:
+            board.publish(4)
+            node.publish(3)
+            assert board.counts() == [4, 0, 3]  # slot 1: a node not yet counting
+            assert board.busier_than_another(4)
+            assert node.busier_than_another(3)
+            assert not node.busier_than_another(1)  # one more than slot 1: at par
+            late = SessionBoard.attach(os.dup(board.fd), 1)
+            late.publish(3)  # slot 1 catches up
+            late.close()
+            assert not board.busier_than_another(4)
+            assert board.busier_than_another(5)
+        finally:
+            node.close()
+    finally:
+        board.close()
+
+
+def test_a_slot_outside_the_board_is_refused() -> None:
+    board = SessionBoard.create(2)
+    try:
+        with pytest.raises(ValueError, match="slot 2"):
+            SessionBoard(board.fd, 2, 2)
+    finally:
+        board.close()
