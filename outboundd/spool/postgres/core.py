@@ -560,14 +560,13 @@ class PostgresSpool(Spool):
         ids = [int(i) for i in recipient_ids]
 
         async def op(conn: Conn) -> int:
-            count = await self._execute(
+            # One statement (its own transaction): the release and its NOTIFY.
+            rows = await self._fetch(
                 conn, "release", ids=ids, owner=owner, next_attempt_at=next_attempt_at
             )
-            if count and next_attempt_at is None:
-                await self._notify(conn)
-            return count
+            return int(rows[0][0])
 
-        count = await self._run(op)
+        count = await self._run(op, transaction=False)
         if next_attempt_at is None:
             self.new_work.set()
         return count

@@ -115,10 +115,20 @@ WITH f AS (
 SELECT queue_id FROM f
 
 -- name: release
-UPDATE recipients
-   SET status = held_status, held_status = NULL, lease_owner = NULL, lease_expires_at = NULL,
-       next_attempt_at = coalesce(:next_attempt_at, next_attempt_at)
- WHERE id = ANY (:ids::bigint[]) AND status = 'sending' AND lease_owner = :owner
+-- Leases given back, guarded by the owner; when the work is due at once
+-- (no new next_attempt_at), every host is woken by the same statement: one
+-- round trip, its own transaction, the NOTIFY sent at its commit.
+WITH r AS (
+    UPDATE recipients
+       SET status = held_status, held_status = NULL, lease_owner = NULL,
+           lease_expires_at = NULL,
+           next_attempt_at = coalesce(:next_attempt_at::float8, next_attempt_at)
+     WHERE id = ANY (:ids::bigint[]) AND status = 'sending' AND lease_owner = :owner
+    RETURNING 1
+)
+SELECT n, CASE WHEN n > 0 AND :next_attempt_at::float8 IS NULL
+               THEN pg_notify('outboundd_work', '') END
+  FROM (SELECT count(*) AS n FROM r) AS c
 
 -- name: release_owner
 UPDATE recipients
