@@ -246,6 +246,36 @@ async def test_claim_respects_limit_due_time_exclusions_and_room(spool: Spool) -
     assert len(claims) == 1
 
 
+async def test_claim_passes_over_a_full_domain_and_takes_later_groups(spool: Spool) -> None:
+    """Groups are taken in due order while their domain has room: a full domain's
+    groups are passed over, later groups of others still taken; with always_split
+    each recipient is a group of its own."""
+    for name in ("a1@busy.test", "a2@busy.test", "a3@busy.test", "b1@free.test", "b2@free.test"):
+        await spool.accept(message(name))
+    owner = lease_owner_id()
+    got = await spool.claim(owner, limit=10, lease_seconds=60, domain_room=3, room={"busy.test": 1})
+    assert [r.address for c in got for r in c.recipients] == [
+        "a1@busy.test",
+        "b1@free.test",
+        "b2@free.test",
+    ]
+
+    await spool.accept(message("c1@split.test", "c2@split.test", "c3@split.test"))
+    got = await spool.claim(
+        owner,
+        limit=5,
+        lease_seconds=60,
+        always_split=True,
+        exclude_domains=["busy.test", "free.test"],
+        domain_room=2,
+    )
+    assert sorted(r.address for c in got for r in c.recipients) == [
+        "c1@split.test",
+        "c2@split.test",
+    ]
+    assert [len(c.recipients) for c in got] == [1, 1]
+
+
 async def test_two_claimers_never_share_a_recipient(queue_location: str | Path) -> None:
     first = await spool_backend.open(queue_location)
     second = await spool_backend.open(queue_location)

@@ -18,6 +18,7 @@ import pytest
 from outboundd import spool as spool_backend
 from outboundd.spool import (
     AttemptRecord,
+    Claim,
     NewMessage,
     NewRecipient,
     Outcome,
@@ -81,6 +82,51 @@ async def test_domain_limit_holds_across_hosts(two_hosts: tuple[Spool, Spool]) -
     await first.record(a, done, [AttemptRecord(done.recipients[0].id, Outcome.DELIVERED, t, t)])
     got_b = await second.claim(b, limit=10, lease_seconds=60, domain_room=2)
     assert [c.domain for c in got_b] == ["slow.test"]
+
+
+async def test_claim_counts_the_slots_every_host_holds(two_hosts: tuple[Spool, Spool]) -> None:
+    """Leased groups (recipients, with always_split) of a domain, on any host, use
+    its room; a full domain's groups are passed over, other domains' still taken."""
+    first, second = two_hosts
+    for name in ("a1@busy.test", "a2@busy.test", "a3@busy.test", "b1@free.test", "b2@free.test"):
+        await first.accept(message(name))
+    a, b = lease_owner_id(), lease_owner_id()
+
+    def taken(claims: list[Claim]) -> list[str]:
+        return [r.address for c in claims for r in c.recipients]
+
+    assert taken(await first.claim(a, limit=1, lease_seconds=60)) == ["a1@busy.test"]
+    got = await second.claim(b, limit=2, lease_seconds=60, domain_room=2, room={"free.test": 5})
+    assert taken(got) == ["a2@busy.test", "b1@free.test"]
+    got = await second.claim(b, limit=5, lease_seconds=60, domain_room=2)
+    assert taken(got) == ["b2@free.test"]  # busy.test holds 2 of 2, one on each host
+    assert taken(await second.claim(b, limit=5, lease_seconds=60, domain_room=3)) == [
+        "a3@busy.test"
+    ]
+
+    await first.accept(message("c1@split.test", "c2@split.test", "c3@split.test"))
+    got = await first.claim(a, limit=1, lease_seconds=60, always_split=True)
+    assert len(taken(got)) == 1
+    got = await second.claim(b, limit=5, lease_seconds=60, always_split=True, domain_room=2)
+    assert len(taken(got)) == 1 and [len(c.recipients) for c in got] == [1]
+    assert await second.claim(b, limit=5, lease_seconds=60, always_split=True, domain_room=2) == []
+
+
+async def test_a_claim_is_one_round_trip(pg_url: str) -> None:
+    """Due rows, the domains' locks and counts, the lease and the messages: one
+    call, whether it finds work or not."""
+    spool = await spool_backend.open(pg_url)
+    try:
+        assert isinstance(spool, PostgresSpool)
+        await asyncio.gather(*(spool.accept(message(f"r{i}@d{i % 3}.test")) for i in range(9)))
+        owner = lease_owner_id()
+        for expected in (4, 2, 0):  # 2 of the 3 groups of each of 3 domains
+            before = spool.round_trips
+            claims = await spool.claim(owner, limit=4, lease_seconds=60, domain_room=2)
+            assert len(claims) == expected
+            assert spool.round_trips - before == 1
+    finally:
+        await spool.close()
 
 
 async def test_concurrent_claims_never_exceed_the_domain_limit(pg_url: str) -> None:

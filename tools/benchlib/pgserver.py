@@ -24,7 +24,7 @@ import glob
 import os
 import pwd
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,9 +35,10 @@ PG_USER = "postgres"
 START_TIMEOUT = 60.0
 
 _STATEMENTS = """
-SELECT coalesce(sum(s.calls), 0)::bigint
+SELECT left(regexp_replace(s.query, '\\s+', ' ', 'g'), 70), sum(s.calls)::bigint
   FROM pg_stat_statements s JOIN pg_database d ON d.oid = s.dbid
  WHERE d.datname = $1 AND s.query NOT LIKE '%FROM deliveries GROUP BY status%'
+ GROUP BY 1
 """
 
 
@@ -60,12 +61,21 @@ def _as_server_user(argv: list[str]) -> list[str]:
 
 @dataclass(frozen=True, slots=True)
 class DbCalls:
-    """``pg_stat_statements`` totals for one database at one moment."""
+    """``pg_stat_statements`` totals for one database at one moment, in all and
+    per statement (its text's start, so that a breakdown says where they go)."""
 
     statements: int
+    by_statement: dict[str, int] = field(default_factory=dict)
 
     def __sub__(self, other: DbCalls) -> DbCalls:
-        return DbCalls(self.statements - other.statements)
+        return DbCalls(
+            self.statements - other.statements,
+            {
+                text: n - other.by_statement.get(text, 0)
+                for text, n in self.by_statement.items()
+                if n != other.by_statement.get(text, 0)
+            },
+        )
 
 
 class PgServer:
@@ -161,7 +171,8 @@ class PgServer:
         return name
 
     def calls(self, database: str) -> DbCalls:
-        return DbCalls(int(self.fetch(_STATEMENTS, database)[0][0]))
+        by_statement = {str(text): int(n) for text, n in self.fetch(_STATEMENTS, database)}
+        return DbCalls(sum(by_statement.values()), by_statement)
 
     def stop(self) -> None:
         if self._conn is not None:

@@ -244,3 +244,8 @@ def _db_phase(result: RunResult, phase: str, calls: DbCalls, units: int) -> None
     result.extra[f"db_{phase}_statements"] = calls.statements
     if units:
         result.extra[f"db_{phase}_statements_per_unit"] = round(calls.statements / units, 3)
+        # Where they go (JSON only): per unit, the most frequent statements first.
+        result.extra[f"db_{phase}_by_statement"] = {
+            text: round(n / units, 3)
+            for text, n in sorted(calls.by_statement.items(), key=lambda kv: -kv[1])[:10]
+        }

@@ -12,8 +12,9 @@ Driver: asyncpg with its pool (docs/scaling.md says why).
 - **Claims** lock due rows ``FOR UPDATE SKIP LOCKED`` (hosts claiming at the
   same moment take different rows instead of waiting), count the slots each
   domain holds on every host under a per-domain advisory lock, and lease
-  what ``domain_concurrency_max`` allows, in one transaction; the lease
-  and the fetch of the leased messages (bodies included) are one statement.
+  what ``domain_concurrency_max`` allows, lease them and fetch their
+  messages (bodies included): all of it one call of ``outboundd_claim``,
+  one round trip and one commit.
 - **Leases** are owned by ``host:pid:token``; every state change is guarded
   by it.  Expired leases (a host that died or lost the database) are made
   due again by any host's claim, every ``EXPIRY_SWEEP_INTERVAL``; recovery
@@ -426,52 +427,25 @@ class PostgresSpool(Spool):
         if abs(at - self._swept_at) >= EXPIRY_SWEEP_INTERVAL:
             await self._sweep_expired(at)
 
-        async def op(conn: Conn) -> tuple[list[Any], list[Any]]:
-            due = await self._fetch(
-                conn,
-                "due_rows",
-                now=at,
-                exclude=list(exclude_domains),
-                limit=limit * SCAN_FACTOR,
-            )
-            if not due:
-                return [], []
-            groups: dict[Any, list[Any]] = {}
-            for row in due:
-                key = row[0] if always_split else (row[1], row[2])
-                groups.setdefault(key, []).append(row)
-            left: dict[str, int] | None = None
-            if domain_room is not None:
-                domains = sorted({row[2] for row in due})
-                await self._fetch(conn, "lock_domains", domains=domains)
-                counted = await self._fetch(
-                    conn,
-                    "sending_recipients" if always_split else "sending_groups",
-                    domains=domains,
-                )
-                taken = {row[0]: int(row[1]) for row in counted}
-                mine = room or {}
-                left = {
-                    d: min(mine.get(d, domain_room), domain_room - taken.get(d, 0)) for d in domains
-                }
-            ids: list[int] = []
-            chosen = 0
-            for group in groups.values():
-                if chosen >= limit:
-                    break
-                domain = group[0][2]
-                if left is not None:
-                    if left[domain] <= 0:
-                        continue
-                    left[domain] -= 1
-                chosen += 1
-                ids.extend(row[0] for row in group)
-            if not ids:
-                return [], []
-            leased = await self._fetch(conn, "lease_claim", ids=ids, owner=owner, expires=expires)
-            return _split_leased(leased)
+        params = {
+            "now": at,
+            "owner": owner,
+            "expires": expires,
+            "limit": limit,
+            "scan": limit * SCAN_FACTOR,
+            "exclude": list(exclude_domains),
+            "always_split": always_split,
+            "domain_room": domain_room,
+            "room_domains": list(room) if room else [],
+            "room_slots": list(room.values()) if room else [],
+        }
 
-        rows, msgs = await self._run(op)
+        async def op(conn: Conn) -> list[Any]:
+            # One function call outside an explicit transaction: it is its own
+            # transaction, so the claim is one round trip and one commit.
+            return await self._fetch(conn, "claim", **params)
+
+        rows, msgs = _split_leased(await self._run(op, transaction=False))
         return _claims(rows, msgs, owner, expires, always_split=always_split)
 
     async def _sweep_expired(self, at: float) -> None:
@@ -586,14 +560,13 @@ class PostgresSpool(Spool):
         ids = [int(i) for i in recipient_ids]
 
         async def op(conn: Conn) -> int:
-            count = await self._execute(
+            # One statement (its own transaction): the release and its NOTIFY.
+            rows = await self._fetch(
                 conn, "release", ids=ids, owner=owner, next_attempt_at=next_attempt_at
             )
-            if count and next_attempt_at is None:
-                await self._notify(conn)
-            return count
+            return int(rows[0][0])
 
-        count = await self._run(op)
+        count = await self._run(op, transaction=False)
         if next_attempt_at is None:
             self.new_work.set()
         return count
@@ -970,7 +943,7 @@ _MESSAGE_KEYS = (
     "queue_id", "mail_from", "size", "received_at", "auth_user", "client_ip", "env_id", "ret",
     "smtputf8", "body_8bit", "notes", "dsn_of",
 )  # fmt: skip
-#: Columns of a leased recipient in ``lease_claim``'s rows (message columns follow).
+#: Columns of a leased recipient in ``claim``'s rows (message columns follow).
 _LEASED_COLUMNS = 15
 
 _RECIPIENT_KEYS = ("queue_id", "recipient", "domain", "notify", "orcpt", "next_attempt_at")
@@ -1032,7 +1005,7 @@ async def _keep_session(conn: asyncpg.Connection[Any]) -> None:
 
 
 def _split_leased(leased: Sequence[Any]) -> tuple[list[Any], list[Any]]:
-    """``lease_claim``'s rows split into recipient rows and one row per message.
+    """``claim``'s rows split into recipient rows and one row per message.
 
     The message columns repeat on every leased row of a message; the body
     comes only on one of them (NULL on the others), so the message's row is

@@ -41,6 +41,9 @@ UPDATE recipients
  WHERE status = 'sending' AND lease_expires_at < :now
 
 -- name: due_rows
+-- due_rows, lease_ids and messages_with_bodies are a claim in separate steps,
+-- as tools/pgdrivers.py compares the drivers with; the spool claims with the
+-- claim statement below.
 -- The earliest-due recipients, locked for this claim; rows another host is
 -- claiming right now are skipped, not waited for.
 SELECT id, queue_id, domain FROM recipients
@@ -49,24 +52,6 @@ SELECT id, queue_id, domain FROM recipients
  ORDER BY next_attempt_at
  LIMIT :limit
    FOR UPDATE SKIP LOCKED
-
--- name: lock_domains
--- Serialise, per domain, the hosts that count and take its delivery slots
--- (sorted, so two claims never wait on each other in a circle).
-SELECT pg_advisory_xact_lock(hashtext('outboundd-domain'), hashtext(d))
-  FROM (SELECT unnest(:domains::text[]) AS d ORDER BY 1) AS x
-
--- name: sending_groups
--- Delivery slots each domain has taken on every host: leased (queue_id, domain) groups.
-SELECT domain, count(DISTINCT queue_id) FROM recipients
- WHERE status = 'sending' AND domain = ANY (:domains::text[])
- GROUP BY domain
-
--- name: sending_recipients
--- always_split: every leased recipient is its own slot.
-SELECT domain, count(*) FROM recipients
- WHERE status = 'sending' AND domain = ANY (:domains::text[])
- GROUP BY domain
 
 -- name: lease_ids
 UPDATE recipients
@@ -82,28 +67,15 @@ SELECT m.queue_id, m.mail_from, m.size, m.received_at, m.auth_user, m.env_id, m.
   FROM messages m LEFT JOIN bodies b ON b.queue_id = m.queue_id
  WHERE m.queue_id = ANY (:ids::text[])
 
--- name: lease_claim
--- Lease the chosen recipients and fetch their messages in ONE statement (one
--- round trip instead of two): each leased row carries its message's columns,
--- and the body only on the lowest-id row of its message, so a body crosses
--- the wire once however many of its recipients are leased.  Rows: the 15
--- columns of lease_ids, then the 12 of messages_with_bodies.
-WITH l AS (
-    UPDATE recipients
-       SET held_status = status, status = 'sending',
-           lease_owner = :owner, lease_expires_at = :expires
-     WHERE id = ANY (:ids::bigint[]) AND status IN ('queued', 'deferred')
-    RETURNING id, queue_id, domain, recipient, notify, orcpt, attempts, failures, held_status,
-              last_code, last_status, last_response, last_mx, delay_notified, dsn_queue_id
-)
-SELECT l.id, l.queue_id, l.domain, l.recipient, l.notify, l.orcpt, l.attempts, l.failures,
-       l.held_status, l.last_code, l.last_status, l.last_response, l.last_mx,
-       l.delay_notified, l.dsn_queue_id,
-       m.queue_id, m.mail_from, m.size, m.received_at, m.auth_user, m.env_id, m.ret,
-       m.smtputf8, m.body_8bit, m.notes, m.dsn_of,
-       CASE WHEN l.id = min(l.id) OVER (PARTITION BY l.queue_id)
-            THEN (SELECT b.body FROM bodies b WHERE b.queue_id = l.queue_id) END
-  FROM l JOIN messages m ON m.queue_id = l.queue_id
+-- name: claim
+-- claim() in one call (migrations/postgresql/0003_claim_function.sql): the due
+-- rows locked FOR UPDATE SKIP LOCKED, the domains' advisory locks and slot
+-- counts, the lease and the fetch of the messages: one round trip, one
+-- commit.  Rows: the leased recipient's 15 columns, then its message's 12
+-- (the body only on the lowest-id leased row of each message).
+SELECT * FROM outboundd_claim(
+    :now, :owner, :expires, :limit, :scan, :exclude::text[], :always_split,
+    :domain_room, :room_domains::text[], :room_slots::integer[])
 
 -- name: lock_message
 -- Serialise the transactions that may finish one message (records of its
@@ -143,10 +115,20 @@ WITH f AS (
 SELECT queue_id FROM f
 
 -- name: release
-UPDATE recipients
-   SET status = held_status, held_status = NULL, lease_owner = NULL, lease_expires_at = NULL,
-       next_attempt_at = coalesce(:next_attempt_at, next_attempt_at)
- WHERE id = ANY (:ids::bigint[]) AND status = 'sending' AND lease_owner = :owner
+-- Leases given back, guarded by the owner; when the work is due at once
+-- (no new next_attempt_at), every host is woken by the same statement: one
+-- round trip, its own transaction, the NOTIFY sent at its commit.
+WITH r AS (
+    UPDATE recipients
+       SET status = held_status, held_status = NULL, lease_owner = NULL,
+           lease_expires_at = NULL,
+           next_attempt_at = coalesce(:next_attempt_at::float8, next_attempt_at)
+     WHERE id = ANY (:ids::bigint[]) AND status = 'sending' AND lease_owner = :owner
+    RETURNING 1
+)
+SELECT n, CASE WHEN n > 0 AND :next_attempt_at::float8 IS NULL
+               THEN pg_notify('outboundd_work', '') END
+  FROM (SELECT count(*) AS n FROM r) AS c
 
 -- name: release_owner
 UPDATE recipients
