@@ -6,18 +6,16 @@ import argparse
 import json
 import os
 import shutil
-import signal
 import statistics
 import sys
 import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 from benchlib.pgserver import PgServer
-from benchlib.procs import BenchError, ProcessRegistry, log, run_helper
+from benchlib.procs import BenchError, ProcessRegistry, log, run_helper, run_tool
 from benchlib.relays import (
     HARAKA_DIR,
     HARAKA_VERSION,
@@ -217,16 +215,6 @@ def labels_for(relays: Sequence[str], dkim: tuple[str, ...] | None = None) -> di
     if "postfix" in relays:
         labels["postfix"] = f"Postfix {postfix_version()}" + (" (unsigned)" if dkim else "")
     return labels
-
-
-def install_signal_handlers() -> None:
-    """SIGTERM/SIGHUP end the run through the normal ``finally`` that stops every process."""
-
-    def handler(signum: int, _frame: FrameType | None) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, handler)
 
 
 def check_no_loss(result: RunResult) -> None:
@@ -457,15 +445,4 @@ def print_database(report: dict[str, Any]) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    install_signal_handlers()
-    try:
-        return run_all(args)
-    except BenchError as exc:
-        print(f"bench: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt as exc:
-        print(
-            f"bench: interrupted ({exc}); every process it started has been stopped",
-            file=sys.stderr,
-        )
-        return 130
+    return run_tool("bench", lambda: run_all(args))

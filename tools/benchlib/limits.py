@@ -24,7 +24,6 @@ import argparse
 import json
 import os
 import shutil
-import signal
 import statistics
 import sys
 import tempfile
@@ -35,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from benchlib.fsyncrate import KINDS, DurableRate, measure
-from benchlib.procs import BenchError, ProcessRegistry, log
+from benchlib.procs import BenchError, ProcessRegistry, log, run_tool
 from benchlib.proctree import tree_cpu_seconds
 from benchlib.report import CLIENT_MODES, machine_info
 from benchlib.scenarios import phase_timeout, wait_until
@@ -457,16 +456,6 @@ def size_name(args: argparse.Namespace) -> str:
     return "smoke" if args.smoke else "quick" if args.quick else "full"
 
 
-def install_signal_handlers() -> None:
-    """SIGTERM/SIGHUP end the run through the ``finally`` that stops every process."""
-
-    def handler(signum: int, _frame: object) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, handler)
-
-
 def run_all(args: argparse.Namespace) -> int:
     name = size_name(args)
     runs = args.runs or RUNS[name]
@@ -614,15 +603,4 @@ def _one_line(r: PartRun) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    install_signal_handlers()
-    try:
-        return run_all(args)
-    except BenchError as exc:
-        print(f"limits: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt as exc:
-        print(
-            f"limits: interrupted ({exc}); every process it started has been stopped",
-            file=sys.stderr,
-        )
-        return 130
+    return run_tool("limits", lambda: run_all(args))

@@ -12,13 +12,37 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType
 
 
 class BenchError(Exception):
     """A run could not be completed (timeout, lost mail, a relay that would not start)."""
+
+
+def run_tool(tool: str, body: Callable[[], int]) -> int:
+    """A measuring tool's ``main``: SIGTERM/SIGHUP end ``body`` through the
+    ``finally`` that stops every process it started, and a failure or an
+    interruption is one line on stderr, not a traceback."""
+
+    def interrupt(signum: int, _frame: FrameType | None) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, interrupt)
+    try:
+        return body()
+    except BenchError as exc:
+        print(f"{tool}: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt as exc:
+        print(
+            f"{tool}: interrupted ({exc}); every process it started has been stopped",
+            file=sys.stderr,
+        )
+        return 130
 
 
 def log(msg: str) -> None:
