@@ -49,6 +49,12 @@ class FlushCounter(io.StringIO):
 def out() -> Iterator[FlushCounter]:
     stream = FlushCounter()
     root_level = logging.getLogger().level
+    # A listener started earlier in this process quiets aiosmtpd's logger
+    # (``mail.log`` at ERROR unless we log at PROTOCOL); these tests see the
+    # bridge as a fresh process does.
+    library_log = logging.getLogger("mail.log")
+    library_level = library_log.level
+    library_log.setLevel(logging.NOTSET)
     log._state.reported.clear()
     log.configure(Level.INFO, False, "default", stream)
     yield stream
@@ -56,6 +62,7 @@ def out() -> Iterator[FlushCounter]:
     log.configure(Level.INFO, False, "default", None)
     log.shutdown()
     logging.getLogger().setLevel(root_level)
+    library_log.setLevel(library_level)
 
 
 def lines(stream: io.StringIO) -> list[str]:
