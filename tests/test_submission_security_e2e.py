@@ -100,7 +100,9 @@ async def test_the_auth_throttle_is_shared_by_smtp_nodes(tmp_path: Path) -> None
         extra_files={"auth_flat_file.ini": users_file(password)},
     )  # fmt: skip
     async with running(config) as d:
-        await d.wait_for(r"SMTP node started")
+        # "accepting", not "started": a node still importing when its peer is
+        # stopped would leave the steered connections waiting on it.
+        await d.wait_for(r"SMTP node accepting")
         assert d.proc is not None
         pids = [d.proc.pid, *d.children()]
         clients: list[LineClient] = []
