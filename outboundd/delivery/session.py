@@ -836,30 +836,45 @@ class SetupFailure(TransientFailure):
 # The DATA phase reader
 
 
-def _take_response(buffer: bytearray) -> SMTPResponse | None:
-    """Remove and return the first complete reply in ``buffer``, if any."""
-    offset = 0
-    code = -1
-    lines: list[bytes] = []
+def _take_responses(data: bytes, responses: collections.deque[SMTPResponse]) -> int:
+    """Append every complete reply at the start of ``data`` to ``responses``.
+
+    Returns how many bytes they took (the rest is an incomplete reply).
+    One pass over the data, as many replies as it holds: a pipelined
+    envelope's replies usually come in one segment.  Raises
+    :class:`SMTPResponseException` for a malformed or over-long line; the
+    replies before it are kept.
+    """
+    taken = 0  # end of the last complete reply
+    start = 0  # start of the current line
+    lines: list[bytes] | None = None  # the lines so far of a multi-line reply
     while True:
-        end = buffer.find(b"\n", offset)
+        end = data.find(b"\n", start)
         if end == -1:
-            if len(buffer) - offset > _MAX_LINE:
+            if len(data) - start > _MAX_LINE:
                 raise SMTPResponseException(-1, "reply line too long")
-            return None
-        line = bytes(buffer[offset : end + 1])
-        if len(line) > _MAX_LINE:
+            return taken
+        if end - start >= _MAX_LINE:
             raise SMTPResponseException(-1, "reply line too long")
-        head = line[:3]
-        if not head.isdigit() or line[3:4] not in (b"-", b" ", b"\r", b"\n"):
-            text = line.decode("utf-8", "replace").strip()
-            raise SMTPResponseException(-1, f"malformed reply line: {text!r}")
-        code = int(head)
-        lines.append(line[4:].strip(b" \t\r\n"))
-        offset = end + 1
-        if line[3:4] != b"-":
-            del buffer[:offset]
-            return SMTPResponse(code, b"\n".join(lines).decode("utf-8", "surrogateescape"))
+        head = data[start : start + 3]
+        sep = data[start + 3 : start + 4]
+        if not head.isdigit() or sep not in (b"-", b" ", b"\r", b"\n"):
+            shown = data[start : end + 1].decode("utf-8", "replace").strip()
+            raise SMTPResponseException(-1, f"malformed reply line: {shown!r}")
+        text = data[start + 4 : end + 1].strip(b" \t\r\n")
+        start = end + 1
+        if sep == b"-":
+            if lines is None:
+                lines = [text]
+            else:
+                lines.append(text)
+            continue
+        if lines is not None:
+            lines.append(text)
+            text = b"\n".join(lines)
+            lines = None
+        responses.append(SMTPResponse(int(head), text.decode("utf-8", "surrogateescape")))
+        taken = start
 
 
 class _DataPhase(asyncio.Protocol):
@@ -896,14 +911,20 @@ class _DataPhase(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._error is not None:
             return
-        self._buffer.extend(data)
+        buffer = self._buffer
+        if buffer:  # the start of a reply came before: rare
+            buffer += data
+            data = bytes(buffer)
         try:
-            while (response := _take_response(self._buffer)) is not None:
-                self._responses.append(response)
+            taken = _take_responses(data, self._responses)
         except SMTPResponseException as exc:
             self._fail(exc)
             return
-        if len(self._buffer) > _MAX_REPLY:
+        if taken != len(data):
+            buffer[:] = data[taken:]
+        elif buffer:
+            buffer.clear()
+        if len(buffer) > _MAX_REPLY:
             self._fail(SMTPResponseException(-1, "reply too long"))
             return
         self._wake()
