@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import datetime
 import functools
 import io
@@ -59,7 +58,7 @@ import re
 import socket
 import ssl
 import time
-from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import BinaryIO, NoReturn, Protocol, TypeAlias, cast
@@ -1508,8 +1507,11 @@ class Connection:
         if response.code != 354:
             _settle_data_refusal(response, accepted, settle)
             return
-        with self._taken_over(Stage.DATA) as (transport, phase):
+        transport, phase = self._take_over(Stage.DATA)
+        try:
             await self._send_data(transport, phase, body, accepted, settle)
+        finally:
+            _hand_back(transport, phase)
 
     async def _transact_pipelined(
         self,
@@ -1528,19 +1530,28 @@ class Connection:
         a 354 with no recipient accepted is ended with a lone dot.
         """
         settings = self.settings
-        with self._taken_over(Stage.MAIL) as (transport, phase):
+        transport, phase = self._take_over(Stage.MAIL)
+        try:
             commands = [b" ".join(_mail_words(job, plan))]
             commands += [_rcpt_line(r, plan) for r in candidates]
             commands.append(b"DATA")
             transport.write(b"\r\n".join(commands) + b"\r\n")
-            response = await self._phase_reply(phase, Stage.MAIL, settings.mail_timeout)
+            # A reply already here is taken without a coroutine (the RCPT and
+            # DATA replies usually come in the segment that brought MAIL's).
+            response = self._ready_reply(phase, Stage.MAIL) or await self._phase_reply(
+                phase, Stage.MAIL, settings.mail_timeout
+            )
             mail_ok = _mail_taken(response, candidates, settle)
             accepted: list[Recipient] = []
             for r in candidates:
-                response = await self._phase_reply(phase, Stage.RCPT, settings.rcpt_timeout)
+                response = self._ready_reply(phase, Stage.RCPT) or await self._phase_reply(
+                    phase, Stage.RCPT, settings.rcpt_timeout
+                )
                 if mail_ok and _rcpt_taken(response, r, settle):
                     accepted.append(r)
-            response = await self._phase_reply(phase, Stage.DATA, settings.data_timeout)
+            response = self._ready_reply(phase, Stage.DATA) or await self._phase_reply(
+                phase, Stage.DATA, settings.data_timeout
+            )
             if response.code == 354 and not accepted:
                 # Nothing to send, but the server waits for data: end it empty.
                 transport.write(b".\r\n")
@@ -1550,6 +1561,8 @@ class Connection:
                 _settle_data_refusal(response, accepted, settle)
                 return
             await self._send_data(transport, phase, body, accepted, settle)
+        finally:
+            _hand_back(transport, phase)
 
     async def _send_data(
         self,
@@ -1569,6 +1582,13 @@ class Connection:
         self._needs_rset = False
         if any(reply.code == 421 for reply in replies):
             self.abort()
+
+    def _ready_reply(self, phase: _DataPhase, stage: Stage) -> SMTPResponse | None:
+        """The next reply if it has arrived, else None; a 421 as in ``_phase_reply``."""
+        response = phase.take()
+        if response is not None and response.code == 421:
+            self._closed_by_server(response, stage)
+        return response
 
     async def _phase_reply(self, phase: _DataPhase, stage: Stage, seconds: float) -> SMTPResponse:
         """The next reply while we hold the transport; failures and 421 as ``_execute``."""
@@ -1593,9 +1613,12 @@ class Connection:
             for r in accepted:
                 settle(r, outcome_of(replies[0]), replies[0], Stage.DATA_END)
 
-    @contextlib.contextmanager
-    def _taken_over(self, stage: Stage) -> Iterator[tuple[asyncio.Transport, _DataPhase]]:
-        """Our own reader in front of aiosmtplib's protocol for a while, then aiosmtplib's again."""
+    def _take_over(self, stage: Stage) -> tuple[asyncio.Transport, _DataPhase]:
+        """Our own reader in front of aiosmtplib's protocol, until :func:`_hand_back`.
+
+        (A pair of calls in ``try``/``finally`` rather than a context
+        manager: it runs once or twice a message.)
+        """
         # uvloop's transports are not asyncio ABC subclasses, so no isinstance().
         transport = cast(asyncio.Transport | None, self._client.transport)
         if transport is None or transport.is_closing():
@@ -1605,11 +1628,7 @@ class Connection:
             )
         phase = _DataPhase(transport.get_protocol())
         transport.set_protocol(phase)
-        try:
-            yield transport, phase
-        finally:
-            if not transport.is_closing():
-                transport.set_protocol(phase.original)
+        return transport, phase
 
     async def _stream_body(
         self,
@@ -1683,6 +1702,12 @@ class Connection:
             # another MX now could deliver it twice.  Defer instead.
             failure.retry_elsewhere = not dot_sent
             raise failure from exc
+
+
+def _hand_back(transport: asyncio.Transport, phase: _DataPhase) -> None:
+    """aiosmtplib's protocol reads the connection again (see ``Connection._take_over``)."""
+    if not transport.is_closing():
+        transport.set_protocol(phase.original)
 
 
 async def _connect_socket(target: Target, settings: SessionSettings, peer: str) -> socket.socket:
@@ -1826,14 +1851,15 @@ async def deliver_job(
     for target in targets:
         if not pending:
             break
-        info = ConnectionInfo.for_target(target)
+        # What the record says of a target no connection was made to (made
+        # only then: a reused connection brings its own).
+        info: ConnectionInfo | None = None
         conn: Connection | None = None
         try:
             conn = await pool.take(target, settings) if pool is not None else None
             reused = conn is not None
             if conn is None:
                 conn = await _open(target, settings, pool)
-            info = conn.info
             tx = await conn.transact(job, pending)
             if reused and tx.failure is not None and not tx.settled:
                 # The server closed the idle connection we kept: that says
@@ -1841,7 +1867,6 @@ async def deliver_job(
                 conn.abort()
                 conn = None
                 conn = await _open(target, settings, pool)
-                info = conn.info
                 tx = await conn.transact(job, pending)
             if pool is not None:
                 await pool.give_back(conn, settings)
@@ -1858,6 +1883,9 @@ async def deliver_job(
         except Exception as exc:  # a bug here must defer, never lose, the recipients
             if conn is not None:
                 conn.abort()
+                info = conn.info
+            elif info is None:
+                info = ConnectionInfo.for_target(target)
             tx = Transaction(
                 {},
                 pending,
@@ -1873,6 +1901,8 @@ async def deliver_job(
             )
         if conn is not None:
             info = conn.info
+        elif info is None:
+            info = ConnectionInfo.for_target(target)
         connection = info
         results.update(tx.settled)
         pending = tx.unsettled
