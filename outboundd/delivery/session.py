@@ -1,7 +1,8 @@
 """One delivery attempt: a message's recipients over SMTP or LMTP to an MX.
 
-:func:`deliver_job` takes a :class:`DeliveryJob`, an ordered list of targets (MX
-addresses, best first) and :class:`SessionSettings`, and returns a
+:func:`deliver_job` takes a :class:`Job` (a claim, or a :class:`DeliveryJob`),
+an ordered list of targets (MX addresses, best first) and
+:class:`SessionSettings`, and returns a
 :class:`SessionResult` that says, for every recipient, whether it was
 delivered, deferred or bounced, with the reply that decided it.  It never
 raises for anything the network, the remote server or the body file does;
@@ -95,6 +96,7 @@ __all__ = [
     "ConnectionSource",
     "DeliveryJob",
     "EnvelopePlan",
+    "Job",
     "JobRecipient",
     "Recipient",
     "RecipientResult",
@@ -169,6 +171,41 @@ class Recipient(Protocol):
 
     @property
     def orcpt(self) -> str | None: ...
+
+
+class Job(Protocol):
+    """What a session reads of a message: a :class:`DeliveryJob`, or the
+    spool's ``Claim`` itself (the engine passes it as it is: no copy per
+    message).  The body is CRLF and not dot-stuffed: the file at
+    ``body_path``, or ``body`` itself when the spool keeps bodies in its
+    database (PostgreSQL)."""
+
+    @property
+    def mail_from(self) -> str: ...
+
+    @property
+    def recipients(self) -> Sequence[Recipient]: ...
+
+    @property
+    def body_path(self) -> Path | None: ...
+
+    @property
+    def size(self) -> int: ...
+
+    @property
+    def env_id(self) -> str | None: ...
+
+    @property
+    def ret(self) -> str | None: ...
+
+    @property
+    def smtputf8(self) -> bool: ...
+
+    @property
+    def body_8bit(self) -> bool: ...
+
+    @property
+    def body(self) -> bytes | None: ...
 
 
 @dataclass(slots=True)
@@ -599,7 +636,7 @@ def _size_limit(value: str) -> int:
 
 
 def plan_envelope(
-    job: DeliveryJob,
+    job: Job,
     recipients: Sequence[Recipient],
     extensions: Mapping[str, str],
     *,
@@ -736,7 +773,7 @@ def _map_failure(exc: BaseException, stage: Stage, peer: str, timeout: float) ->
 Settle: TypeAlias = Callable[["Recipient", Outcome, Reply, Stage], None]
 
 
-def _mail_words(job: DeliveryJob, plan: EnvelopePlan) -> list[bytes]:
+def _mail_words(job: Job, plan: EnvelopePlan) -> list[bytes]:
     """``MAIL FROM:<...> params``, as the words of the command."""
     return [
         b"MAIL",
@@ -1426,7 +1463,7 @@ class Connection:
     # -- the transaction ----------------------------------------------------
 
     async def transact(
-        self, job: DeliveryJob, recipients: Sequence[Recipient] | None = None
+        self, job: Job, recipients: Sequence[Recipient] | None = None
     ) -> Transaction:
         """Run one mail transaction for ``recipients`` (default: all of the job's).
 
@@ -1454,7 +1491,7 @@ class Connection:
 
     async def _transact(
         self,
-        job: DeliveryJob,
+        job: Job,
         rcpts: tuple[Recipient, ...],
         settle: Settle,
     ) -> None:
@@ -1481,7 +1518,7 @@ class Connection:
 
     async def _transact_stepwise(
         self,
-        job: DeliveryJob,
+        job: Job,
         candidates: list[Recipient],
         plan: EnvelopePlan,
         body: BinaryIO,
@@ -1515,7 +1552,7 @@ class Connection:
 
     async def _transact_pipelined(
         self,
-        job: DeliveryJob,
+        job: Job,
         candidates: list[Recipient],
         plan: EnvelopePlan,
         body: BinaryIO,
@@ -1748,7 +1785,7 @@ async def _connect_socket(target: Target, settings: SessionSettings, peer: str) 
     return sock
 
 
-async def _open_body(job: DeliveryJob) -> BinaryIO:
+async def _open_body(job: Job) -> BinaryIO:
     """The body, ready to stream.
 
     A small body (at most ``INLINE_BODY_MAX``, the common case) was written
@@ -1827,7 +1864,7 @@ async def _open(
 
 
 async def deliver_job(
-    job: DeliveryJob,
+    job: Job,
     targets: Sequence[Target],
     settings: SessionSettings,
     *,
