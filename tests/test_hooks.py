@@ -102,3 +102,95 @@ def test_local_plugin_and_builtin_load(tmp_path: Path) -> None:
     )
     runner = HookRunner(load_plugins(["mine", "auth_flat_file"], tmp_path))
     assert runner.has("send_email") and not runner.has("get_mx")
+
+
+async def test_a_hook_that_waits_is_resumed_with_what_it_waited_for() -> None:
+    """A hook that awaits runs past its first step exactly as a plain await would."""
+    runner = HookRunner([], timeout=2.0)
+    loop = asyncio.get_running_loop()
+    answer: asyncio.Future[str] = loop.create_future()
+    loop.call_later(0.01, answer.set_result, "mx.example")
+
+    async def waits(_hmail: object, domain: str) -> HookResult:
+        await asyncio.sleep(0)
+        host = await answer
+        await asyncio.sleep(0.001)
+        return ok(f"{host} for {domain}")
+
+    runner.add("slow", "get_mx", waits)
+    outcome = await runner.run("get_mx", object(), "example.test")
+    assert outcome.plugin == "slow"
+    assert outcome.result == ok("mx.example for example.test")
+
+
+async def test_a_hook_that_fails_after_waiting_is_a_hook_failure() -> None:
+    runner = HookRunner([], timeout=2.0)
+
+    async def fails_late(*_: object) -> None:
+        await asyncio.sleep(0)
+        raise LookupError("gone")
+
+    runner.add("late", "deferred", fails_late)
+    with pytest.raises(HookFailure, match="LookupError: gone"):
+        await runner.run("deferred", object(), {})
+
+
+async def test_a_hook_that_returns_at_once_needs_no_timer() -> None:
+    """No timer is set for a hook that decides without waiting (the common case)."""
+    runner = HookRunner([], timeout=30.0)
+
+    async def at_once(*_: object) -> HookResult:
+        return ok("127.0.0.1")
+
+    runner.add("table", "get_mx", at_once)
+    loop = asyncio.get_running_loop()
+    scheduled: list[float] = []
+    real_call_at = loop.call_at
+
+    def counting_call_at(when: float, *args: object, **kwargs: object) -> asyncio.TimerHandle:
+        scheduled.append(when)
+        return real_call_at(when, *args, **kwargs)  # type: ignore[arg-type]
+
+    loop.call_at = counting_call_at  # type: ignore[method-assign]
+    try:
+        outcome = await runner.run("get_mx", object(), "example.test")
+    finally:
+        del loop.call_at
+    assert outcome.result == ok("127.0.0.1")
+    assert scheduled == []
+
+
+async def test_cancelling_a_waiting_hook_reaches_the_plugin() -> None:
+    """Cancellation (shutdown) is thrown into the plugin, which may clean up."""
+    runner = HookRunner([], timeout=30.0)
+    started = asyncio.Event()
+    cleaned_up: list[bool] = []
+
+    async def waits_forever(*_: object) -> None:
+        started.set()
+        try:
+            await asyncio.sleep(30)
+        finally:
+            cleaned_up.append(True)
+
+    runner.add("stuck", "send_email", waits_forever)
+    task = asyncio.create_task(runner.run("send_email", object()))
+    await asyncio.wait_for(started.wait(), 2.0)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert cleaned_up == [True]
+
+
+async def test_a_hook_returning_another_awaitable_still_runs() -> None:
+    """A plugin function that is not ``async def`` but returns an awaitable."""
+    runner = HookRunner([], timeout=2.0)
+
+    def returns_future(*_: object) -> asyncio.Future[HookResult]:
+        fut: asyncio.Future[HookResult] = asyncio.get_running_loop().create_future()
+        fut.set_result(deny("no route"))
+        return fut
+
+    runner.add("futures", "get_mx", returns_future)
+    outcome = await runner.run("get_mx", object(), "example.test")
+    assert outcome.result == deny("no route")

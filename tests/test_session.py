@@ -4,12 +4,14 @@ and the pure reply/envelope functions it decides with."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from aiosmtplib import SMTPResponse, SMTPResponseException
 
 from outboundd.delivery.errors import PermanentFailure, TransientFailure
 from outboundd.delivery.mx import MXTarget
@@ -29,7 +31,8 @@ from outboundd.delivery.session import (
     JobRecipient,
     SessionResult,
     SessionSettings,
-    _take_response,
+    _DataPhase,
+    _take_responses,
     deliver_job,
     dot_stuff,
     host_listed,
@@ -206,12 +209,39 @@ def test_dot_stuff_across_chunks() -> None:
     assert dot_stuff(b"x.y", False) == (b"x.y", False)
 
 
-def test_take_response_parses_several_replies_in_one_buffer() -> None:
-    buf = bytearray(b"250-first\r\n250 2.0.0 ok\r\n550 5.1.1 no\r\n452 4.2")
-    first, second = _take_response(buf), _take_response(buf)
-    assert first is not None and (first.code, first.message) == (250, "first\n2.0.0 ok")
-    assert second is not None and (second.code, second.message) == (550, "5.1.1 no")
-    assert _take_response(buf) is None and buf == bytearray(b"452 4.2")
+def test_take_responses_parses_several_replies_in_one_buffer() -> None:
+    data = b"250-first\r\n250 2.0.0 ok\r\n550 5.1.1 no\r\n452 4.2"
+    found: collections.deque[SMTPResponse] = collections.deque()
+    taken = _take_responses(data, found)
+    assert [(r.code, r.message) for r in found] == [(250, "first\n2.0.0 ok"), (550, "5.1.1 no")]
+    assert data[taken:] == b"452 4.2"
+    assert _take_responses(b"452 4.2", found) == 0 and len(found) == 2
+
+
+def test_take_responses_keeps_the_replies_before_a_bad_line() -> None:
+    found: collections.deque[SMTPResponse] = collections.deque()
+    with pytest.raises(SMTPResponseException, match="malformed reply line"):
+        _take_responses(b"250 ok\r\n25x nonsense\r\n", found)
+    assert [(r.code, r.message) for r in found] == [(250, "ok")]
+    with pytest.raises(SMTPResponseException, match="too long"):
+        _take_responses(b"250-" + b"x" * 9000, found)
+    with pytest.raises(SMTPResponseException, match="too long"):
+        _take_responses(b"250 " + b"x" * 9000 + b"\r\n", found)
+    assert _take_responses(b"250 " + b"x" * 8000 + b"\r\n", found) == 8006
+
+
+async def test_data_phase_reads_replies_split_across_segments() -> None:
+    """A reply cut anywhere (even inside a line of a multi-line reply) is joined."""
+    reply = b"250-first\r\n250 2.0.0 ok\r\n550 5.1.1 no\r\n"
+    for cut in range(1, len(reply)):
+        phase = _DataPhase(asyncio.Protocol())
+        phase.data_received(reply[:cut])
+        phase.data_received(reply[cut:])
+        replies = [phase.take(), phase.take(), phase.take()]
+        assert [(r.code, r.message) for r in replies if r is not None] == [
+            (250, "first\n2.0.0 ok"),
+            (550, "5.1.1 no"),
+        ], cut
 
 
 def test_host_listed() -> None:

@@ -43,7 +43,6 @@ from outboundd.delivery.replies import Reply, Stage, to_exhausted
 from outboundd.delivery.rounds import FailureRounds, Ticket
 from outboundd.delivery.session import (
     ConnectionInfo,
-    DeliveryJob,
     SessionResult,
     SessionSettings,
     deliver_job,
@@ -340,12 +339,11 @@ class DeliveryEngine:
     async def _session(
         self, claim: Claim, targets: list[MXTarget], outbound: OutboundConfig
     ) -> dict[int, Verdict]:
-        job = DeliveryJob.from_claim(claim)
         # Connections count against concurrency_max and domain_concurrency_max
         # until they are closed, idle kept ones included (see pool.py).
         limits = Limits(outbound.concurrency_max, outbound.domain_concurrency_max)
         result: SessionResult = await deliver_job(
-            job,
+            claim,  # read as it is: a claim has every field of a job
             targets,
             self._session_settings(outbound),
             pool=self.pool.lane(claim.domain, limits),
@@ -414,44 +412,28 @@ class DeliveryEngine:
                 Stage.LOCAL,
                 count_failure=False,
             )
-        decisions = {
-            rid: decide(
-                by_id[rid], v, outbound.temp_fail_intervals, received_at=claim.received_at, now=now
-            )
-            for rid, v in verdicts.items()
-        }
-        if any(v.stage == Stage.LOCAL for v in verdicts.values()) and await _body_lost(claim):
+        decisions: dict[int, Decision] = {}
+        intervals, received_at = outbound.temp_fail_intervals, claim.received_at
+        all_delivered = True
+        local = False
+        for rid, v in verdicts.items():
+            d = decisions[rid] = decide(by_id[rid], v, intervals, received_at=received_at, now=now)
+            if d.outcome is not Outcome.DELIVERED:
+                all_delivered = False
+            if v.stage == Stage.LOCAL:
+                local = True
+        if local and await _body_lost(claim):
             decisions = _drop_for_lost_body(decisions)
-        decisions = await self._deferred_hook(claim, hmail, decisions)
-        decisions = await self._bounces(claim, hmail, decisions, now, ticket)
-        delay_noticed = await self._delay_notice(claim, decisions, outbound, now)
-        await self._success_notice(claim, by_id, decisions, now)
+        delay_noticed: set[int] = set()
+        if not all_delivered:  # else no hook, DSN or delay notice has anything to do
+            decisions = await self._deferred_hook(claim, hmail, decisions)
+            decisions = await self._bounces(claim, hmail, decisions, now, ticket)
+            delay_noticed = await self._delay_notice(claim, decisions, outbound, now)
+        if any(r.notify is not None for r in claim.recipients):
+            # No NOTIFY means FAILURE,DELAY (dsn.notify_wants): never a success notice.
+            await self._success_notice(claim, by_id, decisions, now)
 
-        records = [
-            AttemptRecord(
-                recipient_id=rid,
-                outcome=d.outcome,
-                started_at=started,
-                finished_at=now,
-                mx_host=d.conn.mx_host if d.conn else None,
-                mx_ip=d.conn.mx_ip if d.conn else None,
-                port=d.conn.port if d.conn else None,
-                tls=d.conn.tls if d.conn else None,
-                auth=d.conn.auth if d.conn else None,
-                tls_policy=d.conn.tls_policy if d.conn else None,
-                tls_policy_met=d.conn.tls_policy_met if d.conn else None,
-                code=d.reply.recorded_code,
-                status=d.reply.status,
-                response=d.reply.text,
-                next_attempt_at=d.next_attempt_at,
-                count_failure=d.count_failure,
-                reason=d.reason or d.reply.context,
-                delay_notified=rid in delay_noticed,
-                final_status=_final_status(d),
-                final_response=d.reason if d.outcome is Outcome.DROPPED else None,
-            )
-            for rid, d in decisions.items()
-        ]
+        records = _attempt_records(decisions, delay_noticed, started, now)
         result = await self.spool.record(self.owner, claim, records, now=now)
         if any(d.final_status == BODY_MISSING_STATUS for d in decisions.values()):
             await self._drop_lost_message(claim, now)
@@ -853,11 +835,58 @@ class DeliveryEngine:
 _NO_CONNECTION = Connection()
 
 
-def _final_status(d: Decision) -> str | None:
-    """The status a drop shows in the views (the decision is ours, not a reply's)."""
-    if d.outcome is not Outcome.DROPPED:
-        return None
-    return d.final_status or dsn.STATUS_OPERATOR
+def _attempt_records(
+    decisions: dict[int, Decision], delay_noticed: set[int], started: float, now: float
+) -> list[AttemptRecord]:
+    """One attempt record per recipient (positional: made once per recipient).
+
+    The connection's fields are read once per connection, not per
+    recipient: the recipients of a delivery almost always share one.
+    """
+    records: list[AttemptRecord] = []
+    seen: Connection | None = _NO_CONNECTION
+    mx_host = mx_ip = tls = auth = tls_policy = None
+    port: int | None = None
+    tls_policy_met: bool | None = None
+    for rid, d in decisions.items():
+        conn = d.conn
+        if conn is not seen:
+            seen = conn
+            if conn is None:
+                mx_host = mx_ip = tls = auth = tls_policy = None
+                port = tls_policy_met = None
+            else:
+                mx_host, mx_ip, port, tls = conn.mx_host, conn.mx_ip, conn.port, conn.tls
+                auth, tls_policy, tls_policy_met = conn.auth, conn.tls_policy, conn.tls_policy_met
+        reply = d.reply
+        outcome = d.outcome
+        dropped = outcome is Outcome.DROPPED
+        records.append(
+            AttemptRecord(
+                rid,
+                outcome,
+                started,
+                now,
+                mx_host,
+                mx_ip,
+                port,
+                tls,
+                auth,
+                reply.recorded_code,
+                reply.status,
+                reply.text,
+                d.next_attempt_at,
+                d.count_failure,
+                d.reason or reply.context,
+                rid in delay_noticed,
+                # A drop is our decision, not a reply's: the views show its status.
+                (d.final_status or dsn.STATUS_OPERATOR) if dropped else None,
+                d.reason if dropped else None,
+                tls_policy,
+                tls_policy_met,
+            )
+        )
+    return records
 
 
 async def _body_lost(claim: Claim) -> bool:

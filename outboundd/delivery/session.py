@@ -1,7 +1,8 @@
 """One delivery attempt: a message's recipients over SMTP or LMTP to an MX.
 
-:func:`deliver_job` takes a :class:`DeliveryJob`, an ordered list of targets (MX
-addresses, best first) and :class:`SessionSettings`, and returns a
+:func:`deliver_job` takes a :class:`Job` (a claim, or a :class:`DeliveryJob`),
+an ordered list of targets (MX addresses, best first) and
+:class:`SessionSettings`, and returns a
 :class:`SessionResult` that says, for every recipient, whether it was
 delivered, deferred or bounced, with the reply that decided it.  It never
 raises for anything the network, the remote server or the body file does;
@@ -49,7 +50,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import datetime
 import functools
 import io
@@ -59,7 +59,7 @@ import re
 import socket
 import ssl
 import time
-from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import BinaryIO, NoReturn, Protocol, TypeAlias, cast
@@ -96,6 +96,7 @@ __all__ = [
     "ConnectionSource",
     "DeliveryJob",
     "EnvelopePlan",
+    "Job",
     "JobRecipient",
     "Recipient",
     "RecipientResult",
@@ -170,6 +171,41 @@ class Recipient(Protocol):
 
     @property
     def orcpt(self) -> str | None: ...
+
+
+class Job(Protocol):
+    """What a session reads of a message: a :class:`DeliveryJob`, or the
+    spool's ``Claim`` itself (the engine passes it as it is: no copy per
+    message).  The body is CRLF and not dot-stuffed: the file at
+    ``body_path``, or ``body`` itself when the spool keeps bodies in its
+    database (PostgreSQL)."""
+
+    @property
+    def mail_from(self) -> str: ...
+
+    @property
+    def recipients(self) -> Sequence[Recipient]: ...
+
+    @property
+    def body_path(self) -> Path | None: ...
+
+    @property
+    def size(self) -> int: ...
+
+    @property
+    def env_id(self) -> str | None: ...
+
+    @property
+    def ret(self) -> str | None: ...
+
+    @property
+    def smtputf8(self) -> bool: ...
+
+    @property
+    def body_8bit(self) -> bool: ...
+
+    @property
+    def body(self) -> bytes | None: ...
 
 
 @dataclass(slots=True)
@@ -600,7 +636,7 @@ def _size_limit(value: str) -> int:
 
 
 def plan_envelope(
-    job: DeliveryJob,
+    job: Job,
     recipients: Sequence[Recipient],
     extensions: Mapping[str, str],
     *,
@@ -737,7 +773,7 @@ def _map_failure(exc: BaseException, stage: Stage, peer: str, timeout: float) ->
 Settle: TypeAlias = Callable[["Recipient", Outcome, Reply, Stage], None]
 
 
-def _mail_words(job: DeliveryJob, plan: EnvelopePlan) -> list[bytes]:
+def _mail_words(job: Job, plan: EnvelopePlan) -> list[bytes]:
     """``MAIL FROM:<...> params``, as the words of the command."""
     return [
         b"MAIL",
@@ -836,30 +872,45 @@ class SetupFailure(TransientFailure):
 # The DATA phase reader
 
 
-def _take_response(buffer: bytearray) -> SMTPResponse | None:
-    """Remove and return the first complete reply in ``buffer``, if any."""
-    offset = 0
-    code = -1
-    lines: list[bytes] = []
+def _take_responses(data: bytes, responses: collections.deque[SMTPResponse]) -> int:
+    """Append every complete reply at the start of ``data`` to ``responses``.
+
+    Returns how many bytes they took (the rest is an incomplete reply).
+    One pass over the data, as many replies as it holds: a pipelined
+    envelope's replies usually come in one segment.  Raises
+    :class:`SMTPResponseException` for a malformed or over-long line; the
+    replies before it are kept.
+    """
+    taken = 0  # end of the last complete reply
+    start = 0  # start of the current line
+    lines: list[bytes] | None = None  # the lines so far of a multi-line reply
     while True:
-        end = buffer.find(b"\n", offset)
+        end = data.find(b"\n", start)
         if end == -1:
-            if len(buffer) - offset > _MAX_LINE:
+            if len(data) - start > _MAX_LINE:
                 raise SMTPResponseException(-1, "reply line too long")
-            return None
-        line = bytes(buffer[offset : end + 1])
-        if len(line) > _MAX_LINE:
+            return taken
+        if end - start >= _MAX_LINE:
             raise SMTPResponseException(-1, "reply line too long")
-        head = line[:3]
-        if not head.isdigit() or line[3:4] not in (b"-", b" ", b"\r", b"\n"):
-            text = line.decode("utf-8", "replace").strip()
-            raise SMTPResponseException(-1, f"malformed reply line: {text!r}")
-        code = int(head)
-        lines.append(line[4:].strip(b" \t\r\n"))
-        offset = end + 1
-        if line[3:4] != b"-":
-            del buffer[:offset]
-            return SMTPResponse(code, b"\n".join(lines).decode("utf-8", "surrogateescape"))
+        head = data[start : start + 3]
+        sep = data[start + 3 : start + 4]
+        if not head.isdigit() or sep not in (b"-", b" ", b"\r", b"\n"):
+            shown = data[start : end + 1].decode("utf-8", "replace").strip()
+            raise SMTPResponseException(-1, f"malformed reply line: {shown!r}")
+        text = data[start + 4 : end + 1].strip(b" \t\r\n")
+        start = end + 1
+        if sep == b"-":
+            if lines is None:
+                lines = [text]
+            else:
+                lines.append(text)
+            continue
+        if lines is not None:
+            lines.append(text)
+            text = b"\n".join(lines)
+            lines = None
+        responses.append(SMTPResponse(int(head), text.decode("utf-8", "surrogateescape")))
+        taken = start
 
 
 class _DataPhase(asyncio.Protocol):
@@ -896,14 +947,20 @@ class _DataPhase(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._error is not None:
             return
-        self._buffer.extend(data)
+        buffer = self._buffer
+        if buffer:  # the start of a reply came before: rare
+            buffer += data
+            data = bytes(buffer)
         try:
-            while (response := _take_response(self._buffer)) is not None:
-                self._responses.append(response)
+            taken = _take_responses(data, self._responses)
         except SMTPResponseException as exc:
             self._fail(exc)
             return
-        if len(self._buffer) > _MAX_REPLY:
+        if taken != len(data):
+            buffer[:] = data[taken:]
+        elif buffer:
+            buffer.clear()
+        if len(buffer) > _MAX_REPLY:
             self._fail(SMTPResponseException(-1, "reply too long"))
             return
         self._wake()
@@ -1406,7 +1463,7 @@ class Connection:
     # -- the transaction ----------------------------------------------------
 
     async def transact(
-        self, job: DeliveryJob, recipients: Sequence[Recipient] | None = None
+        self, job: Job, recipients: Sequence[Recipient] | None = None
     ) -> Transaction:
         """Run one mail transaction for ``recipients`` (default: all of the job's).
 
@@ -1434,7 +1491,7 @@ class Connection:
 
     async def _transact(
         self,
-        job: DeliveryJob,
+        job: Job,
         rcpts: tuple[Recipient, ...],
         settle: Settle,
     ) -> None:
@@ -1461,7 +1518,7 @@ class Connection:
 
     async def _transact_stepwise(
         self,
-        job: DeliveryJob,
+        job: Job,
         candidates: list[Recipient],
         plan: EnvelopePlan,
         body: BinaryIO,
@@ -1487,12 +1544,15 @@ class Connection:
         if response.code != 354:
             _settle_data_refusal(response, accepted, settle)
             return
-        with self._taken_over(Stage.DATA) as (transport, phase):
+        transport, phase = self._take_over(Stage.DATA)
+        try:
             await self._send_data(transport, phase, body, accepted, settle)
+        finally:
+            _hand_back(transport, phase)
 
     async def _transact_pipelined(
         self,
-        job: DeliveryJob,
+        job: Job,
         candidates: list[Recipient],
         plan: EnvelopePlan,
         body: BinaryIO,
@@ -1507,19 +1567,28 @@ class Connection:
         a 354 with no recipient accepted is ended with a lone dot.
         """
         settings = self.settings
-        with self._taken_over(Stage.MAIL) as (transport, phase):
+        transport, phase = self._take_over(Stage.MAIL)
+        try:
             commands = [b" ".join(_mail_words(job, plan))]
             commands += [_rcpt_line(r, plan) for r in candidates]
             commands.append(b"DATA")
             transport.write(b"\r\n".join(commands) + b"\r\n")
-            response = await self._phase_reply(phase, Stage.MAIL, settings.mail_timeout)
+            # A reply already here is taken without a coroutine (the RCPT and
+            # DATA replies usually come in the segment that brought MAIL's).
+            response = self._ready_reply(phase, Stage.MAIL) or await self._phase_reply(
+                phase, Stage.MAIL, settings.mail_timeout
+            )
             mail_ok = _mail_taken(response, candidates, settle)
             accepted: list[Recipient] = []
             for r in candidates:
-                response = await self._phase_reply(phase, Stage.RCPT, settings.rcpt_timeout)
+                response = self._ready_reply(phase, Stage.RCPT) or await self._phase_reply(
+                    phase, Stage.RCPT, settings.rcpt_timeout
+                )
                 if mail_ok and _rcpt_taken(response, r, settle):
                     accepted.append(r)
-            response = await self._phase_reply(phase, Stage.DATA, settings.data_timeout)
+            response = self._ready_reply(phase, Stage.DATA) or await self._phase_reply(
+                phase, Stage.DATA, settings.data_timeout
+            )
             if response.code == 354 and not accepted:
                 # Nothing to send, but the server waits for data: end it empty.
                 transport.write(b".\r\n")
@@ -1529,6 +1598,8 @@ class Connection:
                 _settle_data_refusal(response, accepted, settle)
                 return
             await self._send_data(transport, phase, body, accepted, settle)
+        finally:
+            _hand_back(transport, phase)
 
     async def _send_data(
         self,
@@ -1548,6 +1619,13 @@ class Connection:
         self._needs_rset = False
         if any(reply.code == 421 for reply in replies):
             self.abort()
+
+    def _ready_reply(self, phase: _DataPhase, stage: Stage) -> SMTPResponse | None:
+        """The next reply if it has arrived, else None; a 421 as in ``_phase_reply``."""
+        response = phase.take()
+        if response is not None and response.code == 421:
+            self._closed_by_server(response, stage)
+        return response
 
     async def _phase_reply(self, phase: _DataPhase, stage: Stage, seconds: float) -> SMTPResponse:
         """The next reply while we hold the transport; failures and 421 as ``_execute``."""
@@ -1572,9 +1650,12 @@ class Connection:
             for r in accepted:
                 settle(r, outcome_of(replies[0]), replies[0], Stage.DATA_END)
 
-    @contextlib.contextmanager
-    def _taken_over(self, stage: Stage) -> Iterator[tuple[asyncio.Transport, _DataPhase]]:
-        """Our own reader in front of aiosmtplib's protocol for a while, then aiosmtplib's again."""
+    def _take_over(self, stage: Stage) -> tuple[asyncio.Transport, _DataPhase]:
+        """Our own reader in front of aiosmtplib's protocol, until :func:`_hand_back`.
+
+        (A pair of calls in ``try``/``finally`` rather than a context
+        manager: it runs once or twice a message.)
+        """
         # uvloop's transports are not asyncio ABC subclasses, so no isinstance().
         transport = cast(asyncio.Transport | None, self._client.transport)
         if transport is None or transport.is_closing():
@@ -1584,11 +1665,7 @@ class Connection:
             )
         phase = _DataPhase(transport.get_protocol())
         transport.set_protocol(phase)
-        try:
-            yield transport, phase
-        finally:
-            if not transport.is_closing():
-                transport.set_protocol(phase.original)
+        return transport, phase
 
     async def _stream_body(
         self,
@@ -1664,6 +1741,12 @@ class Connection:
             raise failure from exc
 
 
+def _hand_back(transport: asyncio.Transport, phase: _DataPhase) -> None:
+    """aiosmtplib's protocol reads the connection again (see ``Connection._take_over``)."""
+    if not transport.is_closing():
+        transport.set_protocol(phase.original)
+
+
 async def _connect_socket(target: Target, settings: SessionSettings, peer: str) -> socket.socket:
     """A connected non-blocking socket, bound to ``mx.bind`` when given.
 
@@ -1702,7 +1785,7 @@ async def _connect_socket(target: Target, settings: SessionSettings, peer: str) 
     return sock
 
 
-async def _open_body(job: DeliveryJob) -> BinaryIO:
+async def _open_body(job: Job) -> BinaryIO:
     """The body, ready to stream.
 
     A small body (at most ``INLINE_BODY_MAX``, the common case) was written
@@ -1781,7 +1864,7 @@ async def _open(
 
 
 async def deliver_job(
-    job: DeliveryJob,
+    job: Job,
     targets: Sequence[Target],
     settings: SessionSettings,
     *,
@@ -1805,14 +1888,15 @@ async def deliver_job(
     for target in targets:
         if not pending:
             break
-        info = ConnectionInfo.for_target(target)
+        # What the record says of a target no connection was made to (made
+        # only then: a reused connection brings its own).
+        info: ConnectionInfo | None = None
         conn: Connection | None = None
         try:
             conn = await pool.take(target, settings) if pool is not None else None
             reused = conn is not None
             if conn is None:
                 conn = await _open(target, settings, pool)
-            info = conn.info
             tx = await conn.transact(job, pending)
             if reused and tx.failure is not None and not tx.settled:
                 # The server closed the idle connection we kept: that says
@@ -1820,7 +1904,6 @@ async def deliver_job(
                 conn.abort()
                 conn = None
                 conn = await _open(target, settings, pool)
-                info = conn.info
                 tx = await conn.transact(job, pending)
             if pool is not None:
                 await pool.give_back(conn, settings)
@@ -1837,6 +1920,9 @@ async def deliver_job(
         except Exception as exc:  # a bug here must defer, never lose, the recipients
             if conn is not None:
                 conn.abort()
+                info = conn.info
+            elif info is None:
+                info = ConnectionInfo.for_target(target)
             tx = Transaction(
                 {},
                 pending,
@@ -1852,6 +1938,8 @@ async def deliver_job(
             )
         if conn is not None:
             info = conn.info
+        elif info is None:
+            info = ConnectionInfo.for_target(target)
         connection = info
         results.update(tx.settled)
         pending = tx.unsettled
