@@ -183,3 +183,46 @@ async def test_replies_wait_for_a_client_that_stops_reading(tmp_path: Path) -> N
             writer.close()
             with contextlib.suppress(OSError):
                 await writer.wait_closed()
+
+
+async def test_data_reads_large_pieces_then_the_line_limit_applies_again(tmp_path: Path) -> None:
+    """DATA widens the stream reader's limit while it reads, and gives it back.
+
+    A message with lines ending in dots (each ``.<CRLF>`` ends a piece) and
+    a stretch longer than DATA's own read limit without one is stored
+    exactly; afterwards a command line is held to the command limit again.
+    """
+    config = make_config(tmp_path, plugins=(), relay_acl=["127.0.0.0/8"])
+    async with running_relay(config) as relay:
+        reader, writer = await asyncio.open_connection("127.0.0.1", relay.port())
+        try:
+            assert (await asyncio.wait_for(reader.readline(), 5)).startswith(b"220 ")
+            (session,) = relay.listeners.context.sessions
+            line_limit = session._reader._limit  # type: ignore[attr-defined]
+            assert line_limit == config.smtp.max_line_length + 1
+            body = b"Subject: pieces\r\n\r\n" + b"A sentence.\r\n" * 3000
+            body += (b"x" * 998 + b"\r\n") * 200  # 200 KB without a line ending in a dot
+            writer.write(
+                b"HELO client.test\r\nMAIL FROM:<a@example.com>\r\n"
+                b"RCPT TO:<b@example.org>\r\nDATA\r\n"
+            )
+            for _ in range(4):
+                await asyncio.wait_for(reader.readline(), 5)
+            writer.write(body + b".\r\n")
+            reply = await asyncio.wait_for(reader.readline(), 10)
+            assert reply.startswith(b"250 2.0.0 Ok: queued as "), reply
+            qid = reply.rstrip(b"\r\n").rsplit(b" ", 1)[1].decode()
+            # The headers gain Received, Message-ID and Date; the text is exact.
+            stored = relay.body(qid)
+            assert stored.split(b"\r\n\r\n", 1)[1] == body.split(b"\r\n\r\n", 1)[1]
+            assert b"\r\nSubject: pieces\r\n" in stored
+            assert session._reader._limit == line_limit  # type: ignore[attr-defined]
+            writer.write(b"NOOP " + b"x" * 2000 + b"\r\nNOOP\r\n")
+            assert await asyncio.wait_for(reader.readline(), 5) == (
+                b"500 5.5.2 Command line too long\r\n"
+            )
+            assert await asyncio.wait_for(reader.readline(), 5) == b"250 2.0.0 OK\r\n"
+        finally:
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()

@@ -15,9 +15,9 @@ not reachable through handler hooks alone:
 * Every reply carries an enhanced status code: :meth:`push` adds one to the
   few replies aiosmtpd still writes itself.
 
-The places that touch aiosmtpd and asyncio internals (the stream reader,
-the inactivity timer, the envelope factory, the flow-control flags) are
-small methods marked as such.
+The places that touch aiosmtpd and asyncio internals (the stream reader
+and its limit, the inactivity timer, the envelope factory, the flow-control
+flags) are small methods marked as such.
 """
 
 from __future__ import annotations
@@ -72,6 +72,10 @@ IDENT = "outboundd ESMTP"
 #: Reset the inactivity timer after this many octets of DATA, so a large
 #: message on a slow link is not cut off by ``inactivity_timeout``.
 _DATA_TIMER_STEP = 65536
+#: The stream reader's limit while DATA is read: the longest piece without
+#: an end marker it hands over at once (it buffers up to twice this before
+#: it stops reading the socket).
+_DATA_READ_LIMIT = 65536
 #: aiosmtpd's own limit for command lines other than MAIL/RCPT/AUTH.
 _COMMAND_LINE = 512
 #: Longest an AUTH waits for its turn while the client's other attempts are
@@ -261,6 +265,15 @@ class SubmissionSMTP(SMTP):
         # has to read from it directly, as aiosmtpd's own smtp_DATA does.
         piece: bytes = await self._reader.readuntil(b".\r\n")
         return piece
+
+    def _set_read_limit(self, limit: int) -> int:
+        # asyncio's StreamReader keeps its limit in ``_limit`` (the line
+        # limit aiosmtpd gave it); DATA widens it while it reads.  Returns
+        # the limit it replaced.
+        reader = self._reader
+        old: int = reader._limit  # type: ignore[attr-defined]
+        reader._limit = limit  # type: ignore[attr-defined]
+        return old
 
     async def _drain_overlong(self, consumed: int) -> bytes:
         chunk: bytes = await self._reader.read(consumed)
@@ -905,18 +918,26 @@ class SubmissionSMTP(SMTP):
         smtp = self.ctx.config.smtp
         collector = DataCollector(max_size=smtp.max_message_size, max_line=smtp.max_line_length)
         next_touch = _DATA_TIMER_STEP
-        while True:
-            try:
-                piece = await self._read_data_piece()
-            except asyncio.LimitOverrunError as exc:
-                # No end marker within the reader's limit: take what cannot
-                # be part of one, and look again.
-                piece = await self._drain_overlong(exc.consumed)
-            if collector.feed(piece):
-                break
-            if collector.size > next_touch:
-                next_touch = collector.size + _DATA_TIMER_STEP
-                self._touch_timer()
+        # The reader's limit is the command line limit, so a message of a
+        # few KB overran it (an exception and a second read per message)
+        # and paused and resumed the socket (two epoll_ctl calls): DATA
+        # reads with a limit of _DATA_READ_LIMIT, and gives the old one back.
+        line_limit = self._set_read_limit(_DATA_READ_LIMIT)
+        try:
+            while True:
+                try:
+                    piece = await self._read_data_piece()
+                except asyncio.LimitOverrunError as exc:
+                    # No end marker within the reader's limit: take what
+                    # cannot be part of one, and look again.
+                    piece = await self._drain_overlong(exc.consumed)
+                if collector.feed(piece):
+                    break
+                if collector.size > next_touch:
+                    next_touch = collector.size + _DATA_TIMER_STEP
+                    self._touch_timer()
+        finally:
+            self._set_read_limit(line_limit)
         body, problem = collector.result()
         if problem is DataProblem.TOO_BIG:
             return None, replies.TOO_BIG.with_text(
