@@ -293,8 +293,6 @@ class SubmissionSMTP(SMTP):
         library_log = _LIBRARY_LOG
         if library_log.isEnabledFor(logging.INFO):
             library_log.info("%r handling connection", session.peer)
-        if self._write(self._template.greeting_wire):
-            await self._writer.drain()
         bogus_budget = BOGUS_LIMIT
         while self.transport is not None and not self._quit:
             try:
@@ -425,6 +423,11 @@ class SubmissionSMTP(SMTP):
         self.transport = transport
         if _LIBRARY_LOG.isEnabledFor(logging.INFO):
             _LIBRARY_LOG.info("Peer: %r", session.peer)
+        # The greeting goes out now rather than on the session task's first
+        # step, a loop turn later, when a short inactivity_timeout may have
+        # closed the connection already.  A new transport's buffer is empty:
+        # there is nothing to wait for.
+        self._write(self._template.greeting_wire)
         self._handler_coroutine = self.loop.create_task(self._handle_client())
 
     def connection_lost(self, error: Exception | None) -> None:
