@@ -17,8 +17,10 @@ from pathlib import Path
 import pytest
 
 from outboundd.submission.acceptor import SessionBoard
+from tests import certs
 from tests.dnsserver import DNSServer
 from tests.harness import Daemon, write_config
+from tests.submission_fixtures import make_config, running_relay
 
 SESSIONS = 20
 
@@ -154,3 +156,35 @@ def test_a_slot_outside_the_board_is_refused() -> None:
             SessionBoard(board.fd, 2, 2)
     finally:
         board.close()
+
+
+async def test_failed_set_ups_leave_nothing_behind(tmp_path: Path, pki: certs.TestPKI) -> None:
+    """Clients that fail or abandon the implicit-TLS handshake, or hang up at
+    once, are dropped without a trace: the listener goes on accepting, and
+    the count of sessions being set up (what a node publishes on the board)
+    comes back to zero."""
+    config = make_config(tmp_path, pki=pki, implicit_tls=True, relay_acl=["127.0.0.0/8"])
+    async with running_relay(config) as relay:
+        # Plaintext where a TLS hello is due: the server hangs up.
+        reader, writer = await asyncio.open_connection("127.0.0.1", relay.port(implicit_tls=True))
+        writer.write(b"EHLO client.test\r\n")
+        assert await asyncio.wait_for(reader.read(), 10) == b""
+        writer.close()
+        # Connections abandoned before the handshake, and before the greeting.
+        for port in (relay.port(implicit_tls=True), relay.port()):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.close()
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", relay.port(implicit_tls=True), ssl=pki.client_context()
+        )
+        assert (await asyncio.wait_for(reader.readline(), 10)).startswith(b"220 ")
+        writer.write(b"QUIT\r\n")
+        assert (await asyncio.wait_for(reader.readline(), 10)).startswith(b"221 ")
+        writer.close()
+        for _ in range(200):
+            counts = [acceptor.open_sessions() for acceptor in relay.listeners.acceptors]
+            if counts == [0] * len(counts):
+                break
+            await asyncio.sleep(0.02)
+        assert counts == [0] * len(counts)
+        assert relay.messages() == []

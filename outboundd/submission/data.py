@@ -24,17 +24,36 @@ _STUFFED = re.compile(rb"^\.", re.MULTILINE)
 def _has_long_line(raw: bytes, limit: int) -> bool:
     """True when a line of ``raw`` (wire form) is longer than ``limit`` unstuffed.
 
-    The usual message has no line near the limit: one C-level pass decides.
+    The usual message has no line near the limit, which :func:`_lines_fit`
+    shows without splitting it; only a message it cannot vouch for is split
+    into its lines and judged line by line.
     """
-    if len(raw) <= limit:
+    if _lines_fit(raw, limit):
         return False
     lines = raw.split(b"\r\n")
-    if max(map(len, lines)) <= limit:
-        return False
     return any(
         len(line) > limit + 1 or (len(line) == limit + 1 and not line.startswith(b"."))
         for line in lines
     )
+
+
+def _lines_fit(raw: bytes, limit: int) -> bool:
+    """True when every CRLF-separated line of ``raw`` is at most ``limit`` octets.
+
+    From the start of a line, the last CRLF that begins within the next
+    ``limit`` octets ends only lines of at most ``limit`` octets, so the
+    search jumps to just after it: a few ``rfind`` calls a message instead
+    of a bytes object per line.  False when some line may be longer (no
+    CRLF within ``limit`` octets of a line's start).
+    """
+    start = 0
+    end = len(raw)
+    while end - start > limit:
+        found = raw.rfind(b"\r\n", start, start + limit + 2)
+        if found < 0:
+            return False
+        start = found + 2
+    return True
 
 
 class DataProblem(enum.Enum):

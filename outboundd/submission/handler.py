@@ -15,8 +15,9 @@ not reachable through handler hooks alone:
 * Every reply carries an enhanced status code: :meth:`push` adds one to the
   few replies aiosmtpd still writes itself.
 
-The three places that touch aiosmtpd internals (the stream reader, the
-inactivity timer and the envelope factory) are small methods marked as such.
+The places that touch aiosmtpd and asyncio internals (the stream reader
+and its limit, the inactivity timer, the envelope factory, the flow-control
+flags) are small methods marked as such.
 """
 
 from __future__ import annotations
@@ -33,11 +34,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import AnyStr, cast
 
+import aiosmtpd.smtp as aiosmtpd_smtp
 from aiosmtpd.smtp import (
+    BOGUS_LIMIT,
     MISSING,
     SMTP,
     AuthResult,
     Envelope,
+    Session,
+    TLSSetupException,
     _AuthMechAttr,
     _Missing,
     login_always_fail,
@@ -67,6 +72,10 @@ IDENT = "outboundd ESMTP"
 #: Reset the inactivity timer after this many octets of DATA, so a large
 #: message on a slow link is not cut off by ``inactivity_timeout``.
 _DATA_TIMER_STEP = 65536
+#: The stream reader's limit while DATA is read: the longest piece without
+#: an end marker it hands over at once (it buffers up to twice this before
+#: it stops reading the socket).
+_DATA_READ_LIMIT = 65536
 #: aiosmtpd's own limit for command lines other than MAIL/RCPT/AUTH.
 _COMMAND_LINE = 512
 #: Longest an AUTH waits for its turn while the client's other attempts are
@@ -75,6 +84,9 @@ _ADMISSION_WAIT = 30.0
 _ADMISSION_POLL = 0.05
 #: aiosmtpd's logger (its chatter is shown only at PROTOCOL level).
 _LIBRARY_LOG = logging.getLogger("mail.log")
+#: DATA's go-ahead (RFC 2034: no enhanced code on 354) and QUIT's answer.
+_START_DATA = replies.wire(replies.START_DATA, raw=True)
+_BYE = replies.LIBRARY_WIRE["221 Bye"]
 
 
 def _command_line_limit() -> int:
@@ -138,6 +150,11 @@ class SubmissionHandler:
 class SubmissionSMTP(SMTP):
     """One client connection."""
 
+    # asyncio's FlowControlMixin sets these in its __init__ (typeshed does
+    # not declare them); _write reads them instead of awaiting drain().
+    _paused: bool
+    _connection_lost: bool
+
     def __init__(
         self,
         ctx: SubmissionContext,
@@ -195,7 +212,7 @@ class SubmissionSMTP(SMTP):
         self.command_size_limits = collections.defaultdict(
             _command_line_limit, t.command_size_limits
         )
-        self._raw_replies = False
+        self._quit = False
         self._busy = False
         self._registered = False
         self._deadline = 0.0  # inactivity deadline (loop time); see _reset_timeout
@@ -233,15 +250,135 @@ class SubmissionSMTP(SMTP):
         # DATA); overriding it keeps our typed state in step with aiosmtpd's.
         return SubmissionEnvelope()
 
+    def _reset_envelope(self) -> None:
+        """A fresh transaction for HELO/EHLO: the current one if nothing was put in it.
+
+        Only a successful MAIL puts anything into an envelope (and RCPT
+        needs MAIL), so one without a sender is as new as a new one.
+        """
+        envelope = self.envelope
+        if not isinstance(envelope, SubmissionEnvelope) or envelope.sender is not None:
+            self.envelope = self._create_envelope()
+
     async def _read_data_piece(self) -> bytes:
         # aiosmtpd keeps the connection's StreamReader in ``_reader``; DATA
         # has to read from it directly, as aiosmtpd's own smtp_DATA does.
         piece: bytes = await self._reader.readuntil(b".\r\n")
         return piece
 
+    def _set_read_limit(self, limit: int) -> int:
+        # asyncio's StreamReader keeps its limit in ``_limit`` (the line
+        # limit aiosmtpd gave it); DATA widens it while it reads.  Returns
+        # the limit it replaced.
+        reader = self._reader
+        old: int = reader._limit  # type: ignore[attr-defined]
+        reader._limit = limit  # type: ignore[attr-defined]
+        return old
+
     async def _drain_overlong(self, consumed: int) -> bytes:
         chunk: bytes = await self._reader.read(consumed)
         return chunk
+
+    async def _handle_client(self) -> None:
+        # aiosmtpd's command loop, minus what never applies to our sessions
+        # (PROXY protocol, per-command call limits: neither is configured)
+        # and minus its per-command overhead: two log calls per line, a bound
+        # method and a defaultdict entry per command.  Replies, limits and
+        # error handling are aiosmtpd's, reply for reply.
+        session = self.session
+        assert session is not None
+        reader = self._reader
+        functions = command_functions(type(self))
+        limits = self.command_size_limits
+        library_log = _LIBRARY_LOG
+        if library_log.isEnabledFor(logging.INFO):
+            library_log.info("%r handling connection", session.peer)
+        bogus_budget = BOGUS_LIMIT
+        while self.transport is not None and not self._quit:
+            try:
+                try:
+                    line: bytes = await reader.readuntil()
+                except asyncio.LimitOverrunError as error:
+                    # Line too long: read to its end before answering.
+                    await reader.read(error.consumed)
+                    while True:
+                        try:
+                            await reader.readuntil()
+                            break
+                        except asyncio.LimitOverrunError as more:
+                            await reader.read(more.consumed)
+                    await self.push("500 Command line too long")
+                    continue
+                if library_log.isEnabledFor(logging.INFO):  # PROTOCOL level: its two lines
+                    chatter = aiosmtpd_smtp.sanitized_log
+                    chatter(library_log.debug, "_handle_client readline: %r", line)
+                    line = line.rstrip(b"\r\n")
+                    chatter(library_log.info, "%r >> %r", session.peer, line)
+                else:
+                    line = line.rstrip(b"\r\n")
+                if not line:
+                    await self.push("500 Error: bad syntax")
+                    continue
+                command_bytes, _, arg_bytes = line.partition(b" ")
+                try:
+                    command = command_bytes.upper().decode("ascii")
+                except UnicodeDecodeError:
+                    await self.push("500 Error: bad syntax")
+                    continue
+                # enable_SMTPUTF8 is always on: the argument keeps any octets.
+                arg = str(arg_bytes.strip(), "utf-8", "surrogateescape") if arg_bytes else None
+                limit = (
+                    limits.get(command, _COMMAND_LINE)
+                    if session.extended_smtp
+                    else self.command_size_limit
+                )
+                if len(line) > limit:
+                    await self.push("500 Command line too long")
+                    continue
+                if not self._tls_handshake_okay and command != "QUIT":
+                    await self.push("554 Command refused due to lack of security")
+                    continue
+                function = functions.get(command)
+                if function is None:
+                    library_log.warning("%r unrecognised: %s", session.peer, command)
+                    bogus_budget -= 1
+                    if bogus_budget < 1:
+                        library_log.warning("%r too many bogus commands", session.peer)
+                        await self.push("502 5.5.1 Too many unrecognized commands, goodbye.")
+                        self.transport.close()
+                        continue
+                    await self.push(f'500 Error: command "{command}" not recognized')
+                    continue
+                self._reset_timeout()
+                await function(self, arg)
+            except (asyncio.CancelledError, ConnectionResetError):
+                # The connection went away (during DATA, say).
+                if library_log.isEnabledFor(logging.INFO):
+                    library_log.info("%r Connection lost during _handle_client()", session.peer)
+                self._writer.close()
+                raise
+            except Exception as error:
+                await self._report_exception(error)
+
+    async def _report_exception(self, error: Exception) -> None:
+        # aiosmtpd's answer to an exception a command raised.
+        status = None
+        try:
+            status = await self.handle_exception(error)
+        except Exception as inner_error:
+            try:
+                peer = self.session.peer if self.session is not None else None
+                _LIBRARY_LOG.exception("%r Exception in handle_exception()", peer)
+                status = f"500 Error: ({inner_error.__class__.__name__}) {inner_error}"
+            except Exception:
+                status = "500 Error: Cannot describe error"
+        finally:
+            if isinstance(error, TLSSetupException):
+                if self.transport is not None:
+                    self.transport.close()
+                self.connection_lost(error)
+            else:
+                await self.push(status or "500 Error: Cannot describe error")
 
     def _touch_timer(self) -> None:
         # aiosmtpd's inactivity timer only restarts on commands.
@@ -271,10 +408,27 @@ class SubmissionSMTP(SMTP):
     # ------------------------------------------------------------ session state
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        super().connection_made(transport)
-        if not self._registered:  # called again after STARTTLS
-            self._registered = True
-            self.ctx.session_started(self)
+        if self._registered:  # called again after STARTTLS: aiosmtpd's own path
+            super().connection_made(transport)
+            return
+        self._registered = True
+        self.ctx.session_started(self)
+        # aiosmtpd's connection_made for a new connection, in its order,
+        # without formatting its "Peer" line unless its logger shows it.
+        self.envelope = self._create_envelope()
+        session = self.session = Session(self.loop)
+        session.peer = transport.get_extra_info("peername")
+        self._reset_timeout()
+        asyncio.StreamReaderProtocol.connection_made(self, transport)
+        self.transport = transport
+        if _LIBRARY_LOG.isEnabledFor(logging.INFO):
+            _LIBRARY_LOG.info("Peer: %r", session.peer)
+        # The greeting goes out now rather than on the session task's first
+        # step, a loop turn later, when a short inactivity_timeout may have
+        # closed the connection already.  A new transport's buffer is empty:
+        # there is nothing to wait for.
+        self._write(self._template.greeting_wire)
+        self._handler_coroutine = self.loop.create_task(self._handle_client())
 
     def connection_lost(self, error: Exception | None) -> None:
         try:
@@ -339,28 +493,40 @@ class SubmissionSMTP(SMTP):
         # printable ASCII, so nothing a client sent can put a control
         # character, a bare CR or raw UTF-8 into a reply.
         if isinstance(status, str):
-            data = replies.LIBRARY_WIRE.get(status) if not self._raw_replies else None
+            data = replies.LIBRARY_WIRE.get(status)
             if data is None:
-                data = replies.wire(status, raw=self._raw_replies)
+                data = replies.wire(status)
         else:
             data = status + b"\r\n"
-        await self._send(data)
+        if self._write(data):
+            await self._writer.drain()
 
     async def reply(self, reply: Reply) -> None:
         # Our named replies are encoded once, at import (replies.WIRE).
         data = replies.WIRE.get(reply)
-        await self._send(replies.wire(str(reply)) if data is None else data)
+        if self._write(replies.wire(str(reply)) if data is None else data):
+            await self._writer.drain()
 
     async def _send(self, data: bytes) -> None:
-        """Write one reply (one or more complete lines) and wait for the buffer to drain.
+        """Write one reply (one or more complete lines); wait if the buffer is full."""
+        if self._write(data):
+            await self._writer.drain()
+
+    def _write(self, data: bytes) -> bool:
+        """Write one reply; True when the caller must await the writer's ``drain()``.
 
         What aiosmtpd's ``push`` does with its encoded line, for octets
-        prepared before: one ``write`` per reply.
+        prepared before: one ``write`` per reply.  ``drain()`` is two
+        coroutines per reply that return at once unless the transport paused
+        writing (its buffer above the high-water mark) or the connection is
+        closing or gone; only then is it awaited, and it does what it always
+        did (waits, or raises ``ConnectionResetError``).
         """
-        self._writer.write(data)
+        writer = self._writer
+        writer.write(data)
         if _LIBRARY_LOG.isEnabledFor(logging.DEBUG):
             _LIBRARY_LOG.debug("%r << %r", self.session.peer if self.session else None, data)
-        await self._writer.drain()
+        return self._paused or self._connection_lost or writer.transport.is_closing()
 
     async def smtp_EHLO(self, hostname: str) -> None:
         # aiosmtpd's EHLO builds its keyword list, then lets a hook replace
@@ -373,7 +539,7 @@ class SubmissionSMTP(SMTP):
         if not hostname:
             await self._send(b"501 Syntax: EHLO hostname\r\n")  # RFC 2034: no enhanced code
             return
-        self.envelope = self._create_envelope()  # aiosmtpd's _set_rset_state
+        self._reset_envelope()  # aiosmtpd's _set_rset_state
         session.extended_smtp = True
         self.command_size_limits["MAIL"] += 10
         session.host_name = hostname
@@ -384,12 +550,30 @@ class SubmissionSMTP(SMTP):
         )
 
     async def smtp_HELO(self, hostname: str) -> None:
-        # RFC 2034: no enhanced codes in the EHLO/HELO replies.
-        self._raw_replies = True
-        try:
-            await super().smtp_HELO(hostname)
-        finally:
-            self._raw_replies = False
+        # aiosmtpd's HELO (our handler has no HELO hook), with its reply
+        # prepared once per listener.  RFC 2034: no enhanced code.
+        session = self.session
+        assert session is not None
+        if not hostname:
+            await self._send(b"501 Syntax: HELO hostname\r\n")
+            return
+        self._reset_envelope()
+        session.extended_smtp = False
+        session.host_name = hostname
+        if self._write(self._template.helo_wire):
+            await self._writer.drain()
+
+    async def smtp_QUIT(self, arg: str) -> None:
+        # aiosmtpd's QUIT cancels the session's own task to leave its command
+        # loop (an exception through every frame); ours ends the loop.
+        if arg:
+            await self.push("501 Syntax: QUIT")
+            return
+        self._quit = True
+        if self._write(_BYE):
+            await self._writer.drain()
+        if self.transport is not None:
+            self.transport.close()
 
     async def smtp_STARTTLS(self, arg: str) -> None:
         if self.tls_version() is not None:
@@ -708,11 +892,8 @@ class SubmissionSMTP(SMTP):
             return
         self._busy = True
         try:
-            self._raw_replies = True
-            try:
-                await self.push(replies.START_DATA)
-            finally:
-                self._raw_replies = False
+            if self._write(_START_DATA):
+                await self._writer.drain()
             body, error = await self._receive_data()
             # The transaction is over whatever happens next (RFC 5321 §4.1.1.4).
             self.envelope = self._create_envelope()
@@ -740,18 +921,26 @@ class SubmissionSMTP(SMTP):
         smtp = self.ctx.config.smtp
         collector = DataCollector(max_size=smtp.max_message_size, max_line=smtp.max_line_length)
         next_touch = _DATA_TIMER_STEP
-        while True:
-            try:
-                piece = await self._read_data_piece()
-            except asyncio.LimitOverrunError as exc:
-                # No end marker within the reader's limit: take what cannot
-                # be part of one, and look again.
-                piece = await self._drain_overlong(exc.consumed)
-            if collector.feed(piece):
-                break
-            if collector.size > next_touch:
-                next_touch = collector.size + _DATA_TIMER_STEP
-                self._touch_timer()
+        # The reader's limit is the command line limit, so a message of a
+        # few KB overran it (an exception and a second read per message)
+        # and paused and resumed the socket (two epoll_ctl calls): DATA
+        # reads with a limit of _DATA_READ_LIMIT, and gives the old one back.
+        line_limit = self._set_read_limit(_DATA_READ_LIMIT)
+        try:
+            while True:
+                try:
+                    piece = await self._read_data_piece()
+                except asyncio.LimitOverrunError as exc:
+                    # No end marker within the reader's limit: take what
+                    # cannot be part of one, and look again.
+                    piece = await self._drain_overlong(exc.consumed)
+                if collector.feed(piece):
+                    break
+                if collector.size > next_touch:
+                    next_touch = collector.size + _DATA_TIMER_STEP
+                    self._touch_timer()
+        finally:
+            self._set_read_limit(line_limit)
         body, problem = collector.result()
         if problem is DataProblem.TOO_BIG:
             return None, replies.TOO_BIG.with_text(

@@ -107,6 +107,10 @@ class SessionTemplate:
     #: The EHLO reply's octets for each (STARTTLS offered, AUTH offered):
     #: one write per EHLO.
     ehlo_wire: Mapping[tuple[bool, bool], bytes]
+    #: The greeting (``220 host ident``) and the HELO reply (``250 host``),
+    #: as sent: both name the listener's host, so both are made once.
+    greeting_wire: bytes
+    helo_wire: bytes
 
     def ehlo_reply(self, *, starttls: bool, auth: bool) -> bytes:
         """The EHLO reply when STARTTLS and AUTH are (or are not) offered."""
@@ -154,6 +158,8 @@ class SessionTemplate:
                 for starttls in (False, True)
                 for auth in (False, True)
             },
+            greeting_wire=wire(f"220 {hostname} {ident}"),
+            helo_wire=wire(f"250 {hostname}", raw=True),
         )
 
 
