@@ -120,11 +120,11 @@ class _Job:
 
 @dataclass(eq=False)
 class _AcceptJob(_Job):
-    message_row: dict[str, Any]
-    recipient_rows: list[dict[str, Any]]
+    message_row: tuple[Any, ...]  # insert_message's parameters, in order
+    recipient_rows: list[tuple[Any, ...]]  # insert_recipient(_leased)'s, without the id
     body_path: str
     link_rows: list[dict[str, Any]]
-    leased: bool = False  # recipient_rows carry a lease; the job's result is their ids
+    leased: bool = False  # recipient_rows carry a lease; the job's result is their rows
     body: bytes | None = None  # still to be written, by the database thread
     written: bool = False  # the body file is ours and exists
 
@@ -319,20 +319,7 @@ class SqliteSpool(Spool):
                 if in_tx:
                     conn.execute("BEGIN IMMEDIATE")
                 if accepts:
-                    conn.executemany(q("insert_message"), [j.message_row for j in accepts])
-                    conn.executemany(
-                        q("insert_recipient"),
-                        [row for j in accepts if not j.leased for row in j.recipient_rows],
-                    )
-                    for leased in accepts:
-                        if leased.leased:
-                            results[id(leased)] = [
-                                conn.execute(q("insert_recipient_leased"), row).fetchone()
-                                for row in leased.recipient_rows
-                            ]
-                    links = [row for j in accepts for row in j.link_rows]
-                    if links:
-                        conn.executemany(q("link_dsn"), links)
+                    self._insert_accepts(conn, accepts, results)
                 for job in live:
                     if isinstance(job, _OpJob):
                         results[id(job)] = job.op(conn)
@@ -365,6 +352,38 @@ class SqliteSpool(Spool):
         for job in live:
             settled[id(job)] = (True, results.get(id(job)))
         return [settled[id(j)] for j in batch]
+
+    @staticmethod
+    def _insert_accepts(
+        conn: sqlite3.Connection, accepts: list[_AcceptJob], results: dict[int, Any]
+    ) -> None:
+        """The rows of every accept of a batch: one ``executemany`` per table.
+
+        Leased recipients get their ids from here (``max_recipient_id`` + 1
+        on), so their claims are built from the values in hand: no
+        ``RETURNING`` row read back per recipient, which cost a statement
+        and two steps each (every step releases the database thread's GIL,
+        under load a thread switch with the event loop).
+        """
+        conn.executemany(q("insert_message"), [j.message_row for j in accepts])
+        plain = [row for j in accepts if not j.leased for row in j.recipient_rows]
+        if plain:
+            conn.executemany(q("insert_recipient"), plain)
+        leased = [j for j in accepts if j.leased]
+        if leased:
+            next_id = int(conn.execute(q("max_recipient_id")).fetchone()[0]) + 1
+            rows = []
+            for job in leased:
+                claimed = []
+                for row in job.recipient_rows:
+                    claimed.append(_new_leased_row(next_id, row))
+                    rows.append((next_id, *row))
+                    next_id += 1
+                results[id(job)] = claimed
+            conn.executemany(q("insert_recipient_leased"), rows)
+        links = [row for j in accepts for row in j.link_rows]
+        if links:
+            conn.executemany(q("link_dsn"), links)
 
     @staticmethod
     def _settle_accepts(
@@ -432,41 +451,26 @@ class SqliteSpool(Spool):
         relative = bodies.relative_body_path(qid)
         path = f"{self._queue_dir_text}/{relative}"  # str: pathlib was 5% of an accept
         now = time.time()
-        message_row = {
-            "queue_id": qid,
-            "mail_from": message.mail_from,
-            "body_file": relative,
-            "size": len(message.body),
-            "received_at": now,
-            "auth_user": message.auth_user,
-            "client_ip": message.client_ip,
-            "env_id": message.env_id,
-            "ret": message.ret,
-            "smtputf8": int(message.smtputf8),
-            "body_8bit": int(message.body_8bit),
-            "notes": (
-                json.dumps(dict(message.notes), default=str, separators=(",", ":"))
-                if message.notes
-                else "{}"
-            ),
-            "dsn_of": message.dsn_of,
-        }
-        recipient_rows = [
-            {
-                "queue_id": qid,
-                "recipient": rcpt.address,
-                "domain": domain_of(rcpt.address),
-                "notify": rcpt.notify,
-                "orcpt": rcpt.orcpt,
-                "next_attempt_at": now,
-            }
+        notes = (
+            json.dumps(dict(message.notes), default=str, separators=(",", ":"))
+            if message.notes
+            else "{}"
+        )
+        size = len(message.body)
+        # insert_message's order; _MESSAGE_COLUMNS is this without client_ip.
+        message_row = (
+            qid, message.mail_from, relative, size, now, message.auth_user, message.client_ip,
+            message.env_id, message.ret, int(message.smtputf8), int(message.body_8bit), notes,
+            message.dsn_of,
+        )  # fmt: skip
+        recipient_rows: list[tuple[Any, ...]] = [
+            (qid, rcpt.address, domain_of(rcpt.address), rcpt.notify, rcpt.orcpt, now)
             for rcpt in message.recipients
         ]
         if lease is not None:
             expires = now + lease.lease_seconds
-            for row in recipient_rows:
-                row["owner"] = lease.owner
-                row["expires"] = expires
+            held_by = (lease.owner, expires)
+            recipient_rows = [row + held_by for row in recipient_rows]
         # A DSN's link to the recipients it reports commits with its own rows.
         link_rows = [
             {"queue_id": message.dsn_of, "recipient": address, "dsn_queue_id": qid}
@@ -493,7 +497,7 @@ class SqliteSpool(Spool):
         if lease is None:
             self.new_work.set()
             return qid, []
-        stored = tuple(message_row[name] for name in _MESSAGE_COLUMNS)
+        stored = message_row[:6] + message_row[7:]  # _MESSAGE_COLUMNS: without client_ip
         claims = self._claims(ids, [stored], lease.owner, expires, always_split=lease.always_split)
         return qid, claims
 
@@ -1021,6 +1025,14 @@ def _is_zombie(pid: int) -> bool:
     # The state follows the parenthesised command name, which may hold spaces.
     state = stat.rpartition(")")[2].split()[:1]
     return state in (["Z"], ["X"])
+
+
+def _new_leased_row(recipient_id: int, row: tuple[Any, ...]) -> tuple[Any, ...]:
+    """A new leased recipient as the leasing statements return it (see queries.sql),
+    from its ``insert_recipient_leased`` parameters: no attempts, nothing last."""
+    queue_id, recipient, domain, notify, orcpt = row[:5]
+    return (recipient_id, queue_id, domain, recipient, notify, orcpt, 0, 0, "queued",
+            None, None, None, None, 0, None)  # fmt: skip
 
 
 def _attempt_row(rec: AttemptRecord, attempt: int) -> tuple[Any, ...]:

@@ -3,23 +3,29 @@
 -- "-- name: NAME" and runs to the next block.
 
 -- name: insert_message
+-- Numbered parameters, bound from a tuple in column order (one executemany for
+-- every message of an accept batch; a tuple binds faster than a dict).
 INSERT INTO messages (queue_id, mail_from, body_file, size, received_at, auth_user, client_ip,
                       env_id, ret, smtputf8, body_8bit, notes, dsn_of)
-VALUES (:queue_id, :mail_from, :body_file, :size, :received_at, :auth_user, :client_ip,
-        :env_id, :ret, :smtputf8, :body_8bit, :notes, :dsn_of)
+VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)
 
 -- name: insert_recipient
+-- ?1 queue_id, ?2 recipient, ?3 domain, ?4 notify, ?5 orcpt, ?6 next_attempt_at.
 INSERT INTO recipients (queue_id, recipient, domain, notify, orcpt, status, next_attempt_at)
-VALUES (:queue_id, :recipient, :domain, :notify, :orcpt, 'queued', :next_attempt_at)
+VALUES (?1, ?2, ?3, ?4, ?5, 'queued', ?6)
+
+-- name: max_recipient_id
+-- The ids insert_recipient_leased gives follow this one (inside the write transaction).
+SELECT coalesce(max(id), 0) FROM recipients
 
 -- name: insert_recipient_leased
--- A new recipient leased at once to the process that accepted it (it delivers it next).
-INSERT INTO recipients (queue_id, recipient, domain, notify, orcpt, status, next_attempt_at,
+-- A new recipient leased at once to the process that accepted it (it delivers it next):
+-- ?1 id, ?2 .. ?7 as insert_recipient, ?8 owner, ?9 expires.  The id comes from the
+-- caller (max_recipient_id + 1 on, as SQLite would choose it), so one executemany
+-- writes a batch's leased recipients and nothing is read back row by row.
+INSERT INTO recipients (id, queue_id, recipient, domain, notify, orcpt, status, next_attempt_at,
                         held_status, lease_owner, lease_expires_at)
-VALUES (:queue_id, :recipient, :domain, :notify, :orcpt, 'sending', :next_attempt_at,
-        'queued', :owner, :expires)
-RETURNING id, queue_id, domain, recipient, notify, orcpt, attempts, failures, held_status,
-          last_code, last_status, last_response, last_mx, delay_notified, dsn_queue_id
+VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'sending', ?7, 'queued', ?8, ?9)
 
 -- name: link_dsn
 -- A DSN was queued for these recipients of the original message.
