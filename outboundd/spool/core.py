@@ -291,14 +291,14 @@ class SqliteSpool(Spool):
             for refused in accepts:
                 settled[id(refused)] = (False, full)
             accepts = []
-        for new in accepts:
-            if new.body is not None and not new.written:
-                try:
-                    bodies.write_body(new.body_path, new.body)
-                except SpoolError as exc:
-                    settled[id(new)] = (False, exc)
-                    continue
-                new.written, new.body = True, None
+        unwritten = [j for j in accepts if j.body is not None and not j.written]
+        if unwritten:
+            errors = bodies.write_bodies([(j.body_path, j.body or b"") for j in unwritten])
+            for new, error in zip(unwritten, errors, strict=True):
+                if error is not None:
+                    settled[id(new)] = (False, error)
+                else:
+                    new.written, new.body = True, None
         accepts = [j for j in accepts if id(j) not in settled]
         if accepts:
             try:
