@@ -68,6 +68,11 @@ from outboundd.spool.types import (
 
 T = TypeVar("T")
 
+#: JSON for the record batch's lookups (recipient ids with their lease owners,
+#: finished messages).  ``ensure_ascii=False``: faster, and a string sqlite3
+#: could not bind (a lone surrogate) still fails the same way.
+_DUMPS = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
 DB_NAME = "outbound.db"
 #: Most jobs one transaction takes; bounds commit latency under load.
 MAX_BATCH = 512
@@ -132,6 +137,18 @@ class _AcceptJob(_Job):
 @dataclass(eq=False)
 class _OpJob(_Job):
     op: DbOp
+
+
+@dataclass(eq=False)
+class _RecordJob(_Job):
+    """One ``record()``: written together with the batch's other records."""
+
+    queue_id: str
+    owner: str
+    now: float
+    ids: list[int]  # the records' recipients, in order
+    attempt_rows: list[tuple[Any, ...]]  # insert_attempt's parameters
+    update_rows: list[tuple[Any, ...]]  # update_after_attempt's, one per recipient
 
 
 @dataclass
@@ -320,6 +337,9 @@ class SqliteSpool(Spool):
                     conn.execute("BEGIN IMMEDIATE")
                 if accepts:
                     self._insert_accepts(conn, accepts, results)
+                records = [j for j in live if isinstance(j, _RecordJob)]
+                if records:
+                    self._record_all(conn, records, results)
                 for job in live:
                     if isinstance(job, _OpJob):
                         results[id(job)] = job.op(conn)
@@ -384,6 +404,50 @@ class SqliteSpool(Spool):
         links = [row for j in accepts for row in j.link_rows]
         if links:
             conn.executemany(q("link_dsn"), links)
+
+    def _record_all(
+        self, conn: sqlite3.Connection, records: list[_RecordJob], results: dict[int, Any]
+    ) -> None:
+        """The attempt rows and new states of every ``record()`` of a batch.
+
+        Five statements however many records the batch holds: the lease
+        check, one ``executemany`` of the attempt rows, one of the state
+        updates, which messages are now finished, marking them (per record
+        this was four statements, two of them ``executemany``).  The lease
+        check and the finished messages each come back as one row holding a
+        JSON array, not a row per recipient.  Each job's result is what
+        :meth:`record` reports: the recipients whose lease was still held,
+        and the messages it finished.
+        """
+        ids = [rid for job in records for rid in job.ids]
+        if len(records) > 1 and len(set(ids)) != len(ids):
+            # A recipient in two records of one batch: the second must see
+            # the first's effect, as one after the other.
+            for job in records:
+                self._record_all(conn, [job], results)
+            return
+        dumps = _DUMPS
+        pairs = [(rid, job.owner) for job in records for rid in job.ids]
+        held = set(json.loads(conn.execute(q("record_held"), (dumps(pairs),)).fetchone()[0]))
+        conn.executemany(q("insert_attempt"), [row for job in records for row in job.attempt_rows])
+        updates = [row for job in records for row in job.update_rows if row[0] in held]
+        if updates:
+            conn.executemany(q("update_after_attempt"), updates)
+        # A message is reported finished by the last of the batch's records of it.
+        last: dict[str, _RecordJob] = {job.queue_id: job for job in records}
+        finishing = json.loads(
+            conn.execute(q("record_finishing"), (_json_strs(list(last)),)).fetchone()[0]
+        )
+        if finishing:
+            conn.execute(
+                q("record_finish"), (dumps([(qid, last[qid].now) for qid, _ in finishing]),)
+            )
+            paths = [f"{self._queue_dir_text}/{body_file}" for _, body_file in finishing]
+            self.after_commit(lambda: bodies.remove_bodies(paths))
+        finished = {qid for qid, _ in finishing}
+        for job in records:
+            mine = job.queue_id in finished and last[job.queue_id] is job
+            results[id(job)] = (held, (job.queue_id,) if mine else ())
 
     @staticmethod
     def _settle_accepts(
@@ -630,31 +694,24 @@ class SqliteSpool(Spool):
                 raise ValueError(f"recipient {rec.recipient_id} is not part of this claim")
             if rec.outcome is Outcome.DEFERRED and rec.next_attempt_at is None:
                 raise ValueError("a deferred outcome needs next_attempt_at")
-        ids = _json_ints(r.recipient_id for r in records)
-        attempt_rows = [_attempt_row(rec, attempt_numbers[rec.recipient_id]) for rec in records]
-
-        def op(conn: sqlite3.Connection) -> tuple[set[int], list[Any]]:
-            held = {
-                row[0]
-                for row in conn.execute(
-                    q("leased_by_owner"), {"ids": ids, "owner": owner}
-                ).fetchall()
-            }
-            conn.executemany(q("insert_attempt"), attempt_rows)
-            conn.executemany(
-                q("update_after_attempt"),
-                [_update_row(rec, owner) for rec in records if rec.recipient_id in held],
-            )
-            finished = self._finish_messages(conn, [claim.queue_id], at)
-            return held, finished
-
-        held, finished = await self.run(op)
-        self._counters.records += 1
         ordered = [r.recipient_id for r in records]
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        job = _RecordJob(
+            fut,
+            True,
+            claim.queue_id,
+            owner,
+            at,
+            ordered,
+            [_attempt_row(rec, attempt_numbers[rec.recipient_id]) for rec in records],
+            [_update_row(rec, owner) for rec in records],
+        )
+        held, finished = await self._submit(job)
+        self._counters.records += 1
         return RecordResult(
             updated=tuple(i for i in ordered if i in held),
             lease_lost=tuple(i for i in ordered if i not in held),
-            finished_messages=tuple(row[0] for row in finished),
+            finished_messages=finished,
         )
 
     async def release(

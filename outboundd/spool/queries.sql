@@ -75,15 +75,16 @@ SELECT queue_id, mail_from, body_file, size, received_at, auth_user, env_id, ret
        body_8bit, notes, dsn_of
   FROM messages WHERE queue_id IN (SELECT value FROM json_each(:ids))
 
--- name: leased_by_owner
--- Which of these recipients does this owner still hold?  (record() guard)
-SELECT id FROM recipients
- WHERE id IN (SELECT value FROM json_each(:ids))
-   AND status = 'sending' AND lease_owner = :owner
+-- name: record_held
+-- record(), for a whole batch: which of these recipients does its owner still hold?
+-- ?1 a JSON array of [id, owner]; one row, a JSON array of the ids held.
+SELECT json_group_array(r.id)
+  FROM json_each(?1) AS j JOIN recipients AS r ON r.id = j.value ->> 0
+ WHERE r.status = 'sending' AND r.lease_owner = j.value ->> 1
 
 -- name: insert_attempt
--- Numbered parameters, bound from a tuple in column order (record() writes one
--- row per recipient; a tuple binds in two thirds of the time of a dict).
+-- Numbered parameters, bound from a tuple in column order (one executemany writes
+-- the rows of every record() of a batch; a tuple binds in two thirds of the time of a dict).
 INSERT INTO attempt_log (recipient_id, attempt, started_at, finished_at, mx_host, mx_ip, port,
                          tls, auth, code, status, response, outcome, reason,
                          tls_policy, tls_policy_met)
@@ -101,6 +102,22 @@ UPDATE recipients
        delay_notified = max(delay_notified, ?13),
        held_status = NULL, lease_owner = NULL, lease_expires_at = NULL
  WHERE id = ?1 AND status = 'sending' AND lease_owner = ?2
+
+-- name: record_finishing
+-- record(), for a whole batch: which of these messages (?1, a JSON array of queue IDs)
+-- now have every recipient final?  One row, a JSON array of [queue_id, body_file].
+SELECT json_group_array(json_array(m.queue_id, m.body_file))
+  FROM messages AS m
+ WHERE m.queue_id IN (SELECT value FROM json_each(?1)) AND m.finished_at IS NULL
+   AND NOT EXISTS (SELECT 1 FROM recipients r
+                    WHERE r.queue_id = m.queue_id
+                      AND r.status IN ('queued', 'sending', 'deferred'))
+
+-- name: record_finish
+-- Mark them finished: ?1 a JSON array of [queue_id, finished_at].
+UPDATE messages SET finished_at = j.value ->> 1
+  FROM json_each(?1) AS j
+ WHERE messages.queue_id = j.value ->> 0
 
 -- name: finish_messages
 -- Messages among these whose every recipient is final: mark them finished.
