@@ -28,7 +28,7 @@ from outboundd.spool import (
     bodies,
     lease_owner_id,
 )
-from outboundd.spool.core import INLINE_BODY_MAX, _json_strs
+from outboundd.spool.core import INLINE_BODY_MAX, SqliteSpool, _json_strs
 from outboundd.spool.migrations import discover
 
 BODY = b"From: a@example.test\r\nSubject: hi\r\n\r\nHello\r\n.dot line\r\n"
@@ -418,6 +418,61 @@ async def test_record_without_lease_changes_nothing(spool: Spool) -> None:
     assert row == ("dropped", "deleted by operator")
     # the attempt happened, so it is recorded
     assert db(spool).execute("SELECT count(*) FROM attempt_log").fetchone()[0] == 1
+
+
+async def test_records_of_one_batch_are_written_together(spool: Spool) -> None:
+    """Concurrent records run as one batch (one transaction), each with its own answer.
+
+    Two claims of one message (two domains) finish it together: only one of
+    them reports it finished.  A claim whose lease was lost meanwhile gets
+    its attempt row and no state change, beside the others' changes.
+    """
+    split = await spool.accept(message("a@one.test", "b@two.test"))
+    singles = [await spool.accept(message(f"r{i}@three.test")) for i in range(6)]
+    owner = lease_owner_id()
+    claims = await spool.claim(owner, limit=20, lease_seconds=60)
+    assert len(claims) == 8
+    lost = next(c for c in claims if c.queue_id == singles[0])
+    await spool.finalize_message(lost.queue_id, Status.DROPPED, reason="deleted by operator")
+    t = time.time()
+    assert isinstance(spool, SqliteSpool)
+    commits = spool._counters.commits
+
+    def records(claim: Claim) -> list[AttemptRecord]:
+        if claim.domain == "two.test":
+            outcome, code, status = Outcome.BOUNCED, 550, "5.1.1"
+        else:
+            outcome, code, status = Outcome.DELIVERED, 250, "2.0.0"
+        return [
+            AttemptRecord(r.id, outcome, t, t + 1, code=code, status=status, mx_host="mx.test")
+            for r in claim.recipients
+        ]
+
+    results = await asyncio.gather(*(spool.record(owner, c, records(c)) for c in claims))
+    assert spool._counters.commits == commits + 1
+    by_claim = dict(zip((id(c) for c in claims), results, strict=True))
+    for claim in claims:
+        result = by_claim[id(claim)]
+        ids = tuple(r.id for r in claim.recipients)
+        if claim is lost:
+            assert result.lease_lost == ids and result.updated == ()
+            assert result.finished_messages == ()
+        else:
+            assert result.updated == ids and result.lease_lost == ()
+    finished = [q for r in results for q in r.finished_messages]
+    assert sorted(finished) == sorted([split, *singles[1:]])  # each once, the lost one not
+    con = db(spool)
+    statuses = dict(con.execute("SELECT recipient, status FROM deliveries").fetchall())
+    assert statuses["a@one.test"] == "delivered" and statuses["b@two.test"] == "bounced"
+    assert statuses["r0@three.test"] == "dropped"
+    assert all(statuses[f"r{i}@three.test"] == "delivered" for i in range(1, 6))
+    assert con.execute("SELECT count(*) FROM attempt_log").fetchone()[0] == 8
+    done = con.execute(
+        "SELECT count(*) FROM messages WHERE finished_at IS NOT NULL AND queue_id != ?",
+        (singles[0],),
+    ).fetchone()[0]
+    assert done == 6
+    assert not any(spool.body_path(q).exists() for q in [split, *singles])
 
 
 async def test_record_validates_its_input(spool: Spool) -> None:

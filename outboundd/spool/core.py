@@ -68,6 +68,11 @@ from outboundd.spool.types import (
 
 T = TypeVar("T")
 
+#: JSON for the record batch's lookups (recipient ids with their lease owners,
+#: finished messages).  ``ensure_ascii=False``: faster, and a string sqlite3
+#: could not bind (a lone surrogate) still fails the same way.
+_DUMPS = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
 DB_NAME = "outbound.db"
 #: Most jobs one transaction takes; bounds commit latency under load.
 MAX_BATCH = 512
@@ -120,11 +125,11 @@ class _Job:
 
 @dataclass(eq=False)
 class _AcceptJob(_Job):
-    message_row: dict[str, Any]
-    recipient_rows: list[dict[str, Any]]
+    message_row: tuple[Any, ...]  # insert_message's parameters, in order
+    recipient_rows: list[tuple[Any, ...]]  # insert_recipient(_leased)'s, without the id
     body_path: str
     link_rows: list[dict[str, Any]]
-    leased: bool = False  # recipient_rows carry a lease; the job's result is their ids
+    leased: bool = False  # recipient_rows carry a lease; the job's result is their rows
     body: bytes | None = None  # still to be written, by the database thread
     written: bool = False  # the body file is ours and exists
 
@@ -132,6 +137,18 @@ class _AcceptJob(_Job):
 @dataclass(eq=False)
 class _OpJob(_Job):
     op: DbOp
+
+
+@dataclass(eq=False)
+class _RecordJob(_Job):
+    """One ``record()``: written together with the batch's other records."""
+
+    queue_id: str
+    owner: str
+    now: float
+    ids: list[int]  # the records' recipients, in order
+    attempt_rows: list[tuple[Any, ...]]  # insert_attempt's parameters
+    update_rows: list[tuple[Any, ...]]  # update_after_attempt's, one per recipient
 
 
 @dataclass
@@ -291,14 +308,14 @@ class SqliteSpool(Spool):
             for refused in accepts:
                 settled[id(refused)] = (False, full)
             accepts = []
-        for new in accepts:
-            if new.body is not None and not new.written:
-                try:
-                    bodies.write_body(new.body_path, new.body)
-                except SpoolError as exc:
-                    settled[id(new)] = (False, exc)
-                    continue
-                new.written, new.body = True, None
+        unwritten = [j for j in accepts if j.body is not None and not j.written]
+        if unwritten:
+            errors = bodies.write_bodies([(j.body_path, j.body or b"") for j in unwritten])
+            for new, error in zip(unwritten, errors, strict=True):
+                if error is not None:
+                    settled[id(new)] = (False, error)
+                else:
+                    new.written, new.body = True, None
         accepts = [j for j in accepts if id(j) not in settled]
         if accepts:
             try:
@@ -319,20 +336,10 @@ class SqliteSpool(Spool):
                 if in_tx:
                     conn.execute("BEGIN IMMEDIATE")
                 if accepts:
-                    conn.executemany(q("insert_message"), [j.message_row for j in accepts])
-                    conn.executemany(
-                        q("insert_recipient"),
-                        [row for j in accepts if not j.leased for row in j.recipient_rows],
-                    )
-                    for leased in accepts:
-                        if leased.leased:
-                            results[id(leased)] = [
-                                conn.execute(q("insert_recipient_leased"), row).fetchone()
-                                for row in leased.recipient_rows
-                            ]
-                    links = [row for j in accepts for row in j.link_rows]
-                    if links:
-                        conn.executemany(q("link_dsn"), links)
+                    self._insert_accepts(conn, accepts, results)
+                records = [j for j in live if isinstance(j, _RecordJob)]
+                if records:
+                    self._record_all(conn, records, results)
                 for job in live:
                     if isinstance(job, _OpJob):
                         results[id(job)] = job.op(conn)
@@ -365,6 +372,82 @@ class SqliteSpool(Spool):
         for job in live:
             settled[id(job)] = (True, results.get(id(job)))
         return [settled[id(j)] for j in batch]
+
+    @staticmethod
+    def _insert_accepts(
+        conn: sqlite3.Connection, accepts: list[_AcceptJob], results: dict[int, Any]
+    ) -> None:
+        """The rows of every accept of a batch: one ``executemany`` per table.
+
+        Leased recipients get their ids from here (``max_recipient_id`` + 1
+        on), so their claims are built from the values in hand: no
+        ``RETURNING`` row read back per recipient, which cost a statement
+        and two steps each (every step releases the database thread's GIL,
+        under load a thread switch with the event loop).
+        """
+        conn.executemany(q("insert_message"), [j.message_row for j in accepts])
+        plain = [row for j in accepts if not j.leased for row in j.recipient_rows]
+        if plain:
+            conn.executemany(q("insert_recipient"), plain)
+        leased = [j for j in accepts if j.leased]
+        if leased:
+            next_id = int(conn.execute(q("max_recipient_id")).fetchone()[0]) + 1
+            rows = []
+            for job in leased:
+                claimed = []
+                for row in job.recipient_rows:
+                    claimed.append(_new_leased_row(next_id, row))
+                    rows.append((next_id, *row))
+                    next_id += 1
+                results[id(job)] = claimed
+            conn.executemany(q("insert_recipient_leased"), rows)
+        links = [row for j in accepts for row in j.link_rows]
+        if links:
+            conn.executemany(q("link_dsn"), links)
+
+    def _record_all(
+        self, conn: sqlite3.Connection, records: list[_RecordJob], results: dict[int, Any]
+    ) -> None:
+        """The attempt rows and new states of every ``record()`` of a batch.
+
+        Five statements however many records the batch holds: the lease
+        check, one ``executemany`` of the attempt rows, one of the state
+        updates, which messages are now finished, marking them (per record
+        this was four statements, two of them ``executemany``).  The lease
+        check and the finished messages each come back as one row holding a
+        JSON array, not a row per recipient.  Each job's result is what
+        :meth:`record` reports: the recipients whose lease was still held,
+        and the messages it finished.
+        """
+        ids = [rid for job in records for rid in job.ids]
+        if len(records) > 1 and len(set(ids)) != len(ids):
+            # A recipient in two records of one batch: the second must see
+            # the first's effect, as one after the other.
+            for job in records:
+                self._record_all(conn, [job], results)
+            return
+        dumps = _DUMPS
+        pairs = [(rid, job.owner) for job in records for rid in job.ids]
+        held = set(json.loads(conn.execute(q("record_held"), (dumps(pairs),)).fetchone()[0]))
+        conn.executemany(q("insert_attempt"), [row for job in records for row in job.attempt_rows])
+        updates = [row for job in records for row in job.update_rows if row[0] in held]
+        if updates:
+            conn.executemany(q("update_after_attempt"), updates)
+        # A message is reported finished by the last of the batch's records of it.
+        last: dict[str, _RecordJob] = {job.queue_id: job for job in records}
+        finishing = json.loads(
+            conn.execute(q("record_finishing"), (_json_strs(list(last)),)).fetchone()[0]
+        )
+        if finishing:
+            conn.execute(
+                q("record_finish"), (dumps([(qid, last[qid].now) for qid, _ in finishing]),)
+            )
+            paths = [f"{self._queue_dir_text}/{body_file}" for _, body_file in finishing]
+            self.after_commit(lambda: bodies.remove_bodies(paths))
+        finished = {qid for qid, _ in finishing}
+        for job in records:
+            mine = job.queue_id in finished and last[job.queue_id] is job
+            results[id(job)] = (held, (job.queue_id,) if mine else ())
 
     @staticmethod
     def _settle_accepts(
@@ -432,41 +515,26 @@ class SqliteSpool(Spool):
         relative = bodies.relative_body_path(qid)
         path = f"{self._queue_dir_text}/{relative}"  # str: pathlib was 5% of an accept
         now = time.time()
-        message_row = {
-            "queue_id": qid,
-            "mail_from": message.mail_from,
-            "body_file": relative,
-            "size": len(message.body),
-            "received_at": now,
-            "auth_user": message.auth_user,
-            "client_ip": message.client_ip,
-            "env_id": message.env_id,
-            "ret": message.ret,
-            "smtputf8": int(message.smtputf8),
-            "body_8bit": int(message.body_8bit),
-            "notes": (
-                json.dumps(dict(message.notes), default=str, separators=(",", ":"))
-                if message.notes
-                else "{}"
-            ),
-            "dsn_of": message.dsn_of,
-        }
-        recipient_rows = [
-            {
-                "queue_id": qid,
-                "recipient": rcpt.address,
-                "domain": domain_of(rcpt.address),
-                "notify": rcpt.notify,
-                "orcpt": rcpt.orcpt,
-                "next_attempt_at": now,
-            }
+        notes = (
+            json.dumps(dict(message.notes), default=str, separators=(",", ":"))
+            if message.notes
+            else "{}"
+        )
+        size = len(message.body)
+        # insert_message's order; _MESSAGE_COLUMNS is this without client_ip.
+        message_row = (
+            qid, message.mail_from, relative, size, now, message.auth_user, message.client_ip,
+            message.env_id, message.ret, int(message.smtputf8), int(message.body_8bit), notes,
+            message.dsn_of,
+        )  # fmt: skip
+        recipient_rows: list[tuple[Any, ...]] = [
+            (qid, rcpt.address, domain_of(rcpt.address), rcpt.notify, rcpt.orcpt, now)
             for rcpt in message.recipients
         ]
         if lease is not None:
             expires = now + lease.lease_seconds
-            for row in recipient_rows:
-                row["owner"] = lease.owner
-                row["expires"] = expires
+            held_by = (lease.owner, expires)
+            recipient_rows = [row + held_by for row in recipient_rows]
         # A DSN's link to the recipients it reports commits with its own rows.
         link_rows = [
             {"queue_id": message.dsn_of, "recipient": address, "dsn_queue_id": qid}
@@ -493,7 +561,7 @@ class SqliteSpool(Spool):
         if lease is None:
             self.new_work.set()
             return qid, []
-        stored = tuple(message_row[name] for name in _MESSAGE_COLUMNS)
+        stored = message_row[:6] + message_row[7:]  # _MESSAGE_COLUMNS: without client_ip
         claims = self._claims(ids, [stored], lease.owner, expires, always_split=lease.always_split)
         return qid, claims
 
@@ -626,31 +694,24 @@ class SqliteSpool(Spool):
                 raise ValueError(f"recipient {rec.recipient_id} is not part of this claim")
             if rec.outcome is Outcome.DEFERRED and rec.next_attempt_at is None:
                 raise ValueError("a deferred outcome needs next_attempt_at")
-        ids = _json_ints(r.recipient_id for r in records)
-        attempt_rows = [_attempt_row(rec, attempt_numbers[rec.recipient_id]) for rec in records]
-
-        def op(conn: sqlite3.Connection) -> tuple[set[int], list[Any]]:
-            held = {
-                row[0]
-                for row in conn.execute(
-                    q("leased_by_owner"), {"ids": ids, "owner": owner}
-                ).fetchall()
-            }
-            conn.executemany(q("insert_attempt"), attempt_rows)
-            conn.executemany(
-                q("update_after_attempt"),
-                [_update_row(rec, owner) for rec in records if rec.recipient_id in held],
-            )
-            finished = self._finish_messages(conn, [claim.queue_id], at)
-            return held, finished
-
-        held, finished = await self.run(op)
-        self._counters.records += 1
         ordered = [r.recipient_id for r in records]
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        job = _RecordJob(
+            fut,
+            True,
+            claim.queue_id,
+            owner,
+            at,
+            ordered,
+            [_attempt_row(rec, attempt_numbers[rec.recipient_id]) for rec in records],
+            [_update_row(rec, owner) for rec in records],
+        )
+        held, finished = await self._submit(job)
+        self._counters.records += 1
         return RecordResult(
             updated=tuple(i for i in ordered if i in held),
             lease_lost=tuple(i for i in ordered if i not in held),
-            finished_messages=tuple(row[0] for row in finished),
+            finished_messages=finished,
         )
 
     async def release(
@@ -1021,6 +1082,14 @@ def _is_zombie(pid: int) -> bool:
     # The state follows the parenthesised command name, which may hold spaces.
     state = stat.rpartition(")")[2].split()[:1]
     return state in (["Z"], ["X"])
+
+
+def _new_leased_row(recipient_id: int, row: tuple[Any, ...]) -> tuple[Any, ...]:
+    """A new leased recipient as the leasing statements return it (see queries.sql),
+    from its ``insert_recipient_leased`` parameters: no attempts, nothing last."""
+    queue_id, recipient, domain, notify, orcpt = row[:5]
+    return (recipient_id, queue_id, domain, recipient, notify, orcpt, 0, 0, "queued",
+            None, None, None, None, 0, None)  # fmt: skip
 
 
 def _attempt_row(rec: AttemptRecord, attempt: int) -> tuple[Any, ...]:

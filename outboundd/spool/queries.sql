@@ -3,23 +3,29 @@
 -- "-- name: NAME" and runs to the next block.
 
 -- name: insert_message
+-- Numbered parameters, bound from a tuple in column order (one executemany for
+-- every message of an accept batch; a tuple binds faster than a dict).
 INSERT INTO messages (queue_id, mail_from, body_file, size, received_at, auth_user, client_ip,
                       env_id, ret, smtputf8, body_8bit, notes, dsn_of)
-VALUES (:queue_id, :mail_from, :body_file, :size, :received_at, :auth_user, :client_ip,
-        :env_id, :ret, :smtputf8, :body_8bit, :notes, :dsn_of)
+VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)
 
 -- name: insert_recipient
+-- ?1 queue_id, ?2 recipient, ?3 domain, ?4 notify, ?5 orcpt, ?6 next_attempt_at.
 INSERT INTO recipients (queue_id, recipient, domain, notify, orcpt, status, next_attempt_at)
-VALUES (:queue_id, :recipient, :domain, :notify, :orcpt, 'queued', :next_attempt_at)
+VALUES (?1, ?2, ?3, ?4, ?5, 'queued', ?6)
+
+-- name: max_recipient_id
+-- The ids insert_recipient_leased gives follow this one (inside the write transaction).
+SELECT coalesce(max(id), 0) FROM recipients
 
 -- name: insert_recipient_leased
--- A new recipient leased at once to the process that accepted it (it delivers it next).
-INSERT INTO recipients (queue_id, recipient, domain, notify, orcpt, status, next_attempt_at,
+-- A new recipient leased at once to the process that accepted it (it delivers it next):
+-- ?1 id, ?2 .. ?7 as insert_recipient, ?8 owner, ?9 expires.  The id comes from the
+-- caller (max_recipient_id + 1 on, as SQLite would choose it), so one executemany
+-- writes a batch's leased recipients and nothing is read back row by row.
+INSERT INTO recipients (id, queue_id, recipient, domain, notify, orcpt, status, next_attempt_at,
                         held_status, lease_owner, lease_expires_at)
-VALUES (:queue_id, :recipient, :domain, :notify, :orcpt, 'sending', :next_attempt_at,
-        'queued', :owner, :expires)
-RETURNING id, queue_id, domain, recipient, notify, orcpt, attempts, failures, held_status,
-          last_code, last_status, last_response, last_mx, delay_notified, dsn_queue_id
+VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'sending', ?7, 'queued', ?8, ?9)
 
 -- name: link_dsn
 -- A DSN was queued for these recipients of the original message.
@@ -69,15 +75,16 @@ SELECT queue_id, mail_from, body_file, size, received_at, auth_user, env_id, ret
        body_8bit, notes, dsn_of
   FROM messages WHERE queue_id IN (SELECT value FROM json_each(:ids))
 
--- name: leased_by_owner
--- Which of these recipients does this owner still hold?  (record() guard)
-SELECT id FROM recipients
- WHERE id IN (SELECT value FROM json_each(:ids))
-   AND status = 'sending' AND lease_owner = :owner
+-- name: record_held
+-- record(), for a whole batch: which of these recipients does its owner still hold?
+-- ?1 a JSON array of [id, owner]; one row, a JSON array of the ids held.
+SELECT json_group_array(r.id)
+  FROM json_each(?1) AS j JOIN recipients AS r ON r.id = j.value ->> 0
+ WHERE r.status = 'sending' AND r.lease_owner = j.value ->> 1
 
 -- name: insert_attempt
--- Numbered parameters, bound from a tuple in column order (record() writes one
--- row per recipient; a tuple binds in two thirds of the time of a dict).
+-- Numbered parameters, bound from a tuple in column order (one executemany writes
+-- the rows of every record() of a batch; a tuple binds in two thirds of the time of a dict).
 INSERT INTO attempt_log (recipient_id, attempt, started_at, finished_at, mx_host, mx_ip, port,
                          tls, auth, code, status, response, outcome, reason,
                          tls_policy, tls_policy_met)
@@ -95,6 +102,22 @@ UPDATE recipients
        delay_notified = max(delay_notified, ?13),
        held_status = NULL, lease_owner = NULL, lease_expires_at = NULL
  WHERE id = ?1 AND status = 'sending' AND lease_owner = ?2
+
+-- name: record_finishing
+-- record(), for a whole batch: which of these messages (?1, a JSON array of queue IDs)
+-- now have every recipient final?  One row, a JSON array of [queue_id, body_file].
+SELECT json_group_array(json_array(m.queue_id, m.body_file))
+  FROM messages AS m
+ WHERE m.queue_id IN (SELECT value FROM json_each(?1)) AND m.finished_at IS NULL
+   AND NOT EXISTS (SELECT 1 FROM recipients r
+                    WHERE r.queue_id = m.queue_id
+                      AND r.status IN ('queued', 'sending', 'deferred'))
+
+-- name: record_finish
+-- Mark them finished: ?1 a JSON array of [queue_id, finished_at].
+UPDATE messages SET finished_at = j.value ->> 1
+  FROM json_each(?1) AS j
+ WHERE messages.queue_id = j.value ->> 0
 
 -- name: finish_messages
 -- Messages among these whose every recipient is final: mark them finished.
