@@ -184,6 +184,17 @@ async def test_queue_id_collision_is_refused(spool: Spool, size: int) -> None:
     assert spool.body_path(qid).read_bytes() == BODY
 
 
+async def test_a_large_body_leased_at_accept_is_read_from_its_file(spool: Spool) -> None:
+    """Only small bodies ride along with a leased claim; a large one is not
+    kept in memory until its delivery, which streams it from the file."""
+    big = (b"y" * 998 + b"\r\n") * (INLINE_BODY_MAX // 1000 + 10)
+    qid, claims = await spool.accept_leased(message("r@example.org", body=big),
+                                            Lease(lease_owner_id(), 60))  # fmt: skip
+    assert [c.body for c in claims] == [None]
+    assert claims[0].body_path == spool.body_path(qid)
+    assert spool.body_path(qid).read_bytes() == big
+
+
 async def test_large_body_is_written_outside_the_database_thread(spool: Spool) -> None:
     big = (b"y" * 998 + b"\r\n") * (INLINE_BODY_MAX // 1000 + 10)
     qids = await asyncio.gather(*(spool.accept(message("r@example.org", body=b)) for b in
@@ -252,6 +263,10 @@ async def test_accept_leased_returns_what_claim_would(spool: Spool) -> None:
     assert [c.queue_id for c in claimed] == [other, other]  # the leased ones are taken
     assert shape(leased) == shape(claimed)
     assert all(c.queue_id == qid and c.body_path == spool.body_path(qid) for c in leased)
+    # The body just accepted comes with the claims (no read back of the file),
+    # and the file, the durable copy, holds the same octets.
+    assert all(c.body == BODY for c in leased)
+    assert spool.body_path(qid).read_bytes() == BODY
     rows = (
         db(spool)
         .execute("SELECT status, lease_owner FROM recipients WHERE queue_id = ?", (qid,))

@@ -562,7 +562,10 @@ class SqliteSpool(Spool):
             self.new_work.set()
             return qid, []
         stored = message_row[:6] + message_row[7:]  # _MESSAGE_COLUMNS: without client_ip
-        claims = self._claims(ids, [stored], lease.owner, expires, always_split=lease.always_split)
+        in_hand = message.body if len(message.body) <= INLINE_BODY_MAX else None
+        claims = self._claims(
+            ids, [stored], lease.owner, expires, always_split=lease.always_split, body=in_hand
+        )
         return qid, claims
 
     # ----------------------------------------------------------------- claim
@@ -634,9 +637,16 @@ class SqliteSpool(Spool):
         expires: float,
         *,
         always_split: bool,
+        body: bytes | None = None,
     ) -> list[Claim]:
         """Claims from leased recipient rows (the columns every leasing statement
-        returns, see queries.sql) and their messages' rows (``_MESSAGE_COLUMNS``)."""
+        returns, see queries.sql) and their messages' rows (``_MESSAGE_COLUMNS``).
+
+        ``body``: the one message's body, when it is in hand (a small body
+        just accepted and leased to this process): the delivery then sends
+        it from memory instead of reading back the file written a moment
+        ago (an open, two reads and a close per message).  The file stays
+        the durable copy every later attempt reads."""
         by_id = {m[0]: m for m in messages}
         groups: dict[tuple[str, str] | int, list[Any]] = defaultdict(list)
         for row in rows:
@@ -664,6 +674,7 @@ class SqliteSpool(Spool):
                     recipients=tuple(claimed_recipient(r) for r in group),
                     lease_owner=owner,
                     lease_expires_at=expires,
+                    body=body,
                 )
             )
         claims.sort(key=lambda c: (c.received_at, c.queue_id, c.domain))

@@ -151,7 +151,9 @@ class Claim:
     recipients: tuple[ClaimedRecipient, ...]
     lease_owner: str
     lease_expires_at: float
-    body: bytes | None = None  # the body itself, when the backend keeps it in the database
+    #: The body itself: when the backend keeps it in the database, or when the
+    #: claim was leased at accept and the (small) body is still in hand.
+    body: bytes | None = None
 
 
 @dataclass(frozen=True, slots=True)
