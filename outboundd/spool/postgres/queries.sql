@@ -118,8 +118,9 @@ SELECT * FROM outboundd_claim(
 -- Serialise the transactions that may finish one message (records of its
 -- domains on several hosts, an operator's delete): each then sees the others'
 -- committed states when it checks whether every recipient is final.
--- (outboundd_record takes the same lock.)
-SELECT 1 FROM messages WHERE queue_id = :queue_id FOR UPDATE
+-- (outboundd_record takes the same lock: an advisory lock per message, held
+-- until the transaction ends, migrations/postgresql/0005_record_cost.sql.)
+SELECT pg_advisory_xact_lock(hashtext('outboundd-message'), hashtext(:queue_id))
 
 -- name: record_batch
 -- record(), group-committed: the records of every delivery waiting, in one call
