@@ -168,6 +168,17 @@ async def test_accept_keeps_dsn_parameters_and_links(spool: Spool) -> None:
     detail = await admin.show_message(spool, qid)
     assert detail.recipients[0].dsn_queue_id == dsn
     assert (await admin.show_message(spool, dsn)).dsn_of == qid
+    # A DSN committed in one batch with a leased accept is linked the same way.
+    other = await spool.accept(message("c@example.org"))
+    (_, leased), dsn2 = await asyncio.gather(
+        spool.accept_leased(message("d@example.org"), Lease(lease_owner_id(), 60, domain_room=5)),
+        spool.accept(
+            NewMessage("", [NewRecipient("a@example.test")], b"DSN\r\n", dsn_of=other,
+                       dsn_recipients=["c@example.org"])
+        ),
+    )  # fmt: skip
+    assert [c.recipients[0].address for c in leased] == ["d@example.org"]
+    assert (await admin.show_message(spool, other)).recipients[0].dsn_queue_id == dsn2
 
 
 async def test_accept_rejects_bad_input(spool: Spool) -> None:
