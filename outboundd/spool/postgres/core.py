@@ -446,7 +446,6 @@ class PostgresSpool(Spool):
         leasing = any(job.lease is not None for job in batch)
         if leasing:
             _lease_groups(batch, params)
-        if leasing:
             stmt = pq("accept_leased_batch")
         else:
             stmt = pq("accept_batch_links" if links else "accept_batch")
