@@ -36,7 +36,7 @@ from outboundd.spool import (
     is_postgres_url,
     lease_owner_id,
 )
-from outboundd.spool.types import StoredStsPolicy, ThrottleEntry
+from outboundd.spool.types import Claim, Lease, StoredStsPolicy, ThrottleEntry
 
 BODY = b"From: a@example.test\r\nSubject: hi\r\n\r\nHello\r\n.dot line\r\n"
 ISO = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
@@ -168,6 +168,17 @@ async def test_accept_keeps_dsn_parameters_and_links(spool: Spool) -> None:
     detail = await admin.show_message(spool, qid)
     assert detail.recipients[0].dsn_queue_id == dsn
     assert (await admin.show_message(spool, dsn)).dsn_of == qid
+    # A DSN committed in one batch with a leased accept is linked the same way.
+    other = await spool.accept(message("c@example.org"))
+    (_, leased), dsn2 = await asyncio.gather(
+        spool.accept_leased(message("d@example.org"), Lease(lease_owner_id(), 60, domain_room=5)),
+        spool.accept(
+            NewMessage("", [NewRecipient("a@example.test")], b"DSN\r\n", dsn_of=other,
+                       dsn_recipients=["c@example.org"])
+        ),
+    )  # fmt: skip
+    assert [c.recipients[0].address for c in leased] == ["d@example.org"]
+    assert (await admin.show_message(spool, other)).recipients[0].dsn_queue_id == dsn2
 
 
 async def test_accept_rejects_bad_input(spool: Spool) -> None:
@@ -222,6 +233,61 @@ async def test_claim_groups_by_message_and_domain_and_carries_the_body(spool: Sp
     assert await spool.claim(owner, limit=10, lease_seconds=60) == []  # all leased
     entries = await admin.list_queue(spool)
     assert {e.status for e in entries} == {"sending"}
+
+
+async def test_accept_leased_returns_what_claim_would(
+    spool: Spool, queue_location: str | Path
+) -> None:
+    """A message accepted leased (room to spare) comes back as the claims a claim()
+    would give, wakes no scheduler, and is an ordinary lease that record() settles."""
+    owner = lease_owner_id()
+    new = NewMessage(
+        "a@example.test",
+        [NewRecipient("a@one.test", notify="FAILURE"), NewRecipient("b@one.test"),
+         NewRecipient("c@two.test", orcpt="rfc822;c@two.test")],
+        BODY,
+        env_id="env-1",
+        ret="HDRS",
+        notes={"k": "v"},
+    )  # fmt: skip
+    await asyncio.sleep(0.1)  # a PostgreSQL spool's listener has connected (and woken)
+    spool.new_work.clear()
+    qid, leased = await spool.accept_leased(new, Lease(owner, 60, domain_room=5))
+    await asyncio.sleep(0.1)  # a NOTIFY would have arrived by now
+    assert not spool.new_work.is_set()  # taken already: no scheduler needs waking
+    other = await spool.accept(new)
+    assert spool.new_work.is_set()
+    claimed = await spool.claim(owner, limit=10, lease_seconds=60)
+
+    def shape(claims: list[Claim]) -> list[tuple[object, ...]]:
+        return sorted(
+            (c.domain, c.mail_from, c.size, c.env_id, c.ret, dict(c.notes), c.lease_owner,
+             [(r.address, r.notify, r.orcpt, r.attempts, r.failures, r.previous_status)
+              for r in c.recipients])
+            for c in claims
+        )  # fmt: skip
+
+    assert [c.queue_id for c in claimed] == [other, other]  # the leased ones are taken
+    assert shape(leased) == shape(claimed)
+    for c in leased:
+        assert c.queue_id == qid
+        body = c.body if c.body is not None else c.body_path.read_bytes()  # type: ignore[union-attr]
+        assert body == BODY
+    rows = await sql_rows(
+        queue_location, f"SELECT status, lease_owner FROM recipients WHERE queue_id = '{qid}'"
+    )
+    assert rows == [("sending", owner)] * 3
+    claim = next(c for c in leased if c.domain == "two.test")
+    now = time.time()
+    result = await spool.record(
+        owner, claim, [AttemptRecord(claim.recipients[0].id, Outcome.DELIVERED, now, now)]
+    )
+    assert result.updated == (claim.recipients[0].id,)
+    split_qid, split = await spool.accept_leased(
+        message("x@one.test", "y@one.test"), Lease(owner, 60, always_split=True)
+    )
+    assert sorted(len(c.recipients) for c in split) == [1, 1]
+    assert {c.queue_id for c in split} == {split_qid}
 
 
 async def test_claim_always_split(spool: Spool) -> None:

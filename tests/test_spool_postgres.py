@@ -13,6 +13,7 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import asyncpg
 import pytest
 
 from outboundd import spool as spool_backend
@@ -29,8 +30,10 @@ from outboundd.spool import (
     lease_owner_id,
 )
 from outboundd.spool.postgres import PostgresSpool
+from outboundd.spool.postgres import core as pg_core
 from outboundd.spool.postgres.link import BACKOFF_MAX, BACKOFF_MIN, Link
 from outboundd.spool.postgres.sql import to_positional
+from outboundd.spool.types import Lease
 from tests.harness import Daemon, free_port, submit, write_config
 from tests.pgcluster import PgCluster
 from tests.test_ctl import assert_failed, ctl
@@ -127,6 +130,107 @@ async def test_a_claim_is_one_round_trip(pg_url: str) -> None:
             assert spool.round_trips - before == 1
     finally:
         await spool.close()
+
+
+async def test_accept_leased_counts_the_slots_every_host_holds(
+    two_hosts: tuple[Spool, Spool],
+) -> None:
+    """New mail is leased at accept only while its domain has room on every host:
+    a group without room is queued due, and wakes the schedulers for it."""
+    first, second = two_hosts
+    assert isinstance(second, PostgresSpool)
+    for name in ("a1@busy.test", "a2@busy.test"):
+        await first.accept(message(name))
+    a, b = lease_owner_id(), lease_owner_id()
+    assert len(await first.claim(a, limit=2, lease_seconds=60)) == 2  # busy.test: 2 slots
+    await asyncio.sleep(0.1)
+    second.new_work.clear()
+    before = second.round_trips
+    qid, leased = await second.accept_leased(
+        message("n@busy.test", "m@free.test"), Lease(b, 60, domain_room=3)
+    )
+    assert second.round_trips - before == 1
+    assert sorted(c.domain for c in leased) == ["busy.test", "free.test"]  # 2 + 1 <= 3
+    assert not second.new_work.is_set()
+    qid, leased = await second.accept_leased(
+        message("o@busy.test", "p@free.test"), Lease(b, 60, domain_room=3)
+    )
+    assert [c.domain for c in leased] == ["free.test"]  # busy.test holds 3 of 3
+    assert second.new_work.is_set()
+    assert await wait_set(first.new_work)
+    # The queued group is due, for whichever host has room once a slot is free.
+    assert await first.claim(a, limit=5, lease_seconds=60, domain_room=3) == []
+    [later] = await first.claim(a, limit=5, lease_seconds=60, domain_room=4)
+    assert later.queue_id == qid and later.recipients[0].address == "o@busy.test"
+
+
+async def test_accept_leased_takes_a_domains_last_slots_in_batch_order(pg_url: str) -> None:
+    """Accepts committed together share a domain's room in the order they came."""
+    spool = await spool_backend.open(pg_url)
+    try:
+        owner = lease_owner_id()
+        results = await asyncio.gather(
+            *(
+                spool.accept_leased(message(f"r{i}@one.test"), Lease(owner, 60, domain_room=2))
+                for i in range(4)
+            )
+        )
+        assert [len(claims) for _, claims in results] == [1, 1, 0, 0]
+        queued = await admin.list_queue(spool, status="queued")
+        assert sorted(e.recipient for e in queued) == ["r2@one.test", "r3@one.test"]
+    finally:
+        await spool.close()
+
+
+async def test_an_empty_claim_answers_until_work_is_queued(
+    two_hosts: tuple[Spool, Spool], pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A claim that finds nothing due says when the next attempt is; until then,
+    or until a NOTIFY or this spool's own accept, release or deferral, claims and
+    next_due_at answer without a round trip, for at most IDLE_HINT_SECONDS."""
+    first, second = two_hosts
+    assert isinstance(first, PostgresSpool)
+    monkeypatch.setattr(pg_core, "IDLE_HINT_SECONDS", 30.0)  # no timing in the asserts
+    owner = lease_owner_id()
+    await asyncio.sleep(0.1)
+    t = time.time()
+    await first.accept(message("a@d.test"))
+    [claim] = await first.claim(owner, limit=5, lease_seconds=60)
+    await first.record(
+        owner,
+        claim,
+        [AttemptRecord(claim.recipients[0].id, Outcome.DEFERRED, t, t, next_attempt_at=t + 900)],
+    )
+    before = first.round_trips
+    assert await first.claim(owner, limit=5, lease_seconds=60) == []
+    assert first.round_trips - before == 1
+    assert await first.claim(owner, limit=5, lease_seconds=60) == []
+    assert await first.next_due_at() == pytest.approx(t + 900)
+    assert first.round_trips - before == 1  # both answered from the empty claim
+    # Work due later than that is still claimed when it is due.
+    [due] = await first.claim(owner, limit=5, lease_seconds=60, now=t + 901)
+    assert due.recipients[0].address == "a@d.test"
+    await first.release(owner, [due.recipients[0].id], next_attempt_at=t + 900)
+    # Another host's accept wakes this one through the NOTIFY: claimed at once.
+    assert await first.claim(owner, limit=5, lease_seconds=60) == []
+    await second.accept(message("b@d.test"))
+    assert await wait_set(first.new_work)
+    [new] = await first.claim(owner, limit=5, lease_seconds=60)
+    assert new.recipients[0].address == "b@d.test"
+    # Without a NOTIFY (work made due behind its back), the answer expires.
+    assert await first.claim(owner, limit=5, lease_seconds=60) == []
+    conn = await asyncpg.connect(pg_url)
+    try:
+        await conn.execute(
+            "UPDATE recipients SET next_attempt_at = $1 WHERE status = 'deferred'", t
+        )
+    finally:
+        await conn.close()
+    assert await first.claim(owner, limit=5, lease_seconds=60) == []
+    monkeypatch.setattr(pg_core, "IDLE_HINT_SECONDS", 0.05)
+    await asyncio.sleep(0.1)
+    [behind] = await first.claim(owner, limit=5, lease_seconds=60)
+    assert behind.recipients[0].address == "a@d.test"
 
 
 async def test_concurrent_claims_never_exceed_the_domain_limit(pg_url: str) -> None:

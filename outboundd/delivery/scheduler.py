@@ -149,7 +149,8 @@ class Scheduler:
         if any(busy[d] + n > cap for d, n in wanted.items()):
             return None
         self._reserved.update(wanted)
-        return Reservation(Lease(self.owner, settings.lease_seconds, settings.always_split), wanted)
+        lease = Lease(self.owner, settings.lease_seconds, settings.always_split, domain_room=cap)
+        return Reservation(lease, wanted)
 
     def adopt(self, reservation: Reservation, claims: Sequence[Claim]) -> None:
         """Start the deliveries of a message accepted with ``reservation``."""

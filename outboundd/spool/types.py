@@ -163,6 +163,9 @@ class Lease:
     owner: str
     lease_seconds: float
     always_split: bool = False  # one claim per recipient instead of per domain
+    #: ``domain_concurrency_max``: a shared queue (PostgreSQL) leases a group at
+    #: accept only while its domain holds fewer slots on every host (None: no limit).
+    domain_room: int | None = None
 
 
 @dataclass(slots=True)

@@ -8,13 +8,19 @@ Driver: asyncpg with its pool (docs/scaling.md says why).
   sends every waiting accept as ONE statement (messages, bodies,
   recipients, DSN links and a NOTIFY, bound as arrays): one round trip and
   one commit for the batch, and each ``accept()`` returns only after that
-  commit (``synchronous_commit`` on: the WAL is flushed).
+  commit (``synchronous_commit`` on: the WAL is flushed).  A batch with
+  ``accept_leased()`` jobs is one call of ``outboundd_accept``, which also
+  leases each new group to its process while its domain has room on every
+  host (counted as a claim counts).
 - **Claims** lock due rows ``FOR UPDATE SKIP LOCKED`` (hosts claiming at the
   same moment take different rows instead of waiting), count the slots each
   domain holds on every host under a per-domain advisory lock, and lease
   what ``domain_concurrency_max`` allows, lease them and fetch their
   messages (bodies included): all of it one call of ``outboundd_claim``,
-  one round trip and one commit.
+  one round trip and one commit.  A claim that finds nothing due says
+  when the next attempt is due; until work may have become due (a NOTIFY,
+  this spool's own accept, release or deferral) or ``IDLE_HINT_SECONDS``
+  pass, claims and ``next_due_at()`` answer from that without a round trip.
 - **Leases** are owned by ``host:pid:token``; every state change is guarded
   by it.  Expired leases (a host that died or lost the database) are made
   due again by any host's claim, every ``EXPIRY_SWEEP_INTERVAL``; recovery
@@ -40,7 +46,7 @@ import json
 import socket
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeAlias, TypeVar
 
 import asyncpg
@@ -95,6 +101,10 @@ EXPIRY_SWEEP_INTERVAL = 5.0
 #: Rows a claim looks at per group it may take (a group is all due
 #: recipients of one message and domain).
 SCAN_FACTOR = 4
+#: How long an empty claim's word that nothing is due (before its next_due)
+#: is trusted without a NOTIFY: bounds how late this host notices work that
+#: another host made due without one (its expiry sweep, a short deferral).
+IDLE_HINT_SECONDS = 0.25
 #: The NOTIFY channel that wakes idle schedulers on every host.
 CHANNEL = "outboundd_work"
 #: How often the listener checks that its connection is alive.
@@ -108,6 +118,11 @@ class _AcceptJob:
     body: bytes
     recipients: list[dict[str, Any]]
     links: list[dict[str, Any]]
+    #: accept_leased: who takes the recipients, and until when.
+    lease: Lease | None = None
+    expires: float = 0.0
+    #: The rows of the recipients leased at commit (accept_leased).
+    leased: list[Any] = field(default_factory=list)
 
 
 @dataclass(eq=False)
@@ -144,6 +159,10 @@ class PostgresSpool(Spool):
         self._listener: asyncio.Task[None] | None = None
         self._closed = False
         self._swept_at = float("-inf")
+        #: Bumped whenever work may have become due (see _more_work).
+        self._generation = 0
+        #: From the last empty claim: (next_due, generation, monotonic time).
+        self._idle: tuple[float | None, int, float] | None = None
         self.new_work = asyncio.Event()
         self.recovery: RecoveryReport | None = None
 
@@ -297,6 +316,45 @@ class PostgresSpool(Spool):
     # ---------------------------------------------------------------- accept
 
     async def accept(self, message: NewMessage, *, queue_id: str | None = None) -> str:
+        job = self._accept_job(message, queue_id, None)
+        await self._queue.put(job)
+        # shield: a client that hangs up must not cancel a commit others share.
+        await asyncio.shield(job.future)
+        self._more_work()
+        return str(job.message["queue_id"])
+
+    async def accept_leased(
+        self, message: NewMessage, lease: Lease, *, queue_id: str | None = None
+    ) -> tuple[str, list[Claim]]:
+        """:meth:`accept`, leasing to ``lease.owner`` in the same commit what the
+        per-domain limit leaves room for on every host.
+
+        The domains' slots are counted under the same advisory locks as
+        :meth:`claim`'s (``outboundd_accept``), so ``lease.domain_room`` holds
+        across hosts; a group without room is queued due, as a plain accept's,
+        and wakes the schedulers.  When everything was leased nothing is
+        woken: no host's scheduler claims for work that is already taken.
+        """
+        job = self._accept_job(message, queue_id, lease)
+        await self._queue.put(job)
+        await asyncio.shield(job.future)
+        qid = str(job.message["queue_id"])
+        if len(job.leased) < len(job.recipients):
+            self._more_work()
+        if not job.leased:
+            return qid, []
+        m = job.message
+        stored = (
+            qid, m["mail_from"], m["size"], m["received_at"], m["auth_user"], m["env_id"],
+            m["ret"], m["smtputf8"], m["body_8bit"], m["notes"], m["dsn_of"], job.body,
+        )  # fmt: skip
+        return qid, _claims(
+            job.leased, [stored], lease.owner, job.expires, always_split=lease.always_split
+        )
+
+    def _accept_job(
+        self, message: NewMessage, queue_id: str | None, lease: Lease | None
+    ) -> _AcceptJob:
         if not message.recipients:
             raise ValueError("a message needs at least one recipient")
         if message.ret not in (None, "FULL", "HDRS"):
@@ -342,19 +400,10 @@ class PostgresSpool(Spool):
                 for address in (message.dsn_recipients if message.dsn_of is not None else ())
             ],
         )
-        await self._queue.put(job)
-        # shield: a client that hangs up must not cancel a commit others share.
-        await asyncio.shield(job.future)
-        self.new_work.set()
-        return qid
-
-    async def accept_leased(
-        self, message: NewMessage, lease: Lease, *, queue_id: str | None = None
-    ) -> tuple[str, list[Claim]]:
-        """Accept without leasing: every host's claim counts per-domain slots in the
-        database, so new mail goes through :meth:`claim` like any other (the NOTIFY
-        of the commit wakes this host's scheduler at once)."""
-        return await self.accept(message, queue_id=queue_id), []
+        if lease is not None:
+            job.lease = lease
+            job.expires = now + lease.lease_seconds
+        return job
 
     async def _write_loop(self) -> None:
         await group_commit_loop(self._queue, self._commit_accepts, MAX_BATCH)
@@ -394,15 +443,28 @@ class PostgresSpool(Spool):
         links = [row for job in batch for row in job.links]
         for key in ("queue_id", "recipient", "dsn_queue_id"):
             params[f"l_{key}"] = [row[key] for row in links]
-        stmt = pq("accept_batch")
+        leasing = any(job.lease is not None for job in batch)
+        if leasing:
+            _lease_groups(batch, params)
+            stmt = pq("accept_leased_batch")
+        else:
+            stmt = pq("accept_batch_links" if links else "accept_batch")
 
-        async def op(conn: Conn) -> None:
+        async def op(conn: Conn) -> list[Any]:
             # One statement outside an explicit transaction: it is its own
             # transaction, committed (and the WAL flushed) when it returns.
             self._counters.round_trips += 1
+            if leasing:
+                rows: list[Any] = await conn.fetch(stmt.text, *bind(stmt, params))
+                return rows
             await conn.fetchval(stmt.text, *bind(stmt, params))
+            return []
 
-        await self._run(op, transaction=False, write_error=True)
+        leased = await self._run(op, transaction=False, write_error=True)
+        if leased:
+            by_qid = {job.message["queue_id"]: job for job in batch}
+            for row in leased:
+                by_qid[row[1]].leased.append(tuple(row))
         self._counters.accepts += len(batch)
         self._counters.accept_commits += 1
 
@@ -426,6 +488,12 @@ class PostgresSpool(Spool):
         expires = at + lease_seconds
         if abs(at - self._swept_at) >= EXPIRY_SWEEP_INTERVAL:
             await self._sweep_expired(at)
+        idle = self._idle_until()
+        if idle is not None and (idle[0] is None or at < idle[0]):
+            # The last claim found nothing due before idle[0], and nothing was
+            # queued since: a claim now would find nothing either.
+            return []
+        generation = self._generation
 
         params = {
             "now": at,
@@ -445,8 +513,39 @@ class PostgresSpool(Spool):
             # transaction, so the claim is one round trip and one commit.
             return await self._fetch(conn, "claim", **params)
 
-        rows, msgs = _split_leased(await self._run(op, transaction=False))
+        leased = await self._run(op, transaction=False)
+        if len(leased) == 1 and leased[0][0] is None:
+            # Nothing due was free; the row says when the next attempt is due.
+            next_due = leased[0][-1]
+            self._idle = (
+                None if next_due is None else float(next_due),
+                generation,
+                time.monotonic(),
+            )
+            return []
+        rows, msgs = _split_leased(leased)
         return _claims(rows, msgs, owner, expires, always_split=always_split)
+
+    def _more_work(self) -> None:
+        """Work may have become due: forget the last empty claim's word, wake the scheduler."""
+        self._forget_idle()
+        self.new_work.set()
+
+    def _forget_idle(self) -> None:
+        """Work may become due before the last empty claim's next_due."""
+        self._generation += 1
+        self._idle = None
+
+    def _idle_until(self) -> tuple[float | None] | None:
+        """``(next_due,)`` from the last empty claim while it still holds, else None."""
+        idle = self._idle
+        if idle is None:
+            return None
+        next_due, generation, seen = idle
+        if generation != self._generation or time.monotonic() - seen >= IDLE_HINT_SECONDS:
+            self._idle = None
+            return None
+        return (next_due,)
 
     async def _sweep_expired(self, at: float) -> None:
         """Expired leases of any host become due again (its own short transaction)."""
@@ -456,7 +555,7 @@ class PostgresSpool(Spool):
             return await self._execute(conn, "release_expired", now=at)
 
         if await self._run(op, transaction=False):
-            self.new_work.set()
+            self._more_work()
 
     # ---------------------------------------------------------------- record
 
@@ -496,6 +595,8 @@ class PostgresSpool(Spool):
         # shield: the delivery task may be cancelled; the batch it shares goes on.
         held, finished = await asyncio.shield(job.future)
         self._counters.records += 1
+        if any(rec.outcome is Outcome.DEFERRED for rec in records):
+            self._forget_idle()  # its retry may come before the last next_due
         ordered = [r.recipient_id for r in records]
         return RecordResult(
             updated=tuple(i for i in ordered if i in held),
@@ -568,7 +669,9 @@ class PostgresSpool(Spool):
 
         count = await self._run(op, transaction=False)
         if next_attempt_at is None:
-            self.new_work.set()
+            self._more_work()
+        elif count:
+            self._forget_idle()  # due later, but maybe before the last next_due
         return count
 
     async def release_owner(self, owner: str) -> int:
@@ -578,7 +681,10 @@ class PostgresSpool(Spool):
                 await self._notify(conn)
             return count
 
-        return await self._run(op)
+        count = await self._run(op)
+        if count:
+            self._more_work()
+        return count
 
     async def renew_leases(self, owner: str, until: float) -> int:
         async def op(conn: Conn) -> int:
@@ -587,6 +693,10 @@ class PostgresSpool(Spool):
         return await self._run(op, transaction=False)
 
     async def next_due_at(self) -> float | None:
+        idle = self._idle_until()
+        if idle is not None:
+            return idle[0]  # the last empty claim's answer, still true
+
         async def op(conn: Conn) -> Any:
             return (await self._fetch(conn, "next_due"))[0][0]
 
@@ -624,7 +734,7 @@ class PostgresSpool(Spool):
             try:
                 conn.add_termination_listener(_setter(lost))
                 await conn.add_listener(CHANNEL, self._woken)
-                self.new_work.set()
+                self._more_work()
                 while not lost.is_set():
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(lost.wait(), LISTEN_CHECK_INTERVAL)
@@ -640,7 +750,7 @@ class PostgresSpool(Spool):
             conn.terminate()
 
     def _woken(self, *_args: object) -> None:
-        self.new_work.set()
+        self._more_work()
 
     # -------------------------------------------------------------- control
 
@@ -651,6 +761,8 @@ class PostgresSpool(Spool):
                 await self._notify(conn)
 
         await self._run(op)
+        if key == "paused" and value == "0":
+            self._more_work()
 
     async def get_control(self, key: str) -> str | None:
         async def op(conn: Conn) -> list[Any]:
@@ -772,7 +884,7 @@ class PostgresSpool(Spool):
         released, missing = await self._run(leases)
         self._swept_at = at
         if released:
-            self.new_work.set()
+            self._more_work()
         for qid in missing:
             await self.finalize_message(
                 qid,
@@ -903,7 +1015,7 @@ class PostgresSpool(Spool):
             return total
 
         count = await self._run(op)
-        self.new_work.set()
+        self._more_work()
         return count
 
     async def message_exists(self, queue_id: str) -> bool:
@@ -953,6 +1065,41 @@ _RECORD_KEYS = (
     "tls_policy_met", "new_status", "failure", "next_attempt_at", "last_code", "last_status",
     "last_response", "final_at", "delay_notified",
 )  # fmt: skip
+
+
+def _lease_groups(batch: Sequence[_AcceptJob], params: dict[str, Any]) -> None:
+    """``outboundd_accept``'s lease arguments for ``batch``: each recipient's group
+    (NULL: not leased) and each group's domain, limit, owner and expiry.  A group
+    is what a claim would take as one: a (message, domain), or one recipient
+    with ``always_split``; groups are numbered in the batch's order, which is
+    the order in which they get a domain's last slots."""
+    groups: list[str] = []
+    caps: list[int | None] = []
+    splits: list[bool] = []
+    owners: list[str] = []
+    expiries: list[float] = []
+    member: list[int | None] = []
+    for job in batch:
+        lease = job.lease
+        if lease is None:
+            member.extend(None for _ in job.recipients)
+            continue
+        numbered: dict[str, int] = {}
+        for row in job.recipients:
+            domain = row["domain"]
+            number = None if lease.always_split else numbered.get(domain)
+            if number is None:
+                groups.append(domain)
+                caps.append(lease.domain_room)
+                splits.append(lease.always_split)
+                owners.append(lease.owner)
+                expiries.append(job.expires)
+                number = numbered[domain] = len(groups)  # 1-based, as SQL arrays
+            member.append(number)
+    params.update(
+        r_group=member, g_domain=groups, g_cap=caps, g_split=splits, g_owner=owners,
+        g_expires=expiries,
+    )  # fmt: skip
 
 
 def _record_row(rec: AttemptRecord, owner: str, attempt: int) -> dict[str, Any]:
@@ -1016,7 +1163,7 @@ def _split_leased(leased: Sequence[Any]) -> tuple[list[Any], list[Any]]:
     for row in leased:
         values = tuple(row)
         rows.append(values[:_LEASED_COLUMNS])
-        message = values[_LEASED_COLUMNS:]
+        message = values[_LEASED_COLUMNS:-1]  # the last column is next_due
         if message[-1] is not None or message[0] not in messages:
             messages[message[0]] = message
     return rows, list(messages.values())

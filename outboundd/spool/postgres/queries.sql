@@ -4,9 +4,32 @@
 -- round trip) carries a whole group commit.
 
 -- name: accept_batch
--- A group commit: the messages, their bodies, their recipients and the DSN
--- links of every accept in the batch, in one statement (one round trip, one
--- commit).  Other hosts' schedulers are woken by the NOTIFY, sent at commit.
+-- A group commit: the messages, their bodies and their recipients of every
+-- accept in the batch, in one statement (one round trip, one commit).  Other
+-- hosts' schedulers are woken by the NOTIFY, sent at commit.  A batch with
+-- DSNs in it takes accept_batch_links: the links' UPDATE, even with nothing
+-- to link, was planned as a scan of every recipient in the queue.
+WITH m AS (
+    INSERT INTO messages (queue_id, mail_from, size, received_at, auth_user, client_ip,
+                          env_id, ret, smtputf8, body_8bit, notes, dsn_of)
+    SELECT * FROM unnest(:m_queue_id::text[], :m_mail_from::text[], :m_size::integer[],
+                         :m_received_at::float8[], :m_auth_user::text[], :m_client_ip::text[],
+                         :m_env_id::text[], :m_ret::text[], :m_smtputf8::integer[],
+                         :m_body_8bit::integer[], :m_notes::text[], :m_dsn_of::text[])
+), b AS (
+    INSERT INTO bodies (queue_id, body)
+    SELECT * FROM unnest(:m_queue_id::text[], :b_body::bytea[])
+), r AS (
+    INSERT INTO recipients (queue_id, recipient, domain, notify, orcpt, status, next_attempt_at)
+    SELECT q, a, d, n, o, 'queued', t
+      FROM unnest(:r_queue_id::text[], :r_recipient::text[], :r_domain::text[],
+                  :r_notify::text[], :r_orcpt::text[], :r_next_attempt_at::float8[])
+           AS x(q, a, d, n, o, t)
+)
+SELECT pg_notify('outboundd_work', '')
+
+-- name: accept_batch_links
+-- accept_batch for a batch with DSNs: the same, and their links.
 WITH m AS (
     INSERT INTO messages (queue_id, mail_from, size, received_at, auth_user, client_ip,
                           env_id, ret, smtputf8, body_8bit, notes, dsn_of)
@@ -31,6 +54,20 @@ WITH m AS (
        AND recipients.dsn_queue_id IS NULL
 )
 SELECT pg_notify('outboundd_work', '')
+
+-- name: accept_leased_batch
+-- A group commit with some accepts leased to their process
+-- (migrations/postgresql/0004_accept_leased.sql): the same rows as
+-- accept_batch, each lease group taken only while its domain has room on
+-- every host.  Rows: the leased recipients (the 15 columns of claim's).
+SELECT * FROM outboundd_accept(
+    :m_queue_id::text[], :m_mail_from::text[], :m_size::integer[], :m_received_at::float8[],
+    :m_auth_user::text[], :m_client_ip::text[], :m_env_id::text[], :m_ret::text[],
+    :m_smtputf8::integer[], :m_body_8bit::integer[], :m_notes::text[], :m_dsn_of::text[],
+    :b_body::bytea[], :r_queue_id::text[], :r_recipient::text[], :r_domain::text[],
+    :r_notify::text[], :r_orcpt::text[], :r_next_attempt_at::float8[], :r_group::integer[],
+    :g_domain::text[], :g_cap::integer[], :g_split::boolean[], :g_owner::text[],
+    :g_expires::float8[], :l_queue_id::text[], :l_recipient::text[], :l_dsn_queue_id::text[])
 
 -- name: release_expired
 -- Leases whose holder stopped renewing them (it died, or lost the database):
@@ -81,8 +118,9 @@ SELECT * FROM outboundd_claim(
 -- Serialise the transactions that may finish one message (records of its
 -- domains on several hosts, an operator's delete): each then sees the others'
 -- committed states when it checks whether every recipient is final.
--- (outboundd_record takes the same lock.)
-SELECT 1 FROM messages WHERE queue_id = :queue_id FOR UPDATE
+-- (outboundd_record takes the same lock: an advisory lock per message, held
+-- until the transaction ends, migrations/postgresql/0005_record_cost.sql.)
+SELECT pg_advisory_xact_lock(hashtext('outboundd-message'), hashtext(:queue_id))
 
 -- name: record_batch
 -- record(), group-committed: the records of every delivery waiting, in one call
