@@ -233,55 +233,6 @@ async def test_claim_always_split(spool: Spool) -> None:
     assert sorted(len(c.recipients) for c in claims) == [1, 1]
 
 
-async def test_accept_leased_returns_what_claim_would(spool: Spool) -> None:
-    """A message accepted leased comes back as the claims a claim() would give."""
-    owner = lease_owner_id()
-    new = NewMessage(
-        "a@example.test",
-        [NewRecipient("a@one.test", notify="FAILURE"), NewRecipient("b@one.test"),
-         NewRecipient("c@two.test", orcpt="rfc822;c@two.test")],
-        BODY,
-        env_id="env-1",
-        ret="HDRS",
-        notes={"k": "v"},
-    )  # fmt: skip
-    spool.new_work.clear()
-    qid, leased = await spool.accept_leased(new, Lease(owner, 60))
-    assert not spool.new_work.is_set()  # taken already: no scheduler needs waking
-    other = await spool.accept(new)
-    assert spool.new_work.is_set()
-    claimed = await spool.claim(owner, limit=10, lease_seconds=60)
-
-    def shape(claims: list[Claim]) -> list[tuple[object, ...]]:
-        return sorted(
-            (c.domain, c.mail_from, c.size, c.env_id, c.ret, dict(c.notes), c.lease_owner,
-             [(r.address, r.notify, r.orcpt, r.attempts, r.failures, r.previous_status)
-              for r in c.recipients])
-            for c in claims
-        )  # fmt: skip
-
-    assert [c.queue_id for c in claimed] == [other, other]  # the leased ones are taken
-    assert shape(leased) == shape(claimed)
-    assert all(c.queue_id == qid and c.body_path == spool.body_path(qid) for c in leased)
-    # The body just accepted comes with the claims (no read back of the file),
-    # and the file, the durable copy, holds the same octets.
-    assert all(c.body == BODY for c in leased)
-    assert spool.body_path(qid).read_bytes() == BODY
-    rows = (
-        db(spool)
-        .execute("SELECT status, lease_owner FROM recipients WHERE queue_id = ?", (qid,))
-        .fetchall()
-    )
-    assert rows == [("sending", owner)] * 3
-    # The lease is an ordinary lease: record() settles it.
-    claim = next(c for c in leased if c.domain == "two.test")
-    now = time.time()
-    result = await spool.record(
-        owner, claim, [AttemptRecord(claim.recipients[0].id, Outcome.DELIVERED, now, now)]
-    )
-    assert result.updated == (claim.recipients[0].id,)
-
-
 async def test_accept_leased_split_and_expiry(tmp_path: Path) -> None:
     s = await Spool.open(tmp_path / "q")
     try:
