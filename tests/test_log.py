@@ -281,15 +281,7 @@ def test_each_with_an_unprintable_field_logs_every_line(out: FlushCounter) -> No
 
 
 async def test_each_gives_the_log_hook_one_record_per_value(out: FlushCounter) -> None:
-    received: list[LogRecord] = []
-
-    async def hook(record: LogRecord) -> HookResult | None:
-        received.append(record)
-        return None
-
-    runner = make_runner()
-    runner.add("collector", "log", hook)
-    log.set_log_hook(runner)
+    received = collect_log_records()
     get_logger("delivery").each(Level.NOTICE, "delivered", "rcpt", ["a", "b"], qid="Q", code=250)
     await log.drain_log_hooks()
     assert [(r.qid, dict(r.fields)) for r in received] == [
@@ -462,7 +454,8 @@ def make_runner() -> HookRunner:
     return HookRunner([], timeout=5)
 
 
-async def test_log_hook_receives_records(out: FlushCounter) -> None:
+def collect_log_records() -> list[LogRecord]:
+    """Install a ``log`` hook that keeps every record it is given; the list fills as it runs."""
     received: list[LogRecord] = []
 
     async def hook(record: LogRecord) -> HookResult | None:
@@ -472,6 +465,11 @@ async def test_log_hook_receives_records(out: FlushCounter) -> None:
     runner = make_runner()
     runner.add("collector", "log", hook)
     log.set_log_hook(runner)
+    return received
+
+
+async def test_log_hook_receives_records(out: FlushCounter) -> None:
+    received = collect_log_records()
     get_logger("delivery").notice("delivered", qid="Q9", code=250)
     get_logger("delivery").debug("off: no record")
     assert received == []  # scheduled, never run inside the caller
