@@ -213,6 +213,9 @@ async def test_an_empty_claim_answers_until_work_is_queued(
     await first.release(owner, [due.recipients[0].id], next_attempt_at=t + 900)
     # Another host's accept wakes this one through the NOTIFY: claimed at once.
     assert await first.claim(owner, limit=5, lease_seconds=60) == []
+    # Cleared first: set by an earlier wake-up, the event would let the claim
+    # below run before the NOTIFY of this accept arrived.
+    first.new_work.clear()
     await second.accept(message("b@d.test"))
     assert await wait_set(first.new_work)
     [new] = await first.claim(owner, limit=5, lease_seconds=60)
