@@ -130,6 +130,20 @@ async def test_a_failed_directory_fsync_refuses_the_batch_and_keeps_no_body(
         await spool.close()
 
 
+async def test_a_missing_directory_reports_the_body_error_first(tmp_path: Path) -> None:
+    """The body's own error, as when directories were fsynced after the bodies."""
+    spool = await Spool.open(tmp_path / "q")
+    try:
+        (spool.queue_dir / "bodies" / "ab").rmdir()
+        lost = NewMessage("a@x.test", [NewRecipient("r@y.test")], BODY)
+        with pytest.raises(SpoolWriteError, match=r"cannot write message body lost-ab: "):
+            await spool.accept(lost, queue_id="lost-ab")
+        kept = await spool.accept(lost, queue_id="kept-cd")
+        assert spool.body_path(kept).read_bytes() == BODY
+    finally:
+        await spool.close()
+
+
 CRASH_SCRIPT = """
 import asyncio, sys
 from pathlib import Path

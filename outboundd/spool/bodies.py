@@ -235,7 +235,7 @@ def fsync_directories(paths: Iterable[str | Path]) -> None:
 
 
 class DirectorySync:
-    """Fsyncs body directories through descriptors kept open between batches.
+    """Body directories' descriptors, kept open between batches for their fsyncs.
 
     Every accept batch fsyncs its bodies' directory; opening and closing it
     each time cost two more system calls per batch, each a release of the
@@ -243,7 +243,9 @@ class DirectorySync:
     event loop).  The fan-out directories are created once and never
     replaced, so a descriptor opened once stays valid; at most
     ``len(FANOUT)`` are kept (the fan-out moves to a new directory about
-    every second).  Database thread only; :meth:`close` at spool close.
+    every second).  The batch fsyncs them with its bodies
+    (:func:`write_bodies`) and hands the results to :meth:`check`.
+    Database thread only; :meth:`close` at spool close.
     """
 
     def __init__(self) -> None:
@@ -271,11 +273,6 @@ class DirectorySync:
         if fd is not None:
             with contextlib.suppress(OSError):
                 os.close(fd)
-
-    def fsync(self, paths: Iterable[str]) -> None:
-        """Fsync each distinct directory of ``paths``; raises ``OSError``."""
-        pairs = self.descriptors(paths)
-        self.check(pairs, SERIAL_FSYNC.fsync([fd for _, fd in pairs]))
 
     def check(self, pairs: Sequence[tuple[str, int]], errors: Sequence[OSError | None]) -> None:
         """Raise the first of ``errors`` (the fsyncs of ``pairs``); forget failed descriptors."""

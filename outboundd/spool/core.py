@@ -375,13 +375,16 @@ class SqliteSpool(Spool):
         Every body's ``fsync`` and its directory's have returned before
         this does (DESIGN.md rule 1), all issued at once through
         :class:`bodies.ParallelFsync` so the filesystem can join them; a
-        failed accept is put in ``settled``.  A directory that fails to
-        open or fsync fails every accept of the batch, as before.
+        failed accept is put in ``settled``.  As before, a body's own
+        error comes first, and a directory that fails to open or fsync
+        fails every other accept of the batch.
         """
+        dirs: list[tuple[str, int]] = []
+        open_error: OSError | None = None
         try:
             dirs = self._directories.descriptors(os.path.dirname(j.body_path) for j in accepts)
         except OSError as exc:
-            return self._fail_unsynced(accepts, settled, exc)
+            open_error = exc  # the bodies still go first, so their own errors come first
         dir_fds = [fd for _, fd in dirs]
         unwritten = [j for j in accepts if j.body is not None and not j.written]
         if unwritten:
@@ -396,6 +399,8 @@ class SqliteSpool(Spool):
             dir_errors = self._fsyncs.fsync(dir_fds)
         accepts = [j for j in accepts if id(j) not in settled]
         try:
+            if open_error is not None:
+                raise open_error
             self._directories.check(dirs, dir_errors)
         except OSError as exc:
             return self._fail_unsynced(accepts, settled, exc)
