@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from benchlib.fsyncrate import KINDS, DurableRate, measure
+from benchlib.fsyncrate import DurableRate, available_kinds, measure
 from benchlib.procs import BenchError, ProcessRegistry, log, run_tool
 from benchlib.proctree import tree_cpu_seconds
 from benchlib.report import CLIENT_MODES, machine_info
@@ -59,8 +59,12 @@ MODES = {"new": CLIENT_MODES[False], "reuse": CLIENT_MODES[True]}
 PARTS = {"receive": "aiosmtpd receive", "send": "aiosmtplib send"}
 DURABLE_LABELS = {
     "body": "body: {size} write + fsync, one directory fsync per batch",
+    "body-batched": "bodies: all written, then each fsynced in turn, then the directory",
+    "body-parallel": "bodies: all written, then all and the directory fsynced at once (threads)",
+    "body-syncfs": "bodies: all written, then one syncfs(2) of the filesystem",
     "commit": "SQLite WAL commit (synchronous=FULL), one row per message",
     "accept": "accept batch: bodies + directory + commit",
+    "accept-parallel": "accept batch: bodies and directory fsynced at once + commit",
 }
 
 
@@ -291,11 +295,15 @@ def size_text(size: int) -> str:
 
 
 def render_durable(rates: Sequence[DurableRate], filesystem: str, size: int) -> str:
-    head = [f"durable write ({filesystem})", "messages per commit", "msg/s", "CPU-s/1k msgs"]
+    head = [
+        f"durable write ({filesystem})", "messages per commit", "msg/s", "CPU-s/1k msgs",
+        "device flushes per batch",
+    ]  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for r in rates:
         label = DURABLE_LABELS[r.kind].format(size=size_text(size))
-        cells = [label, str(r.batch), _fmt(r.per_second), _fmt(r.cpu_per_1k)]
+        flushes = "-" if r.flushes_per_batch is None else f"{r.flushes_per_batch:.1f}"
+        cells = [label, str(r.batch), _fmt(r.per_second), _fmt(r.cpu_per_1k), flushes]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -363,7 +371,7 @@ def distances(
         ("S2 drain (msg/s)", "S2 drain (msg/s)", send_rate, send),
         ("S2 drain CPU (CPU-s/1k msgs)", "S2 drain CPU (CPU-s/1k msgs)", send_cpu, send),
     ]
-    accepts = [r for r in durable if r.kind == "accept"]
+    accepts = [r for r in durable if r.kind.startswith("accept")]
     if accepts:
         best = max(accepts, key=lambda r: r.per_second)
         wanted.append(
@@ -493,7 +501,7 @@ def run_all(args: argparse.Namespace) -> int:
                         part_runs.append(r)
         if "fsync" in args.parts:
             count, seconds, batches = DURABLE[name]
-            for kind in KINDS:
+            for kind in available_kinds():
                 for batch in batches:
                     rate = median_rate(
                         [
