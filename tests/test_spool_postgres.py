@@ -131,29 +131,6 @@ async def test_a_claim_is_one_round_trip(pg_url: str) -> None:
     finally:
         await spool.close()
 
-async def test_a_limited_claim_locks_only_the_rows_it_leases(pg_url: str) -> None:
-    """Under a per-domain limit the domain's advisory lock serialises claims, so
-    the rows passed over are read without a lock: no tuple write, no WAL record
-    each.  A row lock leaves the locker's transaction ID in the row's ``xmax``,
-    so the queued rows' ``xmax`` says whether a claim locked them.  Without a
-    limit the scanned rows are still locked while choosing (hosts claiming at
-    once take different rows)."""
-    spool = await spool_backend.open(pg_url)
-    conn = await asyncpg.connect(pg_url)
-    try:
-        await asyncio.gather(*(spool.accept(message(f"r{i}@one.test")) for i in range(8)))
-        owner = lease_owner_id()
-        claims = await spool.claim(owner, limit=8, lease_seconds=60, domain_room=2)
-        assert len(claims) == 2
-        locked = "SELECT count(*) FROM recipients WHERE status = 'queued' AND xmax::text <> '0'"
-        assert await conn.fetchval(locked) == 0
-        assert len(await spool.claim(owner, limit=1, lease_seconds=60)) == 1
-        assert await conn.fetchval(locked) == 3  # limit 1: SCAN_FACTOR rows scanned, locked
-    finally:
-        await conn.close()
-        await spool.close()
-
-
 
 async def test_accept_leased_counts_the_slots_every_host_holds(
     two_hosts: tuple[Spool, Spool],

@@ -12,14 +12,12 @@ Driver: asyncpg with its pool (docs/scaling.md says why).
   ``accept_leased()`` jobs is one call of ``outboundd_accept``, which also
   leases each new group to its process while its domain has room on every
   host (counted as a claim counts).
-- **Claims** count the slots each domain holds on every host under a
-  per-domain advisory lock (claims of every host for one domain take turns
-  there), read the due rows again once it is held, lock ``FOR UPDATE SKIP
-  LOCKED`` only the rows ``domain_concurrency_max`` leaves room for, lease
-  them and fetch their messages (bodies included): all of it one call of
-  ``outboundd_claim``, one round trip and one commit.  (Without a per-domain
-  limit the scanned rows are locked as they are read, so hosts claiming at
-  the same moment take different rows instead of waiting.)  A claim that finds nothing due says
+- **Claims** lock due rows ``FOR UPDATE SKIP LOCKED`` (hosts claiming at the
+  same moment take different rows instead of waiting), count the slots each
+  domain holds on every host under a per-domain advisory lock, and lease
+  what ``domain_concurrency_max`` allows, lease them and fetch their
+  messages (bodies included): all of it one call of ``outboundd_claim``,
+  one round trip and one commit.  A claim that finds nothing due says
   when the next attempt is due; until work may have become due (a NOTIFY,
   this spool's own accept, release or deferral) or ``IDLE_HINT_SECONDS``
   pass, claims and ``next_due_at()`` answer from that without a round trip.

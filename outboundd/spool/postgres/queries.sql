@@ -105,10 +105,10 @@ SELECT m.queue_id, m.mail_from, m.size, m.received_at, m.auth_user, m.env_id, m.
  WHERE m.queue_id = ANY (:ids::text[])
 
 -- name: claim
--- claim() in one call (migrations/postgresql/0003_claim_function.sql, 0006):
--- the due rows, the domains' advisory locks and slot counts, the lease (only
--- the leased rows locked, under a per-domain limit) and the fetch of the
--- messages: one round trip, one commit.  Rows: the leased recipient's 15 columns, then its message's 12
+-- claim() in one call (migrations/postgresql/0003_claim_function.sql): the due
+-- rows locked FOR UPDATE SKIP LOCKED, the domains' advisory locks and slot
+-- counts, the lease and the fetch of the messages: one round trip, one
+-- commit.  Rows: the leased recipient's 15 columns, then its message's 12
 -- (the body only on the lowest-id leased row of each message).
 SELECT * FROM outboundd_claim(
     :now, :owner, :expires, :limit, :scan, :exclude::text[], :always_split,
