@@ -337,7 +337,7 @@ async def test_a_client_leaving_mid_data_leaves_nothing(tmp_path: Path) -> None:
 
 
 async def test_no_task_runs_between_commands_that_need_no_wait(tmp_path: Path) -> None:
-    """The design itself: a session task exists only while a command waits."""
+    """The design itself: a session task exists only while something waits."""
     async with running_relay(_config(tmp_path)) as relay:
         reader, writer = await asyncio.open_connection("127.0.0.1", relay.port())
         try:
@@ -351,12 +351,12 @@ async def test_no_task_runs_between_commands_that_need_no_wait(tmp_path: Path) -
             assert session._handler_coroutine is None
             writer.write(b"DATA\r\n")
             assert (await _read_reply(reader)).startswith(b"354 ")
-            task = session._handler_coroutine
-            assert task is not None and not task.done()
+            # The message is taken in data_received too; only queueing it waits.
+            assert session.is_busy() and session._handler_coroutine is None
             writer.write(_MESSAGE + b".\r\n")
             assert (await _read_reply(reader)).startswith(b"250 2.0.0 Ok: queued as ")
             await asyncio.sleep(0.01)
-            assert task.done() and session._handler_coroutine is None
+            assert not session.is_busy() and session._handler_coroutine is None
         finally:
             writer.close()
             with contextlib.suppress(OSError):
@@ -402,3 +402,84 @@ async def test_a_flood_of_pipelined_commands_waits_for_the_reader(tmp_path: Path
             writer.close()
             with contextlib.suppress(OSError):
                 await writer.wait_closed()
+
+
+async def test_refused_messages_pipelined_in_one_segment(tmp_path: Path) -> None:
+    """Many messages refused at their end, one write: each answered, in order."""
+    count = 1500
+    group = (
+        b"MAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.org>\r\nDATA\r\n"
+        b"Subject: bare\r\n\r\nbare\nline\r\n.\r\n"
+    )
+    script: list[Step] = [
+        Send(b"EHLO client.test\r\n"),
+        Send(group * count + b"NOOP\r\n", 4 * count + 1),
+        Send(b"QUIT\r\n", -1),
+    ]
+    async with running_relay(_config(tmp_path)) as relay:
+        got = await _both(relay, script)
+        refusal = got[5]
+        assert refusal.startswith(b"554 5.5.2 Bare CR or LF")
+        assert (
+            got[2:-2]
+            == [
+                b"250 2.1.0 Sender OK\r\n",
+                b"250 2.1.5 Recipient OK\r\n",
+                b"354 End data with <CR><LF>.<CR><LF>\r\n",
+                refusal,
+            ]
+            * count
+        )
+        assert got[-2] == b"250 2.0.0 OK\r\n"
+        assert relay.messages() == []
+
+
+async def test_size_and_line_limits_in_data(tmp_path: Path) -> None:
+    start = b"MAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.org>\r\nDATA\r\n"
+    script: list[Step] = [
+        Send(b"EHLO client.test\r\n"),
+        Send(start, 3),
+        Send(b"Subject: big\r\n\r\n" + (b"x" * 70 + b"\r\n") * 100, 0),
+        Pause(),
+        Send(b"..\r\n.\r\n" + start, 4),
+        Send(b"Subject: long\r\n\r\n" + b"y" * 1500 + b"\r\n.\r\nNOOP\r\n", 2),
+        Send(b"QUIT\r\n", -1),
+    ]
+    config = _config(tmp_path, max_message_size=4000, max_line_length=1000)
+    async with running_relay(config) as relay:
+        got = await _both(relay, script)
+        assert got[5].startswith(b"552 5.3.4 Message size exceeds")
+        assert got[9] == b"554 5.6.0 Line too long (more than 1000 octets)\r\n"
+        assert got[10] == b"250 2.0.0 OK\r\n"
+        assert relay.messages() == []
+
+
+async def test_a_slow_large_message_keeps_the_session_alive(tmp_path: Path) -> None:
+    """DATA restarts the inactivity timer as octets come, not only on commands."""
+    chunk = (b"z" * 998 + b"\r\n") * 70  # 70 KB: more than the timer's step
+    script: list[Step] = [
+        Send(b"EHLO client.test\r\n"),
+        Send(b"MAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.org>\r\nDATA\r\n", 3),
+        Send(b"Subject: slow\r\n\r\n", 0),
+    ]
+    for _ in range(5):
+        script += [Pause(0.25), Send(chunk, 0)]
+    script += [Send(b".\r\n"), Send(b"QUIT\r\n", -1)]
+    async with running_relay(_config(tmp_path, inactivity_timeout=0.6)) as relay:
+        got = await _both(relay, script)
+        assert got[5] == b"250 2.0.0 Ok: queued as ID\r\n"
+        assert len(relay.messages()) == 2
+
+
+async def test_a_timeout_in_data_keeps_nothing(tmp_path: Path) -> None:
+    script: list[Step] = [
+        Send(b"EHLO client.test\r\n"),
+        Send(b"MAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.org>\r\nDATA\r\n", 3),
+        Send(b"Subject: stalled\r\n\r\nhalf\r\n.", 0),
+        Pause(0.6),
+        Send(b"\r\n", -1),
+    ]
+    async with running_relay(_config(tmp_path, inactivity_timeout=0.3)) as relay:
+        got = await _both(relay, script)
+        assert got[-1] == _CLOSED
+        assert relay.messages() == [] and relay.body_files() == []

@@ -88,6 +88,7 @@ _LIBRARY_LOG = logging.getLogger("mail.log")
 _START_DATA = replies.wire(replies.START_DATA, raw=True)
 _BYE = replies.LIBRARY_WIRE["221 Bye"]
 _OK = replies.LIBRARY_WIRE["250 OK"]
+_SHUTTING_DOWN = Reply(421, "4.3.2", "Service shutting down, closing connection")
 #: Replies gathered from one segment's pipelined commands are written once
 #: they reach this many octets: a client that stops reading is then sent
 #: about as much as it would have been with a write per reply (the
@@ -243,8 +244,12 @@ class SubmissionSMTP(SMTP):
         self._fast_commands = None if t.handle_hooks else fast_commands(type(self))
         #: True while no session task runs: data_received answers commands.
         self._fast = False
-        #: The start of a command line whose end has not arrived yet.
+        #: The start of a command line whose end has not arrived yet (in
+        #: DATA: the last octets, which may begin the end marker).
         self._pending = b""
+        #: The message being received in data_received (None: commands).
+        self._collector: DataCollector | None = None
+        self._next_touch = 0
         self._deadline = 0.0  # inactivity deadline (loop time); see _reset_timeout
         self._template = t
         if _LIBRARY_LOG.isEnabledFor(logging.INFO):
@@ -309,14 +314,20 @@ class SubmissionSMTP(SMTP):
         chunk: bytes = await self._reader.read(consumed)
         return chunk
 
-    async def _handle_client(self, error: Exception | None = None, drain: bool = False) -> None:
+    async def _handle_client(
+        self,
+        error: Exception | None = None,
+        drain: bool = False,
+        received: tuple[SubmissionEnvelope, bytes] | None = None,
+    ) -> None:
         # aiosmtpd's command loop, minus what never applies to our sessions
         # (PROXY protocol, per-command call limits: neither is configured)
         # and minus its per-command overhead: two log calls per line, a bound
         # method and a defaultdict entry per command.  Replies, limits and
         # error handling are aiosmtpd's, reply for reply.  It runs only while
-        # a command must wait (see data_received): it starts with the error
-        # or the paused write the protocol handed over, and it ends, handing
+        # a command must wait (see data_received): it starts with the error,
+        # the paused write or the message to queue the protocol handed over
+        # (each a step of aiosmtpd's loop or of DATA), and it ends, handing
         # the connection back, once nothing it read is left unanswered.
         session = self.session
         assert session is not None
@@ -333,6 +344,11 @@ class SubmissionSMTP(SMTP):
                 if drain:
                     drain = False
                     await self._writer.drain()
+                if received is not None:
+                    envelope, body = received
+                    received = None
+                    await self._finish_message(envelope, body)
+                    continue
                 if self._may_go_fast():
                     self._fast = True
                     self._handler_coroutine = None
@@ -441,9 +457,13 @@ class SubmissionSMTP(SMTP):
             super().data_received(data)
             return
         pending = self._pending
-        self._take_lines(pending + data if pending else data)
+        rest: bytes | None = pending + data if pending else data
+        # Commands until DATA's go-ahead, the message until its end, then
+        # commands again (a refused message): each part returns the rest.
+        while rest is not None:
+            rest = self._take_lines(rest) if self._collector is None else self._take_data(rest)
 
-    def _take_lines(self, buffer: bytes) -> None:
+    def _take_lines(self, buffer: bytes) -> bytes | None:
         """Answer the command lines of ``buffer`` that need no waiting, in order.
 
         Replies are gathered and written together (RFC 2920: one write for
@@ -453,7 +473,8 @@ class SubmissionSMTP(SMTP):
         line that must wait (DATA, AUTH, STARTTLS, HELP ...), or that the
         stream reader would refuse as over-long, and everything after it, go
         to the stream reader and a session task, as do the lines after a
-        write the transport paused.
+        write the transport paused.  After DATA's go-ahead, the rest of
+        ``buffer`` is returned: it is the message.
         """
         commands = self._fast_commands
         assert commands is not None
@@ -468,10 +489,10 @@ class SubmissionSMTP(SMTP):
             if end < 0 and len(buffer) - start <= limit:
                 self._pending = buffer[start:]
                 self._flush(out)
-                return
+                return None
             if end < 0 or end - start > limit:
                 self._hand_over(out, buffer[start:])
-                return
+                return None
             line = buffer[start : end + 1]
             parsed = self._parse_line(line, chatter=False)
             hang_up = False
@@ -485,11 +506,11 @@ class SubmissionSMTP(SMTP):
                     reply = handler(self, parsed[1])
                 except Exception as error:
                     self._hand_over(out, buffer[end + 1 :], error=error)
-                    return
+                    return None
                 hang_up = self._quit
             elif parsed[0] in functions:
                 self._hand_over(out, buffer[start:])
-                return
+                return None
             else:
                 self._chatter(line)
                 reply, hang_up = self._unrecognised(parsed[0])
@@ -499,14 +520,93 @@ class SubmissionSMTP(SMTP):
             out.append(reply)
             if hang_up:
                 self._hang_up_now(out)
-                return
+                return None
+            if self._collector is not None:  # DATA said 354: the message follows
+                self._flush(out)
+                return buffer[start:]
             size += len(reply)
             if size >= _BATCH_BYTES:
                 if self._flush(out):
                     self._hand_over([], buffer[start:], drain=True)
-                    return
+                    return None
                 out = []
                 size = 0
+
+    def _start_data(self, arg: str | None) -> bytes:
+        # smtp_DATA's checks and go-ahead; the message is then taken in
+        # data_received (_take_data) instead of read by a task.
+        if self._helo_missing():
+            return _status_wire("503 Error: send HELO first")  # aiosmtpd's check_helo_needed
+        envelope = self.envelope_state()
+        if envelope.sender is None:
+            return _reply_wire(replies.NEED_MAIL)
+        if not envelope.recipients:
+            return _reply_wire(replies.NEED_RCPT)
+        if arg:
+            return _reply_wire(replies.DATA_SYNTAX)
+        smtp = self.ctx.config.smtp
+        self._busy = True
+        self._collector = DataCollector(
+            max_size=smtp.max_message_size, max_line=smtp.max_line_length
+        )
+        self._next_touch = _DATA_TIMER_STEP
+        return _START_DATA
+
+    def _take_data(self, buffer: bytes) -> bytes | None:
+        """Feed the message's octets in ``buffer`` to the collector, up to its end.
+
+        The collector is fed pieces that end after every ``.<CRLF>``, as
+        the stream reader cut them; octets that may begin an end marker
+        (the last two) wait for the next segment.  At the end the message
+        is judged here; queueing it waits, so that goes to a session task.
+        What follows a refused message is returned: commands again.
+        """
+        collector = self._collector
+        assert collector is not None
+        start = 0
+        while True:
+            end = buffer.find(b".\r\n", start)
+            if end < 0:
+                keep = len(buffer) - 2
+                if keep > start:
+                    collector.feed(buffer[start:keep])
+                    start = keep
+                self._pending = buffer[start:]
+                if collector.size > self._next_touch:
+                    self._next_touch = collector.size + _DATA_TIMER_STEP
+                    self._touch_timer()
+                return None
+            end += 3
+            if collector.feed(buffer[start:end]):
+                return self._end_data(collector, buffer[end:])
+            start = end
+
+    def _end_data(self, collector: DataCollector, rest: bytes) -> bytes | None:
+        """The message has ended: refuse it here (``rest`` is returned), or hand it to a task."""
+        self._collector = None
+        self._pending = b""
+        envelope = self.envelope_state()
+        body, error = self._judge(collector)
+        # The transaction is over whatever happens next (RFC 5321 §4.1.1.4).
+        self.envelope = self._create_envelope()
+        if error is None:
+            assert body is not None
+            self._fast = False
+            if rest:
+                super().data_received(rest)
+            self._handler_coroutine = self.loop.create_task(
+                self._handle_client(received=(envelope, body))
+            )
+            return None
+        self.log.info("message refused", client_ip=self.client_ip(), reply=str(error))
+        self._busy = False
+        reply = _reply_wire(error)
+        if _LIBRARY_LOG.isEnabledFor(logging.DEBUG):
+            _LIBRARY_LOG.debug("%r << %r", self.session.peer if self.session else None, reply)
+        if self._flush([reply]):
+            self._hand_over([], rest, drain=True)
+            return None
+        return rest
 
     def _flush(self, out: list[bytes]) -> bool:
         """Write the gathered replies at once; True when the writer must be drained."""
@@ -639,6 +739,7 @@ class SubmissionSMTP(SMTP):
         # aiosmtpd's connection_lost, for a connection with no task to cancel.
         self._fast = False
         self._pending = b""
+        self._stop_data()
         if _LIBRARY_LOG.isEnabledFor(logging.INFO):
             _LIBRARY_LOG.info("%r connection lost", self.session.peer if self.session else None)
         if self._timeout_handle is not None:
@@ -647,6 +748,12 @@ class SubmissionSMTP(SMTP):
             self._original_transport.close()
         asyncio.StreamReaderProtocol.connection_lost(self, error)
         self.transport = None
+
+    def _stop_data(self) -> None:
+        # A message cut off by the client: nothing of it is kept.
+        if self._collector is not None:
+            self._collector = None
+            self._busy = False
 
     def eof_received(self) -> bool | None:
         if self._handler_coroutine is not None:
@@ -661,6 +768,7 @@ class SubmissionSMTP(SMTP):
             _LIBRARY_LOG.info("%r Connection lost during _handle_client()", session.peer)
         self._fast = False
         self._pending = b""
+        self._stop_data()
         self._writer.close()
         if session.ssl is not None:
             return False
@@ -1137,6 +1245,7 @@ class SubmissionSMTP(SMTP):
             await self.reply(replies.DATA_SYNTAX)
             return
         self._busy = True
+        body: bytes | None = None
         try:
             if self._write(_START_DATA):
                 await self._writer.drain()
@@ -1147,13 +1256,21 @@ class SubmissionSMTP(SMTP):
                 self.log.info("message refused", client_ip=self.client_ip(), reply=str(error))
                 await self.reply(error)
                 return
-            assert body is not None
+        finally:
+            if body is None:  # refused, or the connection went away
+                self._busy = False
+        assert body is not None
+        await self._finish_message(envelope, body)
+
+    async def _finish_message(self, envelope: SubmissionEnvelope, body: bytes) -> None:
+        """Queue a received message and say so; DATA's end, in the task or handed to it."""
+        try:
             reply = await self._queue(envelope, body)
             await self.reply(reply)
         finally:
             self._busy = False
         if self.ctx.closing:
-            await self._hang_up(Reply(421, "4.3.2", "Service shutting down, closing connection"))
+            await self._hang_up(_SHUTTING_DOWN)
 
     async def _receive_data(self) -> tuple[bytes | None, Reply | None]:
         """Read up to ``<CRLF>.<CRLF>``: the unstuffed message, or the refusal.
@@ -1187,6 +1304,11 @@ class SubmissionSMTP(SMTP):
                     self._touch_timer()
         finally:
             self._set_read_limit(line_limit)
+        return self._judge(collector)
+
+    def _judge(self, collector: DataCollector) -> tuple[bytes | None, Reply | None]:
+        """The message a complete DATA transfer carried, or the reply refusing it."""
+        smtp = self.ctx.config.smtp
         body, problem = collector.result()
         if problem is DataProblem.TOO_BIG:
             return None, replies.TOO_BIG.with_text(
@@ -1268,6 +1390,7 @@ _FAST_METHODS: dict[str, str] = {
     "RSET": "_rset",
     "NOOP": "_noop",
     "QUIT": "_quit_now",
+    "DATA": "_start_data",
 }
 _fast_by_class: dict[type, dict[str, Callable[[SubmissionSMTP, str | None], bytes]]] = {}
 
