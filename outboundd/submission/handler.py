@@ -87,10 +87,33 @@ _LIBRARY_LOG = logging.getLogger("mail.log")
 #: DATA's go-ahead (RFC 2034: no enhanced code on 354) and QUIT's answer.
 _START_DATA = replies.wire(replies.START_DATA, raw=True)
 _BYE = replies.LIBRARY_WIRE["221 Bye"]
+_OK = replies.LIBRARY_WIRE["250 OK"]
+_SHUTTING_DOWN = Reply(421, "4.3.2", "Service shutting down, closing connection")
+#: Replies gathered from one segment's pipelined commands are written once
+#: they reach this many octets: a client that stops reading is then sent
+#: about as much as it would have been with a write per reply (the
+#: transport pauses the session once its buffer is above the high-water mark).
+_BATCH_BYTES = 512
 
 
 def _command_line_limit() -> int:
     return _COMMAND_LINE
+
+
+def _status_wire(status: str) -> bytes:
+    """The octets :meth:`SubmissionSMTP.push` writes for aiosmtpd's reply ``status``."""
+    data = replies.LIBRARY_WIRE.get(status)
+    return replies.wire(status) if data is None else data
+
+
+def _reply_wire(reply: Reply) -> bytes:
+    """The octets of one of our replies (the named ones are encoded at import)."""
+    data = replies.WIRE.get(reply)
+    return replies.wire(str(reply)) if data is None else data
+
+
+_BAD_SYNTAX = _status_wire("500 Error: bad syntax")
+_LINE_TOO_LONG = _status_wire("500 Command line too long")
 
 
 @dataclass(eq=False)
@@ -215,6 +238,18 @@ class SubmissionSMTP(SMTP):
         self._quit = False
         self._busy = False
         self._registered = False
+        self._bogus_budget = BOGUS_LIMIT
+        #: Commands answered in data_received, without a task (None: every
+        #: command goes through the task, as when the handler has hooks).
+        self._fast_commands = None if t.handle_hooks else fast_commands(type(self))
+        #: True while no session task runs: data_received answers commands.
+        self._fast = False
+        #: The start of a command line whose end has not arrived yet (in
+        #: DATA: the last octets, which may begin the end marker).
+        self._pending = b""
+        #: The message being received in data_received (None: commands).
+        self._collector: DataCollector | None = None
+        self._next_touch = 0
         self._deadline = 0.0  # inactivity deadline (loop time); see _reset_timeout
         self._template = t
         if _LIBRARY_LOG.isEnabledFor(logging.INFO):
@@ -279,28 +314,50 @@ class SubmissionSMTP(SMTP):
         chunk: bytes = await self._reader.read(consumed)
         return chunk
 
-    async def _handle_client(self) -> None:
+    async def _handle_client(
+        self,
+        error: Exception | None = None,
+        drain: bool = False,
+        received: tuple[SubmissionEnvelope, bytes] | None = None,
+    ) -> None:
         # aiosmtpd's command loop, minus what never applies to our sessions
         # (PROXY protocol, per-command call limits: neither is configured)
         # and minus its per-command overhead: two log calls per line, a bound
         # method and a defaultdict entry per command.  Replies, limits and
-        # error handling are aiosmtpd's, reply for reply.
+        # error handling are aiosmtpd's, reply for reply.  It runs only while
+        # a command must wait (see data_received): it starts with the error,
+        # the paused write or the message to queue the protocol handed over
+        # (each a step of aiosmtpd's loop or of DATA), and it ends, handing
+        # the connection back, once nothing it read is left unanswered.
         session = self.session
         assert session is not None
         reader = self._reader
         functions = command_functions(type(self))
-        limits = self.command_size_limits
         library_log = _LIBRARY_LOG
-        if library_log.isEnabledFor(logging.INFO):
-            library_log.info("%r handling connection", session.peer)
-        bogus_budget = BOGUS_LIMIT
         while self.transport is not None and not self._quit:
             try:
+                if error is not None:
+                    handed_over: Exception = error
+                    error = None
+                    await self._report_exception(handed_over)
+                    continue
+                if drain:
+                    drain = False
+                    await self._writer.drain()
+                if received is not None:
+                    envelope, body = received
+                    received = None
+                    await self._finish_message(envelope, body)
+                    continue
+                if self._may_go_fast():
+                    self._fast = True
+                    self._handler_coroutine = None
+                    return
                 try:
                     line: bytes = await reader.readuntil()
-                except asyncio.LimitOverrunError as error:
+                except asyncio.LimitOverrunError as overrun:
                     # Line too long: read to its end before answering.
-                    await reader.read(error.consumed)
+                    await reader.read(overrun.consumed)
                     while True:
                         try:
                             await reader.readuntil()
@@ -309,45 +366,17 @@ class SubmissionSMTP(SMTP):
                             await reader.read(more.consumed)
                     await self.push("500 Command line too long")
                     continue
-                if library_log.isEnabledFor(logging.INFO):  # PROTOCOL level: its two lines
-                    chatter = aiosmtpd_smtp.sanitized_log
-                    chatter(library_log.debug, "_handle_client readline: %r", line)
-                    line = line.rstrip(b"\r\n")
-                    chatter(library_log.info, "%r >> %r", session.peer, line)
-                else:
-                    line = line.rstrip(b"\r\n")
-                if not line:
-                    await self.push("500 Error: bad syntax")
+                parsed = self._parse_line(line)
+                if isinstance(parsed, bytes):
+                    await self._send(parsed)
                     continue
-                command_bytes, _, arg_bytes = line.partition(b" ")
-                try:
-                    command = command_bytes.upper().decode("ascii")
-                except UnicodeDecodeError:
-                    await self.push("500 Error: bad syntax")
-                    continue
-                # enable_SMTPUTF8 is always on: the argument keeps any octets.
-                arg = str(arg_bytes.strip(), "utf-8", "surrogateescape") if arg_bytes else None
-                limit = (
-                    limits.get(command, _COMMAND_LINE)
-                    if session.extended_smtp
-                    else self.command_size_limit
-                )
-                if len(line) > limit:
-                    await self.push("500 Command line too long")
-                    continue
-                if not self._tls_handshake_okay and command != "QUIT":
-                    await self.push("554 Command refused due to lack of security")
-                    continue
+                command, arg = parsed
                 function = functions.get(command)
                 if function is None:
-                    library_log.warning("%r unrecognised: %s", session.peer, command)
-                    bogus_budget -= 1
-                    if bogus_budget < 1:
-                        library_log.warning("%r too many bogus commands", session.peer)
-                        await self.push("502 5.5.1 Too many unrecognized commands, goodbye.")
+                    reply, hang_up = self._unrecognised(command)
+                    await self._send(reply)
+                    if hang_up:
                         self.transport.close()
-                        continue
-                    await self.push(f'500 Error: command "{command}" not recognized')
                     continue
                 self._reset_timeout()
                 await function(self, arg)
@@ -357,8 +386,269 @@ class SubmissionSMTP(SMTP):
                     library_log.info("%r Connection lost during _handle_client()", session.peer)
                 self._writer.close()
                 raise
-            except Exception as error:
-                await self._report_exception(error)
+            except Exception as raised:
+                await self._report_exception(raised)
+
+    def _chatter(self, line: bytes) -> None:
+        """aiosmtpd's two log lines for a command line (shown at PROTOCOL level only)."""
+        library_log = _LIBRARY_LOG
+        if library_log.isEnabledFor(logging.INFO):
+            session = self.session
+            chatter = aiosmtpd_smtp.sanitized_log
+            chatter(library_log.debug, "_handle_client readline: %r", line)
+            peer = session.peer if session is not None else None
+            chatter(library_log.info, "%r >> %r", peer, line.rstrip(b"\r\n"))
+
+    def _parse_line(self, line: bytes, *, chatter: bool = True) -> tuple[str, str | None] | bytes:
+        """A command line (its line end included): ``(COMMAND, argument)``, or the error reply.
+
+        aiosmtpd's checks, in its order: empty line, command not ASCII,
+        line over the command's limit, TLS handshake not accepted.  Without
+        ``chatter`` the caller logs the line (it may hand it to the task).
+        """
+        session = self.session
+        assert session is not None
+        if chatter:
+            self._chatter(line)
+        line = line.rstrip(b"\r\n")
+        if not line:
+            return _BAD_SYNTAX
+        command_bytes, _, arg_bytes = line.partition(b" ")
+        try:
+            command = command_bytes.upper().decode("ascii")
+        except UnicodeDecodeError:
+            return _BAD_SYNTAX
+        # enable_SMTPUTF8 is always on: the argument keeps any octets.
+        arg = str(arg_bytes.strip(), "utf-8", "surrogateescape") if arg_bytes else None
+        limit = (
+            self.command_size_limits.get(command, _COMMAND_LINE)
+            if session.extended_smtp
+            else self.command_size_limit
+        )
+        if len(line) > limit:
+            return _LINE_TOO_LONG
+        if not self._tls_handshake_okay and command != "QUIT":
+            return _status_wire("554 Command refused due to lack of security")
+        return command, arg
+
+    def _unrecognised(self, command: str) -> tuple[bytes, bool]:
+        """aiosmtpd's reply to an unknown command; True when it also hangs up.
+
+        The budget of unknown commands is the connection's, whichever of
+        the protocol or the task counts them.
+        """
+        session = self.session
+        peer = session.peer if session is not None else None
+        _LIBRARY_LOG.warning("%r unrecognised: %s", peer, command)
+        self._bogus_budget -= 1
+        if self._bogus_budget < 1:
+            _LIBRARY_LOG.warning("%r too many bogus commands", peer)
+            return _status_wire("502 5.5.1 Too many unrecognized commands, goodbye."), True
+        return _status_wire(f'500 Error: command "{command}" not recognized'), False
+
+    # ------------------------------------------------- commands in the protocol
+
+    def data_received(self, data: bytes) -> None:
+        # asyncio's StreamReaderProtocol feeds every segment to the stream
+        # reader, whose waiter wakes the session task (a future and a task
+        # step per command).  Between commands that must wait there is no
+        # task: the segment's lines are answered here.
+        if not self._fast:
+            super().data_received(data)
+            return
+        pending = self._pending
+        rest: bytes | None = pending + data if pending else data
+        # Commands until DATA's go-ahead, the message until its end, then
+        # commands again (a refused message): each part returns the rest.
+        while rest is not None:
+            rest = self._take_lines(rest) if self._collector is None else self._take_data(rest)
+
+    def _take_lines(self, buffer: bytes) -> bytes | None:
+        """Answer the command lines of ``buffer`` that need no waiting, in order.
+
+        Replies are gathered and written together (RFC 2920: one write for
+        a pipelined group), at most about ``_BATCH_BYTES`` at a time so that
+        a client that stops reading is not sent more than one reply would
+        have been.  A partial line is kept for the next segment.  The first
+        line that must wait (DATA, AUTH, STARTTLS, HELP ...), or that the
+        stream reader would refuse as over-long, and everything after it, go
+        to the stream reader and a session task, as do the lines after a
+        write the transport paused.  After DATA's go-ahead, the rest of
+        ``buffer`` is returned: it is the message.
+        """
+        commands = self._fast_commands
+        assert commands is not None
+        functions = command_functions(type(self))
+        limit = self.line_length_limit
+        debug = _LIBRARY_LOG.isEnabledFor(logging.DEBUG)
+        out: list[bytes] = []
+        size = 0
+        start = 0
+        while True:
+            end = buffer.find(b"\n", start)
+            if end < 0 and len(buffer) - start <= limit:
+                self._pending = buffer[start:]
+                self._flush(out)
+                return None
+            if end < 0 or end - start > limit:
+                self._hand_over(out, buffer[start:])
+                return None
+            line = buffer[start : end + 1]
+            parsed = self._parse_line(line, chatter=False)
+            hang_up = False
+            if isinstance(parsed, bytes):
+                self._chatter(line)
+                reply = parsed
+            elif (handler := commands.get(parsed[0])) is not None:
+                self._chatter(line)
+                self._reset_timeout()
+                try:
+                    reply = handler(self, parsed[1])
+                except Exception as error:
+                    self._hand_over(out, buffer[end + 1 :], error=error)
+                    return None
+                hang_up = self._quit
+            elif parsed[0] in functions:
+                self._hand_over(out, buffer[start:])
+                return None
+            else:
+                self._chatter(line)
+                reply, hang_up = self._unrecognised(parsed[0])
+            start = end + 1
+            if debug:
+                _LIBRARY_LOG.debug("%r << %r", self.session.peer if self.session else None, reply)
+            out.append(reply)
+            if hang_up:
+                self._hang_up_now(out)
+                return None
+            if self._collector is not None:  # DATA said 354: the message follows
+                self._flush(out)
+                return buffer[start:]
+            size += len(reply)
+            if size >= _BATCH_BYTES:
+                if self._flush(out):
+                    self._hand_over([], buffer[start:], drain=True)
+                    return None
+                out = []
+                size = 0
+
+    def _start_data(self, arg: str | None) -> bytes:
+        # smtp_DATA's checks and go-ahead; the message is then taken in
+        # data_received (_take_data) instead of read by a task.
+        if self._helo_missing():
+            return _status_wire("503 Error: send HELO first")  # aiosmtpd's check_helo_needed
+        envelope = self.envelope_state()
+        if envelope.sender is None:
+            return _reply_wire(replies.NEED_MAIL)
+        if not envelope.recipients:
+            return _reply_wire(replies.NEED_RCPT)
+        if arg:
+            return _reply_wire(replies.DATA_SYNTAX)
+        smtp = self.ctx.config.smtp
+        self._busy = True
+        self._collector = DataCollector(
+            max_size=smtp.max_message_size, max_line=smtp.max_line_length
+        )
+        self._next_touch = _DATA_TIMER_STEP
+        return _START_DATA
+
+    def _take_data(self, buffer: bytes) -> bytes | None:
+        """Feed the message's octets in ``buffer`` to the collector, up to its end.
+
+        The collector is fed pieces that end after every ``.<CRLF>``, as
+        the stream reader cut them; octets that may begin an end marker
+        (the last two) wait for the next segment.  At the end the message
+        is judged here; queueing it waits, so that goes to a session task.
+        What follows a refused message is returned: commands again.
+        """
+        collector = self._collector
+        assert collector is not None
+        start = 0
+        while True:
+            end = buffer.find(b".\r\n", start)
+            if end < 0:
+                keep = len(buffer) - 2
+                if keep > start:
+                    collector.feed(buffer[start:keep])
+                    start = keep
+                self._pending = buffer[start:]
+                if collector.size > self._next_touch:
+                    self._next_touch = collector.size + _DATA_TIMER_STEP
+                    self._touch_timer()
+                return None
+            end += 3
+            if collector.feed(buffer[start:end]):
+                return self._end_data(collector, buffer[end:])
+            start = end
+
+    def _end_data(self, collector: DataCollector, rest: bytes) -> bytes | None:
+        """The message has ended: refuse it here (``rest`` is returned), or hand it to a task."""
+        self._collector = None
+        self._pending = b""
+        envelope = self.envelope_state()
+        body, error = self._judge(collector)
+        # The transaction is over whatever happens next (RFC 5321 §4.1.1.4).
+        self.envelope = self._create_envelope()
+        if error is None:
+            assert body is not None
+            self._fast = False
+            if rest:
+                super().data_received(rest)
+            self._handler_coroutine = self.loop.create_task(
+                self._handle_client(received=(envelope, body))
+            )
+            return None
+        self.log.info("message refused", client_ip=self.client_ip(), reply=str(error))
+        self._busy = False
+        reply = _reply_wire(error)
+        if _LIBRARY_LOG.isEnabledFor(logging.DEBUG):
+            _LIBRARY_LOG.debug("%r << %r", self.session.peer if self.session else None, reply)
+        if self._flush([reply]):
+            self._hand_over([], rest, drain=True)
+            return None
+        return rest
+
+    def _flush(self, out: list[bytes]) -> bool:
+        """Write the gathered replies at once; True when the writer must be drained."""
+        if not out:
+            return False
+        writer = self._writer
+        writer.write(out[0] if len(out) == 1 else b"".join(out))
+        return self._paused or self._connection_lost or writer.transport.is_closing()
+
+    def _hang_up_now(self, out: list[bytes]) -> None:
+        """Send the last replies (QUIT's, or the one for too many bogus commands) and close."""
+        self._pending = b""
+        self._flush(out)
+        if self.transport is not None:
+            self.transport.close()
+
+    def _hand_over(
+        self, out: list[bytes], rest: bytes, *, error: Exception | None = None, drain: bool = False
+    ) -> None:
+        """Write ``out``, feed ``rest`` to the stream reader and start the session task."""
+        if self._flush(out):
+            drain = True
+        self._fast = False
+        self._pending = b""
+        if rest:
+            super().data_received(rest)
+        self._handler_coroutine = self.loop.create_task(self._handle_client(error, drain))
+
+    def _may_go_fast(self) -> bool:
+        # asyncio's StreamReader keeps what it has not handed out in
+        # ``_buffer``: the task hands the connection back to the protocol
+        # only with nothing read and unanswered, writing not paused, and
+        # never after STARTTLS (aiosmtpd's own path for that transport).
+        reader = self._reader
+        return (
+            self._fast_commands is not None
+            and self._original_transport is None
+            and not reader._buffer  # type: ignore[attr-defined]
+            and not reader.at_eof()
+            and reader.exception() is None
+            and not self._paused
+        )
 
     async def _report_exception(self, error: Exception) -> None:
         # aiosmtpd's answer to an exception a command raised.
@@ -428,13 +718,61 @@ class SubmissionSMTP(SMTP):
         # closed the connection already.  A new transport's buffer is empty:
         # there is nothing to wait for.
         self._write(self._template.greeting_wire)
-        self._handler_coroutine = self.loop.create_task(self._handle_client())
+        if _LIBRARY_LOG.isEnabledFor(logging.INFO):
+            _LIBRARY_LOG.info("%r handling connection", session.peer)
+        # No task until a command must wait: data_received answers the rest.
+        if self._fast_commands is None:
+            self._handler_coroutine = self.loop.create_task(self._handle_client())
+        else:
+            self._fast = True
 
     def connection_lost(self, error: Exception | None) -> None:
         try:
-            super().connection_lost(error)
+            if self._handler_coroutine is not None:
+                super().connection_lost(error)
+            else:
+                self._lost_without_task(error)
         finally:
             self.ctx.session_ended(self)
+
+    def _lost_without_task(self, error: Exception | None) -> None:
+        # aiosmtpd's connection_lost, for a connection with no task to cancel.
+        self._fast = False
+        self._pending = b""
+        self._stop_data()
+        if _LIBRARY_LOG.isEnabledFor(logging.INFO):
+            _LIBRARY_LOG.info("%r connection lost", self.session.peer if self.session else None)
+        if self._timeout_handle is not None:
+            self._timeout_handle.cancel()
+        if self._original_transport is not None:
+            self._original_transport.close()
+        asyncio.StreamReaderProtocol.connection_lost(self, error)
+        self.transport = None
+
+    def _stop_data(self) -> None:
+        # A message cut off by the client: nothing of it is kept.
+        if self._collector is not None:
+            self._collector = None
+            self._busy = False
+
+    def eof_received(self) -> bool | None:
+        if self._handler_coroutine is not None:
+            return super().eof_received()
+        # aiosmtpd cancels the session task here, and the task closes the
+        # writer as it ends; with no task, the writer is closed at once.
+        # Whatever arrived before the end was answered in data_received.
+        session = self.session
+        assert session is not None
+        if _LIBRARY_LOG.isEnabledFor(logging.INFO):
+            _LIBRARY_LOG.info("%r EOF received", session.peer)
+            _LIBRARY_LOG.info("%r Connection lost during _handle_client()", session.peer)
+        self._fast = False
+        self._pending = b""
+        self._stop_data()
+        self._writer.close()
+        if session.ssl is not None:
+            return False
+        return asyncio.StreamReaderProtocol.eof_received(self)
 
     def client_ip(self) -> str | None:
         peer = self.session.peer if self.session is not None else None
@@ -528,7 +866,11 @@ class SubmissionSMTP(SMTP):
             _LIBRARY_LOG.debug("%r << %r", self.session.peer if self.session else None, data)
         return self._paused or self._connection_lost or writer.transport.is_closing()
 
-    async def smtp_EHLO(self, hostname: str) -> None:
+    # Each command answered without waiting is a plain method returning the
+    # reply's octets (data_received calls it), and its smtp_* coroutine,
+    # which aiosmtpd's tables and the session task use, writes them.
+
+    def _ehlo(self, hostname: str | None) -> bytes:
         # aiosmtpd's EHLO builds its keyword list, then lets a hook replace
         # it and writes each line on its own; ours are prepared once per
         # listener (template.py) and go out in one write.  The state changes
@@ -537,42 +879,56 @@ class SubmissionSMTP(SMTP):
         session = self.session
         assert session is not None
         if not hostname:
-            await self._send(b"501 Syntax: EHLO hostname\r\n")  # RFC 2034: no enhanced code
-            return
+            return b"501 Syntax: EHLO hostname\r\n"  # RFC 2034: no enhanced code
         self._reset_envelope()  # aiosmtpd's _set_rset_state
         session.extended_smtp = True
         self.command_size_limits["MAIL"] += 10
         session.host_name = hostname
-        await self._send(
-            self._template.ehlo_reply(
-                starttls=self.starttls_offered(), auth=self.auth_allowed_now()
-            )
+        return self._template.ehlo_reply(
+            starttls=self.starttls_offered(), auth=self.auth_allowed_now()
         )
 
-    async def smtp_HELO(self, hostname: str) -> None:
+    async def smtp_EHLO(self, hostname: str) -> None:
+        await self._send(self._ehlo(hostname))
+
+    def _helo(self, hostname: str | None) -> bytes:
         # aiosmtpd's HELO (our handler has no HELO hook), with its reply
         # prepared once per listener.  RFC 2034: no enhanced code.
         session = self.session
         assert session is not None
         if not hostname:
-            await self._send(b"501 Syntax: HELO hostname\r\n")
-            return
+            return b"501 Syntax: HELO hostname\r\n"
         self._reset_envelope()
         session.extended_smtp = False
         session.host_name = hostname
-        if self._write(self._template.helo_wire):
-            await self._writer.drain()
+        return self._template.helo_wire
+
+    async def smtp_HELO(self, hostname: str) -> None:
+        await self._send(self._helo(hostname))
+
+    def _noop(self, arg: str | None) -> bytes:
+        # aiosmtpd's NOOP with no NOOP hook: the argument is ignored.
+        return _OK
+
+    def _rset(self, arg: str | None) -> bytes:
+        # aiosmtpd's RSET with no RSET hook.
+        if arg:
+            return _status_wire("501 Syntax: RSET")
+        self.envelope = self._create_envelope()  # aiosmtpd's _set_rset_state
+        return _OK
+
+    def _quit_now(self, arg: str | None) -> bytes:
+        # QUIT's reply; the caller closes the connection once it is written.
+        if arg:
+            return _status_wire("501 Syntax: QUIT")
+        self._quit = True
+        return _BYE
 
     async def smtp_QUIT(self, arg: str) -> None:
         # aiosmtpd's QUIT cancels the session's own task to leave its command
         # loop (an exception through every frame); ours ends the loop.
-        if arg:
-            await self.push("501 Syntax: QUIT")
-            return
-        self._quit = True
-        if self._write(_BYE):
-            await self._writer.drain()
-        if self.transport is not None:
+        await self._send(self._quit_now(arg))
+        if self._quit and self.transport is not None:
             self.transport.close()
 
     async def smtp_STARTTLS(self, arg: str) -> None:
@@ -791,14 +1147,13 @@ class SubmissionSMTP(SMTP):
 
     # ------------------------------------------------------------ MAIL / RCPT
 
-    async def smtp_MAIL(self, arg: str | None) -> None:
-        if self._helo_missing() and await self.check_helo_needed():
-            return
+    def _mail(self, arg: str | None) -> bytes:
+        if self._helo_missing():
+            return _status_wire("503 Error: send HELO first")  # aiosmtpd's check_helo_needed
         assert self.session is not None
         envelope = self.envelope_state()
         if envelope.sender is not None:
-            await self.reply(replies.NESTED_MAIL)
-            return
+            return _reply_wire(replies.NESTED_MAIL)
         try:
             sender, params = policy.parse_mail(
                 arg,
@@ -806,20 +1161,21 @@ class SubmissionSMTP(SMTP):
                 max_size=self.ctx.config.smtp.max_message_size,
             )
         except PolicyError as exc:
-            await self.reply(exc.reply)
-            return
+            return _reply_wire(exc.reply)
         if self.ctx.config.smtp.constrain_sender and not policy.sender_matches_auth(
             self.auth_user(), sender
         ):
             self.log.notice("sender refused by constrain_sender", user=self.auth_user(),
                             mail_from=str(sender), client_ip=self.client_ip())  # fmt: skip
-            await self.reply(replies.SENDER_NOT_OWNED)
-            return
+            return _reply_wire(replies.SENDER_NOT_OWNED)
         envelope.sender = sender
         envelope.mail_params = params
         envelope.mail_from = str(sender)
         envelope.smtp_utf8 = params.smtputf8
-        await self.reply(replies.OK_SENDER)
+        return _reply_wire(replies.OK_SENDER)
+
+    async def smtp_MAIL(self, arg: str | None) -> None:
+        await self._send(self._mail(arg))
 
     def _relay_verdict(self) -> RelayVerdict:
         def verdict(auth_possible: bool) -> RelayVerdict:
@@ -837,43 +1193,41 @@ class SubmissionSMTP(SMTP):
             self.ctx.auth_enabled and (self.auth_allowed_now() or self.starttls_offered())
         )
 
-    async def smtp_RCPT(self, arg: str | None) -> None:
-        if self._helo_missing() and await self.check_helo_needed():
-            return
+    def _rcpt(self, arg: str | None) -> bytes:
+        if self._helo_missing():
+            return _status_wire("503 Error: send HELO first")  # aiosmtpd's check_helo_needed
         assert self.session is not None
         envelope = self.envelope_state()
         if envelope.sender is None:
-            await self.reply(replies.NEED_MAIL)
-            return
+            return _reply_wire(replies.NEED_MAIL)
         try:
             recipient, params = policy.parse_rcpt(
                 arg, extended=self.session.extended_smtp, utf8=envelope.mail_params.smtputf8
             )
         except PolicyError as exc:
-            await self.reply(exc.reply)
-            return
+            return _reply_wire(exc.reply)
         verdict = self._relay_verdict()
         if verdict is not RelayVerdict.ALLOW:
             self.log.notice("relaying refused", client_ip=self.client_ip(),
                             recipient=str(recipient), verdict=str(verdict))  # fmt: skip
-            await self.reply(
+            return _reply_wire(
                 replies.AUTH_REQUIRED
                 if verdict is RelayVerdict.AUTH_REQUIRED
                 else replies.RELAY_DENIED
             )
-            return
         key = recipient.key()
         if key in envelope.recipient_keys:
-            await self.reply(replies.OK_RECIPIENT.with_text("Recipient OK (duplicate ignored)"))
-            return
+            return _reply_wire(replies.OK_RECIPIENT.with_text("Recipient OK (duplicate ignored)"))
         if len(envelope.recipients) >= self.ctx.config.smtp.max_recipients:
-            await self.reply(replies.TOO_MANY_RECIPIENTS)
-            return
+            return _reply_wire(replies.TOO_MANY_RECIPIENTS)
         envelope.recipients.append(recipient)
         envelope.recipient_keys.add(key)
         envelope.rcpt_params[str(recipient)] = params
         envelope.rcpt_tos.append(str(recipient))
-        await self.reply(replies.OK_RECIPIENT)
+        return _reply_wire(replies.OK_RECIPIENT)
+
+    async def smtp_RCPT(self, arg: str | None) -> None:
+        await self._send(self._rcpt(arg))
 
     # ----------------------------------------------------------------- DATA
 
@@ -891,6 +1245,7 @@ class SubmissionSMTP(SMTP):
             await self.reply(replies.DATA_SYNTAX)
             return
         self._busy = True
+        body: bytes | None = None
         try:
             if self._write(_START_DATA):
                 await self._writer.drain()
@@ -901,13 +1256,21 @@ class SubmissionSMTP(SMTP):
                 self.log.info("message refused", client_ip=self.client_ip(), reply=str(error))
                 await self.reply(error)
                 return
-            assert body is not None
+        finally:
+            if body is None:  # refused, or the connection went away
+                self._busy = False
+        assert body is not None
+        await self._finish_message(envelope, body)
+
+    async def _finish_message(self, envelope: SubmissionEnvelope, body: bytes) -> None:
+        """Queue a received message and say so; DATA's end, in the task or handed to it."""
+        try:
             reply = await self._queue(envelope, body)
             await self.reply(reply)
         finally:
             self._busy = False
         if self.ctx.closing:
-            await self._hang_up(Reply(421, "4.3.2", "Service shutting down, closing connection"))
+            await self._hang_up(_SHUTTING_DOWN)
 
     async def _receive_data(self) -> tuple[bytes | None, Reply | None]:
         """Read up to ``<CRLF>.<CRLF>``: the unstuffed message, or the refusal.
@@ -941,6 +1304,11 @@ class SubmissionSMTP(SMTP):
                     self._touch_timer()
         finally:
             self._set_read_limit(line_limit)
+        return self._judge(collector)
+
+    def _judge(self, collector: DataCollector) -> tuple[bytes | None, Reply | None]:
+        """The message a complete DATA transfer carried, or the reply refusing it."""
+        smtp = self.ctx.config.smtp
         body, problem = collector.result()
         if problem is DataProblem.TOO_BIG:
             return None, replies.TOO_BIG.with_text(
@@ -1010,6 +1378,41 @@ class SubmissionSMTP(SMTP):
             cast(asyncio.WriteTransport, transport).write(str(reply).encode("ascii") + b"\r\n")
         transport.close()
         return True
+
+
+#: The commands data_received answers, with the plain method that does it
+#: (taken only where a class keeps our smtp_* coroutine for the command).
+_FAST_METHODS: dict[str, str] = {
+    "EHLO": "_ehlo",
+    "HELO": "_helo",
+    "MAIL": "_mail",
+    "RCPT": "_rcpt",
+    "RSET": "_rset",
+    "NOOP": "_noop",
+    "QUIT": "_quit_now",
+    "DATA": "_start_data",
+}
+_fast_by_class: dict[type, dict[str, Callable[[SubmissionSMTP, str | None], bytes]]] = {}
+
+
+def fast_commands(
+    cls: type[SubmissionSMTP],
+) -> dict[str, Callable[[SubmissionSMTP, str | None], bytes]]:
+    """``{command: plain method}`` of the commands a session of ``cls`` answers in data_received.
+
+    A subclass that replaces a command's ``smtp_*`` coroutine (a test's
+    reference session does, with aiosmtpd's) gets that command through
+    the task, where its own coroutine runs.
+    """
+    table = _fast_by_class.get(cls)
+    if table is None:
+        table = {
+            command: getattr(cls, method)
+            for command, method in _FAST_METHODS.items()
+            if getattr(cls, f"smtp_{command}") is getattr(SubmissionSMTP, f"smtp_{command}")
+        }
+        _fast_by_class[cls] = table
+    return table
 
 
 def _b64decode(text: str) -> bytes:
