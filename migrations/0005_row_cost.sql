@@ -1,7 +1,7 @@
 -- outboundd spool schema, version 5: cheaper row writes on the delivery path.
 --
--- No column, constraint meaning or view changes: only how two constraints
--- and one partial index are written, and one index nobody reads is gone.
+-- No column, constraint meaning or view changes: only how three CHECKs
+-- and one partial index are written, and two indexes nobody reads are gone.
 --
 -- 1. SQLite (3.40 here) checks `x IN (a, b, c, ...)` with more than two
 --    constants by building a temporary b-tree of the constants, and a CHECK
@@ -24,8 +24,10 @@
 -- 2. recipients_unfinished_domain is rebuilt with the same OR form; queries
 --    that want it (outboundctl stats) spell their status test the same way,
 --    since SQLite uses a partial index only for a WHERE that implies its own.
--- 3. recipients_finished (finished_at of final recipients) served no query,
---    and cost a b-tree insert for every recipient reaching a final state.
+-- 3. Two indexes no query reads (the accounting views wrap these columns in
+--    strftime, which no index serves) cost a b-tree insert per row:
+--    recipients_finished, for every recipient reaching a final state, and
+--    messages_received, for every message accepted.
 PRAGMA writable_schema = ON;
 
 UPDATE sqlite_schema
@@ -53,3 +55,4 @@ CREATE INDEX recipients_unfinished_domain ON recipients (domain)
     WHERE status = 'queued' OR status = 'sending' OR status = 'deferred';
 
 DROP INDEX recipients_finished;
+DROP INDEX messages_received;
