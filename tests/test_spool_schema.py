@@ -9,6 +9,7 @@ index's own, so a query spelled differently silently scans the table.
 
 from __future__ import annotations
 
+import json
 import re
 import sqlite3
 from pathlib import Path
@@ -88,7 +89,7 @@ def fill(conn: sqlite3.Connection, messages: int, per_message: int) -> None:
     )  # fmt: skip
     conn.execute(
         "UPDATE recipients SET status = json_extract(?1, '$[' || (id % 5) || ']')",
-        (str(list(states)).replace("'", '"'),),
+        (json.dumps(states),),
     )
     conn.execute(
         "INSERT INTO attempt_log (recipient_id, attempt, started_at, finished_at, outcome)"
