@@ -111,7 +111,8 @@ SELECT json_group_array(json_array(m.queue_id, m.body_file))
  WHERE m.queue_id IN (SELECT value FROM json_each(?1)) AND m.finished_at IS NULL
    AND NOT EXISTS (SELECT 1 FROM recipients r
                     WHERE r.queue_id = m.queue_id
-                      AND r.status IN ('queued', 'sending', 'deferred'))
+                      AND (r.status = 'queued' OR r.status = 'sending'
+                           OR r.status = 'deferred'))
 
 -- name: record_finish
 -- Mark them finished: ?1 a JSON array of [queue_id, finished_at].
@@ -125,7 +126,8 @@ UPDATE messages SET finished_at = :now
  WHERE queue_id IN (SELECT value FROM json_each(:ids)) AND finished_at IS NULL
    AND NOT EXISTS (SELECT 1 FROM recipients r
                     WHERE r.queue_id = messages.queue_id
-                      AND r.status IN ('queued', 'sending', 'deferred'))
+                      AND (r.status = 'queued' OR r.status = 'sending'
+                           OR r.status = 'deferred'))
 RETURNING queue_id, body_file
 
 -- name: release
@@ -246,12 +248,12 @@ SELECT a.recipient_id, a.attempt, a.started_at, a.finished_at, a.mx_host, a.mx_i
 
 -- name: stats_by_status
 SELECT status, count(*) FROM recipients
- WHERE status IN ('queued', 'sending', 'deferred')
+ WHERE status = 'queued' OR status = 'sending' OR status = 'deferred'
  GROUP BY status
 
 -- name: stats_top_domains
 SELECT domain, count(*) AS n FROM recipients
- WHERE status IN ('queued', 'sending', 'deferred')
+ WHERE status = 'queued' OR status = 'sending' OR status = 'deferred'
  GROUP BY domain ORDER BY n DESC, domain LIMIT :limit
 
 -- name: stats_oldest_deferred
