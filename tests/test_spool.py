@@ -542,6 +542,7 @@ from outboundd.spool import Spool, NewMessage, NewRecipient
 
 async def main():
     spool = await Spool.open(Path(sys.argv[1]))
+    batch = int(sys.argv[2])
     async def one(i):
         qid = await spool.accept(NewMessage("a@x.test", [NewRecipient(f"r{i}@y.test")],
                                             b"Subject: %d\\r\\n\\r\\nbody\\r\\n" % i))
@@ -549,27 +550,34 @@ async def main():
         sys.stdout.flush()
     i = 0
     while True:
-        await asyncio.gather(*(one(i + k) for k in range(8)))
-        i += 8
+        await asyncio.gather(*(one(i + k) for k in range(batch)))
+        i += batch
 
 asyncio.run(main())
 """
 
 
-async def test_sigkill_loses_no_accepted_message(tmp_path: Path) -> None:
-    import os
+@pytest.mark.parametrize("batch", [8, 32])
+async def test_sigkill_loses_no_accepted_message(tmp_path: Path, batch: int) -> None:
+    """A process accepting batches is SIGKILLed: every 250'd message survives.
+
+    Batches of 32 have their bodies fsynced from the spool's fsync threads
+    (``bodies.ParallelFsync``), batches of 8 as well as one at a time.
+    """
     import signal
     import sys
 
+    from outboundd.spool.core import ORPHAN_MIN_AGE
+
     queue = tmp_path / "q"
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", CRASH_SCRIPT, str(queue), stdout=asyncio.subprocess.PIPE
+        sys.executable, "-c", CRASH_SCRIPT, str(queue), str(batch), stdout=asyncio.subprocess.PIPE
     )
     assert proc.stdout is not None
     accepted: list[str] = []
     try:
         async with asyncio.timeout(30):
-            while len(accepted) < 300:
+            while len(accepted) < 320:
                 line = await proc.stdout.readline()
                 if not line:
                     break
@@ -577,18 +585,16 @@ async def test_sigkill_loses_no_accepted_message(tmp_path: Path) -> None:
     finally:
         os.kill(proc.pid, signal.SIGKILL)
         await proc.wait()
-    assert len(accepted) >= 300
+    assert len(accepted) >= 320
     s = await Spool.open(queue)
     try:
         con = db(s)
         rows = {r[0] for r in con.execute("SELECT queue_id FROM messages")}
         assert set(accepted) <= rows
-        for qid in accepted:
-            assert s.body_path(qid).is_file()
-        # once a crash's leftovers are old enough to be judged orphans, every
-        # body file has its row, and every row its body
-        from outboundd.spool.core import ORPHAN_MIN_AGE
-
+        assert all(s.body_path(qid).read_bytes().startswith(b"Subject: ") for qid in accepted)
+        # Bodies of the batch the kill cut short (written, never committed)
+        # are orphans once old enough: recovery removes them, and then every
+        # body file has its row, and every row its body.
         await s.recover(now=time.time() + ORPHAN_MIN_AGE + 1)
         files = {f.queue_id for f in bodies.scan(s.queue_dir)}
         assert not any(f.is_temp for f in bodies.scan(s.queue_dir))

@@ -4,26 +4,23 @@ Real files, real descriptors, a real SQLite spool.  What must hold: every
 descriptor of a batch goes through its own ``fsync`` and its error comes
 back in its place; the threads exist only while the spool is open; a
 directory fsync that fails refuses the whole batch (no 250) and leaves no
-body behind; and a process killed while batches of many bodies are in
+body behind.  That a process killed while batches of many bodies are in
 flight loses no accepted message and leaves no body that recovery does not
-clean (the bodies written by a batch whose commit never came).
+clean is tested with the other crash cases, in tests/test_spool.py
+(``test_sigkill_loses_no_accepted_message``, batches of 8 and 32).
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
-import signal
-import sqlite3
-import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
 
 from outboundd.spool import NewMessage, NewRecipient, Spool, SpoolWriteError, bodies
-from outboundd.spool.core import ORPHAN_MIN_AGE, SqliteSpool
+from outboundd.spool.core import SqliteSpool
 
 BODY = b"Subject: fsync\r\n\r\nbody\r\n"
 
@@ -140,67 +137,6 @@ async def test_a_missing_directory_reports_the_body_error_first(tmp_path: Path) 
             await spool.accept(lost, queue_id="lost-ab")
         kept = await spool.accept(lost, queue_id="kept-cd")
         assert spool.body_path(kept).read_bytes() == BODY
-    finally:
-        await spool.close()
-
-
-CRASH_SCRIPT = """
-import asyncio, sys
-from pathlib import Path
-from outboundd.spool import Spool, NewMessage, NewRecipient
-
-async def main():
-    spool = await Spool.open(Path(sys.argv[1]))
-    batch = int(sys.argv[2])
-    async def one(i):
-        qid = await spool.accept(NewMessage("a@x.test", [NewRecipient(f"r{i}@y.test")],
-                                            b"Subject: %d\\r\\n\\r\\nbody\\r\\n" % i))
-        sys.stdout.write(qid + "\\n")
-        sys.stdout.flush()
-    i = 0
-    while True:
-        await asyncio.gather(*(one(i + k) for k in range(batch)))
-        i += batch
-
-asyncio.run(main())
-"""
-
-
-async def test_sigkill_during_parallel_fsyncs_loses_no_accepted_message(tmp_path: Path) -> None:
-    """Batches of 32 bodies (fsynced from threads) while the process is killed."""
-    queue = tmp_path / "q"
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", CRASH_SCRIPT, str(queue), "32", stdout=asyncio.subprocess.PIPE
-    )
-    assert proc.stdout is not None
-    accepted: list[str] = []
-    try:
-        async with asyncio.timeout(30):
-            while len(accepted) < 400:
-                line = await proc.stdout.readline()
-                if not line:
-                    break
-                accepted.append(line.decode().strip())
-    finally:
-        os.kill(proc.pid, signal.SIGKILL)
-        await proc.wait()
-    assert len(accepted) >= 400
-    spool = await Spool.open(queue)
-    try:
-        con = sqlite3.connect(spool.db_path)
-        rows = {r[0] for r in con.execute("SELECT queue_id FROM messages")}
-        assert set(accepted) <= rows
-        assert all(spool.body_path(qid).read_bytes().startswith(b"Subject: ") for qid in accepted)
-        # Bodies of the batch the kill cut short (written, never committed)
-        # are orphans once old enough: recovery removes them, and then every
-        # body file has its row and every row its body.
-        await spool.recover(now=time.time() + ORPHAN_MIN_AGE + 1)
-        files = {f.queue_id for f in bodies.scan(spool.queue_dir)}
-        unfinished = {
-            r[0] for r in con.execute("SELECT queue_id FROM messages WHERE finished_at IS NULL")
-        }
-        con.close()
-        assert files == unfinished
     finally:
         await spool.close()
 
