@@ -8,13 +8,15 @@ same path against the real spool and MX hosts.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+import io
+from collections.abc import Iterator, Sequence
 
 import pytest
 
-from outboundd import dsn
+from outboundd import dsn, log
 from outboundd.delivery.notices import NoticeOutcome, NoticeRecipient
 from outboundd.delivery.rounds import FailureRounds
+from outboundd.log import Level
 from outboundd.spool import SpoolError
 
 
@@ -48,6 +50,28 @@ async def test_the_last_claim_to_conclude_sends_one_dsn_for_all() -> None:
     assert (await first).dsn_queue_id == (await second).dsn_queue_id == "DSN1"
     assert send.sent == [["a@x.test", "b@y.test"]]
     assert len(rounds) == 0
+
+
+@pytest.fixture
+def log_stream() -> Iterator[io.StringIO]:
+    """The log written to a string, in the default format, at INFO."""
+    stream = io.StringIO()
+    log.configure(Level.INFO, False, "default", stream)
+    yield stream
+    log.shutdown()
+    log.configure(Level.INFO, False, "default", None)
+    log.shutdown()
+
+
+async def test_a_round_s_dsn_is_logged_once_whatever_the_claims(log_stream: io.StringIO) -> None:
+    """Two domains' claims share one DSN: one "DSN queued" line, not one per claim."""
+    rounds, send = FailureRounds(), Sender()
+    a, b = rounds.enter("Q"), rounds.enter("Q")
+    first = asyncio.create_task(rounds.report(a, [failed("a@x.test")], "550", send))
+    await rounds.report(b, [failed("b@y.test"), failed("c@y.test")], "550", send)
+    await first
+    queued = [line for line in log_stream.getvalue().splitlines() if "DSN queued" in line]
+    assert queued == ["[INFO] [Q] [delivery] DSN queued dsn=DSN1 recipients=3"]
 
 
 async def test_rounds_of_different_messages_do_not_wait_for_each_other() -> None:

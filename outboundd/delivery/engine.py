@@ -623,10 +623,6 @@ class DeliveryEngine:
                 note = notice.reason
             prefix = decisions[rid].reason
             updated[rid] = replace(decisions[rid], reason=f"{prefix}; {note}" if prefix else note)
-        if notice.dsn_queue_id:
-            LOG.info(
-                "DSN queued", qid=claim.queue_id, dsn=notice.dsn_queue_id, recipients=len(reported)
-            )
         return updated
 
     async def _delay_notice(

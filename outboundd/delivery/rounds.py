@@ -28,7 +28,10 @@ import asyncio
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
+from outboundd import log
 from outboundd.delivery.notices import NoticeOutcome, NoticeRecipient
+
+LOG = log.get_logger("delivery")
 
 __all__ = ["FailureRounds", "Send", "Ticket"]
 
@@ -130,6 +133,14 @@ class FailureRounds:
                 if not w.result.done():
                     w.result.set_exception(exc)
             return
+        if outcome.dsn_queue_id:
+            # Logged here, once per DSN: every claim of the round shares it.
+            LOG.info(
+                "DSN queued",
+                qid=ticket.queue_id,
+                dsn=outcome.dsn_queue_id,
+                recipients=len(outcome.reported),
+            )
         for w in waiting:
             if not w.result.done():
                 w.result.set_result(outcome)
