@@ -7,6 +7,7 @@ import json
 import os
 import re
 import sqlite3
+import threading
 import time
 from pathlib import Path
 
@@ -695,3 +696,35 @@ def test_bodies_of_one_second_share_a_directory() -> None:
 def test_queue_id_json_matches_json_dumps(values: list[str]) -> None:
     """The shortcut for plain queue IDs encodes exactly what json.dumps would decode to."""
     assert json.loads(_json_strs(values)) == values
+
+
+async def test_a_caller_that_goes_away_does_not_stop_its_accept(tmp_path: Path) -> None:
+    """A cancelled ``accept()`` (client hung up) still commits, and only it is cancelled."""
+    spool = await SqliteSpool.open(tmp_path / "q")
+    started, release = threading.Event(), threading.Event()
+
+    def hold(_conn: sqlite3.Connection) -> None:
+        started.set()
+        release.wait(10)
+
+    try:
+        holding = asyncio.create_task(spool.run(hold, write=False))
+        assert await asyncio.to_thread(started.wait, 10)
+        sent = [NewMessage("a@x.test", [NewRecipient(f"r{i}@y.test")], b"m\r\n") for i in range(3)]
+        ids = [f"0000000000{i}.GONE" for i in range(3)]
+        tasks = [
+            asyncio.create_task(spool.accept(m, queue_id=q)) for m, q in zip(sent, ids, strict=True)
+        ]
+        await asyncio.sleep(0)  # every accept is queued behind the held batch
+        tasks[1].cancel()
+        release.set()
+        await holding
+        assert [await tasks[0], await tasks[2]] == [ids[0], ids[2]]
+        with pytest.raises(asyncio.CancelledError):
+            await tasks[1]
+        for qid in ids:
+            assert (await spool.show_message(qid)).queue_id == qid
+        assert await spool.accept(sent[0]) is not None
+    finally:
+        release.set()
+        await spool.close()

@@ -270,9 +270,12 @@ class SqliteSpool(Spool):
         if self._closed:
             raise SpoolClosedError("the spool is closed")
         await self._queue.put(job)
-        # shield: a caller that goes away (client hung up) must not cancel a
-        # transaction other callers share.
-        return await asyncio.shield(job.future)
+        # Not shielded: a caller that goes away (client hung up) cancels only
+        # its own future; the job stays in its batch and commits (or fails)
+        # with the others, and settling skips a future already done.  A
+        # shield would cost every call one more turn of the event loop
+        # between the commit and the caller.
+        return await job.future
 
     async def run(self, op: DbOp, *, write: bool = True) -> Any:
         """Run ``op(conn)`` inside the writer's next transaction; return its result."""
@@ -283,20 +286,28 @@ class SqliteSpool(Spool):
         await group_commit_loop(self._queue, self._run_batch, MAX_BATCH)
 
     async def _run_batch(self, batch: list[_Job]) -> None:
-        """Run ``batch`` on the database thread (one hop), then settle its futures."""
+        """Run ``batch`` on the database thread (one hop); its futures are settled from there.
+
+        The database thread hands the outcomes straight to the loop
+        (:meth:`_execute_and_settle`), so the callers resume one turn of the
+        event loop after the commit, not two (through this task's own
+        wake-up first).
+        """
+        loop = asyncio.get_running_loop()
         try:
-            settled = await self._db.call(self._execute_batch, batch, True)
+            await self._db.call(self._execute_and_settle, batch, loop)
         except BaseException as exc:  # the thread itself failed: nobody may hang
             for job in batch:
                 _fail(job, _map_db_error(exc, job))
             if not isinstance(exc, Exception):
                 raise
-            return
-        for job, (ok, value) in zip(batch, settled, strict=True):
-            if ok:
-                _resolve(job, value)
-            else:
-                _fail(job, value)
+
+    def _execute_and_settle(
+        self, conn: sqlite3.Connection, batch: list[_Job], loop: asyncio.AbstractEventLoop
+    ) -> None:
+        """:meth:`_execute_batch`, then its outcomes to the loop (database thread)."""
+        settled = self._execute_batch(conn, batch, True)
+        loop.call_soon_threadsafe(_settle, batch, settled)
 
     def _execute_batch(
         self, conn: sqlite3.Connection, batch: list[_Job], isolate: bool
@@ -1204,6 +1215,15 @@ def _json_strs(values: list[str]) -> str:
 def _json_ints(values: Iterable[int]) -> str:
     """A JSON array of integers, for ``json_each``; a fifth of ``json.dumps``'s cost."""
     return "[" + ",".join(str(int(v)) for v in values) + "]"
+
+
+def _settle(batch: list[_Job], settled: list[tuple[bool, Any]]) -> None:
+    """Every job's result or error, on the event loop."""
+    for job, (ok, value) in zip(batch, settled, strict=True):
+        if ok:
+            _resolve(job, value)
+        else:
+            _fail(job, value)
 
 
 def _resolve(job: _Job, value: Any) -> None:
