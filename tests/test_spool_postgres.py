@@ -132,6 +132,29 @@ async def test_a_claim_is_one_round_trip(pg_url: str) -> None:
         await spool.close()
 
 
+async def test_a_claim_for_a_full_domain_locks_a_few_rows_not_a_scan_per_free_slot(
+    pg_url: str,
+) -> None:
+    """A claim locks SCAN_FACTOR rows per group it may take, and it may take no more
+    than domain_room: with 40 due in one domain and room for 2, a claim asking for
+    50 leaves at most SCAN_FACTOR x 2 rows with a lock mark, not all 40."""
+    spool = await spool_backend.open(pg_url)
+    try:
+        await asyncio.gather(*(spool.accept(message(f"r{i}@full.test")) for i in range(40)))
+        claims = await spool.claim(lease_owner_id(), limit=50, lease_seconds=60, domain_room=2)
+        assert len(claims) == 2
+        conn = await asyncpg.connect(pg_url)
+        try:
+            # A row locked FOR UPDATE by a committed transaction keeps that
+            # transaction in its xmax; an untouched row has 0.
+            marked = await conn.fetchval("SELECT count(*) FROM recipients WHERE xmax::text <> '0'")
+        finally:
+            await conn.close()
+        assert 2 <= marked <= pg_core.SCAN_FACTOR * 2, marked
+    finally:
+        await spool.close()
+
+
 async def test_accept_leased_counts_the_slots_every_host_holds(
     two_hosts: tuple[Spool, Spool],
 ) -> None:

@@ -17,7 +17,9 @@ Driver: asyncpg with its pool (docs/scaling.md says why).
   domain holds on every host under a per-domain advisory lock, and lease
   what ``domain_concurrency_max`` allows, lease them and fetch their
   messages (bodies included): all of it one call of ``outboundd_claim``,
-  one round trip and one commit.  A claim that finds nothing due says
+  one round trip and one commit.  It locks ``SCAN_FACTOR`` rows per group
+  it may take: ``limit``, but no more than ``domain_room`` (one domain's
+  most).  A claim that finds nothing due says
   when the next attempt is due; until work may have become due (a NOTIFY,
   this spool's own accept, release or deferral) or ``IDLE_HINT_SECONDS``
   pass, claims and ``next_due_at()`` answer from that without a round trip.
@@ -98,8 +100,11 @@ COMMAND_TIMEOUT = 30.0
 MAX_BATCH = 512
 #: How often a claim first makes expired leases (of any host) due again.
 EXPIRY_SWEEP_INTERVAL = 5.0
-#: Rows a claim looks at per group it may take (a group is all due
-#: recipients of one message and domain).
+#: Rows a claim looks at (and locks) per group it may take (a group is all
+#: due recipients of one message and domain): ``limit`` groups, but no more
+#: than ``domain_room``, the most one domain may have.  So a claim for a
+#: domain at its limit locks a few rows, not four times the scheduler's free
+#: slots; work of many domains is taken by the claims that follow.
 SCAN_FACTOR = 4
 #: How long an empty claim's word that nothing is due (before its next_due)
 #: is trusted without a NOTIFY: bounds how late this host notices work that
@@ -500,7 +505,7 @@ class PostgresSpool(Spool):
             "owner": owner,
             "expires": expires,
             "limit": limit,
-            "scan": limit * SCAN_FACTOR,
+            "scan": SCAN_FACTOR * (limit if domain_room is None else min(limit, domain_room)),
             "exclude": list(exclude_domains),
             "always_split": always_split,
             "domain_room": domain_room,
