@@ -110,6 +110,12 @@ class Spool(abc.ABC):
 
     new_work: asyncio.Event
     recovery: RecoveryReport | None
+    #: How long the scheduler may hold back a claim, after one that took less
+    #: than it asked for, to let more slots free up (0: claim at once).  A
+    #: backend whose every claim costs a fixed price (a server call) sets it,
+    #: so that a domain at its limit is refilled a few slots a claim instead
+    #: of one.
+    claim_gather: float = 0.0
 
     @staticmethod
     async def open(
