@@ -51,8 +51,16 @@ async def group_commit_loop(
     queue: asyncio.Queue[J | WriterStop],
     commit: Callable[[list[J]], Awaitable[None]],
     max_batch: int,
+    *,
+    gather: float = 0.0,
 ) -> None:
     """Group commit: every job waiting (up to ``max_batch``) goes to one ``commit``.
+
+    With ``gather`` the first job of a batch waits that many seconds for
+    others to join it (unless a full batch is already waiting): fewer,
+    larger commits where each costs a fixed price, for that much more
+    latency.  A stop queued meanwhile is seen after the wait, so stopping
+    takes at most ``gather`` longer.
 
     Runs until a :class:`WriterStop` comes; the jobs queued before it are
     committed first, then its ``done`` is set.
@@ -62,6 +70,8 @@ async def group_commit_loop(
         if isinstance(item, WriterStop):
             item.done.set_result(None)
             return
+        if gather > 0 and queue.qsize() < max_batch - 1:
+            await asyncio.sleep(gather)
         batch = [item]
         stop: WriterStop | None = None
         while len(batch) < max_batch:

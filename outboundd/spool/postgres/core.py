@@ -32,7 +32,9 @@ Driver: asyncpg with its pool (docs/scaling.md says why).
 - **Record, group commit.**  Records are queued to a second writer task,
   which writes every waiting delivery's attempts and new states with one
   call of the ``outboundd_record`` function: one round trip and one commit
-  for the batch.  After a claim that took less than it could, the
+  for the batch.  A batch's first record waits ``RECORD_GATHER_SECONDS``
+  for others to join it, so that the deliveries ending close together
+  share a call; and after a claim that took less than it could, the
   scheduler lets slots free up for up to ``claim_gather`` before the next
   (each call's fixed cost on the server is what the queue in PostgreSQL
   pays beyond SQLite's in-process transactions).
@@ -109,6 +111,11 @@ EXPIRY_SWEEP_INTERVAL = 5.0
 #: domain at its limit locks a few rows, not four times the scheduler's free
 #: slots; work of many domains is taken by the claims that follow.
 SCAN_FACTOR = 4
+#: How long the first record of a batch waits for others to join it: one
+#: ``outboundd_record`` call (a round trip and a commit, with a fixed cost on
+#: the server) then carries the results of every delivery that ended in the
+#: meantime.  The latency a record gains, at most.
+RECORD_GATHER_SECONDS = 0.003
 #: Spool.claim_gather: after a claim that took less than it could, the
 #: scheduler waits up to this long for slots to free up before the next.
 CLAIM_GATHER_SECONDS = 0.02
@@ -619,7 +626,9 @@ class PostgresSpool(Spool):
 
     async def _record_loop(self) -> None:
         """Group commit for records: every record waiting goes in one call."""
-        await group_commit_loop(self._records, self._commit_records, MAX_BATCH)
+        await group_commit_loop(
+            self._records, self._commit_records, MAX_BATCH, gather=RECORD_GATHER_SECONDS
+        )
 
     async def _commit_records(self, batch: list[_RecordJob]) -> None:
         """Write ``batch``; while the server is unreachable, wait and try again (the
