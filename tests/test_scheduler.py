@@ -6,6 +6,8 @@ import asyncio
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
+
 from outboundd.delivery.scheduler import Scheduler
 from outboundd.spool import Claim, NewMessage, NewRecipient, Spool, lease_owner_id
 
@@ -161,5 +163,87 @@ async def test_a_busy_domain_backlog_is_not_rescanned_on_every_wake(tmp_path: Pa
         release.set()
         await sched.stop(1.0)
         runner.cancel()
+        await asyncio.gather(runner, return_exceptions=True)
+        await spool.close()
+
+
+class Held:
+    """Deliveries that end only when the test says so, in the order they started."""
+
+    def __init__(self) -> None:
+        self.started: list[asyncio.Event] = []
+
+    async def deliver(self, claim: Claim) -> None:
+        done = asyncio.Event()
+        self.started.append(done)
+        await done.wait()
+
+    async def wait_started(self, count: int, seconds: float = 5.0) -> None:
+        for _ in range(int(seconds / 0.01)):
+            if len(self.started) >= count:
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError(f"{len(self.started)} deliveries started, not {count}")
+
+
+async def drain_one_domain(
+    tmp_path: Path, gather: float
+) -> tuple[Spool, Held, Scheduler, asyncio.Task[None]]:
+    """20 due messages in one domain, domain_concurrency_max 8, and the scheduler
+    running with its first 8 deliveries started."""
+    spool = await Spool.open(tmp_path / "q")
+    spool.claim_gather = gather
+    for i in range(20):
+        await spool.accept(NewMessage("a@x.test", [NewRecipient(f"r{i}@one.test")], b"x\r\n"))
+    settings = Settings(concurrency_max=100, domain_concurrency_max=8)
+    held = Held()
+    sched = Scheduler(spool, lambda: settings, held.deliver, owner=lease_owner_id(), log=Log())
+    runner = asyncio.create_task(sched.run())
+    await held.wait_started(8)
+    return spool, held, sched, runner
+
+
+@pytest.mark.parametrize("gather", [0.0, 30.0])
+async def test_after_a_short_claim_the_next_waits_for_a_quarter_of_a_domains_slots(
+    tmp_path: Path, gather: float
+) -> None:
+    """With ``spool.claim_gather`` (PostgreSQL: a claim is a server call), a claim
+    that took less than it had room for makes the next one wait until a quarter
+    of domain_concurrency_max's slots (8 // 4 = 2) is free; without it (SQLite)
+    every delivery that ends is replaced at once."""
+    spool, held, sched, runner = await drain_one_domain(tmp_path, gather)
+    try:
+        held.started[0].set()
+        await held.wait_started(9)  # one slot free: a claim of one, short
+        held.started[1].set()
+        await asyncio.sleep(0.2)
+        assert len(held.started) == (9 if gather else 10)
+        held.started[2].set()
+        await held.wait_started(11)  # two ended since the short claim: both refilled
+        await asyncio.sleep(0.1)
+        assert len(held.started) == 11
+    finally:
+        for done in held.started:
+            done.set()
+        await sched.stop(1.0)
+        await asyncio.gather(runner, return_exceptions=True)
+        await spool.close()
+
+
+async def test_a_gathering_claim_waits_no_longer_than_claim_gather(tmp_path: Path) -> None:
+    """One slot freed after a short claim is refilled once ``claim_gather`` has
+    passed, even if no other delivery ends."""
+    spool, held, sched, runner = await drain_one_domain(tmp_path, 0.5)
+    try:
+        held.started[0].set()
+        await held.wait_started(9)
+        held.started[1].set()
+        await asyncio.sleep(0.15)
+        assert len(held.started) == 9
+        await held.wait_started(10, seconds=2.0)
+    finally:
+        for done in held.started:
+            done.set()
+        await sched.stop(1.0)
         await asyncio.gather(runner, return_exceptions=True)
         await spool.close()

@@ -132,6 +132,29 @@ async def test_a_claim_is_one_round_trip(pg_url: str) -> None:
         await spool.close()
 
 
+async def test_a_claim_for_a_full_domain_locks_a_few_rows_not_a_scan_per_free_slot(
+    pg_url: str,
+) -> None:
+    """A claim locks SCAN_FACTOR rows per group it may take, and it may take no more
+    than domain_room: with 40 due in one domain and room for 2, a claim asking for
+    50 leaves at most SCAN_FACTOR x 2 rows with a lock mark, not all 40."""
+    spool = await spool_backend.open(pg_url)
+    try:
+        await asyncio.gather(*(spool.accept(message(f"r{i}@full.test")) for i in range(40)))
+        claims = await spool.claim(lease_owner_id(), limit=50, lease_seconds=60, domain_room=2)
+        assert len(claims) == 2
+        conn = await asyncpg.connect(pg_url)
+        try:
+            # A row locked FOR UPDATE by a committed transaction keeps that
+            # transaction in its xmax; an untouched row has 0.
+            marked = await conn.fetchval("SELECT count(*) FROM recipients WHERE xmax::text <> '0'")
+        finally:
+            await conn.close()
+        assert 2 <= marked <= pg_core.SCAN_FACTOR * 2, marked
+    finally:
+        await spool.close()
+
+
 async def test_accept_leased_counts_the_slots_every_host_holds(
     two_hosts: tuple[Spool, Spool],
 ) -> None:
@@ -353,6 +376,52 @@ async def test_accepts_and_records_are_group_committed(pg_url: str) -> None:
         assert await admin.list_queue(spool) == []
     finally:
         await spool.close()
+
+
+async def test_records_ending_close_together_share_one_call(pg_url: str) -> None:
+    """A batch's first record waits RECORD_GATHER_SECONDS for others: two deliveries
+    that end a millisecond apart are written by one call, where without the wait
+    the second would follow the first's call in one of its own."""
+    spool = await spool_backend.open(pg_url)
+    try:
+        assert isinstance(spool, PostgresSpool)
+        await asyncio.gather(*(spool.accept(message(f"r{i}@d.test")) for i in range(2)))
+        owner = lease_owner_id()
+        first, second = await spool.claim(owner, limit=2, lease_seconds=60)
+        t = time.time()
+
+        async def record(claim: Claim, delay: float) -> None:
+            await asyncio.sleep(delay)
+            done = [AttemptRecord(claim.recipients[0].id, Outcome.DELIVERED, t, t)]
+            assert (await spool.record(owner, claim, done)).updated
+
+        before = spool.round_trips
+        await asyncio.gather(record(first, 0), record(second, 0.001))
+        assert spool.round_trips - before == 1
+    finally:
+        await spool.close()
+
+
+async def test_close_writes_a_record_still_gathering(pg_url: str) -> None:
+    """A record waiting for others to join its batch is written when the spool
+    closes (the daemon's shutdown), not dropped."""
+    spool = await spool_backend.open(pg_url)
+    await spool.accept(message("r@d.test"))
+    owner = lease_owner_id()
+    (claim,) = await spool.claim(owner, limit=1, lease_seconds=60)
+    t = time.time()
+    done = [AttemptRecord(claim.recipients[0].id, Outcome.DELIVERED, t, t)]
+    recording = asyncio.create_task(spool.record(owner, claim, done))
+    await asyncio.sleep(0)  # queued, inside the gathering wait
+    await spool.close()
+    assert (await recording).finished_messages == (claim.queue_id,)
+    reopened = await spool_backend.open(pg_url, recover=False)
+    try:
+        assert await admin.list_queue(reopened) == []
+        shown = await reopened.show_message(claim.queue_id)
+        assert [r.status for r in shown.recipients] == ["delivered"]
+    finally:
+        await reopened.close()
 
 
 def test_link_backs_off_and_recovers() -> None:

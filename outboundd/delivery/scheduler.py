@@ -6,7 +6,9 @@ every slot.  It does not poll for new mail: ``Spool.accept`` sets
 ``spool.new_work`` and the scheduler claims at once.  It does wake at least
 every ``poll_interval`` seconds, which is how it notices work made due by
 another process (``outboundctl flush``, a separate submission process) and
-a change of ``disabled`` or ``outboundctl pause``.
+a change of ``disabled`` or ``outboundctl pause``.  On a spool whose claims
+cost a server call (``spool.claim_gather``), a claim that took less than it
+had room for makes the next one wait for a few slots to free up.
 
 Leases are renewed while a delivery runs, so a lease only expires when its
 holder died; then another scheduler (or this one after a restart) retries it.
@@ -79,6 +81,10 @@ SPOOL_TROUBLE_LOG_INTERVAL = 60.0
 #: it share one DSN (rounds.py).  Work is at most this much early, which no
 #: retry schedule notices.
 ROUND_WINDOW = 1.0
+#: After a claim that took less than it asked for, the next one waits (up to
+#: ``spool.claim_gather``) until this share of ``domain_concurrency_max``'s
+#: slots is free again: 4 is a quarter.
+GATHER_SHARE = 4
 
 
 class Scheduler:
@@ -118,6 +124,9 @@ class Scheduler:
         #: The earliest next attempt the last empty claim saw (None: unknown).
         self._due_at: float | None = None
         self.started = 0
+        #: Deliveries ended so far, and (when, how many then) after a short claim.
+        self._ended = 0
+        self._short: tuple[float, int] | None = None
 
     @property
     def active(self) -> int:
@@ -204,6 +213,8 @@ class Scheduler:
             await self._wait(self.poll_interval)
             return
         cap = settings.domain_concurrency_max
+        if await self._gathering(cap):
+            return
         # Per domain, only what domain_concurrency_max leaves: no lease is taken
         # that would have to be given straight back.
         room = {d: cap - n for d, n in self._busy().items()}
@@ -246,7 +257,9 @@ class Scheduler:
         if excess:
             await self.spool.release(self.owner, excess)
         if claims:
-            return  # more may be due: claim again straight away
+            if len(claims) < min(free, cap) and self.spool.claim_gather > 0:
+                self._short = (time.monotonic(), self._ended)
+            return  # more may be due: claim again (straight away unless short)
         due = self._due_at = await self.spool.next_due_at()
         now = time.time()
         if due is None or due <= now:
@@ -254,6 +267,27 @@ class Scheduler:
         else:
             timeout = min(due - now, self.poll_interval)
         await self._wait(timeout)
+
+    async def _gathering(self, cap: int) -> bool:
+        """After a short claim, wait for slots to free up before the next: True if it waited.
+
+        A claim that leased fewer groups than it had room for (``free`` and
+        ``domain_concurrency_max`` allowing) found the due work's domains full,
+        or little due; claiming again as each delivery ends would lease one
+        group a claim.  Instead the next claim waits until a share of a
+        domain's slots (``GATHER_SHARE``) is free again, or
+        ``spool.claim_gather`` seconds passed, whichever comes first.  New
+        work meanwhile waits as long, at most.
+        """
+        if self._short is None:
+            return False
+        since, ended = self._short
+        left = self.spool.claim_gather - (time.monotonic() - since)
+        if self._ended - ended >= max(1, cap // GATHER_SHARE) or left <= 0:
+            self._short = None
+            return False
+        await self._wait(left)
+        return True
 
     async def _spool_trouble(self, exc: SpoolError) -> None:
         """Log (once per interval) that the spool cannot be written; back off."""
@@ -314,6 +348,7 @@ class Scheduler:
             if task is not None:
                 self._active.discard(task)
             self._per_domain[claim.domain] -= 1
+            self._ended += 1
             if self._per_domain[claim.domain] <= 0:
                 del self._per_domain[claim.domain]
             self.spool.new_work.set()

@@ -51,8 +51,16 @@ async def group_commit_loop(
     queue: asyncio.Queue[J | WriterStop],
     commit: Callable[[list[J]], Awaitable[None]],
     max_batch: int,
+    *,
+    gather: float = 0.0,
 ) -> None:
     """Group commit: every job waiting (up to ``max_batch``) goes to one ``commit``.
+
+    With ``gather`` the first job of a batch waits that many seconds for
+    others to join it (unless a full batch is already waiting): fewer,
+    larger commits where each costs a fixed price, for that much more
+    latency.  A stop queued meanwhile is seen after the wait, so stopping
+    takes at most ``gather`` longer.
 
     Runs until a :class:`WriterStop` comes; the jobs queued before it are
     committed first, then its ``done`` is set.
@@ -62,6 +70,8 @@ async def group_commit_loop(
         if isinstance(item, WriterStop):
             item.done.set_result(None)
             return
+        if gather > 0 and queue.qsize() < max_batch - 1:
+            await asyncio.sleep(gather)
         batch = [item]
         stop: WriterStop | None = None
         while len(batch) < max_batch:
@@ -110,6 +120,12 @@ class Spool(abc.ABC):
 
     new_work: asyncio.Event
     recovery: RecoveryReport | None
+    #: How long the scheduler may hold back a claim, after one that took less
+    #: than it asked for, to let more slots free up (0: claim at once).  A
+    #: backend whose every claim costs a fixed price (a server call) sets it,
+    #: so that a domain at its limit is refilled a few slots a claim instead
+    #: of one.
+    claim_gather: float = 0.0
 
     @staticmethod
     async def open(

@@ -17,7 +17,9 @@ Driver: asyncpg with its pool (docs/scaling.md says why).
   domain holds on every host under a per-domain advisory lock, and lease
   what ``domain_concurrency_max`` allows, lease them and fetch their
   messages (bodies included): all of it one call of ``outboundd_claim``,
-  one round trip and one commit.  A claim that finds nothing due says
+  one round trip and one commit.  It locks ``SCAN_FACTOR`` rows per group
+  it may take: ``limit``, but no more than ``domain_room`` (one domain's
+  most).  A claim that finds nothing due says
   when the next attempt is due; until work may have become due (a NOTIFY,
   this spool's own accept, release or deferral) or ``IDLE_HINT_SECONDS``
   pass, claims and ``next_due_at()`` answer from that without a round trip.
@@ -30,7 +32,12 @@ Driver: asyncpg with its pool (docs/scaling.md says why).
 - **Record, group commit.**  Records are queued to a second writer task,
   which writes every waiting delivery's attempts and new states with one
   call of the ``outboundd_record`` function: one round trip and one commit
-  for the batch.
+  for the batch.  A batch's first record waits ``RECORD_GATHER_SECONDS``
+  for others to join it, so that the deliveries ending close together
+  share a call; and after a claim that took less than it could, the
+  scheduler lets slots free up for up to ``claim_gather`` before the next
+  (each call's fixed cost on the server is what the queue in PostgreSQL
+  pays beyond SQLite's in-process transactions).
 - **Unreachable server**: operations fail fast with
   :class:`SpoolUnavailableError` while :class:`Link` backs off (submission
   answers 451); ``record()`` instead waits for the server, holding the
@@ -98,9 +105,20 @@ COMMAND_TIMEOUT = 30.0
 MAX_BATCH = 512
 #: How often a claim first makes expired leases (of any host) due again.
 EXPIRY_SWEEP_INTERVAL = 5.0
-#: Rows a claim looks at per group it may take (a group is all due
-#: recipients of one message and domain).
+#: Rows a claim looks at (and locks) per group it may take (a group is all
+#: due recipients of one message and domain): ``limit`` groups, but no more
+#: than ``domain_room``, the most one domain may have.  So a claim for a
+#: domain at its limit locks a few rows, not four times the scheduler's free
+#: slots; work of many domains is taken by the claims that follow.
 SCAN_FACTOR = 4
+#: How long the first record of a batch waits for others to join it: one
+#: ``outboundd_record`` call (a round trip and a commit, with a fixed cost on
+#: the server) then carries the results of every delivery that ended in the
+#: meantime.  The latency a record gains, at most.
+RECORD_GATHER_SECONDS = 0.003
+#: Spool.claim_gather: after a claim that took less than it could, the
+#: scheduler waits up to this long for slots to free up before the next.
+CLAIM_GATHER_SECONDS = 0.02
 #: How long an empty claim's word that nothing is due (before its next_due)
 #: is trusted without a NOTIFY: bounds how late this host notices work that
 #: another host made due without one (its expiry sweep, a short deferral).
@@ -143,6 +161,8 @@ class _Counters:
 
 class PostgresSpool(Spool):
     """The queue in a PostgreSQL database.  Create with :meth:`open`; always :meth:`close`."""
+
+    claim_gather = CLAIM_GATHER_SECONDS
 
     def __init__(self, url: str, pool: asyncpg.Pool) -> None:
         self.url = url
@@ -500,7 +520,7 @@ class PostgresSpool(Spool):
             "owner": owner,
             "expires": expires,
             "limit": limit,
-            "scan": limit * SCAN_FACTOR,
+            "scan": SCAN_FACTOR * (limit if domain_room is None else min(limit, domain_room)),
             "exclude": list(exclude_domains),
             "always_split": always_split,
             "domain_room": domain_room,
@@ -606,7 +626,9 @@ class PostgresSpool(Spool):
 
     async def _record_loop(self) -> None:
         """Group commit for records: every record waiting goes in one call."""
-        await group_commit_loop(self._records, self._commit_records, MAX_BATCH)
+        await group_commit_loop(
+            self._records, self._commit_records, MAX_BATCH, gather=RECORD_GATHER_SECONDS
+        )
 
     async def _commit_records(self, batch: list[_RecordJob]) -> None:
         """Write ``batch``; while the server is unreachable, wait and try again (the
