@@ -1160,7 +1160,7 @@ def _attempt_row(rec: AttemptRecord, attempt: int) -> tuple[Any, ...]:
         rec.code,
         rec.status,
         rec.response,
-        rec.outcome.value,
+        rec.outcome._value_,  # .value is a Python-level property call; _value_ is the attribute
         rec.reason,
         rec.tls_policy,
         None if rec.tls_policy_met is None else int(rec.tls_policy_met),
@@ -1176,7 +1176,7 @@ def _update_row(rec: AttemptRecord, owner: str) -> tuple[Any, ...]:
     return (
         rec.recipient_id,
         owner,
-        rec.outcome.value,  # an Outcome's value is the Status it leads to
+        rec.outcome._value_,  # an Outcome's value is the Status it leads to
         int(rec.outcome is Outcome.DEFERRED and rec.count_failure),
         rec.finished_at if final else rec.next_attempt_at,
         rec.finished_at,
