@@ -194,7 +194,17 @@ def _text_value(value: object) -> str:
         return str(value)
     else:
         text = str(value)
-    if not text or _NEEDS_QUOTES.search(text):
+    if text.isprintable():
+        # The only characters of _NEEDS_QUOTES a printable string can hold
+        # (whitespace other than the space and controls are not printable),
+        # and of them only the quote and backslash need escaping: substring
+        # tests cost less than the regex search and the translation.
+        if '"' in text or "\\" in text:
+            return _quote(text)
+        if not text or " " in text or "=" in text:
+            return '"' + text + '"'
+        return text
+    if _NEEDS_QUOTES.search(text):
         return _quote(text)
     return text
 
@@ -205,6 +215,26 @@ def _key(key: str, structured: bool) -> str:
     if structured and key in _RESERVED:
         return "_" + key
     return key
+
+
+#: ``key=`` as the default and logfmt formats write it, per key: the keys of
+#: a program's log calls are a small fixed set, and checking each one again
+#: on every line was a regex search per field (a tenth of a NOTICE line).
+_PLAIN_KEYS: Final[dict[str, str]] = {}
+_STRUCTURED_KEYS: Final[dict[str, str]] = {}
+#: Keys beyond this many (fields named from data) are checked each time.
+_MAX_CACHED_KEYS: Final = 1024
+
+
+def _key_prefix(key: str, structured: bool) -> str:
+    """``key=`` for the default (``structured`` False) and logfmt formats."""
+    cache = _STRUCTURED_KEYS if structured else _PLAIN_KEYS
+    prefix = cache.get(key)
+    if prefix is None:
+        prefix = _key(key, structured) + "="
+        if len(cache) < _MAX_CACHED_KEYS:
+            cache[key] = prefix
+    return prefix
 
 
 # --------------------------------------------------------------------------
@@ -250,19 +280,22 @@ def _format_default(
     fields: dict[str, object],
     t: float | None,
 ) -> str:
-    if _HAS_CONTROL.search(message):
+    # Every character _HAS_CONTROL finds is unprintable: a printable text
+    # (almost every one) is taken without the regex search.
+    if not message.isprintable() and _HAS_CONTROL.search(message):
         message = message.translate(_MESSAGE_TABLE)
-    if _HAS_CONTROL.search(source):
+    if not source.isprintable() and _HAS_CONTROL.search(source):
         source = source.translate(_MESSAGE_TABLE)
     if qid is None:
         qid = "-"
-    elif _HAS_CONTROL.search(qid):
+    elif not qid.isprintable() and _HAS_CONTROL.search(qid):
         qid = qid.translate(_MESSAGE_TABLE)
     parts = [f"[{_NAMES[level]}] [{qid}] [{source}] {message}"]
     if t is not None:
         parts.insert(0, _clock.iso(t))
+    keys = _PLAIN_KEYS
     for key, value in fields.items():
-        parts.append(f"{_key(key, False)}={_text_value(value)}")
+        parts.append((keys.get(key) or _key_prefix(key, False)) + _text_value(value))
     return " ".join(parts)
 
 
@@ -282,8 +315,9 @@ def _format_logfmt(
     ]
     if t is not None:
         parts.insert(0, f"timestamp={_clock.iso(t)}")
+    keys = _STRUCTURED_KEYS
     for key, value in fields.items():
-        parts.append(f"{_key(key, True)}={_text_value(value)}")
+        parts.append((keys.get(key) or _key_prefix(key, True)) + _text_value(value))
     return " ".join(parts)
 
 
@@ -457,13 +491,19 @@ def _emit_each(
     qid_value = fields.pop("qid", None)
     qid = None if qid_value is None else str(qid_value)
     try:
-        template = _state.formatter(
-            level, source, message, qid, {key: _PLACEHOLDER, **fields}, stamp
-        )
-        head, found, tail = template.partition(value_text(_PLACEHOLDER))
-        if not found:
-            raise ValueError("placeholder not found")
-        text = "".join([head + value_text(value) + tail + "\n" for value in values])
+        if len(values) == 1:  # one line: no shared part to reuse
+            text = (
+                _state.formatter(level, source, message, qid, {key: values[0], **fields}, stamp)
+                + "\n"
+            )
+        else:
+            template = _state.formatter(
+                level, source, message, qid, {key: _PLACEHOLDER, **fields}, stamp
+            )
+            head, found, tail = template.partition(value_text(_PLACEHOLDER))
+            if not found:
+                raise ValueError("placeholder not found")
+            text = "".join([head + value_text(value) + tail + "\n" for value in values])
     except Exception:
         if qid_value is not None:
             fields["qid"] = qid_value

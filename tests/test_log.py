@@ -220,6 +220,54 @@ def test_odd_field_keys_are_sanitised(out: FlushCounter) -> None:
     assert lines(out) == ["[INFO] [-] [t] m a_b=1 x_y=2 _=3 ok.key-1=4"]
 
 
+def test_field_keys_are_remembered_per_format(out: FlushCounter) -> None:
+    # Keys are checked once and remembered: the second line must be spelt
+    # like the first, and "level" is reserved only where the format has it.
+    for _ in range(2):
+        get_logger("t").info("m", **{"a b": 1, "level": 2})
+    log.configure(Level.INFO, False, "logfmt", out)
+    get_logger("t").info("m", **{"a b": 1, "level": 2})
+    log.configure(Level.INFO, False, "default", out)
+    get_logger("t").info("m", level=2)
+    assert lines(out) == [
+        "[INFO] [-] [t] m a_b=1 level=2",
+        "[INFO] [-] [t] m a_b=1 level=2",
+        'level=INFO uuid=- source=t message="m" a_b=1 _level=2',
+        "[INFO] [-] [t] m level=2",
+    ]
+
+
+def _quoted_by_the_rule(text: str) -> str:
+    """A value as the rule says: quoted (and escaped) when the regex finds a character."""
+    if not text or log._NEEDS_QUOTES.search(text):
+        return '"' + text.translate(log._QUOTED_TABLE) + '"'
+    return text
+
+
+def test_value_quoting_follows_the_rule_for_every_character() -> None:
+    # _text_value takes printable values without the regex; every character
+    # of the Basic Multilingual Plane (and a few beyond) alone and inside
+    # other text must still come out as the regex and the table say.
+    points = [*range(0x10000), 0x1F600, 0xE0001, 0x10FFFF]
+    for point in points:
+        if 0xD800 <= point <= 0xDFFF:
+            continue
+        c = chr(point)
+        for text in (c, f"ab{c}cd", f"{c} x", f'"{c}'):
+            assert log._text_value(text) == _quoted_by_the_rule(text), hex(point)
+    assert log._text_value("") == '""'
+
+
+def test_controls_in_message_source_and_qid_are_escaped(out: FlushCounter) -> None:
+    for text in ("\u2028", "a\u2029b", "\x85", "\x00", "\x9f", "tab\there", "\xa0nbsp", "\u200b"):
+        get_logger(f"s{text}").info(f"m{text}", qid=f"q{text}")
+    expected = []
+    for text in ("\u2028", "a\u2029b", "\x85", "\x00", "\x9f", "tab\there", "\xa0nbsp", "\u200b"):
+        shown = text.translate(log._MESSAGE_TABLE)
+        expected.append(f"[INFO] [q{shown}] [s{shown}] m{shown}")
+    assert out.getvalue() == "".join(line + "\n" for line in expected)
+
+
 def test_field_whose_str_raises_still_logs_a_line(out: FlushCounter) -> None:
     get_logger("t").info("important", value=Exploding())
     assert lines(out) == [
@@ -258,6 +306,25 @@ def test_each_writes_the_lines_of_one_call_per_value(
     logger.each(Level.NOTICE, "delivered", "rcpt", EACH_VALUES, **EACH_FIELDS)
     assert out.getvalue() == expected
     assert len(lines(out)) == len(EACH_VALUES)
+
+
+@pytest.mark.parametrize("fmt", log.FORMATS)
+def test_each_with_one_value_writes_the_line_of_one_call(out: FlushCounter, fmt: str) -> None:
+    log.configure(Level.INFO, False, fmt, out)
+    logger = get_logger("delivery")
+    for value in EACH_VALUES:
+        logger.notice("delivered", rcpt=value, **EACH_FIELDS)
+    expected = out.getvalue()
+    out.seek(0)
+    out.truncate()
+    for value in EACH_VALUES:
+        logger.each(Level.NOTICE, "delivered", "rcpt", [value], **EACH_FIELDS)
+    assert out.getvalue() == expected
+
+
+def test_each_with_one_unprintable_value_still_logs_a_line(out: FlushCounter) -> None:
+    get_logger("t").each(Level.INFO, "m", "rcpt", [Exploding()], qid="Q")
+    assert lines(out) == ['[INFO] [Q] [t] m log_error="AssertionError while formatting this line"']
 
 
 def test_each_value_holding_the_placeholder_stays_escaped(out: FlushCounter) -> None:

@@ -61,6 +61,17 @@ def db(spool: Spool) -> sqlite3.Connection:
     return sqlite3.connect(spool.db_path)
 
 
+async def removed(*paths: Path, timeout: float = 10.0) -> bool:
+    """Whether every one of ``paths`` is gone within ``timeout`` seconds: a body a
+    record finished is removed after the commit, on the spool's removal thread."""
+    deadline = time.monotonic() + timeout
+    while any(p.exists() for p in paths):
+        if time.monotonic() >= deadline:
+            return False
+        await asyncio.sleep(0.005)
+    return True
+
+
 # --------------------------------------------------------------- migrations
 
 
@@ -365,7 +376,7 @@ async def test_record_outcomes_and_accounting(spool: Spool) -> None:
         owner, again, [AttemptRecord(later_id, Outcome.DELIVERED, t2, t2 + 1, code=250)]
     )
     assert result.finished_messages == (qid,)
-    assert not spool.body_path(qid).exists()
+    assert await removed(spool.body_path(qid))
     attempt_numbers = con.execute(
         "SELECT attempt FROM attempts WHERE recipient='later@d.test' ORDER BY attempt"
     ).fetchall()
@@ -385,6 +396,55 @@ async def test_record_without_lease_changes_nothing(spool: Spool) -> None:
     assert row == ("dropped", "deleted by operator")
     # the attempt happened, so it is recorded
     assert db(spool).execute("SELECT count(*) FROM attempt_log").fetchone()[0] == 1
+
+
+async def test_finished_bodies_are_removed_on_their_own_thread(
+    spool: Spool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not on the database thread (an unlink can wait for the journal while
+    the batch's results wait for it), and not before the commit."""
+    qids = [await spool.accept(message(f"r{i}@d.test")) for i in range(3)]
+    owner = lease_owner_id()
+    claims = await spool.claim(owner, limit=3, lease_seconds=60)
+    threads: list[str] = []
+    committed: list[bool] = []
+    remove = bodies.remove_bodies
+
+    def watched(paths: list[str]) -> None:
+        threads.append(threading.current_thread().name)
+        con = db(spool)  # the record that finished them is visible: committed
+        committed.append(
+            con.execute("SELECT count(*) FROM messages WHERE finished_at IS NULL").fetchone()[0]
+            == 0
+        )
+        con.close()
+        remove(paths)
+
+    monkeypatch.setattr(bodies, "remove_bodies", watched)
+    t = time.time()
+    await asyncio.gather(
+        *(
+            spool.record(owner, c, [AttemptRecord(c.recipients[0].id, Outcome.DELIVERED, t, t)])
+            for c in claims
+        )
+    )
+    assert await removed(*(spool.body_path(q) for q in qids))
+    assert threads and all(name.startswith("spool-unlink") for name in threads)
+    assert all(committed)
+
+
+async def test_close_waits_for_the_bodies_handed_over_for_removal(tmp_path: Path) -> None:
+    spool = await Spool.open(tmp_path / "queue")
+    qid = await spool.accept(message("a@d.test"))
+    owner = lease_owner_id()
+    [claim] = await spool.claim(owner, limit=1, lease_seconds=60)
+    t = time.time()
+    await spool.record(
+        owner, claim, [AttemptRecord(claim.recipients[0].id, Outcome.DELIVERED, t, t)]
+    )
+    path = spool.body_path(qid)
+    await spool.close()
+    assert not path.exists()
 
 
 async def test_records_of_one_batch_are_written_together(spool: Spool) -> None:
@@ -439,7 +499,7 @@ async def test_records_of_one_batch_are_written_together(spool: Spool) -> None:
         (singles[0],),
     ).fetchone()[0]
     assert done == 6
-    assert not any(spool.body_path(q).exists() for q in [split, *singles])
+    assert await removed(*(spool.body_path(q) for q in [split, *singles]))
 
 
 async def test_record_validates_its_input(spool: Spool) -> None:

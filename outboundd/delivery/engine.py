@@ -356,7 +356,9 @@ class DeliveryEngine:
             if rr.connection is not info:
                 info = rr.connection
                 conn = _connection(info)
-            verdicts[rid] = Verdict(rr.outcome, rr.reply, rr.stage.value, conn=conn)
+            # A Stage is a str (StrEnum): its .value would be a Python-level
+            # property call per recipient.
+            verdicts[rid] = Verdict(rr.outcome, rr.reply, rr.stage, conn=conn)
         return verdicts
 
     def _session_settings(self, outbound: OutboundConfig) -> SessionSettings:

@@ -183,6 +183,8 @@ class SqliteSpool(Spool):
         self._directories = bodies.DirectorySync()
         #: Fsyncs a batch's bodies and directories at once (database thread only).
         self._fsyncs = bodies.ParallelFsync()
+        #: Removes the bodies of messages records finished (database thread only).
+        self._removals = bodies.BackgroundRemoval()
 
     # ------------------------------------------------------------------ life
 
@@ -244,7 +246,10 @@ class SqliteSpool(Spool):
         try:
             self._directories.close()
         finally:
-            self._fsyncs.close()
+            try:
+                self._fsyncs.close()
+            finally:
+                self._removals.close()
 
     @property
     def location(self) -> str:
@@ -496,7 +501,7 @@ class SqliteSpool(Spool):
                 q("record_finish"), (dumps([(qid, last[qid].now) for qid, _ in finishing]),)
             )
             paths = [f"{self._queue_dir_text}/{body_file}" for _, body_file in finishing]
-            self.after_commit(lambda: bodies.remove_bodies(paths))
+            self.after_commit(lambda: self._removals.remove(paths))
         finished = {qid for qid, _ in finishing}
         for job in records:
             mine = job.queue_id in finished and last[job.queue_id] is job
@@ -749,7 +754,8 @@ class SqliteSpool(Spool):
         lease; otherwise (an operator deleted it, the lease expired and another
         worker took it) the attempt row is still written — it happened — and
         the recipient is reported in ``lease_lost``.  Bodies of messages whose
-        every recipient is now final are deleted after the commit.
+        every recipient is now final are removed after the commit, on the
+        spool's removal thread (:class:`bodies.BackgroundRemoval`).
         """
         at = time.time() if now is None else now
         attempt_numbers = {r.id: r.attempts + 1 for r in claim.recipients}
@@ -1171,7 +1177,7 @@ def _attempt_row(rec: AttemptRecord, attempt: int) -> tuple[Any, ...]:
         rec.code,
         rec.status,
         rec.response,
-        rec.outcome.value,
+        rec.outcome._value_,  # .value is a Python-level property call; _value_ is the attribute
         rec.reason,
         rec.tls_policy,
         None if rec.tls_policy_met is None else int(rec.tls_policy_met),
@@ -1187,7 +1193,7 @@ def _update_row(rec: AttemptRecord, owner: str) -> tuple[Any, ...]:
     return (
         rec.recipient_id,
         owner,
-        rec.outcome.value,  # an Outcome's value is the Status it leads to
+        rec.outcome._value_,  # an Outcome's value is the Status it leads to
         int(rec.outcome is Outcome.DEFERRED and rec.count_failure),
         rec.finished_at if final else rec.next_attempt_at,
         rec.finished_at,

@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 
 class Status(StrEnum):
@@ -105,6 +105,11 @@ class ClaimedRecipient:
     dsn_queue_id: str | None = None
 
 
+#: Status by its value: ``Status(text)`` goes through the enum's Python-level
+#: ``__call__`` and ``__new__``, once per claimed recipient.
+_STATUSES: Final[Mapping[str, Status]] = {s.value: s for s in Status}
+
+
 def claimed_recipient(row: Sequence[Any]) -> ClaimedRecipient:
     """A recipient from a row every leasing statement returns, in both backends'
     order: ``id, queue_id, domain, recipient, notify, orcpt, attempts, failures,
@@ -117,7 +122,7 @@ def claimed_recipient(row: Sequence[Any]) -> ClaimedRecipient:
         orcpt=row[5],
         attempts=row[6],
         failures=row[7],
-        previous_status=Status(row[8]),
+        previous_status=_STATUSES[row[8]],
         last_code=row[9],
         last_status=row[10],
         last_response=row[11],
