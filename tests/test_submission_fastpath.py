@@ -25,7 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from outboundd.config import Config
+from outboundd.hooks import HookRunner
 from outboundd.submission.handler import SubmissionSMTP
+from outboundd.submission.transaction import Transaction
 from tests import certs
 from tests.submission_fixtures import PASSWORD, Relay, make_config, running_relay
 from tests.test_submission_loop import _library_server, _wait_paused
@@ -482,4 +484,86 @@ async def test_a_timeout_in_data_keeps_nothing(tmp_path: Path) -> None:
     async with running_relay(_config(tmp_path, inactivity_timeout=0.3)) as relay:
         got = await _both(relay, script)
         assert got[-1] == _CLOSED
+        assert relay.messages() == [] and relay.body_files() == []
+
+
+async def test_no_stream_reader_or_writer_until_a_command_waits(tmp_path: Path) -> None:
+    """A session makes asyncio's stream reader and writer only when its task reads."""
+    async with running_relay(_config(tmp_path)) as relay:
+        reader, writer = await asyncio.open_connection("127.0.0.1", relay.port())
+        try:
+            await _read_reply(reader)
+            (session,) = relay.listeners.context.sessions
+            writer.write(
+                b"EHLO c.test\r\nMAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.org>\r\nDATA\r\n"
+            )
+            for _ in range(4):
+                await _read_reply(reader)
+            writer.write(_MESSAGE + b".\r\n")
+            # Queueing the message ran in a task, which had nothing to read.
+            assert (await _read_reply(reader)).startswith(b"250 2.0.0 Ok: queued as ")
+            await asyncio.sleep(0.01)
+            assert not session._streams and session._handler_coroutine is None
+            writer.write(b"HELP\r\n")
+            assert (await _read_reply(reader)).startswith(b"250 ")
+            assert session._streams and isinstance(session._reader, asyncio.StreamReader)
+            writer.write(b"NOOP\r\n")
+            assert await _read_reply(reader) == b"250 2.0.0 OK\r\n"
+        finally:
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+        await _sessions_end(relay)
+
+
+def _slow_queueing(seconds: float) -> HookRunner:
+    async def pre_send_trans_email(txn: Transaction) -> None:
+        await asyncio.sleep(seconds)
+
+    hooks = HookRunner([])
+    hooks.add("slow", "pre_send_trans_email", pre_send_trans_email)
+    return hooks
+
+
+async def test_commands_sent_while_a_message_is_queued(tmp_path: Path) -> None:
+    """Lines that arrive while the message is being queued wait for its 250."""
+    script: list[Step] = [
+        Send(b"EHLO client.test\r\n"),
+        Send(b"MAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.org>\r\nDATA\r\n", 3),
+        Send(_MESSAGE + b".\r\n", 0),
+        Pause(0.05),
+        Send(b"NOOP\r\nMAIL FROM:<c@example.com>\r\n", 0),
+        Pause(0.05),
+        Send(b"RSET\r\n", 4),
+        Send(b"QUIT\r\n", -1),
+    ]
+    async with running_relay(_config(tmp_path), _slow_queueing(0.3)) as relay:
+        got = await _both(relay, script)
+        assert got[5:9] == [
+            b"250 2.0.0 Ok: queued as ID\r\n",
+            b"250 2.0.0 OK\r\n",
+            b"250 2.1.0 Sender OK\r\n",
+            b"250 2.0.0 OK\r\n",
+        ]
+        assert len(relay.messages()) == 2
+
+
+async def test_a_client_leaving_while_its_message_is_queued(tmp_path: Path) -> None:
+    async with running_relay(_config(tmp_path), _slow_queueing(0.2)) as relay:
+        reader, writer = await asyncio.open_connection("127.0.0.1", relay.port())
+        await _read_reply(reader)
+        writer.write(
+            b"EHLO c.test\r\nMAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.org>\r\nDATA\r\n"
+        )
+        for _ in range(4):
+            await _read_reply(reader)
+        (session,) = relay.listeners.context.sessions
+        writer.write(_MESSAGE + b".\r\n")
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        assert session.is_busy() and not session._streams
+        writer.close()
+        await _sessions_end(relay)
+        assert not session.is_busy() and session.transport is None
+        # The client was gone before the hook returned: nothing was stored.
         assert relay.messages() == [] and relay.body_files() == []
