@@ -26,6 +26,7 @@ import asyncio
 import base64
 import binascii
 import collections
+import functools
 import logging
 import random
 import ssl
@@ -62,7 +63,7 @@ from outboundd.submission import (
 )
 from outboundd.submission.data import DataCollector, DataProblem
 from outboundd.submission.policy import Address, MailParams, PolicyError, RcptParams, RelayVerdict
-from outboundd.submission.queueing import Queuer
+from outboundd.submission.queueing import Queuer, Write
 from outboundd.submission.replies import Reply
 from outboundd.submission.template import MethodTable, SessionTemplate, command_functions
 from outboundd.submission.transaction import Transaction
@@ -627,24 +628,43 @@ class SubmissionSMTP(SMTP):
             start = end
 
     def _end_data(self, collector: DataCollector, rest: bytes) -> bytes | None:
-        """The message has ended: refuse it here (``rest`` is returned), or hand it to a task."""
+        """The message has ended: refuse it here (``rest`` is returned), or queue it.
+
+        Queueing waits for the spool's write; with hooks to run first (they
+        may wait too) a task does it all, else the write is started here and
+        its end answered by :meth:`_queued`.
+        """
         self._collector = None
         self._pending = b""
         envelope = self.envelope_state()
         body, error = self._judge(collector)
         # The transaction is over whatever happens next (RFC 5321 §4.1.1.4).
         self.envelope = self._create_envelope()
-        if error is None:
-            assert body is not None
-            self._fast = False
-            if rest:
-                self._open_streams()
-                super().data_received(rest)
+        if error is not None:
+            self.log.info("message refused", client_ip=self.client_ip(), reply=str(error))
+            return self._answer(error, rest)
+        assert body is not None
+        queuer = self.ctx.queuer
+        started = None if queuer.hooks_wait() else queuer.start(self._transaction(envelope, body))
+        if isinstance(started, Reply):  # refused by the checks or signing, which logged why
+            if self.ctx.closing:
+                self._hang_up_now([_reply_wire(started), _reply_wire(_SHUTTING_DOWN)])
+                return None
+            return self._answer(started, rest)
+        self._fast = False
+        if rest:
+            self._open_streams()
+            super().data_received(rest)
+        if started is None:
             self._handler_coroutine = self.loop.create_task(
                 self._handle_client(received=(envelope, body))
             )
-            return None
-        self.log.info("message refused", client_ip=self.client_ip(), reply=str(error))
+        else:
+            started.task.add_done_callback(functools.partial(self._queued, started))
+        return None
+
+    def _answer(self, error: Reply, rest: bytes) -> bytes | None:
+        """Refuse the message just received; ``rest`` is returned unless writing must wait."""
         self._busy = False
         reply = _reply_wire(error)
         if _LIBRARY_LOG.isEnabledFor(logging.DEBUG):
@@ -653,6 +673,34 @@ class SubmissionSMTP(SMTP):
             self._hand_over([], rest, drain=True)
             return None
         return rest
+
+    def _queued(self, write: Write, _: object) -> None:
+        """The spool write of an accepted message is done: say so, then take commands again.
+
+        ``_finish_message`` for a message queued without a task: the reply,
+        the shutdown's 421, and the connection handed back to
+        ``data_received`` unless lines came meanwhile (they wait in the
+        stream reader: a task answers them) or writing is paused.
+        """
+        self._busy = False
+        if write.task.cancelled() or self.transport is None:
+            self.ctx.queuer.client_gone(write.txn)
+            if self.transport is not None:
+                self._close_writer()
+            return
+        try:
+            reply = self.ctx.queuer.outcome(write)
+        except Exception as raised:  # what the session task would report
+            self._handler_coroutine = self.loop.create_task(self._handle_client(raised))
+            return
+        drain = self._write(_reply_wire(reply))
+        if self.ctx.closing:
+            self._hang_up_now([_reply_wire(_SHUTTING_DOWN)])
+            return
+        if drain or not self._may_go_fast():
+            self._handler_coroutine = self.loop.create_task(self._handle_client(drain=drain))
+            return
+        self._fast = True
 
     def _flush(self, out: list[bytes]) -> bool:
         """Write the gathered replies at once; True when the writer must be drained."""
@@ -1408,9 +1456,12 @@ class SubmissionSMTP(SMTP):
         return body, None
 
     async def _queue(self, envelope: SubmissionEnvelope, body: bytes) -> Reply:
+        return await self.ctx.queuer.queue(self._transaction(envelope, body))
+
+    def _transaction(self, envelope: SubmissionEnvelope, body: bytes) -> Transaction:
+        """The transaction a received message makes: its headers added, its envelope's facts."""
         assert envelope.sender is not None and self.session is not None
-        queuer = self.ctx.queuer
-        queue_id = queuer.new_queue_id()
+        queue_id = self.ctx.queuer.new_queue_id()
         now = self.ctx.clock()
         params = envelope.mail_params
         tls = self.tls_version()
@@ -1437,7 +1488,7 @@ class SubmissionSMTP(SMTP):
                 )
                 + body
             )
-        txn = Transaction(
+        return Transaction(
             queue_id=queue_id,
             mail_from=str(envelope.sender),
             rcpt_to=[str(r) for r in envelope.recipients],
@@ -1451,7 +1502,6 @@ class SubmissionSMTP(SMTP):
             env_id=params.env_id,
             ret=params.ret,
         )
-        return await queuer.queue(txn, run_queue_outbound=True)
 
     def close_if_idle(self, reply: Reply) -> bool:
         """Shutdown: say 421 and close unless a message is in flight."""
