@@ -20,12 +20,18 @@ import contextlib
 import re
 import socket
 import ssl
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
+
 from outboundd.config import Config
+from outboundd.hooks import HookRunner
+from outboundd.spool.types import NewMessage
 from outboundd.submission.handler import SubmissionSMTP
+from outboundd.submission.queueing import SpoolSink
+from outboundd.submission.transaction import Transaction
 from tests import certs
 from tests.submission_fixtures import PASSWORD, Relay, make_config, running_relay
 from tests.test_submission_loop import _library_server, _wait_paused
@@ -483,3 +489,138 @@ async def test_a_timeout_in_data_keeps_nothing(tmp_path: Path) -> None:
         got = await _both(relay, script)
         assert got[-1] == _CLOSED
         assert relay.messages() == [] and relay.body_files() == []
+
+
+async def test_no_stream_reader_or_writer_until_a_command_waits(tmp_path: Path) -> None:
+    """A session makes asyncio's stream reader and writer only when its task reads."""
+    async with running_relay(_config(tmp_path)) as relay:
+        reader, writer = await asyncio.open_connection("127.0.0.1", relay.port())
+        try:
+            await _read_reply(reader)
+            (session,) = relay.listeners.context.sessions
+            writer.write(
+                b"EHLO c.test\r\nMAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.org>\r\nDATA\r\n"
+            )
+            for _ in range(4):
+                await _read_reply(reader)
+            writer.write(_MESSAGE + b".\r\n")
+            # Queueing the message ran in a task, which had nothing to read.
+            assert (await _read_reply(reader)).startswith(b"250 2.0.0 Ok: queued as ")
+            await asyncio.sleep(0.01)
+            assert not session._streams and session._handler_coroutine is None
+            writer.write(b"HELP\r\n")
+            assert (await _read_reply(reader)).startswith(b"250 ")
+            assert session._streams and isinstance(session._reader, asyncio.StreamReader)
+            writer.write(b"NOOP\r\n")
+            assert await _read_reply(reader) == b"250 2.0.0 OK\r\n"
+        finally:
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+        await _sessions_end(relay)
+
+
+class _SlowSpool:
+    """The relay's spool, each write held back ``seconds`` first."""
+
+    def __init__(self, spool: SpoolSink, seconds: float) -> None:
+        self.spool = spool
+        self.seconds = seconds
+
+    def new_queue_id(self) -> str:
+        return self.spool.new_queue_id()
+
+    async def accept(self, message: NewMessage, *, queue_id: str | None = None) -> str:
+        await asyncio.sleep(self.seconds)
+        return await self.spool.accept(message, queue_id=queue_id)
+
+
+@contextlib.asynccontextmanager
+async def _slow_relay(tmp_path: Path, seconds: float, slow: str) -> AsyncIterator[Relay]:
+    """A relay whose queueing takes ``seconds``: in a hook (a task queues) or in the spool."""
+    hooks = None
+    if slow == "hook":
+
+        async def pre_send_trans_email(txn: Transaction) -> None:
+            await asyncio.sleep(seconds)
+
+        hooks = HookRunner([])
+        hooks.add("slow", "pre_send_trans_email", pre_send_trans_email)
+    async with running_relay(_config(tmp_path), hooks) as relay:
+        queuer = relay.listeners.context.queuer
+        if slow == "spool":
+            queuer.spool = _SlowSpool(queuer.spool, seconds)
+        yield relay
+
+
+@pytest.mark.parametrize("slow", ["hook", "spool"])
+async def test_commands_sent_while_a_message_is_queued(tmp_path: Path, slow: str) -> None:
+    """Lines that arrive while the message is being queued wait for its 250."""
+    script: list[Step] = [
+        Send(b"EHLO client.test\r\n"),
+        Send(b"MAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.org>\r\nDATA\r\n", 3),
+        Send(_MESSAGE + b".\r\n", 0),
+        Pause(0.05),
+        Send(b"NOOP\r\nMAIL FROM:<c@example.com>\r\n", 0),
+        Pause(0.05),
+        Send(b"RSET\r\n", 4),
+        Send(b"QUIT\r\n", -1),
+    ]
+    async with _slow_relay(tmp_path, 0.3, slow) as relay:
+        got = await _both(relay, script)
+        assert got[5:9] == [
+            b"250 2.0.0 Ok: queued as ID\r\n",
+            b"250 2.0.0 OK\r\n",
+            b"250 2.1.0 Sender OK\r\n",
+            b"250 2.0.0 OK\r\n",
+        ]
+        assert len(relay.messages()) == 2
+
+
+async def _send_message(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A connection whose message has been sent, its reply not read."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    await _read_reply(reader)
+    writer.write(b"EHLO c.test\r\nMAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.org>\r\nDATA\r\n")
+    for _ in range(4):
+        await _read_reply(reader)
+    writer.write(_MESSAGE + b".\r\n")
+    await writer.drain()
+    return reader, writer
+
+
+@pytest.mark.parametrize("slow", ["hook", "spool"])
+async def test_a_client_leaving_while_its_message_is_queued(
+    tmp_path: Path, slow: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    async with _slow_relay(tmp_path, 0.2, slow) as relay:
+        _, writer = await _send_message(relay.port())
+        (session,) = relay.listeners.context.sessions
+        await asyncio.sleep(0.05)
+        assert session.is_busy() and not session._streams
+        writer.close()
+        await _sessions_end(relay)
+        await relay.listeners.context.queuer.drain(2.0)
+        assert not session.is_busy() and session.transport is None
+        if slow == "hook":  # gone before the hook returned: nothing was stored
+            assert relay.messages() == [] and relay.body_files() == []
+        else:  # the spool's write was under way: it completes, and the log says so
+            assert len(relay.messages()) == 1
+            assert "client gone while its message was being queued" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("slow", ["hook", "spool"])
+async def test_shutdown_while_a_message_is_queued(tmp_path: Path, slow: str) -> None:
+    """The message in flight is answered, then the client is told 421 and let go."""
+    async with _slow_relay(tmp_path, 0.3, slow) as relay:
+        reader, writer = await _send_message(relay.port())
+        await asyncio.sleep(0.05)
+        closing = asyncio.create_task(relay.listeners.close(grace=5.0))
+        try:
+            assert (await _read_reply(reader)).startswith(b"250 2.0.0 Ok: queued as ")
+            assert (await _read_reply(reader)).startswith(b"421 4.3.2 ")
+            assert await _read_reply(reader) == _CLOSED
+        finally:
+            await closing
+            writer.close()
+        assert len(relay.messages()) == 1

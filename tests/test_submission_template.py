@@ -87,6 +87,10 @@ def _comparable(value: Any, owner: SMTP) -> Any:
     return value
 
 
+#: What StreamReaderProtocol.__init__ sets from its stream reader.
+_MADE_WITH_THE_READER = {"_closed", "_source_traceback", "_strong_reader"}
+
+
 def _attributes(session: SMTP) -> dict[str, Any]:
     found = {name: _comparable(value, session) for name, value in vars(session).items()}
     found["_auth_methods"] = _comparable(session._auth_methods, session)
@@ -105,8 +109,12 @@ async def test_template_session_has_every_attribute_aiosmtpd_sets(
         ctx = relay.listeners.context
         lean = make_session_factory(ctx, implicit_tls=implicit_tls)()
         reference = _Reference(ctx, implicit_tls=implicit_tls)
-        ours = _attributes(lean)
         theirs = _attributes(reference)
+        # The stream reader's part of StreamReaderProtocol.__init__ waits for
+        # the first command that needs the reader (_open_streams).
+        assert sorted(set(theirs) - set(_attributes(lean))) == sorted(_MADE_WITH_THE_READER)
+        lean._new_reader()
+        ours = _attributes(lean)
         missing = sorted(set(theirs) - set(ours))
         assert missing == []
         differing = [
@@ -175,8 +183,8 @@ async def test_ehlo_reply_is_one_write_prepared_per_listener(
     async with running_relay(config) as relay:
         client = await LineClient.connect(relay.port())
         (session,) = relay.listeners.context.sessions
-        spy = _CountingTransport(session._writer.transport)
-        session._writer._transport = spy  # type: ignore[attr-defined]
+        spy = _CountingTransport(session.transport)
+        session.transport = spy  # type: ignore[assignment]
         reply = await client.cmd("EHLO client.test")
         assert reply.splitlines() == [
             "250-" + config.me, "250-PIPELINING", "250-SIZE 5000", "250-8BITMIME",

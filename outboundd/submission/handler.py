@@ -26,10 +26,13 @@ import asyncio
 import base64
 import binascii
 import collections
+import functools
 import logging
 import random
 import ssl
 import time
+import weakref
+from asyncio.streams import FlowControlMixin
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import AnyStr, cast
@@ -60,7 +63,7 @@ from outboundd.submission import (
 )
 from outboundd.submission.data import DataCollector, DataProblem
 from outboundd.submission.policy import Address, MailParams, PolicyError, RcptParams, RelayVerdict
-from outboundd.submission.queueing import Queuer
+from outboundd.submission.queueing import Queuer, Write
 from outboundd.submission.replies import Reply
 from outboundd.submission.template import MethodTable, SessionTemplate, command_functions
 from outboundd.submission.transaction import Transaction
@@ -177,6 +180,11 @@ class SubmissionSMTP(SMTP):
     # not declare them); _write reads them instead of awaiting drain().
     _paused: bool
     _connection_lost: bool
+    # StreamReaderProtocol's, set by _open_streams (typeshed does not declare them).
+    _stream_reader_wr: weakref.ref[asyncio.StreamReader] | None
+    _stream_writer: asyncio.StreamWriter | None
+    _strong_reader: asyncio.StreamReader | None
+    _client_connected_cb: Callable[..., object] | None
 
     def __init__(
         self,
@@ -193,12 +201,19 @@ class SubmissionSMTP(SMTP):
         loop = asyncio.get_running_loop()
         self.loop = loop
         self.line_length_limit = t.line_length_limit
-        asyncio.StreamReaderProtocol.__init__(
-            self,
-            asyncio.StreamReader(loop=loop, limit=t.line_length_limit),
-            client_connected_cb=self._cb_client_connected,
-            loop=loop,
-        )
+        # StreamReaderProtocol.__init__ without its stream reader: the
+        # reader, the writer and the close future are made by _open_streams
+        # when the first command must wait (most connections never do).
+        FlowControlMixin.__init__(self, loop=loop)
+        self._stream_reader_wr = None
+        self._reject_connection = False
+        self._stream_writer = None
+        self._task = None
+        self._transport = None
+        self._client_connected_cb = None
+        self._over_ssl = False
+        #: True once _open_streams made the stream reader and writer.
+        self._streams = False
         self.__ident__ = t.ident
         self.event_handler = t.handler
         self.data_size_limit = None  # our smtp_DATA enforces max_message_size
@@ -280,6 +295,33 @@ class SubmissionSMTP(SMTP):
 
     # ----------------------------------------------------- aiosmtpd internals
 
+    def _new_reader(self) -> None:
+        # What StreamReaderProtocol.__init__ does with its stream reader.
+        reader = asyncio.StreamReader(loop=self.loop, limit=self.line_length_limit)
+        self._stream_reader_wr = weakref.ref(reader)
+        self._source_traceback = reader._source_traceback  # type: ignore[attr-defined]
+        self._strong_reader = reader
+        self._client_connected_cb = self._cb_client_connected
+        self._closed = self.loop.create_future()
+
+    def _open_streams(self) -> None:
+        """The stream reader and writer, made when the first command must wait.
+
+        asyncio's StreamReaderProtocol makes them (a reader and its buffer,
+        a writer, two futures, a weak reference) for every connection, at
+        its start; only aiosmtpd's command loop (our session task) uses
+        them, and most connections never need that task.  They are made
+        here as its ``__init__`` and ``connection_made`` make them, on the
+        transport the connection started with (the task is never handed
+        the connection back after STARTTLS, so it is still the one).
+        """
+        if self._streams:
+            return
+        self._streams = True
+        self._new_reader()
+        assert self.transport is not None
+        asyncio.StreamReaderProtocol.connection_made(self, self.transport)
+
     def _create_envelope(self) -> SubmissionEnvelope:
         # aiosmtpd's envelope factory (called on RSET, HELO/EHLO and after
         # DATA); overriding it keeps our typed state in step with aiosmtpd's.
@@ -331,7 +373,6 @@ class SubmissionSMTP(SMTP):
         # the connection back, once nothing it read is left unanswered.
         session = self.session
         assert session is not None
-        reader = self._reader
         functions = command_functions(type(self))
         library_log = _LIBRARY_LOG
         while self.transport is not None and not self._quit:
@@ -343,7 +384,7 @@ class SubmissionSMTP(SMTP):
                     continue
                 if drain:
                     drain = False
-                    await self._writer.drain()
+                    await self._drain()
                 if received is not None:
                     envelope, body = received
                     received = None
@@ -353,6 +394,8 @@ class SubmissionSMTP(SMTP):
                     self._fast = True
                     self._handler_coroutine = None
                     return
+                self._open_streams()
+                reader = self._reader
                 try:
                     line: bytes = await reader.readuntil()
                 except asyncio.LimitOverrunError as overrun:
@@ -384,7 +427,7 @@ class SubmissionSMTP(SMTP):
                 # The connection went away (during DATA, say).
                 if library_log.isEnabledFor(logging.INFO):
                     library_log.info("%r Connection lost during _handle_client()", session.peer)
-                self._writer.close()
+                self._close_writer()
                 raise
             except Exception as raised:
                 await self._report_exception(raised)
@@ -454,6 +497,9 @@ class SubmissionSMTP(SMTP):
         # step per command).  Between commands that must wait there is no
         # task: the segment's lines are answered here.
         if not self._fast:
+            # A message being queued (its task needs no stream reader) may
+            # be followed by the client's next commands: they wait in it.
+            self._open_streams()
             super().data_received(data)
             return
         pending = self._pending
@@ -582,23 +628,43 @@ class SubmissionSMTP(SMTP):
             start = end
 
     def _end_data(self, collector: DataCollector, rest: bytes) -> bytes | None:
-        """The message has ended: refuse it here (``rest`` is returned), or hand it to a task."""
+        """The message has ended: refuse it here (``rest`` is returned), or queue it.
+
+        Queueing waits for the spool's write; with hooks to run first (they
+        may wait too) a task does it all, else the write is started here and
+        its end answered by :meth:`_queued`.
+        """
         self._collector = None
         self._pending = b""
         envelope = self.envelope_state()
         body, error = self._judge(collector)
         # The transaction is over whatever happens next (RFC 5321 §4.1.1.4).
         self.envelope = self._create_envelope()
-        if error is None:
-            assert body is not None
-            self._fast = False
-            if rest:
-                super().data_received(rest)
+        if error is not None:
+            self.log.info("message refused", client_ip=self.client_ip(), reply=str(error))
+            return self._answer(error, rest)
+        assert body is not None
+        queuer = self.ctx.queuer
+        started = None if queuer.hooks_wait() else queuer.start(self._transaction(envelope, body))
+        if isinstance(started, Reply):  # refused by the checks or signing, which logged why
+            if self.ctx.closing:
+                self._hang_up_now([_reply_wire(started), _reply_wire(_SHUTTING_DOWN)])
+                return None
+            return self._answer(started, rest)
+        self._fast = False
+        if rest:
+            self._open_streams()
+            super().data_received(rest)
+        if started is None:
             self._handler_coroutine = self.loop.create_task(
                 self._handle_client(received=(envelope, body))
             )
-            return None
-        self.log.info("message refused", client_ip=self.client_ip(), reply=str(error))
+        else:
+            started.task.add_done_callback(functools.partial(self._queued, started))
+        return None
+
+    def _answer(self, error: Reply, rest: bytes) -> bytes | None:
+        """Refuse the message just received; ``rest`` is returned unless writing must wait."""
         self._busy = False
         reply = _reply_wire(error)
         if _LIBRARY_LOG.isEnabledFor(logging.DEBUG):
@@ -608,13 +674,48 @@ class SubmissionSMTP(SMTP):
             return None
         return rest
 
+    def _queued(self, write: Write, _: object) -> None:
+        """The spool write of an accepted message is done: say so, then take commands again.
+
+        ``_finish_message`` for a message queued without a task: the reply,
+        the shutdown's 421, and the connection handed back to
+        ``data_received`` unless lines came meanwhile (they wait in the
+        stream reader: a task answers them) or writing is paused.
+        """
+        self._busy = False
+        if write.task.cancelled() or self.transport is None:
+            self.ctx.queuer.client_gone(write.txn)
+            if self.transport is not None:
+                self._close_writer()
+            return
+        try:
+            reply = self.ctx.queuer.outcome(write)
+        except Exception as raised:  # what the session task would report
+            self._handler_coroutine = self.loop.create_task(self._handle_client(raised))
+            return
+        drain = self._write(_reply_wire(reply))
+        if self.ctx.closing:
+            self._hang_up_now([_reply_wire(_SHUTTING_DOWN)])
+            return
+        if drain or not self._may_go_fast():
+            self._handler_coroutine = self.loop.create_task(self._handle_client(drain=drain))
+            return
+        self._fast = True
+
     def _flush(self, out: list[bytes]) -> bool:
         """Write the gathered replies at once; True when the writer must be drained."""
         if not out:
             return False
-        writer = self._writer
-        writer.write(out[0] if len(out) == 1 else b"".join(out))
-        return self._paused or self._connection_lost or writer.transport.is_closing()
+        transport = self._out()
+        transport.write(out[0] if len(out) == 1 else b"".join(out))
+        return self._paused or self._connection_lost or transport.is_closing()
+
+    def _out(self) -> asyncio.WriteTransport:
+        # Until the streams are made (_open_streams) the replies go to the
+        # transport itself: StreamWriter.write() only passes them on to it.
+        transport = self._writer.transport if self._streams else self.transport
+        # Duck-typed: uvloop's transports are not asyncio ABC subclasses.
+        return cast(asyncio.WriteTransport, transport)
 
     def _hang_up_now(self, out: list[bytes]) -> None:
         """Send the last replies (QUIT's, or the one for too many bogus commands) and close."""
@@ -631,6 +732,7 @@ class SubmissionSMTP(SMTP):
             drain = True
         self._fast = False
         self._pending = b""
+        self._open_streams()
         if rest:
             super().data_received(rest)
         self._handler_coroutine = self.loop.create_task(self._handle_client(error, drain))
@@ -640,14 +742,17 @@ class SubmissionSMTP(SMTP):
         # ``_buffer``: the task hands the connection back to the protocol
         # only with nothing read and unanswered, writing not paused, and
         # never after STARTTLS (aiosmtpd's own path for that transport).
+        if self._fast_commands is None or self._original_transport is not None or self._paused:
+            return False
+        if not self._streams:
+            # Nothing came while the task queued a message (it would be in
+            # the stream reader), and no EOF or loss (either cancels the task).
+            return True
         reader = self._reader
         return (
-            self._fast_commands is not None
-            and self._original_transport is None
-            and not reader._buffer  # type: ignore[attr-defined]
+            not reader._buffer  # type: ignore[attr-defined]
             and not reader.at_eof()
             and reader.exception() is None
-            and not self._paused
         )
 
     async def _report_exception(self, error: Exception) -> None:
@@ -709,8 +814,10 @@ class SubmissionSMTP(SMTP):
         session = self.session = Session(self.loop)
         session.peer = transport.get_extra_info("peername")
         self._reset_timeout()
-        asyncio.StreamReaderProtocol.connection_made(self, transport)
         self.transport = transport
+        # What StreamReaderProtocol.connection_made finds asking the
+        # transport: only an implicit-TLS listener's are over TLS at first.
+        self._over_ssl = self._template.implicit_tls
         if _LIBRARY_LOG.isEnabledFor(logging.INFO):
             _LIBRARY_LOG.info("Peer: %r", session.peer)
         # The greeting goes out now rather than on the session task's first
@@ -722,21 +829,26 @@ class SubmissionSMTP(SMTP):
             _LIBRARY_LOG.info("%r handling connection", session.peer)
         # No task until a command must wait: data_received answers the rest.
         if self._fast_commands is None:
+            self._open_streams()
             self._handler_coroutine = self.loop.create_task(self._handle_client())
         else:
             self._fast = True
 
     def connection_lost(self, error: Exception | None) -> None:
         try:
-            if self._handler_coroutine is not None:
+            task = self._handler_coroutine
+            if task is not None and self._streams:
                 super().connection_lost(error)
             else:
-                self._lost_without_task(error)
+                self._lost_without_streams(error)
+                if task is not None:
+                    task.cancel()  # a message's queueing, which needed no streams
         finally:
             self.ctx.session_ended(self)
 
-    def _lost_without_task(self, error: Exception | None) -> None:
-        # aiosmtpd's connection_lost, for a connection with no task to cancel.
+    def _lost_without_streams(self, error: Exception | None) -> None:
+        # aiosmtpd's connection_lost, for a connection with no task to cancel
+        # or no stream reader and writer (StreamReaderProtocol's part).
         self._fast = False
         self._pending = b""
         self._stop_data()
@@ -746,7 +858,13 @@ class SubmissionSMTP(SMTP):
             self._timeout_handle.cancel()
         if self._original_transport is not None:
             self._original_transport.close()
-        asyncio.StreamReaderProtocol.connection_lost(self, error)
+        if self._streams:
+            asyncio.StreamReaderProtocol.connection_lost(self, error)
+        else:
+            # StreamReaderProtocol.connection_lost with no streams: no reader
+            # to end, no close future to settle, no drain() to wake.
+            self._connection_lost = True
+            self._transport = None
         self.transport = None
 
     def _stop_data(self) -> None:
@@ -769,7 +887,7 @@ class SubmissionSMTP(SMTP):
         self._fast = False
         self._pending = b""
         self._stop_data()
-        self._writer.close()
+        self._close_writer()
         if session.ssl is not None:
             return False
         return asyncio.StreamReaderProtocol.eof_received(self)
@@ -837,18 +955,33 @@ class SubmissionSMTP(SMTP):
         else:
             data = status + b"\r\n"
         if self._write(data):
-            await self._writer.drain()
+            await self._drain()
 
     async def reply(self, reply: Reply) -> None:
         # Our named replies are encoded once, at import (replies.WIRE).
         data = replies.WIRE.get(reply)
         if self._write(replies.wire(str(reply)) if data is None else data):
-            await self._writer.drain()
+            await self._drain()
 
     async def _send(self, data: bytes) -> None:
         """Write one reply (one or more complete lines); wait if the buffer is full."""
         if self._write(data):
-            await self._writer.drain()
+            await self._drain()
+
+    async def _drain(self) -> None:
+        """The writer's ``drain()``: wait while writing is paused; raise if the client is gone."""
+        if not self._streams:
+            if self.transport is None:
+                raise ConnectionResetError("Connection lost")  # as drain() would
+            self._open_streams()
+        await self._writer.drain()
+
+    def _close_writer(self) -> None:
+        # StreamWriter.close() closes its transport: the same without streams.
+        if self._streams:
+            self._writer.close()
+        elif self.transport is not None:
+            self.transport.close()
 
     def _write(self, data: bytes) -> bool:
         """Write one reply; True when the caller must await the writer's ``drain()``.
@@ -860,11 +993,11 @@ class SubmissionSMTP(SMTP):
         closing or gone; only then is it awaited, and it does what it always
         did (waits, or raises ``ConnectionResetError``).
         """
-        writer = self._writer
-        writer.write(data)
+        transport = self._out()
+        transport.write(data)
         if _LIBRARY_LOG.isEnabledFor(logging.DEBUG):
             _LIBRARY_LOG.debug("%r << %r", self.session.peer if self.session else None, data)
-        return self._paused or self._connection_lost or writer.transport.is_closing()
+        return self._paused or self._connection_lost or transport.is_closing()
 
     # Each command answered without waiting is a plain method returning the
     # reply's octets (data_received calls it), and its smtp_* coroutine,
@@ -1323,9 +1456,12 @@ class SubmissionSMTP(SMTP):
         return body, None
 
     async def _queue(self, envelope: SubmissionEnvelope, body: bytes) -> Reply:
+        return await self.ctx.queuer.queue(self._transaction(envelope, body))
+
+    def _transaction(self, envelope: SubmissionEnvelope, body: bytes) -> Transaction:
+        """The transaction a received message makes: its headers added, its envelope's facts."""
         assert envelope.sender is not None and self.session is not None
-        queuer = self.ctx.queuer
-        queue_id = queuer.new_queue_id()
+        queue_id = self.ctx.queuer.new_queue_id()
         now = self.ctx.clock()
         params = envelope.mail_params
         tls = self.tls_version()
@@ -1352,7 +1488,7 @@ class SubmissionSMTP(SMTP):
                 )
                 + body
             )
-        txn = Transaction(
+        return Transaction(
             queue_id=queue_id,
             mail_from=str(envelope.sender),
             rcpt_to=[str(r) for r in envelope.recipients],
@@ -1366,7 +1502,6 @@ class SubmissionSMTP(SMTP):
             env_id=params.env_id,
             ret=params.ret,
         )
-        return await queuer.queue(txn, run_queue_outbound=True)
 
     def close_if_idle(self, reply: Reply) -> bool:
         """Shutdown: say 421 and close unless a message is in flight."""
@@ -1435,6 +1570,7 @@ def session_template(ctx: SubmissionContext, *, implicit_tls: bool) -> SessionTe
         hostname=ctx.config.me,
         ident=IDENT,
         tls_context=None if implicit_tls else ctx.starttls_context,
+        implicit_tls=implicit_tls,
         timeout=smtp.inactivity_timeout,
         # +1 leaves room for the transparency dot of a maximal line.
         line_length_limit=smtp.max_line_length + 1,

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
+from dataclasses import dataclass
 from typing import Final, Protocol
 
 from outboundd.hooks import HookFailure, HookRunner, ResultCode
@@ -35,7 +36,7 @@ from outboundd.submission.dkim import DkimSigner, DkimSignError
 from outboundd.submission.replies import Reply, clean_text
 from outboundd.submission.transaction import Transaction
 
-__all__ = ["Queuer", "SpoolSink"]
+__all__ = ["Queuer", "SpoolSink", "Write"]
 
 #: What a plugin must not leave in an address (it would break the envelope).
 _UNSAFE_IN_ADDRESS: Final = re.compile("[\r\n\0<>]")
@@ -47,6 +48,15 @@ class SpoolSink(Protocol):
     def new_queue_id(self) -> str: ...
 
     async def accept(self, message: NewMessage, *, queue_id: str | None = None) -> str: ...
+
+
+@dataclass(slots=True, eq=False)
+class Write:
+    """A spool write under way: the transaction, the message it stores, the task writing it."""
+
+    txn: Transaction
+    message: NewMessage
+    task: asyncio.Task[str]
 
 
 def queued_reply(queue_id: str) -> Reply:
@@ -173,18 +183,51 @@ class Queuer:
             return replies.LOCAL_ERROR
         return None
 
-    async def _accept(self, txn: Transaction) -> Reply:
+    def hooks_wait(self) -> bool:
+        """True when :meth:`queue` runs hooks (which may wait); else :meth:`start` does it all."""
+        return self.hooks.has("queue_outbound") or self.hooks.has("pre_send_trans_email")
+
+    def start(self, txn: Transaction) -> Reply | Write:
+        """What :meth:`queue` does when no hook is there (:meth:`hooks_wait`), without waiting.
+
+        The reply when the transaction is refused, else the spool write,
+        already under way, for :meth:`outcome` once its task is done.  The
+        SMTP session calls it from its protocol's ``data_received``, so an
+        accepted message needs no task of its own.
+        """
+        reply = self._check(txn)
+        if reply is None and self.signer is not None:
+            reply = self._sign(txn, self.signer)
+        return reply if reply is not None else self._write(txn)
+
+    def _write(self, txn: Transaction) -> Write:
         message = txn.to_new_message()
         task = asyncio.create_task(self.spool.accept(message, queue_id=txn.queue_id))
         self._inflight.add(task)
         task.add_done_callback(self._finished)
+        return Write(txn, message, task)
+
+    def client_gone(self, txn: Transaction) -> None:
+        self.log.notice("client gone while its message was being queued; the write "
+                        "completes and the client will likely send it again",
+                        qid=txn.queue_id)  # fmt: skip
+
+    async def _accept(self, txn: Transaction) -> Reply:
+        write = self._write(txn)
         try:
-            queue_id = await asyncio.shield(task)
+            await asyncio.shield(write.task)
         except asyncio.CancelledError:
-            self.log.notice("client gone while its message was being queued; the write "
-                            "completes and the client will likely send it again",
-                            qid=txn.queue_id)  # fmt: skip
+            self.client_gone(txn)
             raise
+        except Exception:
+            pass  # outcome() answers it
+        return self.outcome(write)
+
+    def outcome(self, write: Write) -> Reply:
+        """The reply for a finished spool write, logged as queued or refused."""
+        txn, message = write.txn, write.message
+        try:
+            queue_id = write.task.result()
         except SpoolUnavailableError as exc:
             # The spool logs the outage itself, once per interval: a line per
             # refused message would flood the log while the database is away.

@@ -100,6 +100,8 @@ class SessionTemplate:
     hostname: str
     ident: str
     tls_context: ssl.SSLContext | None
+    #: The listener's connections start over TLS (``listen_tls``).
+    implicit_tls: bool
     timeout: float
     line_length_limit: int
     command_size_limits: dict[str, int]
@@ -124,6 +126,7 @@ class SessionTemplate:
         hostname: str,
         ident: str,
         tls_context: ssl.SSLContext | None,
+        implicit_tls: bool,
         timeout: float,
         line_length_limit: int,
         command_size_limits: dict[str, int],
@@ -146,6 +149,7 @@ class SessionTemplate:
             hostname=hostname,
             ident=ident,
             tls_context=tls_context,
+            implicit_tls=implicit_tls,
             timeout=timeout,
             line_length_limit=line_length_limit,
             command_size_limits=dict(command_size_limits),
