@@ -17,7 +17,7 @@ import pytest
 
 from outboundd import log
 from outboundd.hooks import HookResult, HookRunner, ok
-from outboundd.log import Level, LogRecord, get_logger
+from outboundd.log import Level, Logger, LogRecord, get_logger
 
 TS = r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z"
 
@@ -290,6 +290,16 @@ EACH_FIELDS: dict[str, object] = {
 }
 
 
+def lines_of_one_call_per_value(out: FlushCounter, logger: Logger) -> str:
+    """What one ``notice`` call per value of EACH_VALUES writes; ``out`` emptied after."""
+    for value in EACH_VALUES:
+        logger.notice("delivered", rcpt=value, **EACH_FIELDS)
+    written = out.getvalue()
+    out.seek(0)
+    out.truncate()
+    return written
+
+
 @pytest.mark.parametrize("fmt", log.FORMATS)
 @pytest.mark.parametrize("timestamps", [False, True])
 def test_each_writes_the_lines_of_one_call_per_value(
@@ -298,11 +308,7 @@ def test_each_writes_the_lines_of_one_call_per_value(
     monkeypatch.setattr("outboundd.log.time.time", lambda: 1_700_000_000.25)
     log.configure(Level.INFO, timestamps, fmt, out)
     logger = get_logger("delivery")
-    for value in EACH_VALUES:
-        logger.notice("delivered", rcpt=value, **EACH_FIELDS)
-    expected = out.getvalue()
-    out.seek(0)
-    out.truncate()
+    expected = lines_of_one_call_per_value(out, logger)
     logger.each(Level.NOTICE, "delivered", "rcpt", EACH_VALUES, **EACH_FIELDS)
     assert out.getvalue() == expected
     assert len(lines(out)) == len(EACH_VALUES)
@@ -312,11 +318,7 @@ def test_each_writes_the_lines_of_one_call_per_value(
 def test_each_with_one_value_writes_the_line_of_one_call(out: FlushCounter, fmt: str) -> None:
     log.configure(Level.INFO, False, fmt, out)
     logger = get_logger("delivery")
-    for value in EACH_VALUES:
-        logger.notice("delivered", rcpt=value, **EACH_FIELDS)
-    expected = out.getvalue()
-    out.seek(0)
-    out.truncate()
+    expected = lines_of_one_call_per_value(out, logger)
     for value in EACH_VALUES:
         logger.each(Level.NOTICE, "delivered", "rcpt", [value], **EACH_FIELDS)
     assert out.getvalue() == expected

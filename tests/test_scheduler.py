@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -186,11 +188,11 @@ class Held:
         raise AssertionError(f"{len(self.started)} deliveries started, not {count}")
 
 
-async def drain_one_domain(
-    tmp_path: Path, gather: float
-) -> tuple[Spool, Held, Scheduler, asyncio.Task[None]]:
+@contextlib.asynccontextmanager
+async def drain_one_domain(tmp_path: Path, gather: float) -> AsyncIterator[Held]:
     """20 due messages in one domain, domain_concurrency_max 8, and the scheduler
-    running with its first 8 deliveries started."""
+    running with its first 8 deliveries started; every delivery released, the
+    scheduler stopped and the spool closed on the way out."""
     spool = await Spool.open(tmp_path / "q")
     spool.claim_gather = gather
     for i in range(20):
@@ -199,8 +201,15 @@ async def drain_one_domain(
     held = Held()
     sched = Scheduler(spool, lambda: settings, held.deliver, owner=lease_owner_id(), log=Log())
     runner = asyncio.create_task(sched.run())
-    await held.wait_started(8)
-    return spool, held, sched, runner
+    try:
+        await held.wait_started(8)
+        yield held
+    finally:
+        for done in held.started:
+            done.set()
+        await sched.stop(1.0)
+        await asyncio.gather(runner, return_exceptions=True)
+        await spool.close()
 
 
 @pytest.mark.parametrize("gather", [0.0, 30.0])
@@ -211,8 +220,7 @@ async def test_after_a_short_claim_the_next_waits_for_a_quarter_of_a_domains_slo
     that took less than it had room for makes the next one wait until a quarter
     of domain_concurrency_max's slots (8 // 4 = 2) is free; without it (SQLite)
     every delivery that ends is replaced at once."""
-    spool, held, sched, runner = await drain_one_domain(tmp_path, gather)
-    try:
+    async with drain_one_domain(tmp_path, gather) as held:
         held.started[0].set()
         await held.wait_started(9)  # one slot free: a claim of one, short
         held.started[1].set()
@@ -222,28 +230,15 @@ async def test_after_a_short_claim_the_next_waits_for_a_quarter_of_a_domains_slo
         await held.wait_started(11)  # two ended since the short claim: both refilled
         await asyncio.sleep(0.1)
         assert len(held.started) == 11
-    finally:
-        for done in held.started:
-            done.set()
-        await sched.stop(1.0)
-        await asyncio.gather(runner, return_exceptions=True)
-        await spool.close()
 
 
 async def test_a_gathering_claim_waits_no_longer_than_claim_gather(tmp_path: Path) -> None:
     """One slot freed after a short claim is refilled once ``claim_gather`` has
     passed, even if no other delivery ends."""
-    spool, held, sched, runner = await drain_one_domain(tmp_path, 0.5)
-    try:
+    async with drain_one_domain(tmp_path, 0.5) as held:
         held.started[0].set()
         await held.wait_started(9)
         held.started[1].set()
         await asyncio.sleep(0.15)
         assert len(held.started) == 9
         await held.wait_started(10, seconds=2.0)
-    finally:
-        for done in held.started:
-            done.set()
-        await sched.stop(1.0)
-        await asyncio.gather(runner, return_exceptions=True)
-        await spool.close()

@@ -139,6 +139,27 @@ async def _sessions_end(relay: Relay) -> None:
     raise AssertionError("a session was never counted out")
 
 
+@contextlib.asynccontextmanager
+async def _greeted_session(
+    relay: Relay, sock: socket.socket | None = None
+) -> AsyncIterator[tuple[asyncio.StreamReader, asyncio.StreamWriter, SubmissionSMTP]]:
+    """A client connected (on ``sock`` if given) and greeted, with the relay's
+    session it talks to; the client closed on the way out."""
+    if sock is None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", relay.port())
+    else:
+        reader, writer = await asyncio.open_connection(sock=sock)
+    try:
+        await _read_reply(reader)
+        (session,) = relay.listeners.context.sessions
+        assert isinstance(session, SubmissionSMTP)
+        yield reader, writer, session
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+
+
 def _config(tmp_path: Path, **kwargs: object) -> Config:
     kwargs.setdefault("plugins", ())
     kwargs.setdefault("relay_acl", ["127.0.0.0/8"])
@@ -344,29 +365,23 @@ async def test_a_client_leaving_mid_data_leaves_nothing(tmp_path: Path) -> None:
 
 async def test_no_task_runs_between_commands_that_need_no_wait(tmp_path: Path) -> None:
     """The design itself: a session task exists only while something waits."""
-    async with running_relay(_config(tmp_path)) as relay:
-        reader, writer = await asyncio.open_connection("127.0.0.1", relay.port())
-        try:
+    async with (
+        running_relay(_config(tmp_path)) as relay,
+        _greeted_session(relay) as (reader, writer, session),
+    ):
+        assert session._handler_coroutine is None
+        writer.write(b"EHLO c.test\r\nMAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.org>\r\n")
+        for _ in range(3):
             await _read_reply(reader)
-            (session,) = relay.listeners.context.sessions
-            assert isinstance(session, SubmissionSMTP)
-            assert session._handler_coroutine is None
-            writer.write(b"EHLO c.test\r\nMAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.org>\r\n")
-            for _ in range(3):
-                await _read_reply(reader)
-            assert session._handler_coroutine is None
-            writer.write(b"DATA\r\n")
-            assert (await _read_reply(reader)).startswith(b"354 ")
-            # The message is taken in data_received too; only queueing it waits.
-            assert session.is_busy() and session._handler_coroutine is None
-            writer.write(_MESSAGE + b".\r\n")
-            assert (await _read_reply(reader)).startswith(b"250 2.0.0 Ok: queued as ")
-            await asyncio.sleep(0.01)
-            assert not session.is_busy() and session._handler_coroutine is None
-        finally:
-            writer.close()
-            with contextlib.suppress(OSError):
-                await writer.wait_closed()
+        assert session._handler_coroutine is None
+        writer.write(b"DATA\r\n")
+        assert (await _read_reply(reader)).startswith(b"354 ")
+        # The message is taken in data_received too; only queueing it waits.
+        assert session.is_busy() and session._handler_coroutine is None
+        writer.write(_MESSAGE + b".\r\n")
+        assert (await _read_reply(reader)).startswith(b"250 2.0.0 Ok: queued as ")
+        await asyncio.sleep(0.01)
+        assert not session.is_busy() and session._handler_coroutine is None
 
 
 async def test_a_flood_of_pipelined_commands_waits_for_the_reader(tmp_path: Path) -> None:
@@ -378,10 +393,7 @@ async def test_a_flood_of_pipelined_commands_waits_for_the_reader(tmp_path: Path
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         sock.setblocking(False)
         await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", relay.port()))
-        reader, writer = await asyncio.open_connection(sock=sock)
-        try:
-            await _read_reply(reader)
-            (session,) = relay.listeners.context.sessions
+        async with _greeted_session(relay, sock) as (reader, writer, session):
             transport = session.transport
             assert transport is not None
             transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
@@ -404,10 +416,6 @@ async def test_a_flood_of_pipelined_commands_waits_for_the_reader(tmp_path: Path
                 assert await _read_reply(reader) == want
             assert await _read_reply(reader) == b"221 2.0.0 Bye\r\n"
             assert await _read_reply(reader) == _CLOSED
-        finally:
-            writer.close()
-            with contextlib.suppress(OSError):
-                await writer.wait_closed()
 
 
 async def test_refused_messages_pipelined_in_one_segment(tmp_path: Path) -> None:
@@ -494,10 +502,7 @@ async def test_a_timeout_in_data_keeps_nothing(tmp_path: Path) -> None:
 async def test_no_stream_reader_or_writer_until_a_command_waits(tmp_path: Path) -> None:
     """A session makes asyncio's stream reader and writer only when its task reads."""
     async with running_relay(_config(tmp_path)) as relay:
-        reader, writer = await asyncio.open_connection("127.0.0.1", relay.port())
-        try:
-            await _read_reply(reader)
-            (session,) = relay.listeners.context.sessions
+        async with _greeted_session(relay) as (reader, writer, session):
             writer.write(
                 b"EHLO c.test\r\nMAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.org>\r\nDATA\r\n"
             )
@@ -513,10 +518,6 @@ async def test_no_stream_reader_or_writer_until_a_command_waits(tmp_path: Path) 
             assert session._streams and isinstance(session._reader, asyncio.StreamReader)
             writer.write(b"NOOP\r\n")
             assert await _read_reply(reader) == b"250 2.0.0 OK\r\n"
-        finally:
-            writer.close()
-            with contextlib.suppress(OSError):
-                await writer.wait_closed()
         await _sessions_end(relay)
 
 
