@@ -230,7 +230,14 @@ class Spool(abc.ABC):
         *,
         now: float | None = None,
     ) -> RecordResult:
-        """Write attempt rows and new states; a state changes only under ``owner``'s lease."""
+        """Write attempt rows and new states; a state changes only under ``owner``'s lease.
+
+        A message the record finishes has its body deleted: PostgreSQL in the
+        record's own transaction; SQLite's body file is unlinked moments after
+        the commit on the spool's removal thread (an unlink can wait for the
+        journal, and the batch's results should not), and by ``close()`` at
+        the latest; a crash in between leaves a file recovery removes.
+        """
 
     @abc.abstractmethod
     async def release(
