@@ -58,6 +58,56 @@ def test_every_descriptor_is_fsynced_and_its_error_kept_in_place(tmp_path: Path)
     assert fsync_threads() == []
 
 
+def test_a_batch_larger_than_the_threads_keeps_every_error_in_place(tmp_path: Path) -> None:
+    """20 descriptors over the caller and 3 lanes: each comes back where it was handed in."""
+    syncer = bodies.ParallelFsync(threads=3)
+    fds = open_files(tmp_path, 16)
+    bad = os.open(tmp_path, os.O_PATH)
+    where = {0, 5, 13, 19}
+    good = iter(fds)
+    batch = [bad if i in where else next(good) for i in range(20)]
+    try:
+        for _ in range(3):  # the same lanes serve batch after batch
+            errors = syncer.fsync(batch)
+            assert {i for i, e in enumerate(errors) if e is not None} == where
+            assert len(fsync_threads()) == 3
+    finally:
+        syncer.close()
+        os.close(bad)
+        for fd in fds:
+            os.close(fd)
+    assert fsync_threads() == []
+
+
+def test_a_lane_that_fails_reports_its_files_not_durable_and_serves_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Something other than an fsync's own error on a lane: its files fail, nothing hangs."""
+    syncer = bodies.ParallelFsync(threads=2)
+    fds = open_files(tmp_path, 6)
+    real_fsync = os.fsync
+    poisoned = fds[1]  # with 2 lanes, lane 1 gets the 2nd and 5th descriptors
+
+    def fsync(fd: int) -> None:
+        if fd == poisoned:
+            raise ValueError("not an OSError")
+        real_fsync(fd)
+
+    try:
+        monkeypatch.setattr(bodies.os, "fsync", fsync)
+        errors = syncer.fsync(fds)
+        monkeypatch.undo()
+        assert [e is None for e in errors] == [True, False, True, True, False, True]
+        assert all(isinstance(errors[i], OSError) for i in (1, 4))
+        assert "not an OSError" in str(errors[1])
+        assert syncer.fsync(fds) == [None] * 6
+    finally:
+        syncer.close()
+        for fd in fds:
+            os.close(fd)
+    assert fsync_threads() == []
+
+
 def test_a_single_file_is_fsynced_without_a_thread(tmp_path: Path) -> None:
     syncer = bodies.ParallelFsync()
     [fd] = open_files(tmp_path, 1)
