@@ -36,6 +36,7 @@ import contextlib
 import os
 import pickle
 import signal
+import subprocess
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -75,7 +76,11 @@ class ChildProcess:
         self.listen_fds = list(listen_fds)
         self.board = board
         self.wakes = wakes
-        self.proc: asyncio.subprocess.Process | None = None
+        self.proc: subprocess.Popen[bytes] | None = None
+        #: The write end of the child's stdin (-1 once closed): wake-ups, and EOF to stop.
+        self._stdin = -1
+        #: Resolves to the child's exit status (see :func:`_watch_exit`).
+        self._exit: asyncio.Future[int] | None = None
         self._stopping = False
         self._restart_delay = 1.0
         self._exit_reported = False
@@ -87,7 +92,7 @@ class ChildProcess:
 
     async def start(self) -> None:
         config_fd = config_memfd(self.config())
-        argv = [*_IGNORING_STOP_SIGNALS, sys.executable, "-m", "outboundd"]
+        argv = [sys.executable, "-m", "outboundd"]
         argv += ["-c", str(self.config_dir), "--role", self.role]
         argv += ["--config-fd", str(config_fd)]
         fds: list[int] = [config_fd]
@@ -103,14 +108,20 @@ class ChildProcess:
             read_end, write_end = os.pipe()
             fds.append(write_end)
             argv += ["--wake-fd", str(write_end)]
+        stdin_read, stdin_write = os.pipe()
         try:
-            self.proc = await asyncio.create_subprocess_exec(
-                *argv, stdin=asyncio.subprocess.PIPE, pass_fds=fds
-            )
+            self.proc = spawn_with_stop_signals_blocked(argv, stdin_read, fds)
+        except BaseException:
+            os.close(stdin_write)
+            raise
         finally:
+            os.close(stdin_read)
             os.close(config_fd)
             if write_end >= 0:
                 os.close(write_end)
+        os.set_blocking(stdin_write, False)
+        self._stdin = stdin_write
+        self._exit = _watch_exit(self.proc)
         self._exit_reported = False
         if self.wakes is not None:
             pipe = os.fdopen(read_end, "rb", buffering=0)
@@ -121,11 +132,10 @@ class ChildProcess:
 
     def wake(self) -> None:
         """Tell the child new mail is due (never blocks; a gone child is ignored)."""
-        proc = self.proc
-        if proc is None or proc.stdin is None or proc.returncode is not None:
+        if self._stdin < 0:
             return
-        with contextlib.suppress(BrokenPipeError, ConnectionResetError, RuntimeError):
-            proc.stdin.write(b"\n")
+        with contextlib.suppress(BlockingIOError, BrokenPipeError):
+            os.write(self._stdin, b"\n")  # a full pipe already holds a wake-up
 
     def signal(self, sig: int) -> None:
         if self.proc is not None and self.proc.returncode is None:
@@ -139,18 +149,10 @@ class ChildProcess:
     async def supervise(self) -> None:
         """Restart the child if it exits while we are not stopping (with backoff)."""
         while not self._stopping:
-            assert self.proc is not None
-            status = await self.proc.wait()
-            if status in _STOP_STATUSES and not self._stopping:
-                # Killed by a stop signal: one sent to the whole process group
-                # (Ctrl-C, systemctl stop) that reached this child before its
-                # handler was in place.  We got it too; give our own handler
-                # a moment to begin the stop before calling the exit a crash.
-                await asyncio.sleep(_SAME_SIGNAL_WAIT)
+            assert self._exit is not None
+            status = await asyncio.shield(self._exit)
+            self._close_stdin()
             if self._stopping:
-                if status in _STOP_STATUSES:
-                    self._exit_reported = True  # part of this stop, not an error
-                    log.info(f"{self.kind} stopped by the stop signal", pid=self.proc.pid)
                 return
             self._exit_reported = True
             log.crit(
@@ -179,37 +181,77 @@ class ChildProcess:
         when it happened.
         """
         self._stopping = True
-        proc = self.proc
-        if proc is None or self._exit_reported:
+        proc, exited = self.proc, self._exit
+        if proc is None or exited is None or self._exit_reported:
             return 0
-        if proc.stdin is not None:
-            proc.stdin.close()
+        self._close_stdin()
         try:
-            status = await asyncio.wait_for(proc.wait(), self.stop_grace + 10)
+            status = await asyncio.wait_for(asyncio.shield(exited), self.stop_grace + 10)
         except TimeoutError:
             log.crit(f"{self.kind} did not stop in time; killing it", pid=proc.pid)
             self.signal(signal.SIGKILL)
-            status = await proc.wait()
+            status = await exited
         if self._wake_reader is not None:
             self._wake_reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._wake_reader
         return status
 
+    def _close_stdin(self) -> None:
+        if self._stdin >= 0:
+            os.close(self._stdin)
+            self._stdin = -1
 
-#: The child is exec'd by a shell that first sets SIGTERM and SIGINT to
-#: "ignore", a disposition that survives exec (a signal mask or a handler
-#: would not: libuv, under uvloop, resets both in the child).  So a stop of
-#: the whole process group (Ctrl-C, ``systemctl stop``) during the child's
-#: interpreter start-up no longer kills it mid-start (status -15, a Python
-#: "Fatal error" on stderr, an ERROR in our log): it is ignored until
-#: ``early_stop.catch()`` installs the handler, and the parent, which got
-#: the same signal, stops the child with the end of its stdin anyway.
-_IGNORING_STOP_SIGNALS: Final = ("/bin/sh", "-c", 'trap "" TERM INT; exec "$@"', "outboundd")
-#: Exit statuses of a child killed by SIGTERM or SIGINT.
-_STOP_STATUSES: Final = frozenset({-signal.SIGTERM, -signal.SIGINT})
-#: How long a child's death by a stop signal waits for our own stop to begin.
-_SAME_SIGNAL_WAIT: Final = 0.5
+
+#: The signals a stop of the whole process group sends (``systemctl stop``, Ctrl-C).
+STOP_SIGNALS: Final = frozenset({signal.SIGTERM, signal.SIGINT})
+
+
+def spawn_with_stop_signals_blocked(
+    argv: Sequence[str], stdin: int, pass_fds: Sequence[int]
+) -> subprocess.Popen[bytes]:
+    """Start a child whose SIGTERM and SIGINT stay blocked until it can handle them.
+
+    A stop of the whole process group (``systemctl stop``, Ctrl-C) right
+    after start-up signals children that are still being created.  Between
+    the fork and the child's ``early_stop.catch()`` the signal would take its
+    default action and kill the child (status -15, an ERROR in our log, or a
+    restart during the stop).  A blocked signal is not lost but kept pending,
+    and the signal mask is inherited by the fork and kept across exec: the
+    child gets it the moment ``early_stop.catch()`` unblocks it with its
+    handler in place, and stops gracefully.  Blocked here only in this thread
+    and only for the fork (our own copy of the signal goes to another thread
+    or waits the few milliseconds).  ``subprocess`` (a plain fork/exec), not
+    the event loop's subprocess support: under uvloop, libuv clears the
+    child's signal mask and handlers before exec, which reopened the window.
+    """
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        return subprocess.Popen(argv, stdin=stdin, pass_fds=pass_fds)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+
+
+def _watch_exit(proc: subprocess.Popen[bytes]) -> asyncio.Future[int]:
+    """A future for ``proc``'s exit status, resolved when it exits (a pidfd in the loop).
+
+    Reaps only this child (``waitpid`` on its pid), so it coexists with any
+    loop's own child handling.
+    """
+    loop = asyncio.get_running_loop()
+    exited: asyncio.Future[int] = loop.create_future()
+    pidfd = os.pidfd_open(proc.pid)
+
+    def reap() -> None:
+        status = proc.poll()
+        if status is not None:
+            loop.remove_reader(pidfd)
+            os.close(pidfd)
+            if not exited.done():
+                exited.set_result(status)
+
+    loop.add_reader(pidfd, reap)
+    return exited
 
 
 def config_memfd(config: Config) -> int:

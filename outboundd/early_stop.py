@@ -9,6 +9,11 @@ the daemon starts its graceful stop as soon as its loop runs
 (:func:`pending`).  SIGHUP (flush) that early has nothing to flush and is
 ignored.
 
+A child of ``outboundd`` starts with SIGTERM and SIGINT blocked (see
+``children.spawn_with_stop_signals_blocked``), so a stop of the whole process
+group during its interpreter's start-up waits, pending, until :func:`catch`
+has its handler in place and unblocks them.
+
 Deliberately free of imports beyond ``signal``: ``python -m outboundd``
 calls :func:`catch` before importing the rest of the package.
 """
@@ -27,10 +32,15 @@ def _record(signum: int, frame: FrameType | None) -> None:
 
 
 def catch() -> None:
-    """Record SIGTERM/SIGINT from now on (until the loop installs its own)."""
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    """Record SIGTERM/SIGINT from now on (until the loop installs its own).
+
+    Then unblocks them: one that came while they were blocked is recorded now.
+    """
+    stop_signals = (signal.SIGTERM, signal.SIGINT)
+    for sig in stop_signals:
         signal.signal(sig, _record)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, stop_signals)
 
 
 def pending() -> str | None:

@@ -154,7 +154,8 @@ class Daemon:
         self._new_line = asyncio.Event()
         self.returncode: int | None = None
 
-    async def start(self, timeout: float = 20.0) -> None:
+    async def start(self, timeout: float = 20.0, until: re.Pattern[str] = READY) -> None:
+        """Start outboundd and wait for ``until`` (by default its ``ready`` line)."""
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         self.proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "outboundd", "-c", str(self.config_dir),
@@ -162,7 +163,7 @@ class Daemon:
             start_new_session=True,  # its own process group: a crash takes the child too
         )  # fmt: skip
         self._reader = asyncio.create_task(self._read())
-        await self.wait_for(READY, timeout)
+        await self.wait_for(until, timeout)
 
     async def _read(self) -> None:
         assert self.proc is not None and self.proc.stdout is not None
