@@ -13,8 +13,10 @@ clean is tested with the other crash cases, in tests/test_spool.py
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -38,45 +40,48 @@ def open_files(tmp_path: Path, count: int) -> list[int]:
     return fds
 
 
-def test_every_descriptor_is_fsynced_and_its_error_kept_in_place(tmp_path: Path) -> None:
-    syncer = bodies.ParallelFsync(threads=3)
-    fds = open_files(tmp_path, 6)
-    # An O_PATH descriptor cannot be fsynced (EBADF): it marks where the
-    # fsyncs of the caller's thread (first) and of a worker (fourth) land.
+@contextlib.contextmanager
+def syncer_and_files(
+    tmp_path: Path, threads: int, count: int
+) -> Iterator[tuple[bodies.ParallelFsync, list[int], int]]:
+    """A syncer, ``count`` open files and an O_PATH descriptor (its fsync fails with EBADF).
+
+    Afterwards every descriptor is closed and no fsync thread is left.
+    """
+    syncer = bodies.ParallelFsync(threads=threads)
+    fds = open_files(tmp_path, count)
     bad = os.open(tmp_path, os.O_PATH)
     try:
+        yield syncer, fds, bad
+    finally:
+        syncer.close()
+        os.close(bad)
+        for fd in fds:
+            os.close(fd)
+    assert fsync_threads() == []
+
+
+def test_every_descriptor_is_fsynced_and_its_error_kept_in_place(tmp_path: Path) -> None:
+    # The O_PATH descriptor marks where the fsyncs of the caller's thread
+    # (first) and of a worker (fourth) land.
+    with syncer_and_files(tmp_path, threads=3, count=6) as (syncer, fds, bad):
         batch = [bad, *fds[:2], bad, *fds[2:]]
         errors = syncer.fsync(batch)
         assert [e is None for e in errors] == [False, True, True, False, True, True, True, True]
         assert all(isinstance(e, OSError) for e in (errors[0], errors[3]))
         assert len(fsync_threads()) >= 1
-    finally:
-        syncer.close()
-        os.close(bad)
-        for fd in fds:
-            os.close(fd)
-    assert fsync_threads() == []
 
 
 def test_a_batch_larger_than_the_threads_keeps_every_error_in_place(tmp_path: Path) -> None:
     """20 descriptors over the caller and 3 lanes: each comes back where it was handed in."""
-    syncer = bodies.ParallelFsync(threads=3)
-    fds = open_files(tmp_path, 16)
-    bad = os.open(tmp_path, os.O_PATH)
     where = {0, 5, 13, 19}
-    good = iter(fds)
-    batch = [bad if i in where else next(good) for i in range(20)]
-    try:
+    with syncer_and_files(tmp_path, threads=3, count=16) as (syncer, fds, bad):
+        good = iter(fds)
+        batch = [bad if i in where else next(good) for i in range(20)]
         for _ in range(3):  # the same lanes serve batch after batch
             errors = syncer.fsync(batch)
             assert {i for i, e in enumerate(errors) if e is not None} == where
             assert len(fsync_threads()) == 3
-    finally:
-        syncer.close()
-        os.close(bad)
-        for fd in fds:
-            os.close(fd)
-    assert fsync_threads() == []
 
 
 def test_a_lane_that_fails_reports_its_files_not_durable_and_serves_on(
