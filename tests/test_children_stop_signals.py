@@ -7,14 +7,18 @@ stop of the whole process group could reach it before it has a handler.
 
 from __future__ import annotations
 
+import asyncio
 import os
+import re
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from outboundd.children import spawn_with_stop_signals_blocked
+from outboundd.children import STOP_SIGNALS, spawn_with_stop_signals_blocked
+from tests.harness import Daemon, write_config
 
 #: Kills itself with the signal first thing, then reports whether it is pending.
 PENDING = (
@@ -63,3 +67,79 @@ def test_without_the_block_such_a_signal_kills_the_child() -> None:
     argv = [sys.executable, "-c", PENDING, "SIGTERM", "2"]
     proc = subprocess.run(argv, timeout=30, check=False)
     assert proc.returncode == -signal.SIGTERM
+
+
+def test_the_mask_is_restored_when_the_spawn_fails(tmp_path: Path) -> None:
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, ())
+    stdin_read, stdin_write = os.pipe()
+    try:
+        with pytest.raises(FileNotFoundError):
+            spawn_with_stop_signals_blocked([str(tmp_path / "no-such-program")], stdin_read, [])
+    finally:
+        os.close(stdin_read)
+        os.close(stdin_write)
+    assert signal.pthread_sigmask(signal.SIG_BLOCK, ()) == before
+
+
+def test_signals_the_caller_had_blocked_stay_blocked() -> None:
+    """Restored, not unblocked: a caller's own block of SIGTERM outlives the spawn."""
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
+        assert signal.SIGINT not in signal.pthread_sigmask(signal.SIG_BLOCK, ())
+        stdin_read, stdin_write = os.pipe()
+        try:
+            proc = spawn_with_stop_signals_blocked([sys.executable, "-c", "pass"], stdin_read, [])
+        finally:
+            os.close(stdin_read)
+            os.close(stdin_write)
+        assert proc.wait(timeout=30) == 0
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, ())
+        assert signal.SIGTERM in mask and signal.SIGINT not in mask
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
+
+
+def _blocked(pid: int) -> set[signal.Signals]:
+    """The stop signals the main thread of ``pid`` blocks (``SigBlk`` in /proc)."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    mask = int(re.search(r"^SigBlk:\s*([0-9a-f]+)$", status, re.M)[1], 16)  # type: ignore[index]
+    return {sig for sig in STOP_SIGNALS if mask & (1 << (sig - 1))}
+
+
+async def _until_unblocked(pid: int) -> None:
+    """A child unblocks its stop signals as its first act; wait (bounded) for that."""
+    for _ in range(200):
+        if not _blocked(pid):
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"process {pid} still blocks {_blocked(pid)} after 10 s")
+
+
+async def test_no_process_of_a_running_daemon_blocks_its_stop_signals(tmp_path: Path) -> None:
+    """The parent's mask is back after every spawn, a restart's included, and
+    each child unblocks its own; a SIGTERM to any of them is handled."""
+    config = write_config(
+        tmp_path / "config", dns_port=53, mx_port=9,
+        outbound={"delivery_processes": 2}, smtp={"nodes": 2},
+    )  # fmt: skip
+    async with Daemon(config) as daemon:
+        assert daemon.proc is not None
+        for _ in range(200):  # the parent logs READY before its last children exist
+            if len(daemon.children()) == 3:
+                break
+            await asyncio.sleep(0.05)
+        children = daemon.children()
+        assert len(children) == 3 and _blocked(daemon.proc.pid) == set()
+        for child in children:
+            await _until_unblocked(child)
+        os.kill(children[0], signal.SIGKILL)
+        await daemon.wait_for("exited unexpectedly; restarting", timeout=10)
+        restarted: set[int] = set()
+        for _ in range(200):  # restarted after a 1 s back-off
+            restarted = set(daemon.children()) - set(children)
+            if restarted:
+                break
+            await asyncio.sleep(0.05)
+        assert len(restarted) == 1 and _blocked(daemon.proc.pid) == set()
+        await _until_unblocked(restarted.pop())
+    assert daemon.returncode == 0

@@ -1,0 +1,158 @@
+"""A child's exit is seen through its pidfd, and only that child is reaped.
+
+``children._watch_exit`` reaps with ``waitpid`` on its own child's pid, so
+other children of the same process (a plugin's helper program, the event
+loop's own subprocesses) keep their exit status for whoever waits on them.
+Run under the default loop and under uvloop, which the daemon uses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import pytest
+
+from outboundd.children import _watch_exit
+
+uvloop = pytest.importorskip("uvloop")
+
+
+Run = Callable[[Coroutine[Any, Any, None]], None]
+
+
+@pytest.fixture(params=["asyncio", "uvloop"])
+def run(request: pytest.FixtureRequest) -> Run:
+    """Runs a test's body once on asyncio's own loop and once on uvloop's."""
+    factory = uvloop.new_event_loop if request.param == "uvloop" else asyncio.new_event_loop
+
+    def run_on_loop(body: Coroutine[Any, Any, None]) -> None:
+        with asyncio.Runner(loop_factory=factory) as runner:
+            runner.run(body)
+
+    return run_on_loop
+
+
+#: Waits for its stdin to close, then exits with the status it was given.
+EXIT_WHEN_TOLD = "import sys; sys.stdin.read(); sys.exit(int(sys.argv[1]))"
+
+
+def _exit_when_told(status: int) -> subprocess.Popen[bytes]:
+    """A child that exits with ``status`` once :func:`_tell` closes its stdin."""
+    return subprocess.Popen(
+        [sys.executable, "-c", EXIT_WHEN_TOLD, str(status)], stdin=subprocess.PIPE
+    )
+
+
+def _tell(proc: subprocess.Popen[bytes]) -> None:
+    assert proc.stdin is not None
+    proc.stdin.close()
+
+
+def _wait_unreaped(pid: int) -> int:
+    """Wait for ``pid`` to exit without reaping it (``waitid`` with ``WNOWAIT``): its status.
+
+    Raises ``ChildProcessError`` if somebody else has already reaped it.
+    """
+    info = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)
+    assert info is not None and info.si_pid == pid
+    return info.si_status
+
+
+def test_the_watched_child_s_status_is_the_future_s_result(run: Run) -> None:
+    run(_the_watched_child_s_status_is_the_future_s_result())
+
+
+async def _the_watched_child_s_status_is_the_future_s_result() -> None:
+    ours = _exit_when_told(3)
+    exited = _watch_exit(ours)
+    await asyncio.sleep(0.05)
+    assert not exited.done()  # a running child resolves nothing
+    _tell(ours)
+    assert await asyncio.wait_for(exited, 30) == 3
+    assert ours.returncode == 3
+
+
+def test_a_signalled_child_reports_the_negative_signal(run: Run) -> None:
+    run(_a_signalled_child_reports_the_negative_signal())
+
+
+async def _a_signalled_child_reports_the_negative_signal() -> None:
+    ours = _exit_when_told(0)
+    exited = _watch_exit(ours)
+    ours.send_signal(signal.SIGKILL)
+    assert await asyncio.wait_for(exited, 30) == -signal.SIGKILL
+    assert ours.stdin is not None
+    ours.stdin.close()
+
+
+def test_a_sibling_that_exits_first_is_neither_reaped_nor_taken_for_ours(run: Run) -> None:
+    run(_a_sibling_that_exits_first_is_neither_reaped_nor_taken_for_ours())
+
+
+async def _a_sibling_that_exits_first_is_neither_reaped_nor_taken_for_ours() -> None:
+    ours = _exit_when_told(0)
+    sibling = _exit_when_told(7)
+    exited = _watch_exit(ours)
+    try:
+        _tell(sibling)
+        # The sibling is a zombie now, waiting for its own parent's wait.
+        assert await asyncio.to_thread(_wait_unreaped, sibling.pid) == 7
+        await asyncio.sleep(0.1)  # turns of the loop in which a stray reaper would act
+        assert not exited.done()
+        assert sibling.wait(timeout=30) == 7  # still ours to reap, with its status
+    finally:
+        _tell(ours)
+    assert await asyncio.wait_for(exited, 30) == 0
+
+
+def test_a_sibling_that_exits_with_ours_keeps_its_status(run: Run) -> None:
+    run(_a_sibling_that_exits_with_ours_keeps_its_status())
+
+
+async def _a_sibling_that_exits_with_ours_keeps_its_status() -> None:
+    ours = _exit_when_told(5)
+    sibling = _exit_when_told(9)
+    exited = _watch_exit(ours)
+    _tell(sibling)
+    _tell(ours)
+    assert await asyncio.wait_for(exited, 30) == 5
+    assert await asyncio.to_thread(_wait_unreaped, sibling.pid) == 9
+    assert sibling.wait(timeout=30) == 9
+
+
+def test_the_loop_s_own_subprocesses_keep_their_status(run: Run) -> None:
+    run(_the_loop_s_own_subprocesses_keep_their_status())
+
+
+async def _the_loop_s_own_subprocesses_keep_their_status() -> None:
+    """A hook starting a program with asyncio's subprocess support is unaffected."""
+    ours = _exit_when_told(0)
+    exited = _watch_exit(ours)
+    try:
+        program = await asyncio.create_subprocess_exec(sys.executable, "-c", "raise SystemExit(4)")
+        assert await asyncio.wait_for(program.wait(), 30) == 4
+        assert not exited.done()
+    finally:
+        _tell(ours)
+    assert await asyncio.wait_for(exited, 30) == 0
+
+
+def test_the_pidfd_is_closed_once_the_child_is_reaped(run: Run) -> None:
+    run(_the_pidfd_is_closed_once_the_child_is_reaped())
+
+
+async def _the_pidfd_is_closed_once_the_child_is_reaped() -> None:
+    before = set(os.listdir("/proc/self/fd"))
+    ours = _exit_when_told(0)
+    exited = _watch_exit(ours)
+    assert len(set(os.listdir("/proc/self/fd")) - before) >= 1  # the pidfd (and the pipe)
+    _tell(ours)
+    assert await asyncio.wait_for(exited, 30) == 0
+    await asyncio.sleep(0)
+    assert set(os.listdir("/proc/self/fd")) - before == set()
