@@ -38,6 +38,7 @@ import pickle
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, Any, Final
@@ -219,17 +220,34 @@ def spawn_with_stop_signals_blocked(
     restart during the stop).  A blocked signal is not lost but kept pending,
     and the signal mask is inherited by the fork and kept across exec: the
     child gets it the moment ``early_stop.catch()`` unblocks it with its
-    handler in place, and stops gracefully.  Blocked here only in this thread
-    and only for the fork (our own copy of the signal goes to another thread
-    or waits the few milliseconds).  ``subprocess`` (a plain fork/exec), not
-    the event loop's subprocess support: under uvloop, libuv clears the
-    child's signal mask and handlers before exec, which reopened the window.
+    handler in place, and stops gracefully.
+
+    The fork is made from a thread of its own that blocks the two signals
+    for itself and ends with the spawn, so the caller's signal mask is never
+    changed, not even for the few milliseconds of the fork and exec: a stop
+    signal meanwhile reaches this process's other threads and is acted on at
+    once.  The caller waits for that thread (as it would for ``Popen``), so
+    the child exists, or the error is raised, when this returns.
+    ``subprocess`` (a plain fork/exec), not the event loop's subprocess
+    support: under uvloop, libuv clears the child's signal mask and
+    handlers before exec, which reopened the window.
     """
-    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-    try:
-        return subprocess.Popen(argv, stdin=stdin, pass_fds=pass_fds)
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+    outcome: list[subprocess.Popen[bytes] | BaseException] = []
+
+    def spawn() -> None:
+        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # this thread's own mask
+        try:
+            outcome.append(subprocess.Popen(argv, stdin=stdin, pass_fds=pass_fds))
+        except BaseException as exc:  # handed to the caller, raised there
+            outcome.append(exc)
+
+    spawner = threading.Thread(target=spawn, name="spawn-child")
+    spawner.start()
+    spawner.join()
+    result = outcome[0]
+    if isinstance(result, BaseException):
+        raise result
+    return result
 
 
 def _watch_exit(proc: subprocess.Popen[bytes]) -> asyncio.Future[int]:
