@@ -50,6 +50,11 @@ log = logmod.get_logger("outboundd")
 
 #: Longest wait between restarts of a child that keeps dying.
 MAX_RESTART_DELAY = 30.0
+#: How long a child's clean exit (status 0) waits for the parent's own stop.
+#: A child exits 0 only when it was asked to stop; a stop of the whole
+#: process group asks every process at once, and a parent whose loop is
+#: busy (or held up) may see its child's exit before its own signal.
+CLEAN_EXIT_GRACE = 2.0
 
 
 class ChildProcess:
@@ -82,7 +87,8 @@ class ChildProcess:
         self._stdin = -1
         #: Resolves to the child's exit status (see :func:`_watch_exit`).
         self._exit: asyncio.Future[int] | None = None
-        self._stopping = False
+        #: Set once the parent has begun to stop: no exit from then on is restarted.
+        self._stop_asked = asyncio.Event()
         self._restart_delay = 1.0
         self._exit_reported = False
         self._wake_reader: asyncio.Task[None] | None = None
@@ -148,12 +154,19 @@ class ChildProcess:
         return self.proc.pid if self.proc is not None else None
 
     async def supervise(self) -> None:
-        """Restart the child if it exits while we are not stopping (with backoff)."""
-        while not self._stopping:
+        """Restart the child if it exits while we are not stopping (with backoff).
+
+        A clean exit (status 0) is a stop the child was asked for: when the
+        parent's own stop follows within :data:`CLEAN_EXIT_GRACE` (a stop of
+        the whole process group), it is part of that stop and not reported.
+        """
+        while not self._stop_asked.is_set():
             assert self._exit is not None
             status = await asyncio.shield(self._exit)
             self._close_stdin()
-            if self._stopping:
+            if status == 0 and await self._stop_asked_within(CLEAN_EXIT_GRACE):
+                return
+            if self._stop_asked.is_set():
                 return
             self._exit_reported = True
             log.crit(
@@ -161,14 +174,24 @@ class ChildProcess:
                 status=status,
                 restart_in=self._restart_delay,
             )
-            await asyncio.sleep(self._restart_delay)
+            if await self._stop_asked_within(self._restart_delay):
+                return
             self._restart_delay = min(self._restart_delay * 2, MAX_RESTART_DELAY)
-            if not self._stopping:
-                await self.start()
+            await self.start()
+
+    async def _stop_asked_within(self, seconds: float) -> bool:
+        """Whether the parent begins to stop within ``seconds`` (at once if it has)."""
+        if not self._stop_asked.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop_asked.wait(), seconds)
+        return self._stop_asked.is_set()
 
     def stopping(self) -> None:
-        """The parent has begun to stop: an exit from now on is no crash to restart."""
-        self._stopping = True
+        """The parent has begun to stop: an exit from now on is no crash to restart.
+
+        Called as soon as the stop is asked for (see ``daemon.StopRequest``),
+        before the children are told to stop."""
+        self._stop_asked.set()
 
     async def stop(self) -> int:
         """Ask the child to stop and wait (bounded); its exit status.
@@ -181,7 +204,7 @@ class ChildProcess:
         exited while waiting to be restarted: that exit was already reported
         when it happened.
         """
-        self._stopping = True
+        self._stop_asked.set()
         proc, exited = self.proc, self._exit
         if proc is None or exited is None or self._exit_reported:
             return 0

@@ -143,6 +143,7 @@ class StopRequest:
     def __init__(self, role: Role) -> None:
         self.role = role
         self.event = asyncio.Event()
+        self._on_request: list[Callable[[], None]] = []
 
     def __call__(self, reason: str) -> None:
         if self.event.is_set():
@@ -152,6 +153,18 @@ class StopRequest:
             return
         log.info("stopping", signal=reason, role=self.role)
         self.event.set()
+        for action in self._on_request:
+            action()
+
+    def on_request(self, action: Callable[[], None]) -> None:
+        """Run ``action`` the moment the stop is asked for (now, if it was).
+
+        For what must not wait for :func:`shut_down`'s turn of the loop:
+        the children must know at once that an exit from now on is part of
+        the stop (see ``ChildProcess.supervise``)."""
+        self._on_request.append(action)
+        if self.event.is_set():
+            action()
 
 
 @dataclass
@@ -216,6 +229,7 @@ async def serve(config: Config, role: str = "all", inherited: Inherited | None =
         return 1
     spool, queue_lock = opened
     run = Running(plan, spool, OutboundSettings(config), queue_lock)
+    stop.on_request(lambda: mark_children_stopping(run))
     if plan.delivers:
         start_delivery(run, config, hooks)
     if plan.follows_outbound_ini:
@@ -450,14 +464,19 @@ async def run_until_stopped(stop: StopRequest, tasks: list[asyncio.Task[None]]) 
     return status
 
 
+def mark_children_stopping(run: Running) -> None:
+    """From now on no child's exit is a crash to restart or report."""
+    for child in run.children:
+        child.stopping()
+
+
 async def shut_down(run: Running) -> None:
     """Stop accepting, stop the children, let deliveries finish, close the queue.
 
     The signal handlers stay in place meanwhile: a second SIGTERM must not
     kill the process half-way through its graceful stop.
     """
-    for child in run.children:
-        child.stopping()  # none of them is restarted from now on
+    mark_children_stopping(run)  # those started after the stop was asked for, too
     # SMTP nodes stop accepting together with this process's listeners.
     node_stops = asyncio.gather(*(node.stop() for node in run.nodes))
     if run.listeners is not None:
