@@ -9,11 +9,12 @@ Run under the default loop and under uvloop, which the daemon uses.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
 import sys
-from collections.abc import Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 
 import pytest
@@ -23,19 +24,18 @@ from outboundd.children import _watch_exit
 uvloop = pytest.importorskip("uvloop")
 
 
-Run = Callable[[Coroutine[Any, Any, None]], None]
+def on_both_loops(body: Callable[[], Coroutine[Any, Any, None]]) -> Callable[..., None]:
+    """A test running ``body`` once on asyncio's own loop and once on uvloop's."""
 
+    @pytest.mark.parametrize(
+        "loop_factory", [asyncio.new_event_loop, uvloop.new_event_loop], ids=["asyncio", "uvloop"]
+    )
+    def test(loop_factory: Callable[[], asyncio.AbstractEventLoop]) -> None:
+        with asyncio.Runner(loop_factory=loop_factory) as runner:
+            runner.run(body())
 
-@pytest.fixture(params=["asyncio", "uvloop"])
-def run(request: pytest.FixtureRequest) -> Run:
-    """Runs a test's body once on asyncio's own loop and once on uvloop's."""
-    factory = uvloop.new_event_loop if request.param == "uvloop" else asyncio.new_event_loop
-
-    def run_on_loop(body: Coroutine[Any, Any, None]) -> None:
-        with asyncio.Runner(loop_factory=factory) as runner:
-            runner.run(body)
-
-    return run_on_loop
+    test.__name__, test.__doc__ = body.__name__, body.__doc__
+    return test
 
 
 #: Waits for its stdin to close, then exits with the status it was given.
@@ -54,6 +54,19 @@ def _tell(proc: subprocess.Popen[bytes]) -> None:
     proc.stdin.close()
 
 
+@contextlib.asynccontextmanager
+async def watched_child_exiting_cleanly() -> AsyncIterator[asyncio.Future[int]]:
+    """A watched child (its exit future) that runs until the block ends, then
+    must be seen to exit with status 0."""
+    ours = _exit_when_told(0)
+    exited = _watch_exit(ours)
+    try:
+        yield exited
+    finally:
+        _tell(ours)
+    assert await asyncio.wait_for(exited, 30) == 0
+
+
 def _wait_unreaped(pid: int) -> int:
     """Wait for ``pid`` to exit without reaping it (``waitid`` with ``WNOWAIT``): its status.
 
@@ -64,11 +77,8 @@ def _wait_unreaped(pid: int) -> int:
     return info.si_status
 
 
-def test_the_watched_child_s_status_is_the_future_s_result(run: Run) -> None:
-    run(_the_watched_child_s_status_is_the_future_s_result())
-
-
-async def _the_watched_child_s_status_is_the_future_s_result() -> None:
+@on_both_loops
+async def test_the_watched_child_s_status_is_the_future_s_result() -> None:
     ours = _exit_when_told(3)
     exited = _watch_exit(ours)
     await asyncio.sleep(0.05)
@@ -78,11 +88,8 @@ async def _the_watched_child_s_status_is_the_future_s_result() -> None:
     assert ours.returncode == 3
 
 
-def test_a_signalled_child_reports_the_negative_signal(run: Run) -> None:
-    run(_a_signalled_child_reports_the_negative_signal())
-
-
-async def _a_signalled_child_reports_the_negative_signal() -> None:
+@on_both_loops
+async def test_a_signalled_child_reports_the_negative_signal() -> None:
     ours = _exit_when_told(0)
     exited = _watch_exit(ours)
     ours.send_signal(signal.SIGKILL)
@@ -91,31 +98,20 @@ async def _a_signalled_child_reports_the_negative_signal() -> None:
     ours.stdin.close()
 
 
-def test_a_sibling_that_exits_first_is_neither_reaped_nor_taken_for_ours(run: Run) -> None:
-    run(_a_sibling_that_exits_first_is_neither_reaped_nor_taken_for_ours())
-
-
-async def _a_sibling_that_exits_first_is_neither_reaped_nor_taken_for_ours() -> None:
-    ours = _exit_when_told(0)
+@on_both_loops
+async def test_a_sibling_that_exits_first_is_neither_reaped_nor_taken_for_ours() -> None:
     sibling = _exit_when_told(7)
-    exited = _watch_exit(ours)
-    try:
+    async with watched_child_exiting_cleanly() as exited:
         _tell(sibling)
         # The sibling is a zombie now, waiting for its own parent's wait.
         assert await asyncio.to_thread(_wait_unreaped, sibling.pid) == 7
         await asyncio.sleep(0.1)  # turns of the loop in which a stray reaper would act
         assert not exited.done()
         assert sibling.wait(timeout=30) == 7  # still ours to reap, with its status
-    finally:
-        _tell(ours)
-    assert await asyncio.wait_for(exited, 30) == 0
 
 
-def test_a_sibling_that_exits_with_ours_keeps_its_status(run: Run) -> None:
-    run(_a_sibling_that_exits_with_ours_keeps_its_status())
-
-
-async def _a_sibling_that_exits_with_ours_keeps_its_status() -> None:
+@on_both_loops
+async def test_a_sibling_that_exits_with_ours_keeps_its_status() -> None:
     ours = _exit_when_told(5)
     sibling = _exit_when_told(9)
     exited = _watch_exit(ours)
@@ -126,28 +122,17 @@ async def _a_sibling_that_exits_with_ours_keeps_its_status() -> None:
     assert sibling.wait(timeout=30) == 9
 
 
-def test_the_loop_s_own_subprocesses_keep_their_status(run: Run) -> None:
-    run(_the_loop_s_own_subprocesses_keep_their_status())
-
-
-async def _the_loop_s_own_subprocesses_keep_their_status() -> None:
+@on_both_loops
+async def test_the_loop_s_own_subprocesses_keep_their_status() -> None:
     """A hook starting a program with asyncio's subprocess support is unaffected."""
-    ours = _exit_when_told(0)
-    exited = _watch_exit(ours)
-    try:
+    async with watched_child_exiting_cleanly() as exited:
         program = await asyncio.create_subprocess_exec(sys.executable, "-c", "raise SystemExit(4)")
         assert await asyncio.wait_for(program.wait(), 30) == 4
         assert not exited.done()
-    finally:
-        _tell(ours)
-    assert await asyncio.wait_for(exited, 30) == 0
 
 
-def test_the_pidfd_is_closed_once_the_child_is_reaped(run: Run) -> None:
-    run(_the_pidfd_is_closed_once_the_child_is_reaped())
-
-
-async def _the_pidfd_is_closed_once_the_child_is_reaped() -> None:
+@on_both_loops
+async def test_the_pidfd_is_closed_once_the_child_is_reaped() -> None:
     before = set(os.listdir("/proc/self/fd"))
     ours = _exit_when_told(0)
     exited = _watch_exit(ours)
