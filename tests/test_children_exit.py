@@ -18,10 +18,9 @@ from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 
 import pytest
+import uvloop
 
 from outboundd.children import _watch_exit
-
-uvloop = pytest.importorskip("uvloop")
 
 
 def on_both_loops(body: Callable[[], Coroutine[Any, Any, None]]) -> Callable[..., None]:
