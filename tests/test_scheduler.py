@@ -102,6 +102,12 @@ async def test_reservations_respect_caps_and_hand_new_mail_over_without_a_claim(
         assert sched.reserve(["three.test"]) is None  # concurrency_max
         sched.cancel(second)
         sched.cancel(third)
+        # Given back: only the first reservation's slot is still held.
+        assert dict(sched._reserved) == {"one.test": 1}
+        again = sched.reserve(["one.test"])
+        assert again is not None and sched.reserve(["one.test"]) is None
+        sched.cancel(again)
+        assert dict(sched._reserved) == {"one.test": 1}
         # A reservation turns into a running delivery with no claim at all.
         message = NewMessage("a@x.test", [NewRecipient("r@one.test")], b"x\r\n")
         qid, claims = await spool.accept_leased(message, first.lease)

@@ -188,7 +188,7 @@ class DeliveryEngine:
             max_idle_per_host=outbound.pool_max_per_host,
         )
         self.notice_settings = notice_settings(config)
-        self._settings_cache: tuple[OutboundConfig, SessionSettings] | None = None
+        self._settings_cache: tuple[OutboundConfig, SessionSettings, Limits] | None = None
         #: Failures of one message's claims that end together share one DSN.
         self.rounds = FailureRounds()
 
@@ -339,13 +339,11 @@ class DeliveryEngine:
     async def _session(
         self, claim: Claim, targets: list[MXTarget], outbound: OutboundConfig
     ) -> dict[int, Verdict]:
-        # Connections count against concurrency_max and domain_concurrency_max
-        # until they are closed, idle kept ones included (see pool.py).
-        limits = Limits(outbound.concurrency_max, outbound.domain_concurrency_max)
+        settings, limits = self._session_settings(outbound)
         result: SessionResult = await deliver_job(
             claim,  # read as it is: a claim has every field of a job
             targets,
-            self._session_settings(outbound),
+            settings,
             pool=self.pool.lane(claim.domain, limits),
         )
         # One Connection per connection used (usually one for all recipients).
@@ -361,11 +359,12 @@ class DeliveryEngine:
             verdicts[rid] = Verdict(rr.outcome, rr.reply, rr.stage, conn=conn)
         return verdicts
 
-    def _session_settings(self, outbound: OutboundConfig) -> SessionSettings:
-        # Made once per outbound.ini (a reload brings a new object), not per message.
+    def _session_settings(self, outbound: OutboundConfig) -> tuple[SessionSettings, Limits]:
+        # Made once per outbound.ini (a reload brings a new object), not per
+        # message: both are frozen dataclasses, whose __init__ is dear.
         cached = self._settings_cache
         if cached is not None and cached[0] is outbound:
-            return cached[1]
+            return cached[1], cached[2]
         tls = self.config.tls.outbound
         made = SessionSettings(
             helo=self.config.me,
@@ -390,8 +389,11 @@ class DeliveryEngine:
             no_tls_hosts=tuple(tls.no_tls_hosts),
             sts_cafile=outbound.mta_sts_ca_file,
         )
-        self._settings_cache = (outbound, made)
-        return made
+        # Connections count against concurrency_max and domain_concurrency_max
+        # until they are closed, idle kept ones included (see pool.py).
+        limits = Limits(outbound.concurrency_max, outbound.domain_concurrency_max)
+        self._settings_cache = (outbound, made, limits)
+        return made, limits
 
     # -------------------------------------------------------------- conclude
 

@@ -154,10 +154,12 @@ class Scheduler:
         if self._in_use() + len(domains) > settings.concurrency_max:
             return None
         cap = settings.domain_concurrency_max
-        busy = self._busy()
-        if any(busy[d] + n > cap for d, n in wanted.items()):
+        # The wanted domains' counts only: _busy() would build a Counter of
+        # every busy domain, once per message accepted.
+        running, reserved = self._per_domain, self._reserved
+        if any(running[d] + reserved[d] + n > cap for d, n in wanted.items()):
             return None
-        self._reserved.update(wanted)
+        reserved.update(wanted)
         lease = Lease(self.owner, settings.lease_seconds, settings.always_split, domain_room=cap)
         return Reservation(lease, wanted)
 
@@ -169,8 +171,15 @@ class Scheduler:
 
     def cancel(self, reservation: Reservation) -> None:
         """Give back a reservation whose message was not accepted."""
-        self._reserved.subtract(reservation.domains)
-        self._reserved = +self._reserved  # drop zero counts
+        # Only the reservation's domains change; no count is kept at zero
+        # (a whole new Counter per message, as `+counter` makes, is not needed).
+        reserved = self._reserved
+        for domain, n in reservation.domains.items():
+            left = reserved[domain] - n
+            if left > 0:
+                reserved[domain] = left
+            else:
+                reserved.pop(domain, None)
 
     def _in_use(self) -> int:
         """Delivery slots taken: running deliveries and reservations."""
