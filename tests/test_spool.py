@@ -27,6 +27,7 @@ from outboundd.spool import (
     UnknownMessageError,
     admin,
     bodies,
+    core,
     lease_owner_id,
 )
 from outboundd.spool.core import INLINE_BODY_MAX, SqliteSpool, _json_strs
@@ -445,6 +446,111 @@ async def test_close_waits_for_the_bodies_handed_over_for_removal(tmp_path: Path
     path = spool.body_path(qid)
     await spool.close()
     assert not path.exists()
+
+
+async def test_a_body_waits_for_the_wal_fsync_of_a_later_accept(
+    spool: Spool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch of records alone commits with ``synchronous=NORMAL``: the body
+    of the message it finished stays until a later commit fsynced the WAL
+    (here an accept's; the explicit fsync is put off out of the test's reach)."""
+    monkeypatch.setattr(core, "UNSYNCED_REMOVAL_DELAY", 60.0)
+    qid = await spool.accept(message("a@d.test"))
+    owner = lease_owner_id()
+    [claim] = await spool.claim(owner, limit=1, lease_seconds=60)
+    t = time.time()
+    result = await spool.record(
+        owner, claim, [AttemptRecord(claim.recipients[0].id, Outcome.DELIVERED, t, t)]
+    )
+    assert result.finished_messages == (qid,)
+    path = spool.body_path(qid)
+    await asyncio.sleep(0.3)
+    assert path.exists()  # the record's commit is not yet known durable
+    await spool.accept(message("b@d.test"))
+    assert await removed(path)
+
+
+async def test_a_body_waits_at_most_the_removal_delay_without_accepts(
+    spool: Spool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With no accept to fsync the WAL, an explicit fsync of it lets the body go."""
+    monkeypatch.setattr(core, "UNSYNCED_REMOVAL_DELAY", 0.5)
+    qid = await spool.accept(message("a@d.test"))
+    owner = lease_owner_id()
+    [claim] = await spool.claim(owner, limit=1, lease_seconds=60)
+    t = time.time()
+    await spool.record(
+        owner, claim, [AttemptRecord(claim.recipients[0].id, Outcome.DELIVERED, t, t)]
+    )
+    path = spool.body_path(qid)
+    await asyncio.sleep(0.2)
+    assert path.exists()
+    assert await removed(path, timeout=5.0)
+
+
+KILL_AFTER_RECORD_SCRIPT = """
+import asyncio, sys, time
+from pathlib import Path
+from outboundd.spool import AttemptRecord, NewMessage, NewRecipient, Outcome, Spool
+from outboundd.spool import core, lease_owner_id
+
+core.UNSYNCED_REMOVAL_DELAY = 600.0
+
+async def main():
+    spool = await Spool.open(Path(sys.argv[1]))
+    qid = await spool.accept(NewMessage("a@x.test", [NewRecipient("r@y.test")], b"body\\r\\n"))
+    owner = lease_owner_id()
+    [claim] = await spool.claim(owner, limit=1, lease_seconds=60)
+    t = time.time()
+    rid = claim.recipients[0].id
+    await spool.record(owner, claim, [AttemptRecord(rid, Outcome.DELIVERED, t, t)])
+    sys.stdout.write(qid + "\\n")
+    sys.stdout.flush()
+    await asyncio.sleep(600)
+
+asyncio.run(main())
+"""
+
+
+async def test_a_kill_between_the_record_and_its_wal_fsync_keeps_the_body(
+    tmp_path: Path,
+) -> None:
+    """SIGKILL after a record's NORMAL commit, before any WAL fsync: the
+    record survives (the WAL is in the kernel's cache), the body was not
+    removed ahead of its durability, and recovery removes it as a finished
+    stray."""
+    import signal
+    import sys
+
+    queue = tmp_path / "q"
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", KILL_AFTER_RECORD_SCRIPT, str(queue), stdout=asyncio.subprocess.PIPE
+    )
+    assert proc.stdout is not None
+    try:
+        async with asyncio.timeout(30):
+            qid = (await proc.stdout.readline()).decode().strip()
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        await proc.wait()
+    assert qid
+    path = queue / bodies.relative_body_path(qid)
+    assert path.exists()
+    con = sqlite3.connect(queue / "outbound.db")
+    try:
+        [(finished_at,)] = con.execute(
+            "SELECT finished_at FROM messages WHERE queue_id = ?", (qid,)
+        )
+    finally:
+        con.close()
+    assert finished_at is not None
+    s = await Spool.open(queue)
+    try:
+        report = await s.recover(now=time.time() + core.ORPHAN_MIN_AGE + 1)
+        assert report.finished_bodies_removed == 1
+        assert not path.exists()
+    finally:
+        await s.close()
 
 
 async def test_records_of_one_batch_are_written_together(spool: Spool) -> None:

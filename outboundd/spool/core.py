@@ -16,6 +16,16 @@ are fsynced once, then the rows are committed with ``synchronous=FULL``;
 only then does ``accept()`` return the queue ID.  A failure anywhere
 removes the body and raises
 :class:`SpoolWriteError`.
+
+A batch without an accept or an operator's op (only the deliveries'
+records, claims, releases and lease renewals) commits with
+``synchronous=NORMAL``: no WAL fsync of its own.  Losing such a commit to a
+power cut loses only work that is redone (the recipient is delivered again:
+at-least-once, DESIGN.md rule 3).  What must not run ahead of it is the
+removal of a body its records finished: those wait until a later commit of
+this connection fsynced the WAL (the next accept's, within milliseconds
+under load) or, when none comes, :data:`UNSYNCED_REMOVAL_DELAY` later an
+explicit fsync of the WAL file (:meth:`SqliteSpool._sync_unsynced`).
 """
 
 from __future__ import annotations
@@ -84,6 +94,13 @@ INLINE_BODY_MAX = 256 * 1024
 #: another process's accept writes the file before it commits the rows, and
 #: recovery must never delete a body whose rows are about to be committed.
 ORPHAN_MIN_AGE = 600.0
+#: The longest a finished message's body waits for the ``synchronous=NORMAL``
+#: commit that finished it to be made durable when no accept commits
+#: meanwhile (then the WAL file is fsynced explicitly).
+UNSYNCED_REMOVAL_DELAY = 0.2
+#: The commit's durability: FULL (the WAL fsynced) for batches holding an
+#: accept or an operator's op, NORMAL for the deliveries' own work.
+_SYNC_PRAGMA = {True: "PRAGMA synchronous = FULL", False: "PRAGMA synchronous = NORMAL"}
 
 #: A piece of a transaction: runs on the database thread, inside the
 #: writer's transaction (``write=True``) or in autocommit mode.
@@ -137,6 +154,9 @@ class _AcceptJob(_Job):
 @dataclass(eq=False)
 class _OpJob(_Job):
     op: DbOp
+    #: Work redone if lost (claims, releases, renewals): a batch of only these
+    #: and records commits without a WAL fsync of its own.
+    relaxed: bool = False
 
 
 @dataclass(eq=False)
@@ -185,6 +205,14 @@ class SqliteSpool(Spool):
         self._fsyncs = bodies.ParallelFsync()
         #: Removes the bodies of messages records finished (database thread only).
         self._removals = bodies.BackgroundRemoval()
+        #: The connection's ``synchronous`` now: True FULL, False NORMAL (database thread only).
+        self._sync_full = True
+        #: Bodies the running batch's records finished (database thread only).
+        self._finished_bodies: list[str] = []
+        #: Bodies finished by commits not yet known durable (database thread only).
+        self._unsynced_bodies: list[str] = []
+        #: Arms the explicit WAL fsync for ``_unsynced_bodies`` (event loop only).
+        self._sync_timer: asyncio.TimerHandle | None = None
 
     # ------------------------------------------------------------------ life
 
@@ -237,13 +265,18 @@ class SqliteSpool(Spool):
             await self._queue.put(stop)
             await stop.done
             await self._writer
+        if self._sync_timer is not None:
+            self._sync_timer.cancel()
         with contextlib.suppress(Exception):
-            await self._db.call(lambda _conn: self._close_files())
+            await self._db.call(self._close_files)
         await self._db.close()
 
-    def _close_files(self) -> None:
-        """Close the kept directory descriptors and end the fsync threads."""
+    def _close_files(self, conn: sqlite3.Connection) -> None:
+        """Remove the bodies still waiting for a WAL fsync, close the kept directory
+        descriptors and end the fsync threads."""
         try:
+            with contextlib.suppress(OSError):
+                self._sync_unsynced(conn)
             self._directories.close()
         finally:
             try:
@@ -287,6 +320,16 @@ class SqliteSpool(Spool):
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         return await self._submit(_OpJob(fut, write, op))
 
+    async def _run_relaxed(self, op: DbOp) -> Any:
+        """:meth:`run` for delivery work that is redone if a power cut loses it.
+
+        Claims, releases and lease renewals: a lost lease is work leased
+        again, never work lost.  A batch of only these and records commits
+        with ``synchronous=NORMAL`` (see the module's docstring).
+        """
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        return await self._submit(_OpJob(fut, True, op, relaxed=True))
+
     async def _write_loop(self) -> None:
         await group_commit_loop(self._queue, self._run_batch, MAX_BATCH)
 
@@ -306,6 +349,35 @@ class SqliteSpool(Spool):
                 _fail(job, _map_db_error(exc, job))
             if not isinstance(exc, Exception):
                 raise
+        if self._unsynced_bodies and self._sync_timer is None:
+            self._sync_timer = loop.call_later(UNSYNCED_REMOVAL_DELAY, self._sync_due)
+
+    def _sync_due(self) -> None:
+        """Queue the explicit WAL fsync if bodies still wait for one (event loop)."""
+        self._sync_timer = None
+        if self._closed or not self._unsynced_bodies:
+            return
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        fut.add_done_callback(_consume)  # nobody awaits it; a failure is retried next batch
+        self._queue.put_nowait(_OpJob(fut, False, self._sync_unsynced))
+
+    def _sync_unsynced(self, _conn: sqlite3.Connection) -> None:
+        """Fsync the WAL file, then remove the bodies waiting for it (database thread).
+
+        Every commit before this one is in the WAL file (fsynced here) or
+        was checkpointed into the database file, which SQLite fsyncs before
+        it reuses the WAL; so their records are durable and their bodies
+        may go (DESIGN.md rule 3).  A failed fsync keeps them waiting.
+        """
+        if not self._unsynced_bodies:
+            return
+        fd = os.open(f"{self.db_path}-wal", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        paths, self._unsynced_bodies = self._unsynced_bodies, []
+        self._removals.remove(paths)
 
     def _execute_and_settle(
         self, conn: sqlite3.Connection, batch: list[_Job], loop: asyncio.AbstractEventLoop
@@ -340,10 +412,16 @@ class SqliteSpool(Spool):
             return self._settle_accepts(batch, settled)
         results: dict[int, Any] = {}
         in_tx = any(j.write for j in live)
+        durable = bool(accepts) or any(
+            isinstance(j, _OpJob) and j.write and not j.relaxed for j in live
+        )
         self._after_commit.clear()
+        self._finished_bodies.clear()
+        changes = conn.total_changes
         try:
             with self._db.write_lock() if in_tx else contextlib.nullcontext():
                 if in_tx:
+                    self._set_sync(conn, durable)
                     conn.execute("BEGIN IMMEDIATE")
                 if accepts:
                     self._insert_accepts(conn, accepts, results)
@@ -358,6 +436,7 @@ class SqliteSpool(Spool):
         except Exception as exc:
             rollback_quietly(conn)
             self._after_commit.clear()
+            self._finished_bodies.clear()
             if is_disk_full(exc) and self._reserve.release():
                 # Disk full: free the reserve and run the batch again in that
                 # space; its accepts are now refused up front, its claims and
@@ -375,6 +454,8 @@ class SqliteSpool(Spool):
             with contextlib.suppress(OSError):
                 action()
         self._after_commit.clear()
+        # A FULL commit that wrote fsynced the WAL: every earlier commit is durable too.
+        self._remove_finished(in_tx and durable and conn.total_changes != changes)
         self._counters.commits += 1
         if accepts:
             self._counters.accepts += len(accepts)
@@ -382,6 +463,28 @@ class SqliteSpool(Spool):
         for job in live:
             settled[id(job)] = (True, results.get(id(job)))
         return [settled[id(j)] for j in batch]
+
+    def _set_sync(self, conn: sqlite3.Connection, full: bool) -> None:
+        """The next commit with ``synchronous=FULL`` or ``NORMAL`` (database thread)."""
+        if full != self._sync_full:
+            conn.execute(_SYNC_PRAGMA[full])
+            self._sync_full = full
+
+    def _remove_finished(self, synced: bool) -> None:
+        """Hand the bodies of finished messages to removal once their commit is durable.
+
+        ``synced``: this commit fsynced the WAL, so it and every commit
+        before it are durable.  Otherwise the bodies this batch finished
+        wait for a later one (or :meth:`_sync_unsynced`).
+        """
+        finished, self._finished_bodies = self._finished_bodies, []
+        if not synced:
+            self._unsynced_bodies.extend(finished)
+            return
+        paths = self._unsynced_bodies + finished
+        self._unsynced_bodies = []
+        if paths:
+            self._removals.remove(paths)
 
     def _make_durable(
         self, accepts: list[_AcceptJob], settled: dict[int, tuple[bool, Any]]
@@ -500,8 +603,10 @@ class SqliteSpool(Spool):
             conn.execute(
                 q("record_finish"), (dumps([(qid, last[qid].now) for qid, _ in finishing]),)
             )
-            paths = [f"{self._queue_dir_text}/{body_file}" for _, body_file in finishing]
-            self.after_commit(lambda: self._removals.remove(paths))
+            # Removed once this commit is durable (see _remove_finished).
+            self._finished_bodies.extend(
+                f"{self._queue_dir_text}/{body_file}" for _, body_file in finishing
+            )
         finished = {qid for qid, _ in finishing}
         for job in records:
             mine = job.queue_id in finished and last[job.queue_id] is job
@@ -684,7 +789,7 @@ class SqliteSpool(Spool):
             ids = json.dumps(sorted({r[1] for r in rows}))
             return rows, conn.execute(q("messages_by_ids"), {"ids": ids}).fetchall()
 
-        rows, msgs = await self.run(op)
+        rows, msgs = await self._run_relaxed(op)
         return self._claims(rows, msgs, owner, expires, always_split=always_split)
 
     def _claims(
@@ -798,7 +903,7 @@ class SqliteSpool(Spool):
             cursor = conn.execute(q("release"), params)
             return cursor.rowcount
 
-        count: int = await self.run(op)
+        count: int = await self._run_relaxed(op)
         if next_attempt_at is None:
             self.new_work.set()
         return count
@@ -818,7 +923,7 @@ class SqliteSpool(Spool):
             cursor = conn.execute(q("renew_leases"), {"owner": owner, "expires": until})
             return cursor.rowcount
 
-        count: int = await self.run(op)
+        count: int = await self._run_relaxed(op)
         return count
 
     async def next_due_at(self) -> float | None:
@@ -1230,6 +1335,12 @@ def _settle(batch: list[_Job], settled: list[tuple[bool, Any]]) -> None:
             _resolve(job, value)
         else:
             _fail(job, value)
+
+
+def _consume(fut: asyncio.Future[Any]) -> None:
+    """Retrieve a future nobody awaits, so its failure is not logged as lost."""
+    if not fut.cancelled():
+        fut.exception()
 
 
 def _resolve(job: _Job, value: Any) -> None:
