@@ -35,7 +35,7 @@ import weakref
 from asyncio.streams import FlowControlMixin
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import AnyStr, cast
+from typing import Any, AnyStr, cast
 
 import aiosmtpd.smtp as aiosmtpd_smtp
 from aiosmtpd.smtp import (
@@ -241,7 +241,10 @@ class SubmissionSMTP(SMTP):
         self._handle_hooks = t.handle_hooks
         self._ehlo_hook_ver = "new" if "EHLO" in t.handle_hooks else None
         # aiosmtpd declares a dict; it only calls .get() and .items() on it.
-        self._smtp_methods = MethodTable(self, command_functions(type(self)))  # type: ignore[assignment]
+        functions = command_functions(type(self))
+        self._smtp_methods = MethodTable(self, functions)  # type: ignore[assignment]
+        #: Every command this class has a coroutine for (data_received's table).
+        self._command_functions = functions
         self._enforce_call_limit = False
         self.ctx = ctx
         self.log = ctx.log
@@ -524,7 +527,7 @@ class SubmissionSMTP(SMTP):
         """
         commands = self._fast_commands
         assert commands is not None
-        functions = command_functions(type(self))
+        functions = self._command_functions
         limit = self.line_length_limit
         debug = _LIBRARY_LOG.isEnabledFor(logging.DEBUG)
         out: list[bytes] = []
@@ -713,9 +716,10 @@ class SubmissionSMTP(SMTP):
     def _out(self) -> asyncio.WriteTransport:
         # Until the streams are made (_open_streams) the replies go to the
         # transport itself: StreamWriter.write() only passes them on to it.
-        transport = self._writer.transport if self._streams else self.transport
-        # Duck-typed: uvloop's transports are not asyncio ABC subclasses.
-        return cast(asyncio.WriteTransport, transport)
+        # Duck-typed: uvloop's transports are not asyncio ABC subclasses (and
+        # typing.cast is a function call, on every reply).
+        transport: Any = self._writer.transport if self._streams else self.transport
+        return transport  # type: ignore[no-any-return]
 
     def _hang_up_now(self, out: list[bytes]) -> None:
         """Send the last replies (QUIT's, or the one for too many bogus commands) and close."""
