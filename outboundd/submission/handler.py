@@ -529,7 +529,10 @@ class SubmissionSMTP(SMTP):
         assert commands is not None
         functions = self._command_functions
         limit = self.line_length_limit
-        debug = _LIBRARY_LOG.isEnabledFor(logging.DEBUG)
+        # aiosmtpd's chatter is at its logger's INFO and DEBUG levels; a
+        # logger that shows DEBUG shows INFO: one check a segment, not two a line.
+        chatty = _LIBRARY_LOG.isEnabledFor(logging.INFO)
+        debug = chatty and _LIBRARY_LOG.isEnabledFor(logging.DEBUG)
         out: list[bytes] = []
         size = 0
         start = 0
@@ -546,10 +549,12 @@ class SubmissionSMTP(SMTP):
             parsed = self._parse_line(line, chatter=False)
             hang_up = False
             if isinstance(parsed, bytes):
-                self._chatter(line)
+                if chatty:
+                    self._chatter(line)
                 reply = parsed
             elif (handler := commands.get(parsed[0])) is not None:
-                self._chatter(line)
+                if chatty:
+                    self._chatter(line)
                 self._reset_timeout()
                 try:
                     reply = handler(self, parsed[1])
@@ -561,7 +566,8 @@ class SubmissionSMTP(SMTP):
                 self._hand_over(out, buffer[start:])
                 return None
             else:
-                self._chatter(line)
+                if chatty:
+                    self._chatter(line)
                 reply, hang_up = self._unrecognised(parsed[0])
             start = end + 1
             if debug:
@@ -709,17 +715,13 @@ class SubmissionSMTP(SMTP):
         """Write the gathered replies at once; True when the writer must be drained."""
         if not out:
             return False
-        transport = self._out()
-        transport.write(out[0] if len(out) == 1 else b"".join(out))
-        return self._paused or self._connection_lost or transport.is_closing()
-
-    def _out(self) -> asyncio.WriteTransport:
         # Until the streams are made (_open_streams) the replies go to the
         # transport itself: StreamWriter.write() only passes them on to it.
-        # Duck-typed: uvloop's transports are not asyncio ABC subclasses (and
-        # typing.cast is a function call, on every reply).
+        # Any: uvloop's transports are not asyncio ABC subclasses.  Read here,
+        # not through a helper: a method call per reply, seven a session.
         transport: Any = self._writer.transport if self._streams else self.transport
-        return transport  # type: ignore[no-any-return]
+        transport.write(out[0] if len(out) == 1 else b"".join(out))
+        return self._paused or self._connection_lost or transport.is_closing()
 
     def _hang_up_now(self, out: list[bytes]) -> None:
         """Send the last replies (QUIT's, or the one for too many bogus commands) and close."""
@@ -822,14 +824,15 @@ class SubmissionSMTP(SMTP):
         # What StreamReaderProtocol.connection_made finds asking the
         # transport: only an implicit-TLS listener's are over TLS at first.
         self._over_ssl = self._template.implicit_tls
-        if _LIBRARY_LOG.isEnabledFor(logging.INFO):
+        chatty = _LIBRARY_LOG.isEnabledFor(logging.INFO)
+        if chatty:
             _LIBRARY_LOG.info("Peer: %r", session.peer)
         # The greeting goes out now rather than on the session task's first
         # step, a loop turn later, when a short inactivity_timeout may have
         # closed the connection already.  A new transport's buffer is empty:
         # there is nothing to wait for.
         self._write(self._template.greeting_wire)
-        if _LIBRARY_LOG.isEnabledFor(logging.INFO):
+        if chatty:
             _LIBRARY_LOG.info("%r handling connection", session.peer)
         # No task until a command must wait: data_received answers the rest.
         if self._fast_commands is None:
@@ -997,7 +1000,7 @@ class SubmissionSMTP(SMTP):
         closing or gone; only then is it awaited, and it does what it always
         did (waits, or raises ``ConnectionResetError``).
         """
-        transport = self._out()
+        transport: Any = self._writer.transport if self._streams else self.transport  # as _flush
         transport.write(data)
         if _LIBRARY_LOG.isEnabledFor(logging.DEBUG):
             _LIBRARY_LOG.debug("%r << %r", self.session.peer if self.session else None, data)
