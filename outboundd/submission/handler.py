@@ -180,11 +180,61 @@ class SubmissionSMTP(SMTP):
     # not declare them); _write reads them instead of awaiting drain().
     _paused: bool
     _connection_lost: bool
-    # StreamReaderProtocol's, set by _open_streams (typeshed does not declare them).
-    _stream_reader_wr: weakref.ref[asyncio.StreamReader] | None
-    _stream_writer: asyncio.StreamWriter | None
+    # StreamReaderProtocol's, set by _open_streams (typeshed does not declare it).
     _strong_reader: asyncio.StreamReader | None
-    _client_connected_cb: Callable[..., object] | None
+
+    # What every session starts with, the same in all of them: class
+    # attributes, until a session sets its own.  __init__ setting them all,
+    # with the per-listener ones some sixty attributes, grew each session's
+    # attribute dict past what CPython keeps inline with the class's shared
+    # keys, and cost more than the rest of a session's construction
+    # (tools/listener-cost under callgrind; docs/performance.md, "Per
+    # connection, sixth pass").  Only immutable values here.
+
+    # StreamReaderProtocol.__init__'s, without its stream reader: the reader,
+    # the writer and the close future are made by _open_streams when the
+    # first command must wait (most connections never do).
+    _stream_reader_wr: weakref.ref[asyncio.StreamReader] | None = None
+    _reject_connection = False
+    _stream_writer: asyncio.StreamWriter | None = None
+    _task = None
+    _transport = None
+    _client_connected_cb: Callable[..., object] | None = None
+    _over_ssl = False
+    # aiosmtpd's SMTP.__init__'s, for our arguments.
+    data_size_limit = None  # our smtp_DATA enforces max_message_size
+    enable_SMTPUTF8 = True
+    _decode_data = False
+    _timeout_handle = None
+    _tls_handshake_okay = True
+    _tls_protocol = None
+    _original_transport = None
+    session = None
+    envelope = None
+    transport = None
+    _handler_coroutine = None
+    _auth_require_tls = False  # our smtp_AUTH applies the policy (loopback allowed)
+    _proxy_timeout = None
+    _authenticator = None
+    _auth_required = False
+    _enforce_call_limit = False
+    # Ours.
+    #: True once _open_streams made the stream reader and writer.
+    _streams = False
+    _auth_table: dict[str, _AuthMechAttr] | None = None
+    _quit = False
+    _busy = False
+    _registered = False
+    _bogus_budget = BOGUS_LIMIT
+    #: True while no session task runs: data_received answers commands.
+    _fast = False
+    #: The start of a command line whose end has not arrived yet (in
+    #: DATA: the last octets, which may begin the end marker).
+    _pending = b""
+    #: The message being received in data_received (None: commands).
+    _collector: DataCollector | None = None
+    _next_touch = 0
+    _deadline = 0.0  # inactivity deadline (loop time); see _reset_timeout
 
     def __init__(
         self,
@@ -195,49 +245,24 @@ class SubmissionSMTP(SMTP):
     ) -> None:
         # aiosmtpd's SMTP.__init__ is not called: it rebuilds, for every
         # connection, tables that depend only on the listener (see
-        # template.py).  This sets every attribute it sets, to the values
-        # it would compute for our arguments (tests/test_submission_template.py).
+        # template.py).  This and the class attributes set every attribute
+        # it sets, to the values it would compute for our arguments
+        # (tests/test_submission_template.py).
         t = template or session_template(ctx, implicit_tls=implicit_tls)
         loop = asyncio.get_running_loop()
         self.loop = loop
         self.line_length_limit = t.line_length_limit
-        # StreamReaderProtocol.__init__ without its stream reader: the
-        # reader, the writer and the close future are made by _open_streams
-        # when the first command must wait (most connections never do).
+        # StreamReaderProtocol.__init__ without its stream reader (the class
+        # attributes hold the rest of what it sets).
         FlowControlMixin.__init__(self, loop=loop)
-        self._stream_reader_wr = None
-        self._reject_connection = False
-        self._stream_writer = None
-        self._task = None
-        self._transport = None
-        self._client_connected_cb = None
-        self._over_ssl = False
-        #: True once _open_streams made the stream reader and writer.
-        self._streams = False
         self.__ident__ = t.ident
         self.event_handler = t.handler
-        self.data_size_limit = None  # our smtp_DATA enforces max_message_size
-        self.enable_SMTPUTF8 = True
-        self._decode_data = False
         self.hostname = t.hostname
         self.tls_context = t.tls_context
         self.require_starttls = t.tls_context and False  # as aiosmtpd computes it
         self._timeout_duration = t.timeout
-        self._timeout_handle = None
-        self._tls_handshake_okay = True
-        self._tls_protocol = None
-        self._original_transport = None
-        self.session = None
-        self.envelope = None
-        self.transport = None
-        self._handler_coroutine = None
-        self._auth_require_tls = False  # our smtp_AUTH applies the policy (loopback allowed)
-        self._proxy_timeout = None
-        self._authenticator = None
         self._auth_callback = login_always_fail
-        self._auth_required = False
         self._auth_excluded = t.auth_exclude
-        self._auth_table: dict[str, _AuthMechAttr] | None = None
         self._handle_hooks = t.handle_hooks
         self._ehlo_hook_ver = "new" if "EHLO" in t.handle_hooks else None
         # aiosmtpd declares a dict; it only calls .get() and .items() on it.
@@ -245,7 +270,6 @@ class SubmissionSMTP(SMTP):
         self._smtp_methods = MethodTable(self, functions)  # type: ignore[assignment]
         #: Every command this class has a coroutine for (data_received's table).
         self._command_functions = functions
-        self._enforce_call_limit = False
         self.ctx = ctx
         self.log = ctx.log
         # RFC 3461 parameters make MAIL/RCPT longer than 512 octets, and RFC
@@ -253,22 +277,9 @@ class SubmissionSMTP(SMTP):
         self.command_size_limits = collections.defaultdict(
             _command_line_limit, t.command_size_limits
         )
-        self._quit = False
-        self._busy = False
-        self._registered = False
-        self._bogus_budget = BOGUS_LIMIT
         #: Commands answered in data_received, without a task (None: every
         #: command goes through the task, as when the handler has hooks).
         self._fast_commands = None if t.handle_hooks else fast_commands(type(self))
-        #: True while no session task runs: data_received answers commands.
-        self._fast = False
-        #: The start of a command line whose end has not arrived yet (in
-        #: DATA: the last octets, which may begin the end marker).
-        self._pending = b""
-        #: The message being received in data_received (None: commands).
-        self._collector: DataCollector | None = None
-        self._next_touch = 0
-        self._deadline = 0.0  # inactivity deadline (loop time); see _reset_timeout
         self._template = t
         if _LIBRARY_LOG.isEnabledFor(logging.INFO):
             _LIBRARY_LOG.info(
