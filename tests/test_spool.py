@@ -854,6 +854,41 @@ def test_bodies_of_one_second_share_a_directory() -> None:
     assert bodies.relative_body_path("custom-id-ab") == "bodies/ab/custom-id-ab"
 
 
+def test_queue_ids_are_unique_across_reads_of_the_random_source() -> None:
+    """The random parts come 256 IDs' worth per read of the OS's source: many
+    more IDs than that are all distinct, in the documented form."""
+    from outboundd.spool.core import new_queue_id
+
+    t = 1_700_000_000.0
+    ids = [new_queue_id(t) for _ in range(2000)]
+    assert len(set(ids)) == len(ids)
+    assert all(re.fullmatch(r"[0-9A-F]{11}\.[0-9A-F]{10}", qid) for qid in ids)
+    assert {qid.split(".")[0] for qid in ids} == {f"{int(t * 1000):011X}"}
+
+
+def test_a_forked_child_does_not_reuse_its_parents_random_parts() -> None:
+    """A process forked after the parent read random parts draws its own:
+    without that, parent and child would hand out the same queue IDs."""
+    from outboundd.spool.core import new_queue_id
+
+    t = 1_700_000_000.0
+    new_queue_id(t)  # the parent now holds unused random parts
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its next ID, then out without any clean-up
+        try:
+            os.write(write_end, new_queue_id(t).encode())
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    try:
+        child_id = os.read(read_end, 100).decode()
+    finally:
+        os.close(read_end)
+        os.waitpid(pid, 0)
+    assert child_id and child_id != new_queue_id(t)
+
+
 @pytest.mark.parametrize(
     "values",
     [[], [""], ["0193A2B3C4D.1A2B3C4D5E"], ["a", "b"], ['say "hi"'], ["back\\slash"],

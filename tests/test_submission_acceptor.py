@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
-from outboundd.submission.acceptor import SessionBoard
+from outboundd.log import Logger
+from outboundd.submission.acceptor import Acceptor, SessionBoard
 from tests import certs
 from tests.dnsserver import DNSServer
 from tests.harness import Daemon, write_config
@@ -188,3 +190,40 @@ async def test_failed_set_ups_leave_nothing_behind(tmp_path: Path, pki: certs.Te
             await asyncio.sleep(0.02)
         assert counts == [0] * len(counts)
         assert relay.messages() == []
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
+async def test_an_accepted_socket_is_what_accept_would_have_made(host: str) -> None:
+    """The acceptor's socket for a connection (family and type kept as plain
+    attributes, not asked of the descriptor) says what the kernel says, and
+    matches, in every property a transport reads, the socket that
+    ``socket.accept()`` makes for the next connection."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as listener:
+        listener.bind((host, 0))
+        listener.listen(8)
+        listener.setblocking(False)
+        acceptor = Acceptor(
+            listener.fileno(), asyncio.Protocol, None, Logger("test"), sessions=lambda: 0
+        )
+        clients = [socket.create_connection(listener.getsockname()[:2]) for _ in range(2)]
+        try:
+            ours = acceptor._accept_socket()
+            # What socket.accept() makes, on the very socket the acceptor polls.
+            theirs, _ = acceptor._socket.accept()
+            with ours, theirs:
+                for name in ("family", "type"):
+                    told = getattr(ours, name)
+                    # socket.socket's own property asks the descriptor.
+                    asked = getattr(socket.socket, name).fget(ours)
+                    assert told == asked == getattr(theirs, name)
+                    assert type(told) is type(asked)
+                assert ours.proto == theirs.proto
+                assert ours.getblocking() == theirs.getblocking()
+                assert ours.gettimeout() == theirs.gettimeout()
+                assert ours.getpeername() == clients[0].getsockname()
+                assert theirs.getpeername() == clients[1].getsockname()
+        finally:
+            acceptor.close()
+            for client in clients:
+                client.close()

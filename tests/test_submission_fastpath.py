@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import logging
 import re
 import socket
 import ssl
@@ -33,7 +34,7 @@ from outboundd.submission.handler import SubmissionSMTP
 from outboundd.submission.queueing import SpoolSink
 from outboundd.submission.transaction import Transaction
 from tests import certs
-from tests.submission_fixtures import PASSWORD, Relay, make_config, running_relay
+from tests.submission_fixtures import PASSWORD, LineClient, Relay, make_config, running_relay
 from tests.test_submission_loop import _library_server, _wait_paused
 
 
@@ -625,3 +626,50 @@ async def test_shutdown_while_a_message_is_queued(tmp_path: Path, slow: str) -> 
             await closing
             writer.close()
         assert len(relay.messages()) == 1
+
+
+class _Records(logging.Handler):
+    """Keeps the messages logged to it."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+@pytest.mark.parametrize("level", [logging.INFO, logging.DEBUG, logging.WARNING])
+async def test_aiosmtpd_chatter_follows_its_loggers_level(tmp_path: Path, level: int) -> None:
+    """Commands answered in data_received log aiosmtpd's lines for each
+    command line (the line in at INFO, every reply out at DEBUG) exactly
+    when its logger shows that level, as aiosmtpd's own loop does."""
+    library_log = logging.getLogger("mail.log")
+    records = _Records()
+    async with running_relay(_config(tmp_path)) as relay:
+        saved = library_log.level
+        library_log.setLevel(level)
+        library_log.addHandler(records)
+        try:
+            client = await LineClient.connect(relay.port())  # reads the greeting
+            for line in ("EHLO client.test", "NOOP", "BOGUS", "QUIT"):
+                await client.cmd(line)
+            assert await client.closed()
+            await client.close()
+        finally:
+            library_log.removeHandler(records)
+            library_log.setLevel(saved)
+    ins = [line for line in records.lines if " >> " in line]
+    outs = [line for line in records.lines if " << " in line]
+    if level > logging.INFO:
+        assert ins == [] and outs == []
+        assert not any("handling connection" in line for line in records.lines)
+        return
+    # (an unknown command's octets are not logged, only their count)
+    assert [line.rsplit(" >> ", 1)[1] for line in ins] == [
+        "'EHLO client.test'", "'NOOP'", "'<5 octets>'", "'QUIT'",
+    ]  # fmt: skip
+    assert sum("Peer: " in line for line in records.lines) == 1
+    assert sum("handling connection" in line for line in records.lines) == 1
+    # Replies: the greeting (written on its own), then one per command.
+    assert len(outs) == (5 if level == logging.DEBUG else 0)

@@ -35,7 +35,7 @@ import weakref
 from asyncio.streams import FlowControlMixin
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import AnyStr, cast
+from typing import Any, AnyStr, cast
 
 import aiosmtpd.smtp as aiosmtpd_smtp
 from aiosmtpd.smtp import (
@@ -180,11 +180,60 @@ class SubmissionSMTP(SMTP):
     # not declare them); _write reads them instead of awaiting drain().
     _paused: bool
     _connection_lost: bool
-    # StreamReaderProtocol's, set by _open_streams (typeshed does not declare them).
-    _stream_reader_wr: weakref.ref[asyncio.StreamReader] | None
-    _stream_writer: asyncio.StreamWriter | None
+    # StreamReaderProtocol's, set by _open_streams (typeshed does not declare it).
     _strong_reader: asyncio.StreamReader | None
-    _client_connected_cb: Callable[..., object] | None
+
+    # What every session starts with, the same in all of them: class
+    # attributes, until a session sets its own.  __init__ set them all, with
+    # the per-listener ones some fifty-five attributes in each session's
+    # dict; this way a session costs some 8,000 instructions less
+    # (tools/listener-cost under callgrind; docs/performance.md, "Per
+    # connection, sixth pass").  Only immutable values here.
+
+    # StreamReaderProtocol.__init__'s, without its stream reader: the reader,
+    # the writer and the close future are made by _open_streams when the
+    # first command must wait (most connections never do).
+    _stream_reader_wr: weakref.ref[asyncio.StreamReader] | None = None
+    _reject_connection = False
+    _stream_writer: asyncio.StreamWriter | None = None
+    _task = None
+    _transport = None
+    _client_connected_cb: Callable[..., object] | None = None
+    _over_ssl = False
+    # aiosmtpd's SMTP.__init__'s, for our arguments.
+    data_size_limit = None  # our smtp_DATA enforces max_message_size
+    enable_SMTPUTF8 = True
+    _decode_data = False
+    _timeout_handle = None
+    _tls_handshake_okay = True
+    _tls_protocol = None
+    _original_transport = None
+    session = None
+    envelope = None
+    transport = None
+    _handler_coroutine = None
+    _auth_require_tls = False  # our smtp_AUTH applies the policy (loopback allowed)
+    _proxy_timeout = None
+    _authenticator = None
+    _auth_required = False
+    _enforce_call_limit = False
+    # Ours.
+    #: True once _open_streams made the stream reader and writer.
+    _streams = False
+    _auth_table: dict[str, _AuthMechAttr] | None = None
+    _quit = False
+    _busy = False
+    _registered = False
+    _bogus_budget = BOGUS_LIMIT
+    #: True while no session task runs: data_received answers commands.
+    _fast = False
+    #: The start of a command line whose end has not arrived yet (in
+    #: DATA: the last octets, which may begin the end marker).
+    _pending = b""
+    #: The message being received in data_received (None: commands).
+    _collector: DataCollector | None = None
+    _next_touch = 0
+    _deadline = 0.0  # inactivity deadline (loop time); see _reset_timeout
 
     def __init__(
         self,
@@ -195,54 +244,31 @@ class SubmissionSMTP(SMTP):
     ) -> None:
         # aiosmtpd's SMTP.__init__ is not called: it rebuilds, for every
         # connection, tables that depend only on the listener (see
-        # template.py).  This sets every attribute it sets, to the values
-        # it would compute for our arguments (tests/test_submission_template.py).
+        # template.py).  This and the class attributes set every attribute
+        # it sets, to the values it would compute for our arguments
+        # (tests/test_submission_template.py).
         t = template or session_template(ctx, implicit_tls=implicit_tls)
         loop = asyncio.get_running_loop()
         self.loop = loop
         self.line_length_limit = t.line_length_limit
-        # StreamReaderProtocol.__init__ without its stream reader: the
-        # reader, the writer and the close future are made by _open_streams
-        # when the first command must wait (most connections never do).
+        # StreamReaderProtocol.__init__ without its stream reader (the class
+        # attributes hold the rest of what it sets).
         FlowControlMixin.__init__(self, loop=loop)
-        self._stream_reader_wr = None
-        self._reject_connection = False
-        self._stream_writer = None
-        self._task = None
-        self._transport = None
-        self._client_connected_cb = None
-        self._over_ssl = False
-        #: True once _open_streams made the stream reader and writer.
-        self._streams = False
         self.__ident__ = t.ident
         self.event_handler = t.handler
-        self.data_size_limit = None  # our smtp_DATA enforces max_message_size
-        self.enable_SMTPUTF8 = True
-        self._decode_data = False
         self.hostname = t.hostname
         self.tls_context = t.tls_context
         self.require_starttls = t.tls_context and False  # as aiosmtpd computes it
         self._timeout_duration = t.timeout
-        self._timeout_handle = None
-        self._tls_handshake_okay = True
-        self._tls_protocol = None
-        self._original_transport = None
-        self.session = None
-        self.envelope = None
-        self.transport = None
-        self._handler_coroutine = None
-        self._auth_require_tls = False  # our smtp_AUTH applies the policy (loopback allowed)
-        self._proxy_timeout = None
-        self._authenticator = None
         self._auth_callback = login_always_fail
-        self._auth_required = False
         self._auth_excluded = t.auth_exclude
-        self._auth_table: dict[str, _AuthMechAttr] | None = None
         self._handle_hooks = t.handle_hooks
         self._ehlo_hook_ver = "new" if "EHLO" in t.handle_hooks else None
         # aiosmtpd declares a dict; it only calls .get() and .items() on it.
-        self._smtp_methods = MethodTable(self, command_functions(type(self)))  # type: ignore[assignment]
-        self._enforce_call_limit = False
+        functions = command_functions(type(self))
+        self._smtp_methods = MethodTable(self, functions)  # type: ignore[assignment]
+        #: Every command this class has a coroutine for (data_received's table).
+        self._command_functions = functions
         self.ctx = ctx
         self.log = ctx.log
         # RFC 3461 parameters make MAIL/RCPT longer than 512 octets, and RFC
@@ -250,22 +276,9 @@ class SubmissionSMTP(SMTP):
         self.command_size_limits = collections.defaultdict(
             _command_line_limit, t.command_size_limits
         )
-        self._quit = False
-        self._busy = False
-        self._registered = False
-        self._bogus_budget = BOGUS_LIMIT
         #: Commands answered in data_received, without a task (None: every
         #: command goes through the task, as when the handler has hooks).
         self._fast_commands = None if t.handle_hooks else fast_commands(type(self))
-        #: True while no session task runs: data_received answers commands.
-        self._fast = False
-        #: The start of a command line whose end has not arrived yet (in
-        #: DATA: the last octets, which may begin the end marker).
-        self._pending = b""
-        #: The message being received in data_received (None: commands).
-        self._collector: DataCollector | None = None
-        self._next_touch = 0
-        self._deadline = 0.0  # inactivity deadline (loop time); see _reset_timeout
         self._template = t
         if _LIBRARY_LOG.isEnabledFor(logging.INFO):
             _LIBRARY_LOG.info(
@@ -524,9 +537,12 @@ class SubmissionSMTP(SMTP):
         """
         commands = self._fast_commands
         assert commands is not None
-        functions = command_functions(type(self))
+        functions = self._command_functions
         limit = self.line_length_limit
-        debug = _LIBRARY_LOG.isEnabledFor(logging.DEBUG)
+        # aiosmtpd's chatter is at its logger's INFO and DEBUG levels; a
+        # logger that shows DEBUG shows INFO: one check a segment, not two a line.
+        chatty = _LIBRARY_LOG.isEnabledFor(logging.INFO)
+        debug = chatty and _LIBRARY_LOG.isEnabledFor(logging.DEBUG)
         out: list[bytes] = []
         size = 0
         start = 0
@@ -543,10 +559,12 @@ class SubmissionSMTP(SMTP):
             parsed = self._parse_line(line, chatter=False)
             hang_up = False
             if isinstance(parsed, bytes):
-                self._chatter(line)
+                if chatty:
+                    self._chatter(line)
                 reply = parsed
             elif (handler := commands.get(parsed[0])) is not None:
-                self._chatter(line)
+                if chatty:
+                    self._chatter(line)
                 self._reset_timeout()
                 try:
                     reply = handler(self, parsed[1])
@@ -558,7 +576,8 @@ class SubmissionSMTP(SMTP):
                 self._hand_over(out, buffer[start:])
                 return None
             else:
-                self._chatter(line)
+                if chatty:
+                    self._chatter(line)
                 reply, hang_up = self._unrecognised(parsed[0])
             start = end + 1
             if debug:
@@ -706,16 +725,13 @@ class SubmissionSMTP(SMTP):
         """Write the gathered replies at once; True when the writer must be drained."""
         if not out:
             return False
-        transport = self._out()
-        transport.write(out[0] if len(out) == 1 else b"".join(out))
-        return self._paused or self._connection_lost or transport.is_closing()
-
-    def _out(self) -> asyncio.WriteTransport:
         # Until the streams are made (_open_streams) the replies go to the
         # transport itself: StreamWriter.write() only passes them on to it.
-        transport = self._writer.transport if self._streams else self.transport
-        # Duck-typed: uvloop's transports are not asyncio ABC subclasses.
-        return cast(asyncio.WriteTransport, transport)
+        # Any: uvloop's transports are not asyncio ABC subclasses.  Read here,
+        # not through a helper: a method call per reply, seven a session.
+        transport: Any = self._writer.transport if self._streams else self.transport
+        transport.write(out[0] if len(out) == 1 else b"".join(out))
+        return self._paused or self._connection_lost or transport.is_closing()
 
     def _hang_up_now(self, out: list[bytes]) -> None:
         """Send the last replies (QUIT's, or the one for too many bogus commands) and close."""
@@ -818,14 +834,15 @@ class SubmissionSMTP(SMTP):
         # What StreamReaderProtocol.connection_made finds asking the
         # transport: only an implicit-TLS listener's are over TLS at first.
         self._over_ssl = self._template.implicit_tls
-        if _LIBRARY_LOG.isEnabledFor(logging.INFO):
+        chatty = _LIBRARY_LOG.isEnabledFor(logging.INFO)
+        if chatty:
             _LIBRARY_LOG.info("Peer: %r", session.peer)
         # The greeting goes out now rather than on the session task's first
         # step, a loop turn later, when a short inactivity_timeout may have
         # closed the connection already.  A new transport's buffer is empty:
         # there is nothing to wait for.
         self._write(self._template.greeting_wire)
-        if _LIBRARY_LOG.isEnabledFor(logging.INFO):
+        if chatty:
             _LIBRARY_LOG.info("%r handling connection", session.peer)
         # No task until a command must wait: data_received answers the rest.
         if self._fast_commands is None:
@@ -993,7 +1010,7 @@ class SubmissionSMTP(SMTP):
         closing or gone; only then is it awaited, and it does what it always
         did (waits, or raises ``ConnectionResetError``).
         """
-        transport = self._out()
+        transport: Any = self._writer.transport if self._streams else self.transport  # as _flush
         transport.write(data)
         if _LIBRARY_LOG.isEnabledFor(logging.DEBUG):
             _LIBRARY_LOG.debug("%r << %r", self.session.peer if self.session else None, data)
