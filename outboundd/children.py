@@ -70,11 +70,13 @@ class ChildProcess:
         listen_fds: Sequence[tuple[int, bool]] = (),
         board: tuple[int, int] | None = None,
         wakes: asyncio.Event | None = None,
+        on_exit: Callable[[], None] | None = None,
     ) -> None:
         """``config``: the configuration a (re)started child runs on, asked at
         each start.  ``wakes``: set whenever the child reports new mail on its
         wake pipe.  ``board``: ``(fd, slot)`` of the SMTP nodes' session board
-        (see submission/acceptor.py)."""
+        (see submission/acceptor.py).  ``on_exit``: called whenever the
+        child has exited (before any restart)."""
         self.config_dir = config_dir
         self.config = config
         self.role = role
@@ -82,6 +84,7 @@ class ChildProcess:
         self.listen_fds = list(listen_fds)
         self.board = board
         self.wakes = wakes
+        self.on_exit = on_exit
         self.proc: subprocess.Popen[bytes] | None = None
         #: The write end of the child's stdin (-1 once closed): wake-ups, and EOF to stop.
         self._stdin = -1
@@ -164,6 +167,8 @@ class ChildProcess:
             assert self._exit is not None
             status = await asyncio.shield(self._exit)
             self._close_stdin()
+            if self.on_exit is not None:
+                self.on_exit()
             if status == 0 and await self._stop_asked_within(CLEAN_EXIT_GRACE):
                 return
             if self._stop_asked.is_set():

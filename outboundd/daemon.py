@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import gc
 import os
 import signal
@@ -45,6 +46,8 @@ from outboundd.submission.server import Listeners, start_listeners
 
 #: Seconds running deliveries get to finish after SIGTERM before they are cut off.
 SHUTDOWN_GRACE = 20.0
+#: The longest the first process waits for its SMTP nodes before it accepts.
+NODES_START_TIMEOUT = 15.0
 #: How often outbound.ini is checked for changes (hot reload).
 RELOAD_INTERVAL = 0.5
 
@@ -245,6 +248,8 @@ async def serve(config: Config, role: str = "all", inherited: Inherited | None =
     if inherited.wake_fd is not None:
         run.spawn(notify_parent(spool.new_work, inherited.wake_fd), "wake-up")
     await start_children(run, config)
+    if run.listeners is not None and run.listeners.board is not None:
+        await accept_together(run, stop, is_node=inherited.is_node)
     loop.add_signal_handler(signal.SIGHUP, flush_on_sighup(run, stop))
     if not stop.event.is_set():  # else a stop signal came during start-up: not ready
         log_ready(run, config)
@@ -344,15 +349,14 @@ async def start_listening(
             inherited=inherited.listen_fds or None,
             throttle_store=run.spool,  # shared by every process: one client is one client
             nodes=run.plan.smtp_nodes + 1,
+            # With SMTP nodes, every process accepts once all of them can
+            # (see accept_together).
+            accept_now=run.plan.smtp_nodes == 0 and inherited.board is None,
             board=None if inherited.board is None else SessionBoard.attach(*inherited.board),
         )
     except OSError as exc:
         log.crit("cannot listen", error=str(exc))
         return False
-    if inherited.is_node:
-        # The first process logs "SMTP node started" when it spawns a node;
-        # this says the node is taking connections.
-        log.info("SMTP node accepting", pid=os.getpid())
     return True
 
 
@@ -386,6 +390,7 @@ async def start_children(run: Running, config: Config) -> None:
                 board=run.listeners.node_board(number),
                 # Its new mail must reach our delivery processes (see wake_all).
                 wakes=run.spool.new_work if plan.nodes_report_mail else None,
+                on_exit=functools.partial(run.listeners.retire_node, number),
             )
             await node.start()
             run.nodes.append(node)
@@ -402,6 +407,30 @@ async def start_children(run: Running, config: Config) -> None:
         run.spawn(child.supervise(), f"supervise-{number}")
     if plan.delivery_processes:
         run.spawn(wake_all(run.deliverers, run.spool.new_work), "wake")
+
+
+async def accept_together(run: Running, stop: StopRequest, *, is_node: bool) -> None:
+    """The SMTP processes (the first one and its nodes) start accepting together.
+
+    Until every one of them can accept, connections wait in the listening
+    sockets' queue, so a burst of clients that keep their sessions open is
+    shared by every process (acceptor.py) instead of staying for good on
+    whichever came up first.  Bounded: processes that are not up after
+    :data:`NODES_START_TIMEOUT` seconds (or a stop) keep no other from
+    accepting.  A node restarted later finds the others accepting and
+    starts at once.
+    """
+    assert run.listeners is not None
+    together = await run.listeners.accept_together(NODES_START_TIMEOUT, stop.event)
+    if not together and not stop.event.is_set():
+        log.warn(
+            "other SMTP processes not ready; accepting without them",
+            waited=NODES_START_TIMEOUT,
+        )
+    if is_node:
+        # The first process logs "SMTP node started" when it spawns a node;
+        # this says the node is taking connections.
+        log.info("SMTP node accepting", pid=os.getpid())
 
 
 def flush_on_sighup(run: Running, stop: StopRequest) -> Callable[[], None]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import socket
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -18,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from outboundd.log import Logger
-from outboundd.submission.acceptor import Acceptor, SessionBoard
+from outboundd.submission.acceptor import NOT_ACCEPTING, Acceptor, SessionBoard
 from tests import certs
 from tests.dnsserver import DNSServer
 from tests.harness import Daemon, write_config
@@ -70,19 +71,16 @@ async def two_nodes(dns_server: DNSServer, tmp_path: Path) -> AsyncIterator[Daem
         tmp_path / "config", dns_port=dns_server.port, mx_port=9, smtp={"nodes": 2}
     )
     d = Daemon(config)
-    await d.start()
+    await d.start()  # "ready": the node accepts too (the first process waited for it)
     try:
-        await d.wait_for(r"SMTP node accepting")
         yield d
     finally:
         await d.stop()
 
 
-async def test_a_burst_of_kept_sessions_is_split_between_the_nodes(two_nodes: Daemon) -> None:
+async def _split_of_a_burst(d: Daemon) -> Counter[int]:
     """20 clients connect at once and keep their sessions open (as submitters
-    reusing connections do): both SMTP processes serve about half.  Before
-    the acceptor, all 20 went to the first process."""
-    d = two_nodes
+    reusing connections do): how many sessions each process serves."""
     opened = await asyncio.gather(
         *(asyncio.open_connection("127.0.0.1", d.smtp_port) for _ in range(SESSIONS))
     )
@@ -98,13 +96,42 @@ async def test_a_burst_of_kept_sessions_is_split_between_the_nodes(two_nodes: Da
         assert d.proc is not None
         owners = _owner_of(served, [d.proc.pid, *d.children()])
         assert len(owners) == SESSIONS
-        per_process = Counter(owners.values())
-        assert len(per_process) == 2, per_process
-        assert min(per_process.values()) >= SESSIONS // 2 - 3, per_process
+        return Counter(owners.values())
     finally:
         for _, writer in opened:
             writer.write(b"QUIT\r\n")
             writer.close()
+
+
+async def test_a_burst_of_kept_sessions_is_split_between_the_nodes(two_nodes: Daemon) -> None:
+    """Both SMTP processes serve about half.  Before the acceptor, all 20
+    went to the first process."""
+    per_process = await _split_of_a_burst(two_nodes)
+    assert len(per_process) == 2, per_process
+    assert min(per_process.values()) >= SESSIONS // 2 - 3, per_process
+    accepting = next(i for i, ln in enumerate(two_nodes.lines) if "SMTP node accepting" in ln)
+    assert accepting < next(i for i, ln in enumerate(two_nodes.lines) if 'message="ready"' in ln)
+
+
+async def test_clients_that_come_while_the_nodes_start_are_split_too(
+    dns_server: DNSServer, tmp_path: Path
+) -> None:
+    """The burst comes the moment the listening socket exists (a client
+    retrying while the relay restarts, a load generator that only waits for
+    the port): it waits in the kernel's queue until every process accepts,
+    then is shared.  Before, every such session stayed on the first process
+    (seen in tools/bench --reuse-sessions: all 20 on one process)."""
+    config = write_config(
+        tmp_path / "config", dns_port=dns_server.port, mx_port=9, smtp={"nodes": 2}
+    )
+    d = Daemon(config)
+    await d.start(until=re.compile(r'message="listening"'))
+    try:
+        per_process = await _split_of_a_burst(d)
+        assert len(per_process) == 2, per_process
+        assert min(per_process.values()) >= SESSIONS // 2 - 3, per_process
+    finally:
+        await d.stop()
 
 
 async def test_a_session_ends_on_every_node_after_the_split(two_nodes: Daemon) -> None:
@@ -131,20 +158,25 @@ async def test_a_session_ends_on_every_node_after_the_split(two_nodes: Daemon) -
 def test_the_board_tells_a_busier_node_from_the_others() -> None:
     board = SessionBoard.create(3)
     try:
-        assert board.counts() == [0, 0, 0]
+        assert board.counts() == [NOT_ACCEPTING] * 3  # nobody accepts yet
         node = SessionBoard.attach(os.dup(board.fd), 2)
         try:
             board.publish(4)
             node.publish(3)
-            assert board.counts() == [4, 0, 3]  # slot 1: a node not yet counting
+            assert board.counts() == [4, NOT_ACCEPTING, 3]
+            # Slot 1 does not accept: nobody leaves it a connection.
+            assert not board.busier_than_another(4)
+            assert board.busier_than_another(5)  # 2 more than slot 2
+            assert not node.busier_than_another(3)
+            late = SessionBoard.attach(os.dup(board.fd), 1)
+            late.publish(0)  # slot 1 starts accepting
+            late.close()
             assert board.busier_than_another(4)
             assert node.busier_than_another(3)
             assert not node.busier_than_another(1)  # one more than slot 1: at par
-            late = SessionBoard.attach(os.dup(board.fd), 1)
-            late.publish(3)  # slot 1 catches up
-            late.close()
-            assert not board.busier_than_another(4)
-            assert board.busier_than_another(5)
+            board.retire(1)  # the first process saw node 1 exit
+            assert board.counts() == [4, NOT_ACCEPTING, 3]
+            assert not node.busier_than_another(3)
         finally:
             node.close()
     finally:

@@ -36,7 +36,7 @@ from typing import Any
 
 from outboundd.log import Logger
 
-__all__ = ["LISTEN_BACKLOG", "Acceptor", "SessionBoard"]
+__all__ = ["LISTEN_BACKLOG", "NOT_ACCEPTING", "Acceptor", "SessionBoard"]
 
 #: The listen queue length (asyncio's ``create_server`` default).
 LISTEN_BACKLOG = 100
@@ -65,6 +65,10 @@ MARGIN = 2
 
 _SLOT = struct.Struct("=i")
 
+#: A slot's value while its node does not accept (not yet started, or
+#: stopped or dead): no other node leaves it a connection.
+NOT_ACCEPTING = -1
+
 
 class SessionBoard:
     """Open sessions per SMTP node, in memory every node maps.
@@ -83,10 +87,13 @@ class SessionBoard:
 
     @classmethod
     def create(cls, slots: int) -> SessionBoard:
-        """A new board of ``slots`` zeroed slots; this process takes slot 0."""
+        """A new board of ``slots`` slots, each :data:`NOT_ACCEPTING`; this process takes slot 0."""
         fd = os.memfd_create("outboundd-sessions")
         os.ftruncate(fd, slots * _SLOT.size)
-        return cls(fd, slots, 0)
+        board = cls(fd, slots, 0)
+        for slot in range(slots):
+            board.retire(slot)
+        return board
 
     @classmethod
     def attach(cls, fd: int, slot: int) -> SessionBoard:
@@ -96,13 +103,17 @@ class SessionBoard:
     def publish(self, sessions: int) -> None:
         _SLOT.pack_into(self._map, self.slot * _SLOT.size, sessions)
 
+    def retire(self, slot: int) -> None:
+        """Mark node ``slot`` as not accepting (the first process, for a node that exited)."""
+        _SLOT.pack_into(self._map, slot * _SLOT.size, NOT_ACCEPTING)
+
     def counts(self) -> list[int]:
         return [value for (value,) in _SLOT.iter_unpack(self._map)]
 
     def busier_than_another(self, sessions: int) -> bool:
-        """Whether some other node has ``MARGIN`` fewer open sessions than ``sessions``."""
+        """Whether another accepting node has ``MARGIN`` fewer sessions open than ``sessions``."""
         return any(
-            value <= sessions - MARGIN
+            0 <= value <= sessions - MARGIN
             for index, (value,) in enumerate(_SLOT.iter_unpack(self._map))
             if index != self.slot
         )
@@ -180,6 +191,8 @@ class Acceptor:
         if self._publisher is not None:
             self._publisher.cancel()
             self._publisher = None
+        if self._board is not None:
+            self._board.publish(NOT_ACCEPTING)  # leave no connection to this node
         self._socket.close()
 
     def _stop_polling(self) -> None:

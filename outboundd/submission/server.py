@@ -36,6 +36,8 @@ __all__ = ["ListenerError", "Listeners", "server_tls_context", "start_listeners"
 
 #: Default seconds :meth:`Listeners.close` lets messages in flight finish.
 CLOSE_GRACE = 10.0
+#: Seconds between looks at the session board while the SMTP processes start.
+NODES_POLL_INTERVAL = 0.01
 
 _TLS_VERSIONS = {
     "TLSv1": ssl.TLSVersion.TLSv1,
@@ -91,6 +93,39 @@ class Listeners:
     acceptors: list[Acceptor]
     #: The SMTP nodes' session counts (None with one process).
     board: SessionBoard | None = None
+
+    def start_accepting(self) -> None:
+        """Accept connections from now on (see ``start_listeners(accept_now=...)``)."""
+        for acceptor in self.acceptors:
+            acceptor.start()
+
+    async def accept_together(self, timeout: float, give_up: asyncio.Event) -> bool:
+        """Say this process can accept, wait until every SMTP process can, then
+        accept; whether they all could before ``timeout`` s (or ``give_up``).
+
+        Sessions a client keeps open stay where they landed: a process that
+        accepted while the others still started would keep every session
+        of a burst that came meanwhile (all 20 of ``tools/bench
+        --reuse-sessions``).  Until all can, connections wait in the
+        kernel's queue.
+        """
+        board = self.board
+        together = True
+        if board is not None:
+            board.publish(0)
+            deadline = asyncio.get_running_loop().time() + timeout
+            while min(board.counts()) < 0:
+                if give_up.is_set() or asyncio.get_running_loop().time() >= deadline:
+                    together = False
+                    break
+                await asyncio.sleep(NODES_POLL_INTERVAL)
+        self.start_accepting()
+        return together
+
+    def retire_node(self, node: int) -> None:
+        """SMTP node ``node`` (1..) exited: no other process leaves it a connection."""
+        if self.board is not None:
+            self.board.retire(node)
 
     def node_board(self, node: int) -> tuple[int, int] | None:
         """``(file descriptor, slot)`` of the session board for SMTP node ``node`` (1..)."""
@@ -164,6 +199,7 @@ async def start_listeners(
     throttle_store: ThrottleStore | None = None,
     nodes: int = 1,
     board: SessionBoard | None = None,
+    accept_now: bool = True,
 ) -> Listeners:
     """Bind every ``listen`` and ``listen_tls`` address and start serving.
 
@@ -177,6 +213,9 @@ async def start_listeners(
     it, ``spool`` is used when it is such a store, else this process's memory.
     Raises ``OSError`` (a :class:`ListenerError` for configuration problems)
     when any address cannot be used; nothing is left listening then.
+    ``accept_now=False``: the sockets listen (connections wait in the
+    kernel's queue) but nothing is accepted until
+    :meth:`Listeners.start_accepting`.
     """
     log = logger or get_logger("submission")
     _quiet_aiosmtpd(log)
@@ -255,9 +294,9 @@ async def start_listeners(
         if board is not None:
             board.close()
         raise
-    for acceptor in acceptors:
-        acceptor.start()
     listeners = Listeners(servers, ctx, acceptors, board)
+    if accept_now:
+        listeners.start_accepting()
     for host, port, implicit in [] if inherited is not None else listeners.addresses():
         log.info(
             "listening",
