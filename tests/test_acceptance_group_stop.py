@@ -84,23 +84,27 @@ async def test_a_group_stop_the_parent_sees_after_its_children_s_exits_is_gracef
     "exited unexpectedly" (CRIT), not restarted.  Seen 3 of 3 before."""
     for run in range(2):
         daemon = Daemon(_config(tmp_path / f"run{run}"))
-        await daemon.start()
-        assert daemon.proc is not None
-        await asyncio.sleep(0.5)  # every child past its start-up
-        children = daemon.children()
-        assert len(children) == 3
-        os.kill(daemon.proc.pid, signal.SIGSTOP)
         try:
-            os.killpg(daemon.proc.pid, signal.SIGTERM)
-            for child in children:  # each has stopped and waits to be reaped
-                for _ in range(400):
-                    if _is_zombie(child):
-                        break
-                    await asyncio.sleep(0.025)
-                assert _is_zombie(child)
+            await daemon.start()
+            assert daemon.proc is not None
+            await asyncio.sleep(0.5)  # every child past its start-up
+            children = daemon.children()
+            assert len(children) == 3
+            os.kill(daemon.proc.pid, signal.SIGSTOP)
+            try:
+                os.killpg(daemon.proc.pid, signal.SIGTERM)
+                for child in children:  # each has stopped and waits to be reaped
+                    for _ in range(400):
+                        if _is_zombie(child):
+                            break
+                        await asyncio.sleep(0.025)
+                    assert _is_zombie(child)
+            finally:
+                os.kill(daemon.proc.pid, signal.SIGCONT)
+            status = await asyncio.wait_for(daemon.proc.wait(), 30)
         finally:
-            os.kill(daemon.proc.pid, signal.SIGCONT)
-        status = await asyncio.wait_for(daemon.proc.wait(), 30)
+            if daemon.proc is not None and daemon.proc.returncode is None:
+                await daemon.kill()
         assert daemon._reader is not None
         await daemon._reader
         loud = [ln for ln in daemon.lines if "level=" in ln and "level=INFO" not in ln

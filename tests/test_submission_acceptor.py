@@ -125,8 +125,8 @@ async def test_clients_that_come_while_the_nodes_start_are_split_too(
         tmp_path / "config", dns_port=dns_server.port, mx_port=9, smtp={"nodes": 2}
     )
     d = Daemon(config)
-    await d.start(until=re.compile(r'message="listening"'))
     try:
+        await d.start(until=re.compile(r'message="listening"'))
         per_process = await _split_of_a_burst(d)
         assert len(per_process) == 2, per_process
         assert min(per_process.values()) >= SESSIONS // 2 - 3, per_process
