@@ -20,6 +20,7 @@ from outboundd.spool import (
     NewMessage,
     NewRecipient,
     Outcome,
+    RecordResult,
     SchemaTooNewError,
     Spool,
     SpoolWriteError,
@@ -71,6 +72,18 @@ async def removed(*paths: Path, timeout: float = 10.0) -> bool:
             return False
         await asyncio.sleep(0.005)
     return True
+
+
+async def deliver_one(spool: Spool) -> tuple[str, RecordResult]:
+    """Accept a one-recipient message, claim it and record it delivered: its queue ID and result."""
+    qid = await spool.accept(message("a@d.test"))
+    owner = lease_owner_id()
+    [claim] = await spool.claim(owner, limit=1, lease_seconds=60)
+    t = time.time()
+    result = await spool.record(
+        owner, claim, [AttemptRecord(claim.recipients[0].id, Outcome.DELIVERED, t, t)]
+    )
+    return qid, result
 
 
 # --------------------------------------------------------------- migrations
@@ -436,13 +449,7 @@ async def test_finished_bodies_are_removed_on_their_own_thread(
 
 async def test_close_waits_for_the_bodies_handed_over_for_removal(tmp_path: Path) -> None:
     spool = await Spool.open(tmp_path / "queue")
-    qid = await spool.accept(message("a@d.test"))
-    owner = lease_owner_id()
-    [claim] = await spool.claim(owner, limit=1, lease_seconds=60)
-    t = time.time()
-    await spool.record(
-        owner, claim, [AttemptRecord(claim.recipients[0].id, Outcome.DELIVERED, t, t)]
-    )
+    qid, _ = await deliver_one(spool)
     path = spool.body_path(qid)
     await spool.close()
     assert not path.exists()
@@ -455,13 +462,7 @@ async def test_a_body_waits_for_the_wal_fsync_of_a_later_accept(
     of the message it finished stays until a later commit fsynced the WAL
     (here an accept's; the explicit fsync is put off out of the test's reach)."""
     monkeypatch.setattr(core, "UNSYNCED_REMOVAL_DELAY", 60.0)
-    qid = await spool.accept(message("a@d.test"))
-    owner = lease_owner_id()
-    [claim] = await spool.claim(owner, limit=1, lease_seconds=60)
-    t = time.time()
-    result = await spool.record(
-        owner, claim, [AttemptRecord(claim.recipients[0].id, Outcome.DELIVERED, t, t)]
-    )
+    qid, result = await deliver_one(spool)
     assert result.finished_messages == (qid,)
     path = spool.body_path(qid)
     await asyncio.sleep(0.3)
@@ -475,13 +476,7 @@ async def test_a_body_waits_at_most_the_removal_delay_without_accepts(
 ) -> None:
     """With no accept to fsync the WAL, an explicit fsync of it lets the body go."""
     monkeypatch.setattr(core, "UNSYNCED_REMOVAL_DELAY", 0.5)
-    qid = await spool.accept(message("a@d.test"))
-    owner = lease_owner_id()
-    [claim] = await spool.claim(owner, limit=1, lease_seconds=60)
-    t = time.time()
-    await spool.record(
-        owner, claim, [AttemptRecord(claim.recipients[0].id, Outcome.DELIVERED, t, t)]
-    )
+    qid, _ = await deliver_one(spool)
     path = spool.body_path(qid)
     await asyncio.sleep(0.2)
     assert path.exists()
