@@ -30,8 +30,10 @@ from outboundd.spool import (
     bodies,
     core,
     lease_owner_id,
+    new_queue_id,
 )
 from outboundd.spool.core import INLINE_BODY_MAX, SqliteSpool, _json_strs
+from outboundd.spool.errors import SpoolClosedError
 from outboundd.spool.migrations import discover
 
 BODY = b"From: a@example.test\r\nSubject: hi\r\n\r\nHello\r\n.dot line\r\n"
@@ -924,3 +926,53 @@ async def test_a_caller_that_goes_away_does_not_stop_its_accept(tmp_path: Path) 
     finally:
         release.set()
         await spool.close()
+
+
+async def test_start_accept_commits_without_a_task_and_answers_the_queue_id(
+    spool: Spool,
+) -> None:
+    """The SMTP session's path: a future settled by the database thread, no task."""
+    assert isinstance(spool, SqliteSpool)
+    spool.new_work.clear()
+    tasks_before = len(asyncio.all_tasks())
+    futures = [
+        spool.start_accept(message(f"r{i}@example.org"), queue_id=new_queue_id()) for i in range(50)
+    ]
+    assert not any(isinstance(f, asyncio.Task) for f in futures)
+    assert len(asyncio.all_tasks()) == tasks_before
+    qids = await asyncio.gather(*futures)
+    assert len(set(qids)) == 50
+    assert spool.new_work.is_set()
+    for qid in qids:
+        assert spool.body_path(qid).read_bytes() == BODY
+    stored = {row[0] for row in db(spool).execute("SELECT queue_id FROM messages")}
+    assert stored == set(qids)
+
+
+async def test_start_accept_failures_reach_the_future_and_leave_nothing(spool: Spool) -> None:
+    con = db(spool)
+    con.execute(
+        "CREATE TRIGGER refuse BEFORE INSERT ON messages WHEN NEW.mail_from = 'bad@x.test' "
+        "BEGIN SELECT RAISE(ABORT, 'refused by test'); END"
+    )
+    con.commit()
+    good = spool.start_accept(message("r@example.org"))
+    bad = spool.start_accept(message("r@example.org", sender="bad@x.test"))
+    results = await asyncio.gather(good, bad, return_exceptions=True)
+    assert isinstance(results[0], str)
+    assert isinstance(results[1], SpoolWriteError)
+    assert {f.queue_id for f in bodies.scan(spool.queue_dir)} == {results[0]}
+    with pytest.raises(ValueError, match="recipient"):
+        spool.start_accept(NewMessage("a@x.test", [], BODY))
+
+
+async def test_start_accept_of_a_large_body_or_a_closed_spool_takes_accepts_path(
+    tmp_path: Path,
+) -> None:
+    spool = await Spool.open(tmp_path / "queue")
+    large = b"x" * INLINE_BODY_MAX + b"\r\n"
+    qid = await spool.start_accept(message("r@example.org", body=large))
+    assert spool.body_path(qid).read_bytes() == large
+    await spool.close()
+    with pytest.raises(SpoolClosedError):
+        await spool.start_accept(message("r@example.org"))

@@ -536,6 +536,11 @@ class _SlowSpool:
         await asyncio.sleep(self.seconds)
         return await self.spool.accept(message, queue_id=queue_id)
 
+    def start_accept(
+        self, message: NewMessage, *, queue_id: str | None = None
+    ) -> asyncio.Future[str]:
+        return asyncio.ensure_future(self.accept(message, queue_id=queue_id))
+
 
 @contextlib.asynccontextmanager
 async def _slow_relay(tmp_path: Path, seconds: float, slow: str) -> AsyncIterator[Relay]:

@@ -13,7 +13,9 @@ accepted as usual and waits for a claim.
 
 from __future__ import annotations
 
-from outboundd.delivery.scheduler import Scheduler
+import asyncio
+
+from outboundd.delivery.scheduler import Reservation, Scheduler
 from outboundd.spool import NewMessage, Spool, domain_of
 
 
@@ -28,11 +30,28 @@ class LocalDelivery:
         return self.spool.new_queue_id()
 
     async def accept(self, message: NewMessage, *, queue_id: str | None = None) -> str:
-        split = self.scheduler.settings().always_split
-        domains = [domain_of(r.address) for r in message.recipients]
-        reservation = self.scheduler.reserve(domains if split else sorted(set(domains)))
+        reservation = self._reserve(message)
         if reservation is None:
             return await self.spool.accept(message, queue_id=queue_id)
+        return await self._accept_leased(message, reservation, queue_id)
+
+    def start_accept(
+        self, message: NewMessage, *, queue_id: str | None = None
+    ) -> asyncio.Future[str]:
+        """:meth:`accept` under way; without a task when the message is not leased."""
+        reservation = self._reserve(message)
+        if reservation is None:
+            return self.spool.start_accept(message, queue_id=queue_id)
+        return asyncio.ensure_future(self._accept_leased(message, reservation, queue_id))
+
+    def _reserve(self, message: NewMessage) -> Reservation | None:
+        split = self.scheduler.settings().always_split
+        domains = [domain_of(r.address) for r in message.recipients]
+        return self.scheduler.reserve(domains if split else sorted(set(domains)))
+
+    async def _accept_leased(
+        self, message: NewMessage, reservation: Reservation, queue_id: str | None
+    ) -> str:
         try:
             qid, claims = await self.spool.accept_leased(
                 message, reservation.lease, queue_id=queue_id

@@ -7,7 +7,7 @@ Everything that touches the queue's database goes through this package;
 from pathlib import Path
 
 from outboundd.spool.base import Spool, describe_location, is_postgres_url
-from outboundd.spool.core import SqliteSpool, domain_of, lease_owner_id, new_queue_id
+from outboundd.spool.core import SqliteSpool, domain_of, lease_owner_id
 from outboundd.spool.errors import (
     SchemaTooNewError,
     SpoolError,
@@ -16,6 +16,7 @@ from outboundd.spool.errors import (
     SpoolWriteError,
     UnknownMessageError,
 )
+from outboundd.spool.queueid import new_queue_id
 from outboundd.spool.types import (
     BODY_MISSING_REASON,
     BODY_MISSING_STATUS,

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from outboundd.spool.queueid import new_queue_id
 from outboundd.spool.types import (
     AttemptRecord,
     Claim,
@@ -176,8 +177,6 @@ class Spool(abc.ABC):
 
     @staticmethod
     def new_queue_id() -> str:
-        from outboundd.spool.core import new_queue_id
-
         return new_queue_id()
 
     # ------------------------------------------------------- the hot paths
@@ -189,6 +188,17 @@ class Spool(abc.ABC):
         Raises :class:`~outboundd.spool.errors.SpoolWriteError` (nothing kept)
         when it cannot; submission then answers ``451 4.3.0``.
         """
+
+    def start_accept(
+        self, message: NewMessage, *, queue_id: str | None = None
+    ) -> asyncio.Future[str]:
+        """:meth:`accept` under way: a future of the queue ID (or of its error).
+
+        For callers that answer from a callback rather than await (the SMTP
+        session).  This default runs :meth:`accept` in a task; a backend
+        may do without one.  Must be called on the running event loop.
+        """
+        return asyncio.ensure_future(self.accept(message, queue_id=queue_id))
 
     @abc.abstractmethod
     async def accept_leased(

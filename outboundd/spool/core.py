@@ -39,7 +39,7 @@ import socket
 import sqlite3
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -54,6 +54,7 @@ from outboundd.spool.errors import (
     SpoolWriteError,
 )
 from outboundd.spool.migrations import discover, migrate
+from outboundd.spool.queueid import new_queue_id
 from outboundd.spool.reserve import SpaceReserve, is_disk_full
 from outboundd.spool.sql import q
 from outboundd.spool.types import (
@@ -118,56 +119,6 @@ def lease_owner_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
 
 
-#: Queue IDs whose random parts one read of the OS's random source supplies.
-_RANDOM_PARTS_PER_READ = 256
-#: Random octets per queue ID (40 bits, 10 hex digits).
-_RANDOM_OCTETS = 5
-
-
-def _read_random_parts() -> Iterator[str]:
-    """The random parts of the next queue IDs, from one ``os.urandom`` read.
-
-    ``secrets.token_hex`` per ID was a ``getrandom`` system call and three
-    Python calls for every accepted message (1.5% of an SMTP node's event
-    loop under S2's load, py-spy); the octets come from the same source.
-    """
-    digits = os.urandom(_RANDOM_OCTETS * _RANDOM_PARTS_PER_READ).hex().upper()
-    step = 2 * _RANDOM_OCTETS
-    return iter([digits[i : i + step] for i in range(0, len(digits), step)])
-
-
-#: The unused random parts (a one-item list: swapped whole when used up).
-#: ``next()`` on a list iterator is atomic under the GIL, so threads never
-#: share a part; a child process starts with none of its parent's.
-_random_parts: list[Iterator[str]] = [iter(())]
-
-
-def _forget_random_parts() -> None:
-    _random_parts[0] = iter(())
-
-
-os.register_at_fork(after_in_child=_forget_random_parts)
-
-
-def _random_part() -> str:
-    try:
-        return next(_random_parts[0])
-    except StopIteration:
-        parts = _random_parts[0] = _read_random_parts()
-        return next(parts)
-
-
-def new_queue_id(now: float | None = None) -> str:
-    """A unique, time-ordered queue ID of ``[0-9A-F.]``.
-
-    Milliseconds since the epoch (11 hex digits) then 40 random bits from
-    the OS's random source (read 256 IDs' worth at a time); the time part
-    picks the body's fan-out directory (see :func:`bodies.relative_body_path`).
-    """
-    ms = int((time.time() if now is None else now) * 1000)
-    return f"{ms:011X}.{_random_part()}"
-
-
 def domain_of(address: str) -> str:
     """The routing domain of an address, lower-cased (``[IP]`` literals kept)."""
     return address.rpartition("@")[2].lower()
@@ -188,6 +139,9 @@ class _AcceptJob(_Job):
     leased: bool = False  # recipient_rows carry a lease; the job's result is their rows
     body: bytes | None = None  # still to be written, by the database thread
     written: bool = False  # the body file is ours and exists
+    #: start_accept()'s job: its future's result is the queue ID, and this
+    #: event (the spool's ``new_work``) is set when it commits.
+    announce: asyncio.Event | None = None
 
 
 @dataclass(eq=False)
@@ -706,9 +660,32 @@ class SqliteSpool(Spool):
         """
         return await self._accept(message, queue_id, lease)
 
-    async def _accept(
+    def start_accept(
+        self, message: NewMessage, *, queue_id: str | None = None
+    ) -> asyncio.Future[str]:
+        """:meth:`accept` under way, as a future of the queue ID, without a task.
+
+        The SMTP session starts a message's write from its protocol's
+        ``data_received`` and answers from the future's callback: with no
+        task, an accepted message costs no coroutine frames, no task step
+        and no extra turn of the event loop (:meth:`accept` in a task did,
+        for every message).  The job goes to the writer's queue at once;
+        the database thread settles the future after the commit, exactly
+        as it settles an awaited accept.  A body too large to hand to the
+        database thread, or a closed spool, takes :meth:`accept`'s path.
+        """
+        if self._closed or len(message.body) > INLINE_BODY_MAX:
+            return super().start_accept(message, queue_id=queue_id)
+        _, job, _ = self._accept_job(message, queue_id, None)
+        job.body = message.body
+        job.announce = self.new_work
+        self._queue.put_nowait(job)
+        return job.future
+
+    def _accept_job(
         self, message: NewMessage, queue_id: str | None, lease: Lease | None
-    ) -> tuple[str, list[Claim]]:
+    ) -> tuple[str, _AcceptJob, float]:
+        """The job that stores ``message``: its rows and body path; the lease's expiry."""
         if not message.recipients:
             raise ValueError("a message needs at least one recipient")
         if message.ret not in (None, "FULL", "HDRS"):
@@ -733,6 +710,7 @@ class SqliteSpool(Spool):
             (qid, rcpt.address, domain_of(rcpt.address), rcpt.notify, rcpt.orcpt, now)
             for rcpt in message.recipients
         ]
+        expires = 0.0
         if lease is not None:
             expires = now + lease.lease_seconds
             held_by = (lease.owner, expires)
@@ -746,9 +724,15 @@ class SqliteSpool(Spool):
         job = _AcceptJob(
             fut, True, message_row, recipient_rows, path, link_rows, leased=lease is not None
         )
+        return qid, job, expires
+
+    async def _accept(
+        self, message: NewMessage, queue_id: str | None, lease: Lease | None
+    ) -> tuple[str, list[Claim]]:
+        qid, job, expires = self._accept_job(message, queue_id, lease)
         if len(message.body) > INLINE_BODY_MAX:
             # Large: written here, in a worker thread, not holding up the database thread.
-            await asyncio.to_thread(bodies.write_body, path, message.body)
+            await asyncio.to_thread(bodies.write_body, job.body_path, message.body)
             job.written = True
         else:
             job.body = message.body
@@ -758,12 +742,12 @@ class SqliteSpool(Spool):
             raise  # the job still commits (or fails and cleans up) on its own
         except BaseException:
             if job.written:  # the database thread never got to it
-                await asyncio.to_thread(bodies.remove_bodies, [path])
+                await asyncio.to_thread(bodies.remove_bodies, [job.body_path])
             raise
         if lease is None:
             self.new_work.set()
             return qid, []
-        stored = message_row[:6] + message_row[7:]  # _MESSAGE_COLUMNS: without client_ip
+        stored = job.message_row[:6] + job.message_row[7:]  # _MESSAGE_COLUMNS: without client_ip
         in_hand = message.body if len(message.body) <= INLINE_BODY_MAX else None
         claims = self._claims(
             ids, [stored], lease.owner, expires, always_split=lease.always_split, body=in_hand
@@ -1384,6 +1368,9 @@ def _consume(fut: asyncio.Future[Any]) -> None:
 
 def _resolve(job: _Job, value: Any) -> None:
     if not job.future.done():
+        if isinstance(job, _AcceptJob) and job.announce is not None:
+            job.announce.set()
+            value = job.message_row[0]  # start_accept's result: the queue ID
         job.future.set_result(value)
 
 

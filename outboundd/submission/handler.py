@@ -679,7 +679,7 @@ class SubmissionSMTP(SMTP):
                 self._handle_client(received=(envelope, body))
             )
         else:
-            started.task.add_done_callback(functools.partial(self._queued, started))
+            started.future.add_done_callback(functools.partial(self._queued, started))
         return None
 
     def _answer(self, error: Reply, rest: bytes) -> bytes | None:
@@ -702,7 +702,7 @@ class SubmissionSMTP(SMTP):
         stream reader: a task answers them) or writing is paused.
         """
         self._busy = False
-        if write.task.cancelled() or self.transport is None:
+        if write.future.cancelled() or self.transport is None:
             self.ctx.queuer.client_gone(write.txn)
             if self.transport is not None:
                 self._close_writer()

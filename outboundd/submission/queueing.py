@@ -49,14 +49,18 @@ class SpoolSink(Protocol):
 
     async def accept(self, message: NewMessage, *, queue_id: str | None = None) -> str: ...
 
+    def start_accept(
+        self, message: NewMessage, *, queue_id: str | None = None
+    ) -> asyncio.Future[str]: ...
+
 
 @dataclass(slots=True, eq=False)
 class Write:
-    """A spool write under way: the transaction, the message it stores, the task writing it."""
+    """A spool write under way: the transaction, the message it stores, its queue ID to come."""
 
     txn: Transaction
     message: NewMessage
-    task: asyncio.Task[str]
+    future: asyncio.Future[str]
 
 
 def queued_reply(queue_id: str) -> Reply:
@@ -83,7 +87,7 @@ class Queuer:
         self.hooks = hooks
         self.log = log
         self.signer = signer
-        self._inflight: set[asyncio.Task[str]] = set()
+        self._inflight: set[asyncio.Future[str]] = set()
 
     def new_queue_id(self) -> str:
         return self.spool.new_queue_id()
@@ -202,10 +206,14 @@ class Queuer:
 
     def _write(self, txn: Transaction) -> Write:
         message = txn.to_new_message()
-        task = asyncio.create_task(self.spool.accept(message, queue_id=txn.queue_id))
-        self._inflight.add(task)
-        task.add_done_callback(self._finished)
-        return Write(txn, message, task)
+        try:
+            future = self.spool.start_accept(message, queue_id=txn.queue_id)
+        except Exception as refused:  # as accept() would raise it: outcome() answers
+            future = asyncio.get_running_loop().create_future()
+            future.set_exception(refused)
+        self._inflight.add(future)
+        future.add_done_callback(self._finished)
+        return Write(txn, message, future)
 
     def client_gone(self, txn: Transaction) -> None:
         self.log.notice("client gone while its message was being queued; the write "
@@ -215,7 +223,7 @@ class Queuer:
     async def _accept(self, txn: Transaction) -> Reply:
         write = self._write(txn)
         try:
-            await asyncio.shield(write.task)
+            await asyncio.shield(write.future)
         except asyncio.CancelledError:
             self.client_gone(txn)
             raise
@@ -227,7 +235,7 @@ class Queuer:
         """The reply for a finished spool write, logged as queued or refused."""
         txn, message = write.txn, write.message
         try:
-            queue_id = write.task.result()
+            queue_id = write.future.result()
         except SpoolUnavailableError as exc:
             # The spool logs the outage itself, once per interval: a line per
             # refused message would flood the log while the database is away.
@@ -254,12 +262,12 @@ class Queuer:
         )
         return queued_reply(queue_id)
 
-    def _finished(self, task: asyncio.Task[str]) -> None:
-        self._inflight.discard(task)
-        if not task.cancelled():
+    def _finished(self, future: asyncio.Future[str]) -> None:
+        self._inflight.discard(future)
+        if not future.cancelled():
             # Retrieve the exception: the session, if still there, answered 451
             # and logged it; a gone session has nobody left to tell.
-            task.exception()
+            future.exception()
 
     async def drain(self, timeout: float) -> None:
         """Wait (at most ``timeout`` s) for spool writes whose client has gone."""

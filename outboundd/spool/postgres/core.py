@@ -59,7 +59,7 @@ from typing import Any, TypeAlias, TypeVar
 import asyncpg
 
 from outboundd.spool.base import Spool, WriterStop, describe_location, group_commit_loop
-from outboundd.spool.core import _owner_is_dead_local, domain_of, new_queue_id
+from outboundd.spool.core import _owner_is_dead_local, domain_of
 from outboundd.spool.errors import (
     SpoolClosedError,
     SpoolError,
@@ -70,6 +70,7 @@ from outboundd.spool.errors import (
 from outboundd.spool.postgres.link import Link, describe, is_unreachable
 from outboundd.spool.postgres.migrate import migrate, postgres_migrations
 from outboundd.spool.postgres.sql import Statement, bind, pq
+from outboundd.spool.queueid import new_queue_id
 from outboundd.spool.types import (
     BODY_MISSING_REASON,
     BODY_MISSING_STATUS,
