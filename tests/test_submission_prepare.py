@@ -6,6 +6,8 @@ import email
 import email.policy
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from outboundd.submission import prepare
 from outboundd.submission.policy import RcptParams
@@ -165,3 +167,68 @@ def test_transaction_to_new_message() -> None:
     assert message.recipients[1].notify is None
     assert message.body_8bit
     assert dict(message.notes) == {"k": 1}
+
+
+#: Pieces header sections are made of, the awkward ones included: folded
+#: lines, bare LFs, names that only start like Date or Message-ID, a field
+#: without a line end, non-field lines, the blank line.
+_HEADER_PIECES = [
+    b"From: a\r\n", b"Date: x\r\n", b"DATE:y\r\n", b"Message-ID: <a>\r\n",
+    b"message-id:\r\n", b"Message-IDs: z\r\n", b" folded\r\n", b"\tfolded\n", b"\r\n",
+    b"\n", b"body line\r\n", b"X-Date: 1\r\n", b"Dat: 2\r\n", b"Date", b"Date :x\r\n",
+    b":x\r\n", b"\r", b"Subject: s", b"Message-ID:x\n", b"Dat\xc3\xa9: 1\r\n",
+]  # fmt: skip
+
+
+@settings(max_examples=3000, deadline=None)
+@given(st.lists(st.sampled_from(_HEADER_PIECES), max_size=8))
+def test_add_missing_headers_agrees_with_the_header_helpers(pieces: list[bytes]) -> None:
+    """The one-pass version adds exactly what the field look-ups say is missing,
+    where insert_header_fields puts it."""
+    message = b"".join(pieces)
+    added = b""
+    if not prepare.header_values(message, "Message-ID"):
+        added += b"Message-ID: <Q@m>\r\n"
+    if not prepare.header_values(message, "Date"):
+        added += f"Date: {prepare.rfc5322_date(NOW)}\r\n".encode()
+    expected = prepare.insert_header_fields(message, added)
+    assert prepare.add_missing_headers(message, queue_id="Q", me="m", now=NOW) == expected
+
+
+def test_received_header_of_one_session_differs_only_where_messages_differ() -> None:
+    """The session's part is made once; queue ID, recipient and date are each message's own."""
+    first, second, third = (
+        prepare.received_header(
+            me="relay.test",
+            text="outboundd",
+            queue_id=qid,
+            now=now,
+            helo="client.example",
+            client_ip="192.0.2.1",
+            protocol="ESMTP",
+            recipient=rcpt,
+        )
+        for qid, now, rcpt in (
+            ("Q1", NOW, "a@example.org"),
+            ("Q2", NOW + 86_400, None),
+            ("Q3", NOW, "b@example.org"),
+        )
+    )
+    assert first == (
+        b"Received: from client.example ([192.0.2.1])\r\n"
+        b"\tby relay.test (outboundd) with ESMTP id Q1\r\n\tfor <a@example.org>;\r\n"
+        b"\tTue, 02 Jan 2024 10:00:00 +0000\r\n"
+    )
+    assert second == (
+        b"Received: from client.example ([192.0.2.1])\r\n"
+        b"\tby relay.test (outboundd) with ESMTP id Q2;\r\n"
+        b"\tWed, 03 Jan 2024 10:00:00 +0000\r\n"
+    )
+    assert third == first.replace(b"Q1", b"Q3").replace(b"a@example", b"b@example")
+    other = prepare.received_header(
+        me="relay.test", text="outboundd", queue_id="Q1", now=NOW, helo="other.example",
+        client_ip="192.0.2.1", protocol="ESMTPS", recipient="a@example.org",
+    )  # fmt: skip
+    assert other == first.replace(b"client.example", b"other.example").replace(
+        b"with ESMTP ", b"with ESMTPS "
+    )

@@ -107,6 +107,17 @@ def received_header(
     (listing all recipients would disclose Bcc addresses).  A message from
     the ``send_email`` API has no ``from``/``with`` clause.
     """
+    head = _received_head(me, text, helo, client_ip, protocol)
+    tail = f"\r\n\tfor <{recipient}>;\r\n\t" if recipient is not None else ";\r\n\t"
+    return f"{head} id {queue_id}{tail}{rfc5322_date(now)}\r\n".encode()
+
+
+@functools.lru_cache(maxsize=256)
+def _received_head(
+    me: str, text: str, helo: str | None, client_ip: str | None, protocol: str | None
+) -> str:
+    # What a session's messages share (up to the queue ID): made once per
+    # session, not per message (two regex substitutions and the formatting).
     parts = ["Received:"]
     if helo is not None or client_ip is not None:
         literal = _ip_literal(client_ip) if client_ip else "unknown"
@@ -116,11 +127,7 @@ def received_header(
     parts.append(f"by {me} ({_clean(text, 100)})")
     if protocol:
         parts.append(f" with {protocol}")
-    parts.append(f" id {queue_id}")
-    if recipient is not None:
-        parts.append(f"\r\n\tfor <{recipient}>")
-    parts.append(f";\r\n\t{rfc5322_date(now)}\r\n")
-    return "".join(parts).encode("utf-8")
+    return "".join(parts)
 
 
 def header_end(message: bytes) -> int:
@@ -212,14 +219,46 @@ def insert_header_fields(message: bytes, fields: bytes) -> bytes:
 
 
 def add_missing_headers(message: bytes, *, queue_id: str, me: str, now: float) -> bytes:
-    """Add ``Message-ID: <queue_id@me>`` and ``Date:`` when absent (RFC 6409 §8.2, §8.3)."""
-    present = {_name_of(raw) for _, _, raw in _fields(message)}  # one pass over the header
-    added = b""
-    if b"message-id" not in present:
-        added += f"Message-ID: <{queue_id}@{me}>\r\n".encode()
-    if b"date" not in present:
+    """Add ``Message-ID: <queue_id@me>`` and ``Date:`` when absent (RFC 6409 §8.2, §8.3).
+
+    One pass over the header section finds both fields and where the
+    section ends (what :func:`header_end`, the field names of
+    :func:`header_values` and :func:`insert_header_fields` would find, in
+    three passes: 3.9% of an SMTP process's GIL samples with kept sessions).
+    """
+    has_id = has_date = False
+    pos = 0
+    length = len(message)
+    while pos < length:
+        nl = message.find(b"\n", pos)
+        stop = length if nl < 0 else nl + 1
+        if stop - pos <= 2 and message[pos:stop] in (b"\r\n", b"\n"):
+            break  # the blank line: the header section ends here
+        if message[pos] in _FOLD:
+            if pos == 0:
+                break  # a continuation with nothing to continue: no headers
+        else:
+            name = _FIELD_NAME.match(message, pos)
+            if name is None:
+                break  # not a header field: the body starts here
+            length_of_name = name.end() - pos - 1
+            if length_of_name == 10 and not has_id:
+                has_id = message[pos : pos + 10].lower() == b"message-id"
+            elif length_of_name == 4 and not has_date:
+                has_date = message[pos : pos + 4].lower() == b"date"
+        pos = stop
+    if has_id and has_date:
+        return message
+    added = b"" if has_id else f"Message-ID: <{queue_id}@{me}>\r\n".encode()
+    if not has_date:
         added += f"Date: {rfc5322_date(now)}\r\n".encode()
-    return insert_header_fields(message, added)
+    rest = message[pos:]
+    separator = b"" if rest.startswith((b"\r\n", b"\n")) else b"\r\n"
+    return b"".join((message[:pos], added, separator, rest))
+
+
+#: The octets that begin a folded header line's continuation (space, tab).
+_FOLD: Final = frozenset(b" \t")
 
 
 def normalize_contents(contents: str | bytes, *, dot_stuffed: bool = False) -> bytes:
