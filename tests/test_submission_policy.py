@@ -99,6 +99,23 @@ def test_invalid_utf8_is_a_syntax_error() -> None:
     assert refused(mail, arg).code == 501
 
 
+def test_the_path_limit_counts_octets_not_characters() -> None:
+    """256 octets with the brackets (RFC 5321 §4.5.3.1.3): a UTF-8 local part
+    of 126 two-octet characters is over it, 126 ASCII ones are not."""
+    assert str(mail("FROM:<" + "a" * 126 + "@example.com>")[0]).startswith("a" * 126)
+    long_utf8 = "FROM:<" + "é" * 126 + "@example.com> SMTPUTF8"
+    reply = refused(mail, long_utf8)
+    assert (reply.code, reply.status) == (501, "5.1.7") and "too long" in reply.text
+    assert str(mail("FROM:<" + "é" * 100 + "@example.com> SMTPUTF8")[0]).startswith("é")
+
+
+def test_commands_without_parameters_get_the_defaults() -> None:
+    assert mail("FROM:<a@example.com>")[1] == policy.MailParams()
+    assert rcpt("TO:<b@example.com>")[1] == policy.RcptParams()
+    assert rcpt("TO:<b@example.com> NOTIFY=NEVER")[1] == policy.RcptParams(notify="NEVER")
+    assert mail("FROM:<a@example.com> SMTPUTF8")[1] == policy.MailParams(smtputf8=True)
+
+
 def test_address_key_ignores_domain_case_only() -> None:
     assert Address("Bob", "Example.COM").key() == Address("Bob", "example.com").key()
     assert Address("Bob", "x").key() != Address("bob", "x").key()
@@ -323,3 +340,15 @@ def test_address_literals_outside_the_grammar_are_refused(literal: str) -> None:
     assert (bad_rcpt.code, bad_rcpt.status) == (501, "5.1.3")
     bad_mail = refused(mail, f"FROM:<a@{literal}>")
     assert (bad_mail.code, bad_mail.status) == (501, "5.1.7")
+
+
+def test_named_replies_and_equal_copies_go_out_as_the_same_octets() -> None:
+    from outboundd.submission.handler import _reply_wire
+
+    assert len(replies.WIRE_BY_ID) == len(replies.WIRE) > 20
+    for reply, data in replies.WIRE.items():
+        copy = replies.Reply(reply.code, reply.status, reply.text)
+        assert copy is not reply
+        assert _reply_wire(reply) == _reply_wire(copy) == data
+    queued = replies.Reply(250, "2.0.0", "Ok: queued as ABC")
+    assert _reply_wire(queued) == b"250 2.0.0 Ok: queued as ABC\r\n"

@@ -111,7 +111,7 @@ def _status_wire(status: str) -> bytes:
 
 def _reply_wire(reply: Reply) -> bytes:
     """The octets of one of our replies (the named ones are encoded at import)."""
-    data = replies.WIRE.get(reply)
+    data = replies.WIRE_BY_ID.get(id(reply))
     return replies.wire(str(reply)) if data is None else data
 
 
@@ -975,8 +975,8 @@ class SubmissionSMTP(SMTP):
             await self._drain()
 
     async def reply(self, reply: Reply) -> None:
-        # Our named replies are encoded once, at import (replies.WIRE).
-        data = replies.WIRE.get(reply)
+        # Our named replies are encoded once, at import (replies.WIRE_BY_ID).
+        data = replies.WIRE_BY_ID.get(id(reply))
         if self._write(replies.wire(str(reply)) if data is None else data):
             await self._drain()
 

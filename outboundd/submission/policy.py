@@ -175,6 +175,9 @@ def _split_path(arg: str) -> tuple[str, str] | None:
     text = arg.lstrip()
     if not text.startswith("<"):
         return None
+    if '"' not in text:  # no quoted local part: the first ">" closes
+        end = text.find(">")
+        return None if end < 0 else (text[1:end], text[end + 1 :])
     quoted = False
     escaped = False
     for i in range(1, len(text)):
@@ -202,14 +205,15 @@ def parse_address(text: str, *, utf8: bool, bad: Reply) -> Address:
     route = _ROUTE.match(text)
     if route is not None:
         text = text[route.end() :]
-    if any(_SURROGATE_FIRST <= ch <= _SURROGATE_LAST for ch in text):
+    ascii_only = text.isascii()  # then no surrogates, and a character is an octet
+    if not ascii_only and any(_SURROGATE_FIRST <= ch <= _SURROGATE_LAST for ch in text):
         raise PolicyError(bad.with_text(bad.text + " (invalid UTF-8)"))
-    if not text.isascii() and not utf8:
+    if not ascii_only and not utf8:
         raise PolicyError(replies.NON_ASCII_ADDRESS)
     local, at, domain = text.rpartition("@")
     if not at or not local:
         raise PolicyError(bad)
-    if len(text.encode("utf-8")) + 2 > MAX_PATH_OCTETS:
+    if (len(text) if ascii_only else len(text.encode("utf-8"))) + 2 > MAX_PATH_OCTETS:
         raise PolicyError(bad.with_text(bad.text + " (address too long)"))
     if not _valid_local(local, utf8) or not _valid_domain(domain, utf8):
         raise PolicyError(bad)
@@ -324,12 +328,18 @@ class RcptParams:
     orcpt: str | None = None  # "rfc822;decoded address"
 
 
+_NO_MAIL_PARAMS: Final = MailParams()
+_NO_RCPT_PARAMS: Final = RcptParams()
+
+
 def _bad(text: str) -> PolicyError:
     return PolicyError(replies.BAD_PARAMETER.with_text(text))
 
 
 def mail_params(params: Mapping[str, str | None], *, max_size: int) -> MailParams:
     """Validate MAIL FROM parameters; ``max_size`` 0 means no limit."""
+    if not params:
+        return _NO_MAIL_PARAMS  # frozen: one object serves every plain MAIL
     size: int | None = None
     body: str | None = None
     smtputf8 = False
@@ -385,6 +395,8 @@ def mail_params(params: Mapping[str, str | None], *, max_size: int) -> MailParam
 
 def rcpt_params(params: Mapping[str, str | None]) -> RcptParams:
     """Validate RCPT TO parameters (NOTIFY, ORCPT)."""
+    if not params:
+        return _NO_RCPT_PARAMS  # frozen: one object serves every plain RCPT
     notify: str | None = None
     orcpt: str | None = None
     for key, value in params.items():

@@ -12,7 +12,15 @@ import re
 from dataclasses import dataclass
 from typing import Final
 
-__all__ = ["LIBRARY_WIRE", "WIRE", "Reply", "printable_ascii", "wire", "with_enhanced_code"]
+__all__ = [
+    "LIBRARY_WIRE",
+    "WIRE",
+    "WIRE_BY_ID",
+    "Reply",
+    "printable_ascii",
+    "wire",
+    "with_enhanced_code",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,6 +185,12 @@ def wire(line: str, *, raw: bool = False) -> bytes:
 WIRE: Final[dict[Reply, bytes]] = {
     value: wire(str(value)) for value in list(globals().values()) if isinstance(value, Reply)
 }
+
+#: :data:`WIRE` keyed by the named replies' ``id()``: a look-up with an int
+#: key, not the dataclass's Python-level ``__hash__`` and ``__eq__`` (three
+#: replies a message).  The module keeps every key alive, so no other
+#: object can share one's id.
+WIRE_BY_ID: Final[dict[int, bytes]] = {id(value): data for value, data in WIRE.items()}
 
 
 #: aiosmtpd's fixed replies that come on every message or connection
