@@ -388,3 +388,24 @@ async def test_inactivity_timeout_counts_from_the_last_command(tmp_path: Path) -
         assert data == b"" or data.startswith(b"421"), data
         assert idle < 1.2 + 0.6 + 1.0
         await client.close()
+
+
+def test_a_new_envelope_holds_what_aiosmtpds_own_does() -> None:
+    """SubmissionEnvelope skips Envelope.__init__; every attribute it would set is there,
+    equal, and each new envelope's containers are its own."""
+    from aiosmtpd.smtp import Envelope
+
+    from outboundd.submission.handler import SubmissionEnvelope
+    from outboundd.submission.policy import MailParams
+
+    theirs = vars(Envelope())
+    ours, other = SubmissionEnvelope(), SubmissionEnvelope()
+    assert theirs, "aiosmtpd's Envelope sets its attributes in __init__"
+    for name, value in theirs.items():
+        assert getattr(ours, name) == value, name
+        if isinstance(value, list | dict | set):
+            assert getattr(ours, name) is not getattr(other, name), name
+    assert (ours.sender, ours.mail_params, ours.recipients) == (None, MailParams(), [])
+    ours.rcpt_tos.append("a@example.org")
+    ours.mail_from = "b@example.org"
+    assert other.rcpt_tos == [] and other.mail_from is None

@@ -14,6 +14,7 @@ accepted as usual and waits for a claim.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 from outboundd.delivery.scheduler import Reservation, Scheduler
 from outboundd.spool import NewMessage, Spool, domain_of
@@ -25,9 +26,7 @@ class LocalDelivery:
     def __init__(self, spool: Spool, scheduler: Scheduler) -> None:
         self.spool = spool
         self.scheduler = scheduler
-
-    def new_queue_id(self) -> str:
-        return self.spool.new_queue_id()
+        self.new_queue_id: Callable[[], str] = spool.new_queue_id
 
     async def accept(self, message: NewMessage, *, queue_id: str | None = None) -> str:
         reservation = self._reserve(message)

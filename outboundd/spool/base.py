@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from outboundd.spool.queueid import new_queue_id
+from outboundd.spool.queueid import new_queue_id as _new_queue_id
 from outboundd.spool.types import (
     AttemptRecord,
     Claim,
@@ -175,9 +175,9 @@ class Spool(abc.ABC):
     @abc.abstractmethod
     def counters(self) -> SpoolCounters: ...
 
-    @staticmethod
-    def new_queue_id() -> str:
-        return new_queue_id()
+    #: A new queue ID (:func:`outboundd.spool.queueid.new_queue_id`), the
+    #: function itself: no method call around it, one per accepted message.
+    new_queue_id = staticmethod(_new_queue_id)
 
     # ------------------------------------------------------- the hot paths
 

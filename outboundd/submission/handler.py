@@ -157,10 +157,22 @@ class SubmissionEnvelope(Envelope):
     ``mail_from`` cannot tell "no MAIL yet" from ``<>``).
     """
 
+    # One envelope a message (and one per EHLO): what every new one holds
+    # that is immutable is a class attribute, set on an envelope only when
+    # it changes; __init__ makes only the containers.  aiosmtpd's own
+    # Envelope.__init__ is not called: the attributes it sets are all here
+    # (tests/test_submission_smtp.py compares them with a new Envelope()).
+    mail_from: str | None = None
+    smtp_utf8: bool = False
+    content: bytes | str | None = None
+    original_content: bytes | None = None
+    sender: Address | None = None
+    mail_params: MailParams = MailParams()
+
     def __init__(self) -> None:
-        super().__init__()
-        self.sender: Address | None = None
-        self.mail_params = MailParams()
+        self.mail_options: list[str] = []
+        self.rcpt_tos: list[str] = []
+        self.rcpt_options: list[str] = []
         self.recipients: list[Address] = []
         self.rcpt_params: dict[str, RcptParams] = {}
         self.recipient_keys: set[str] = set()

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final, Protocol
 
@@ -88,9 +89,8 @@ class Queuer:
         self.log = log
         self.signer = signer
         self._inflight: set[asyncio.Future[str]] = set()
-
-    def new_queue_id(self) -> str:
-        return self.spool.new_queue_id()
+        #: The spool's own: the session calls it for every message.
+        self.new_queue_id: Callable[[], str] = spool.new_queue_id
 
     async def _hook(self, hook: str, txn: Transaction) -> Reply | None:
         """Run ``hook``; a reply when the chain ended the transaction, else None."""
