@@ -65,6 +65,16 @@ def db(spool: Spool) -> sqlite3.Connection:
     return sqlite3.connect(spool.db_path)
 
 
+def refuse_sender(spool: Spool, sender: str) -> None:
+    """Make the spool's message inserts fail for ``sender`` (a trigger), as a bad row would."""
+    con = db(spool)
+    con.execute(
+        f"CREATE TRIGGER refuse BEFORE INSERT ON messages WHEN NEW.mail_from = '{sender}' "
+        "BEGIN SELECT RAISE(ABORT, 'refused by test'); END"
+    )
+    con.commit()
+
+
 async def removed(*paths: Path, timeout: float = 10.0) -> bool:
     """Whether every one of ``paths`` is gone within ``timeout`` seconds: a body a
     record finished is removed after the commit, on the spool's removal thread."""
@@ -187,12 +197,7 @@ async def test_group_commit_shares_transactions(spool: Spool) -> None:
 
 
 async def test_failed_insert_removes_body_and_spares_the_batch(spool: Spool) -> None:
-    con = db(spool)
-    con.execute(
-        "CREATE TRIGGER refuse BEFORE INSERT ON messages WHEN NEW.mail_from = 'bad@x.test' "
-        "BEGIN SELECT RAISE(ABORT, 'refused by test'); END"
-    )
-    con.commit()
+    refuse_sender(spool, "bad@x.test")
     good = [spool.accept(message("r@example.org")) for _ in range(20)]
     bad = spool.accept(message("r@example.org", sender="bad@x.test"))
     results = await asyncio.gather(*good, bad, return_exceptions=True)
@@ -229,12 +234,7 @@ async def test_large_body_is_written_outside_the_database_thread(spool: Spool) -
                                   (big, BODY, big)))  # fmt: skip
     assert [spool.body_path(q).read_bytes() for q in qids] == [big, BODY, big]
     # A large body whose rows fail is removed as well.
-    con = db(spool)
-    con.execute(
-        "CREATE TRIGGER refuse BEFORE INSERT ON messages WHEN NEW.mail_from = 'bad@x.test' "
-        "BEGIN SELECT RAISE(ABORT, 'refused by test'); END"
-    )
-    con.commit()
+    refuse_sender(spool, "bad@x.test")
     with pytest.raises(SpoolWriteError):
         await spool.accept(message("r@example.org", sender="bad@x.test", body=big))
     assert {f.queue_id for f in bodies.scan(spool.queue_dir)} == set(qids)
@@ -950,12 +950,7 @@ async def test_start_accept_commits_without_a_task_and_answers_the_queue_id(
 
 
 async def test_start_accept_failures_reach_the_future_and_leave_nothing(spool: Spool) -> None:
-    con = db(spool)
-    con.execute(
-        "CREATE TRIGGER refuse BEFORE INSERT ON messages WHEN NEW.mail_from = 'bad@x.test' "
-        "BEGIN SELECT RAISE(ABORT, 'refused by test'); END"
-    )
-    con.commit()
+    refuse_sender(spool, "bad@x.test")
     good = spool.start_accept(message("r@example.org"))
     bad = spool.start_accept(message("r@example.org", sender="bad@x.test"))
     results = await asyncio.gather(good, bad, return_exceptions=True)
