@@ -139,9 +139,10 @@ class _AcceptJob(_Job):
     leased: bool = False  # recipient_rows carry a lease; the job's result is their rows
     body: bytes | None = None  # still to be written, by the database thread
     written: bool = False  # the body file is ours and exists
-    #: start_accept()'s job: its future's result is the queue ID, and this
-    #: event (the spool's ``new_work``) is set when it commits.
-    announce: asyncio.Event | None = None
+
+    @property
+    def queue_id(self) -> str:
+        return str(self.message_row[0])
 
 
 @dataclass(eq=False)
@@ -377,7 +378,12 @@ class SqliteSpool(Spool):
     ) -> None:
         """:meth:`_execute_batch`, then its outcomes to the loop (database thread)."""
         settled = self._execute_batch(conn, batch, True)
-        loop.call_soon_threadsafe(_settle, batch, settled)
+        # New work is due once an accept whose recipients nobody leased commits.
+        due = any(
+            ok and isinstance(job, _AcceptJob) and not job.leased
+            for job, (ok, _) in zip(batch, settled, strict=True)
+        )
+        loop.call_soon_threadsafe(_settle, batch, settled, self.new_work if due else None)
 
     def _execute_batch(
         self, conn: sqlite3.Connection, batch: list[_Job], isolate: bool
@@ -543,6 +549,9 @@ class SqliteSpool(Spool):
         plain = [row for j in accepts if not j.leased for row in j.recipient_rows]
         if plain:
             conn.executemany(q("insert_recipient"), plain)
+        for job in accepts:
+            if not job.leased:
+                results[id(job)] = job.queue_id
         leased = [j for j in accepts if j.leased]
         if leased:
             next_id = int(conn.execute(q("max_recipient_id")).fetchone()[0]) + 1
@@ -676,16 +685,18 @@ class SqliteSpool(Spool):
         """
         if self._closed or len(message.body) > INLINE_BODY_MAX:
             return super().start_accept(message, queue_id=queue_id)
-        _, job, _ = self._accept_job(message, queue_id, None)
+        job, _ = self._accept_job(message, queue_id, None)
         job.body = message.body
-        job.announce = self.new_work
         self._queue.put_nowait(job)
         return job.future
 
     def _accept_job(
         self, message: NewMessage, queue_id: str | None, lease: Lease | None
-    ) -> tuple[str, _AcceptJob, float]:
-        """The job that stores ``message``: its rows and body path; the lease's expiry."""
+    ) -> tuple[_AcceptJob, float]:
+        """The job that stores ``message`` (its rows and body path), and the lease's expiry.
+
+        The job's result is its queue ID, or with a lease the claimed rows.
+        """
         if not message.recipients:
             raise ValueError("a message needs at least one recipient")
         if message.ret not in (None, "FULL", "HDRS"):
@@ -724,12 +735,12 @@ class SqliteSpool(Spool):
         job = _AcceptJob(
             fut, True, message_row, recipient_rows, path, link_rows, leased=lease is not None
         )
-        return qid, job, expires
+        return job, expires
 
     async def _accept(
         self, message: NewMessage, queue_id: str | None, lease: Lease | None
     ) -> tuple[str, list[Claim]]:
-        qid, job, expires = self._accept_job(message, queue_id, lease)
+        job, expires = self._accept_job(message, queue_id, lease)
         if len(message.body) > INLINE_BODY_MAX:
             # Large: written here, in a worker thread, not holding up the database thread.
             await asyncio.to_thread(bodies.write_body, job.body_path, message.body)
@@ -737,7 +748,7 @@ class SqliteSpool(Spool):
         else:
             job.body = message.body
         try:
-            ids = await self._submit(job)
+            result = await self._submit(job)  # the queue ID, or the leased rows
         except asyncio.CancelledError:
             raise  # the job still commits (or fails and cleans up) on its own
         except BaseException:
@@ -745,14 +756,13 @@ class SqliteSpool(Spool):
                 await asyncio.to_thread(bodies.remove_bodies, [job.body_path])
             raise
         if lease is None:
-            self.new_work.set()
-            return qid, []
+            return result, []  # new_work was set when it committed
         stored = job.message_row[:6] + job.message_row[7:]  # _MESSAGE_COLUMNS: without client_ip
         in_hand = message.body if len(message.body) <= INLINE_BODY_MAX else None
         claims = self._claims(
-            ids, [stored], lease.owner, expires, always_split=lease.always_split, body=in_hand
+            result, [stored], lease.owner, expires, always_split=lease.always_split, body=in_hand
         )
-        return qid, claims
+        return job.queue_id, claims
 
     # ----------------------------------------------------------------- claim
 
@@ -1351,8 +1361,12 @@ def _json_ints(values: Iterable[int]) -> str:
     return "[" + ",".join(str(int(v)) for v in values) + "]"
 
 
-def _settle(batch: list[_Job], settled: list[tuple[bool, Any]]) -> None:
-    """Every job's result or error, on the event loop."""
+def _settle(
+    batch: list[_Job], settled: list[tuple[bool, Any]], new_work: asyncio.Event | None = None
+) -> None:
+    """Every job's result or error, on the event loop; ``new_work`` set first if given."""
+    if new_work is not None:
+        new_work.set()
     for job, (ok, value) in zip(batch, settled, strict=True):
         if ok:
             _resolve(job, value)
@@ -1368,9 +1382,6 @@ def _consume(fut: asyncio.Future[Any]) -> None:
 
 def _resolve(job: _Job, value: Any) -> None:
     if not job.future.done():
-        if isinstance(job, _AcceptJob) and job.announce is not None:
-            job.announce.set()
-            value = job.message_row[0]  # start_accept's result: the queue ID
         job.future.set_result(value)
 
 

@@ -212,10 +212,14 @@ def insert_header_fields(message: bytes, fields: bytes) -> bytes:
     """
     if not fields:
         return message
-    end = header_end(message)
+    return _insert_at(message, header_end(message), fields)
+
+
+def _insert_at(message: bytes, end: int, fields: bytes) -> bytes:
+    """``fields`` put at ``end``, the header section's end, a blank line added if none follows."""
     rest = message[end:]
     separator = b"" if rest.startswith((b"\r\n", b"\n")) else b"\r\n"
-    return message[:end] + fields + separator + rest
+    return b"".join((message[:end], fields, separator, rest))
 
 
 def add_missing_headers(message: bytes, *, queue_id: str, me: str, now: float) -> bytes:
@@ -252,9 +256,7 @@ def add_missing_headers(message: bytes, *, queue_id: str, me: str, now: float) -
     added = b"" if has_id else f"Message-ID: <{queue_id}@{me}>\r\n".encode()
     if not has_date:
         added += f"Date: {rfc5322_date(now)}\r\n".encode()
-    rest = message[pos:]
-    separator = b"" if rest.startswith((b"\r\n", b"\n")) else b"\r\n"
-    return b"".join((message[:pos], added, separator, rest))
+    return _insert_at(message, pos, added)
 
 
 #: The octets that begin a folded header line's continuation (space, tab).
